@@ -1,0 +1,42 @@
+"""patchwire's client: pymia-shaped datasources served by a patchwire server, for PyTorch and TensorFlow.
+
+::
+
+    import patchwire.client as pw
+    from patchwire.client import extraction as extr, transformation as tfm, definition as defs
+
+    client = pw.connect("127.0.0.1:50051")
+    dataset = client.datasource("brains", extr.SliceIndexing(), extr.DataExtractor(categories=(defs.KEY_IMAGES,)),
+                                tfm.Permute(permutation=(2, 0, 1), entries=(defs.KEY_IMAGES,)))
+
+Framework adapters live in :mod:`patchwire.client.torch` and :mod:`patchwire.client.tensorflow`.
+"""
+
+from patchwire.client._client import ArrayInfo, Client, DatasetInfo, SubjectInfo, connect
+from patchwire.client._datasource import RemoteDatasource, SubjectSamples
+from patchwire.client._errors import (
+    ConnectionFailed,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PatchwireError,
+    RpcError,
+    ServerError,
+)
+
+__all__ = [
+    "ArrayInfo",
+    "Client",
+    "ConnectionFailed",
+    "DatasetInfo",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PatchwireError",
+    "RemoteDatasource",
+    "RpcError",
+    "ServerError",
+    "SubjectInfo",
+    "SubjectSamples",
+    "connect",
+]

@@ -1,0 +1,110 @@
+"""The entry point: ``connect(address)`` returns a Client for one patchwire server."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from patchwire.client._connection import Connection
+from patchwire.client._datasource import RemoteDatasource
+from patchwire.client._errors import translate_rpc_errors
+from patchwire.client.conversion import ImageProperties
+from patchwire.v1 import codec, dataset_service_pb2
+
+if TYPE_CHECKING:
+    from patchwire.client.extraction import Extractor, IndexingStrategy
+
+__all__ = ["ArrayInfo", "Client", "DatasetInfo", "SubjectInfo", "connect"]
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """One stored array of a subject."""
+
+    category: str
+    shape: tuple[int, ...]
+    dtype: str
+    """numpy dtype name, or 'str' for string data."""
+
+
+@dataclass(frozen=True)
+class SubjectInfo:
+    index: int
+    """Position in file order (pymia's subject index)."""
+    name: str
+    arrays: tuple[ArrayInfo, ...]
+    image_properties: ImageProperties | None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a server says about one dataset."""
+
+    name: str
+    subjects: tuple[SubjectInfo, ...]
+    categories: tuple[str, ...]
+    entry_names: dict[str, tuple[str, ...]]
+    """Entry (channel) names per category, e.g. {'images': ('T1', 'T2'), 'labels': ('GT',)}."""
+
+
+class Client:
+    """A connection to one patchwire server. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._connection = Connection(address)
+
+    def datasets(self) -> list[str]:
+        """Names of the datasets the server serves."""
+        with translate_rpc_errors("listing datasets"):
+            response = self._connection.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest())
+        return [d.name for d in response.datasets]
+
+    def describe(self, dataset: str) -> DatasetInfo:
+        """Subjects (in file order), categories, entry names, array shapes and dtypes, image properties."""
+        with translate_rpc_errors(f"describing dataset {dataset!r}"):
+            r = self._connection.datasets.DescribeDataset(dataset_service_pb2.DescribeDatasetRequest(dataset=dataset))
+        subjects = []
+        for s in r.subjects:
+            arrays = tuple(ArrayInfo(a.category, tuple(a.shape),
+                                     "str" if a.is_string else str(codec.dtype_from_proto(a.dtype)))
+                           for a in s.arrays)
+            props = None
+            if s.HasField("image_properties"):
+                p = s.image_properties
+                props = ImageProperties(tuple(p.size), tuple(p.origin), tuple(p.spacing), tuple(p.direction),
+                                        p.dimensions, p.number_of_components_per_pixel, p.pixel_id)
+            subjects.append(SubjectInfo(int(s.index), s.name, arrays, props))
+        return DatasetInfo(r.name, tuple(subjects), tuple(c.name for c in r.categories),
+                           {c.name: tuple(c.entry_names) for c in r.categories})
+
+    def datasource(self, dataset: str, indexing_strategy: IndexingStrategy | None = None,
+                   extractor: Extractor | None = None, transform: Any = None,
+                   subject_subset: Sequence[str] | None = None) -> RemoteDatasource:
+        """pymia's ``PymiaDatasource(path, indexing_strategy, extractor, transform, subject_subset)``, served."""
+        return RemoteDatasource(Connection(self.address), dataset, indexing_strategy, extractor, transform,
+                                subject_subset)
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.address!r})"
+
+
+def connect(address: str, timeout: float = 10.0) -> Client:
+    """Connects to the patchwire server at ``address`` (HOST:PORT), waiting up to ``timeout`` seconds for it."""
+    client = Client(address)
+    try:
+        client._connection.wait_ready(timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client

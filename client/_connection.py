@@ -1,0 +1,97 @@
+"""gRPC channels that survive ``fork()``: opened lazily per process and closed in the parent before a fork.
+
+gRPC's state is invalid in a forked child while the parent holds a live channel (calls fail with "Wrong file
+descriptor generation"). torch DataLoader workers are forked, so every patchwire object that talks to a server
+keeps its channel in a :class:`Connection`: the channel is closed right before any fork and reopened on first use
+in whichever process uses it next. Pickling a Connection keeps only the address.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+import grpc
+
+from patchwire.client._errors import ConnectionFailed
+from patchwire.v1 import codec, dataset_service_pb2_grpc
+
+__all__ = ["Connection"]
+
+_live: weakref.WeakSet[Connection] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+class Connection:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel: grpc.Channel | None = None
+        self._stub: dataset_service_pb2_grpc.DatasetServiceStub | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+        with _live_lock:
+            _live.add(self)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        self._ensure()
+        assert self._channel is not None
+        return self._channel
+
+    @property
+    def datasets(self) -> dataset_service_pb2_grpc.DatasetServiceStub:
+        self._ensure()
+        assert self._stub is not None
+        return self._stub
+
+    def _ensure(self) -> None:
+        if self._channel is not None and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._channel is None or self._pid != os.getpid():
+                self._channel = grpc.insecure_channel(self.address, options=codec.channel_options())
+                self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
+                self._pid = os.getpid()
+
+    def wait_ready(self, timeout: float) -> None:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ConnectionFailed(f"no patchwire server answered at {self.address} within {timeout:g} s") from None
+
+    def close(self) -> None:
+        """Closes the channel (idempotent); the next use opens a new one."""
+        with self._lock:
+            channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None and self._pid == os.getpid():
+            channel.close()
+
+    def _forget(self) -> None:
+        """In a forked child: drop the inherited channel without touching it."""
+        self._channel, self._stub, self._pid = None, None, -1
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"address": self.address}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["address"])  # type: ignore[misc]
+
+
+def _before_fork() -> None:
+    with _live_lock:
+        connections = list(_live)
+    for c in connections:
+        c.close()
+
+
+def _after_fork_in_child() -> None:
+    global _live_lock
+    _live_lock = threading.Lock()
+    for c in list(_live):
+        c._forget()
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

@@ -1,0 +1,217 @@
+"""RemoteDatasource: pymia's PymiaDatasource, served by a patchwire server."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from patchwire.client import definition as defs
+from patchwire.client._connection import Connection
+from patchwire.client._decoding import DecodedBatch, decode_stream
+from patchwire.client._errors import translate_rpc_errors
+from patchwire.client.transformation import split_transform
+from patchwire.v1 import dataset_service_pb2, spec_pb2
+
+if TYPE_CHECKING:
+    from patchwire.client.extraction import Extractor, IndexingStrategy
+    from patchwire.client.indexexpression import IndexExpression
+
+__all__ = ["RemoteDatasource", "SubjectSamples"]
+
+ClientStep = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class SubjectSamples:
+    """The samples of one subject: ``range(first_sample_index, first_sample_index + sample_count)``."""
+
+    subject_index: int
+    first_sample_index: int
+    sample_count: int
+
+
+def _client_side(extractor: Extractor | None, transform: Any) -> tuple[spec_pb2.Transform | None, set[str],
+                                                                        list[ClientStep]]:
+    server_transform, client_steps = split_transform(transform)
+    pickled = extractor._pickled_keys() if extractor is not None else set()
+    return server_transform, pickled, client_steps
+
+
+def _finish(sample: dict[str, Any], pickled: set[str], steps: list[ClientStep]) -> dict[str, Any]:
+    """What happens after receipt, in pymia's order: pickling (inside extraction), then client-side transforms."""
+    for key in pickled & sample.keys():
+        sample[key] = pickle.dumps(sample[key])
+    for step in steps:
+        sample = step(sample)
+    return sample
+
+
+class RemoteDatasource:
+    """The samples of a served dataset: ``len(ds)``, ``ds[i]``, ``direct_extract``, ``get_subjects`` as in pymia,
+    plus :meth:`batches`, a fast batched stream (shuffled, sharded, resumable).
+
+    Build it with :meth:`patchwire.client.Client.datasource`. The spec is validated by the server when the
+    datasource is made, so bad parameters fail here, not at the first sample. A datasource can be pickled and
+    used from forked or spawned worker processes: each process opens its own channel.
+    """
+
+    def __init__(self, connection: Connection, dataset: str, indexing_strategy: IndexingStrategy | None = None,
+                 extractor: Extractor | None = None, transform: Any = None,
+                 subject_subset: Sequence[str] | None = None) -> None:
+        self._connection = connection
+        self.dataset = dataset
+        self.indexing_strategy = indexing_strategy
+        self.extractor = extractor
+        self.transform = transform
+        self.subject_subset = None if subject_subset is None else list(subject_subset)
+        self._open()
+
+    def _open(self) -> None:
+        spec = spec_pb2.DatasourceSpec(dataset=self.dataset)
+        if self.indexing_strategy is not None:
+            spec.indexing_strategy.CopyFrom(self.indexing_strategy._to_proto())
+        if self.extractor is not None:
+            spec.extractor.CopyFrom(self.extractor._to_proto())
+        server_transform, self._pickled, self._client_steps = _client_side(self.extractor, self.transform)
+        if server_transform is not None:
+            spec.transform.CopyFrom(server_transform)
+        if self.subject_subset is not None:
+            spec.subject_subset.values.extend(self.subject_subset)
+        self._spec = spec
+        with translate_rpc_errors(f"opening a datasource on dataset {self.dataset!r}"):
+            response = self._connection.datasets.OpenDatasource(
+                dataset_service_pb2.OpenDatasourceRequest(spec=spec))
+        self._length = int(response.length)
+        self.subjects = [SubjectSamples(s.subject_index, s.first_sample_index, s.sample_count)
+                         for s in response.subjects]
+
+    # -- pymia's interface ---------------------------------------------------------------------------------------
+
+    def set_indexing_strategy(self, indexing_strategy: IndexingStrategy,
+                              subject_subset: Sequence[str] | None = None) -> None:
+        self.indexing_strategy = indexing_strategy
+        self.subject_subset = None if subject_subset is None else list(subject_subset)
+        self._open()
+
+    def set_extractor(self, extractor: Extractor) -> None:
+        self.extractor = extractor
+        self._open()
+
+    def set_transform(self, transform: Any) -> None:
+        self.transform = transform
+        self._open()
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        if isinstance(item, slice):
+            raise TypeError("RemoteDatasource takes one integer index; use batches() for many samples")
+        (sample,) = self.get_samples([int(item)])
+        return sample
+
+    def get_samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """``[ds[i] for i in indices]`` in one call."""
+        request = dataset_service_pb2.GetSamplesRequest(spec=self._spec, sample_indices=indices)
+        what = f"reading samples {list(indices)[:8]}{'...' if len(indices) > 8 else ''} of dataset {self.dataset!r}"
+        out = []
+        with translate_rpc_errors(what):
+            for decoded in decode_stream(self._connection.datasets.GetSamples(request)):
+                for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
+                    sample = _finish(sample, self._pickled, self._client_steps)
+                    sample[defs.KEY_SAMPLE_INDEX] = i
+                    out.append(sample)
+        return out
+
+    def direct_extract(self, extractor: Extractor, subject_index: int, index_expr: IndexExpression | None = None,
+                       transform: Any = None) -> dict[str, Any]:
+        """Extracts from one subject with any extractor, ignoring this datasource's indexing (pymia's)."""
+        server_transform, pickled, steps = _client_side(extractor, transform)
+        extraction = spec_pb2.DirectExtraction(dataset=self.dataset, extractor=extractor._to_proto(),
+                                               subject_index=int(subject_index))
+        if index_expr is not None:
+            extraction.index_expression.CopyFrom(index_expr._to_proto())
+        if server_transform is not None:
+            extraction.transform.CopyFrom(server_transform)
+        request = dataset_service_pb2.DirectExtractRequest(extraction=extraction)
+        with translate_rpc_errors(f"direct extraction from subject {subject_index} of dataset {self.dataset!r}"):
+            (decoded,) = list(decode_stream(self._connection.datasets.DirectExtract(request)))
+        return _finish(decoded.sample(0), pickled, steps)
+
+    def get_subjects(self) -> list[str]:
+        """Names of all subjects of the dataset, in file order (as pymia: the subset does not apply)."""
+        with translate_rpc_errors(f"describing dataset {self.dataset!r}"):
+            response = self._connection.datasets.DescribeDataset(
+                dataset_service_pb2.DescribeDatasetRequest(dataset=self.dataset))
+        return [s.name for s in response.subjects]
+
+    # -- streaming ------------------------------------------------------------------------------------------------
+
+    def _stream(self, batch_size: int, shuffle: bool, seed: int, epoch: int, shard_index: int, shard_count: int,
+                drop_last: bool, start_position: int) -> Iterator[DecodedBatch]:
+        request = dataset_service_pb2.StreamBatchesRequest(
+            spec=self._spec, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+            shard_index=shard_index, shard_count=shard_count, drop_last=drop_last, start_position=start_position)
+        call = self._connection.datasets.StreamBatches(request)
+        try:
+            with translate_rpc_errors(f"streaming dataset {self.dataset!r}"):
+                for decoded in decode_stream(call):
+                    yield from decoded.split(batch_size)
+        finally:
+            call.cancel()
+
+    def batches(self, batch_size: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                shard_index: int = 0, shard_count: int = 1, drop_last: bool = False,
+                start_position: int = 0) -> Iterator[dict[str, Any]]:
+        """Streams this consumer's share of an epoch as batches: dicts of stacked arrays (or lists where samples
+        differ in shape or are not arrays) with ``sample_index`` as an int64 array.
+
+        ``shuffle`` orders the epoch by a permutation derived from (``seed``, ``epoch``) alone; consumer
+        ``shard_index`` of ``shard_count`` takes every ``shard_count``-th sample of that order, so the shards are
+        disjoint and together cover the epoch once. ``start_position`` skips that many of this consumer's samples
+        (resume). The server sends several batches per message when samples are small and streams big tensors in
+        chunks; the next message is prepared while this one is consumed.
+        """
+        for decoded in self._stream(batch_size, shuffle, seed, epoch, shard_index, shard_count, drop_last,
+                                    start_position):
+            if self._pickled or self._client_steps:
+                samples = [_finish(s, self._pickled, self._client_steps) for s in decoded.samples()]
+                batch = _collate(samples)
+            else:
+                batch = dict(decoded.columns)
+            batch[defs.KEY_SAMPLE_INDEX] = np.asarray(decoded.sample_indices, dtype=np.int64)
+            yield batch
+
+    def samples(self, shuffle: bool = False, seed: int = 0, epoch: int = 0, shard_index: int = 0,
+                shard_count: int = 1, start_position: int = 0) -> Iterator[dict[str, Any]]:
+        """Streams samples one by one (as ``ds[i]`` returns them) in this consumer's order; see :meth:`batches`."""
+        for decoded in self._stream(64, shuffle, seed, epoch, shard_index, shard_count, False, start_position):
+            for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
+                sample = _finish(sample, self._pickled, self._client_steps)
+                sample[defs.KEY_SAMPLE_INDEX] = i
+                yield sample
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.samples()
+
+    def __repr__(self) -> str:
+        return (f"RemoteDatasource({self._connection.address}, {self.dataset!r}, {self.indexing_strategy!r}, "
+                f"{len(self)} samples)")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        first = values[0]
+        same = isinstance(first, np.ndarray) and all(
+            isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values)
+        out[key] = np.stack(values) if same else values
+    return out

@@ -1,0 +1,110 @@
+"""Reads sample streams: reassembles chunked tensors and turns Batch messages into numpy arrays and Python values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from patchwire.client.conversion import ImageProperties
+from patchwire.client.indexexpression import IndexExpression
+from patchwire.v1 import codec, values_pb2
+
+__all__ = ["DecodedBatch", "decode_stream", "decode_value"]
+
+
+@dataclass
+class DecodedBatch:
+    """A message's samples by key: ``stacked`` keys hold one array with the samples along axis 0, the others a
+    list with one value per sample."""
+
+    sample_indices: list[int]
+    position: int
+    columns: dict[str, Any]
+    stacked: set[str]
+
+    def __len__(self) -> int:
+        return len(self.sample_indices) if self.sample_indices else 1
+
+    def sample(self, i: int) -> dict[str, Any]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+    def samples(self) -> list[dict[str, Any]]:
+        return [self.sample(i) for i in range(len(self))]
+
+    def split(self, size: int) -> Iterator[DecodedBatch]:
+        """Consecutive pieces of ``size`` samples (views of the same buffers, no copies)."""
+        n = len(self)
+        if n <= size:
+            yield self
+            return
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            yield DecodedBatch(self.sample_indices[start:stop], self.position + start,
+                               {k: v[start:stop] for k, v in self.columns.items()}, self.stacked)
+
+
+def _strings(msg: values_pb2.StringArray) -> list[Any]:
+    values = list(msg.values)
+    if not msg.shape:
+        return values
+    return np.array(values, dtype=object).reshape(tuple(msg.shape)).tolist()  # type: ignore[no-any-return]
+
+
+def decode_value(value: values_pb2.Value, payloads: Iterator[bytearray]) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "tensor":
+        t = value.tensor
+        return codec.tensor_to_array(t, next(payloads) if t.chunked_nbytes else None)
+    if kind == "numpy_scalar":
+        return codec.tensor_to_array(value.numpy_scalar)[()]
+    if kind == "string_list":
+        return _strings(value.string_list)
+    if kind == "int_tuple":
+        return tuple(int(v) for v in value.int_tuple.values)
+    if kind == "image_properties":
+        p = value.image_properties
+        return ImageProperties(tuple(p.size), tuple(p.origin), tuple(p.spacing), tuple(p.direction), p.dimensions,
+                               p.number_of_components_per_pixel, p.pixel_id)
+    if kind == "index_expression":
+        return IndexExpression._from_proto(value.index_expression)
+    if kind is None:
+        raise ValueError("received a sample value with nothing set")
+    return getattr(value, kind)
+
+
+def _decode_batch(batch: Any, payload_list: list[bytearray]) -> DecodedBatch:
+    payloads = iter(payload_list)
+    columns: dict[str, Any] = {}
+    stacked: set[str] = set()
+    for field in batch.fields:
+        if field.WhichOneof("value") == "stacked":
+            t = field.stacked
+            columns[field.key] = codec.tensor_to_array(t, next(payloads) if t.chunked_nbytes else None)
+            stacked.add(field.key)
+        else:
+            columns[field.key] = [decode_value(v, payloads) for v in field.per_sample.values]
+    return DecodedBatch(list(batch.sample_indices), int(batch.position), columns, stacked)
+
+
+def decode_stream(responses: Iterable[Any]) -> Iterator[DecodedBatch]:
+    """Decodes a GetSamples / DirectExtract / StreamBatches response stream, batch by batch."""
+    batch = None
+    assembler: codec.ChunkAssembler | None = None
+    for response in responses:
+        if response.WhichOneof("payload") == "batch":
+            if assembler is not None and not assembler.complete:
+                raise ValueError("a new batch arrived before the previous batch's tensor chunks were complete")
+            batch = response.batch
+            assembler = codec.ChunkAssembler(codec.batch_tensors(batch))
+        else:
+            if assembler is None:
+                raise ValueError("a tensor chunk arrived before any batch")
+            assembler.add(response.chunk.data)
+        if assembler is not None and assembler.complete and batch is not None:
+            yield _decode_batch(batch, assembler.payloads())
+            batch, assembler = None, None
+    if assembler is not None:
+        raise ValueError("the stream ended in the middle of a batch's tensor chunks")

@@ -1,0 +1,90 @@
+"""The client's exception tree; gRPC errors are translated here and nowhere else.
+
+::
+
+    PatchwireError
+     ├── ConnectionFailed                     the server cannot be reached (UNAVAILABLE, deadline at connect)
+     └── RpcError                             the server answered with an error status (.code, .details)
+          ├── InvalidArgumentError (ValueError)    INVALID_ARGUMENT, FAILED_PRECONDITION
+          ├── NotFoundError (LookupError)          NOT_FOUND
+          ├── OutOfRangeError (IndexError)         OUT_OF_RANGE (so ``for s in datasource`` ends as in pymia)
+          └── ServerError                          INTERNAL and anything else
+
+Every expected failure reaches the user as one of these, with the server's message, never as a raw gRPC error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+
+__all__ = [
+    "ConnectionFailed",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PatchwireError",
+    "RpcError",
+    "ServerError",
+    "translate_rpc_errors",
+]
+
+
+class PatchwireError(Exception):
+    """Base of every error patchwire's client raises."""
+
+
+class ConnectionFailed(PatchwireError):
+    """The server could not be reached."""
+
+
+class RpcError(PatchwireError):
+    """The server answered a call with an error status."""
+
+    def __init__(self, message: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+
+class InvalidArgumentError(RpcError, ValueError):
+    """A spec, parameter or payload was rejected."""
+
+
+class NotFoundError(RpcError, LookupError):
+    """A dataset, subject, category or entry does not exist."""
+
+
+class OutOfRangeError(RpcError, IndexError):
+    """An index lies past the end."""
+
+
+class ServerError(RpcError):
+    """The server failed unexpectedly."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
+}
+
+
+def from_grpc(exc: grpc.RpcError, what: str) -> PatchwireError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ConnectionFailed(f"{what}: server unavailable ({code.name}): {details}")
+    return _BY_CODE.get(code, ServerError)(f"{what}: {details}", code, details)
+
+
+@contextlib.contextmanager
+def translate_rpc_errors(what: str) -> Iterator[None]:
+    """Turns a grpc.RpcError raised inside the block into the matching PatchwireError."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_grpc(exc, what) from exc

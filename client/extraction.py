@@ -1,0 +1,254 @@
+"""Indexing strategies, extractors and index expressions with the names and meanings of
+``pymia.data.extraction``; they are plain specs that the server interprets.
+
+A pymia user changes only how the datasource is built::
+
+    # pymia:      dataset = extr.PymiaDatasource(hdf_file, indexing_strategy, extractor, transform)
+    # patchwire:  dataset = patchwire.client.connect(address).datasource("brains", indexing_strategy, extractor,
+    #                                                                     transform)
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from patchwire.client import definition as defs
+from patchwire.client._datasource import RemoteDatasource
+from patchwire.client.indexexpression import IndexExpression
+from patchwire.v1 import spec_pb2
+
+__all__ = [
+    "ComposeExtractor",
+    "DataExtractor",
+    "EmptyIndexing",
+    "Extractor",
+    "FilesExtractor",
+    "ImagePropertiesExtractor",
+    "ImagePropertyShapeExtractor",
+    "IndexExpression",
+    "IndexingExtractor",
+    "IndexingStrategy",
+    "NamesExtractor",
+    "PadDataExtractor",
+    "PatchWiseIndexing",
+    "RandomDataExtractor",
+    "RemoteDatasource",
+    "SelectiveDataExtractor",
+    "SliceIndexing",
+    "SubjectExtractor",
+    "VoxelWiseIndexing",
+]
+
+
+# -- indexing strategies ---------------------------------------------------------------------------------------------
+
+
+class IndexingStrategy:
+    """Base of the indexing strategies (what chunks a datasource's samples are)."""
+
+    def _to_proto(self) -> spec_pb2.IndexingStrategy:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class EmptyIndexing(IndexingStrategy):
+    """One sample per subject: the whole arrays."""
+
+    def _to_proto(self) -> spec_pb2.IndexingStrategy:
+        return spec_pb2.IndexingStrategy(empty=spec_pb2.EmptyIndexing())
+
+
+class SliceIndexing(IndexingStrategy):
+    """One sample per slice along ``slice_axis`` (an int, or a tuple for several axes in turn)."""
+
+    def __init__(self, slice_axis: int | tuple[int, ...] = 0) -> None:
+        self.slice_axis = (slice_axis,) if isinstance(slice_axis, int) else tuple(slice_axis)
+
+    def _to_proto(self) -> spec_pb2.IndexingStrategy:
+        return spec_pb2.IndexingStrategy(slice=spec_pb2.SliceIndexing(slice_axis=self.slice_axis))
+
+    def __repr__(self) -> str:
+        return f"SliceIndexing ({self.slice_axis})"
+
+
+class VoxelWiseIndexing(IndexingStrategy):
+    """One sample per voxel of the first ``image_dimension`` axes (the channel vector)."""
+
+    def __init__(self, image_dimension: int = 3) -> None:
+        self.image_dimension = image_dimension
+
+    def _to_proto(self) -> spec_pb2.IndexingStrategy:
+        return spec_pb2.IndexingStrategy(voxel_wise=spec_pb2.VoxelWiseIndexing(image_dimension=self.image_dimension))
+
+
+class PatchWiseIndexing(IndexingStrategy):
+    """Non-overlapping patches of ``patch_shape``; ``ignore_incomplete=False`` keeps (smaller) border patches."""
+
+    def __init__(self, patch_shape: tuple[int, ...], ignore_incomplete: bool = True) -> None:
+        self.patch_shape = tuple(patch_shape)
+        self.image_dimension = len(self.patch_shape)
+        self.ignore_incomplete = ignore_incomplete
+
+    def _to_proto(self) -> spec_pb2.IndexingStrategy:
+        return spec_pb2.IndexingStrategy(patch_wise=spec_pb2.PatchWiseIndexing(
+            patch_shape=self.patch_shape, ignore_incomplete=self.ignore_incomplete))
+
+    def __repr__(self) -> str:
+        return (f"PatchWiseIndexing (patch shape={self.patch_shape}, "
+                f"ignore incomplete={self.ignore_incomplete})")
+
+
+# -- extractors ------------------------------------------------------------------------------------------------------
+
+
+class Extractor:
+    """Base of the extractors (what each sample holds)."""
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        raise NotImplementedError
+
+    def _pickled_keys(self) -> set[str]:
+        """Keys whose values pymia would pickle (``do_pickle=True``); pickling happens on the client."""
+        return set()
+
+
+class ComposeExtractor(Extractor):
+    def __init__(self, extractors: Sequence[Extractor]) -> None:
+        self.extractors = list(extractors)
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        return spec_pb2.Extractor(compose=spec_pb2.ComposeExtractor(extractors=[e._to_proto()
+                                                                                for e in self.extractors]))
+
+    def _pickled_keys(self) -> set[str]:
+        return set().union(*(e._pickled_keys() for e in self.extractors))
+
+
+class DataExtractor(Extractor):
+    def __init__(self, categories: Sequence[str] = (defs.KEY_IMAGES,), ignore_indexing: bool = False) -> None:
+        self.categories = tuple(categories)
+        self.ignore_indexing = ignore_indexing
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        return spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=self.categories,
+                                                              ignore_indexing=self.ignore_indexing))
+
+
+class PadDataExtractor(Extractor):
+    """Pads what ``extractor`` reads with zeros: ``padding`` is a tuple (symmetric) or a list of (left, right)."""
+
+    def __init__(self, padding: Sequence[int] | Sequence[tuple[int, int]], extractor: Extractor,
+                 pad_fn: Any = None) -> None:
+        if pad_fn is not None:
+            raise ValueError("PadDataExtractor: pad_fn would have to run on the server, which runs no client code; "
+                             "only zero padding is available")
+        if not isinstance(extractor, DataExtractor | SelectiveDataExtractor | RandomDataExtractor):
+            raise ValueError('argument extractor needs to have the property "categories" or "category"')
+        if isinstance(padding[0], int):
+            padding = [(int(p), int(p)) for p in padding]  # type: ignore[arg-type]
+        self.padding = [(int(a), int(b)) for a, b in padding]  # type: ignore[misc]
+        self.extractor = extractor
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        return spec_pb2.Extractor(pad_data=spec_pb2.PadDataExtractor(
+            padding=[spec_pb2.Padding(before=a, after=b) for a, b in self.padding],
+            extractor=self.extractor._to_proto()))
+
+
+def _selection(selection: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if selection is None:
+        return None
+    return (selection,) if isinstance(selection, str) else tuple(selection)
+
+
+class SelectiveDataExtractor(Extractor):
+    """The entries (channels) ``selection`` of ``category``, in selection order."""
+
+    def __init__(self, selection: str | Sequence[str] | None = None, category: str = defs.KEY_LABELS) -> None:
+        self.selection = _selection(selection)
+        self.category = category
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        msg = spec_pb2.SelectiveDataExtractor(category=self.category)
+        if self.selection is not None:
+            msg.selection.values.extend(self.selection)
+        return spec_pb2.Extractor(selective_data=msg)
+
+
+class RandomDataExtractor(Extractor):
+    """One entry of ``category`` chosen at random (among ``selection``).
+
+    pymia draws from numpy's global RNG; here each sample's draw comes from ``numpy.random.RandomState`` seeded
+    from (``seed``, sample index), so it is reproducible and independent of order, batching and workers.
+    ``seed=None`` picks a random seed once, when the extractor is made.
+    """
+
+    def __init__(self, selection: str | Sequence[str] | None = None, category: str = defs.KEY_LABELS,
+                 seed: int | None = None) -> None:
+        self.selection = _selection(selection)
+        self.category = category
+        self.seed = secrets.randbits(63) if seed is None else int(seed)
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        msg = spec_pb2.RandomDataExtractor(category=self.category, seed=self.seed)
+        if self.selection is not None:
+            msg.selection.values.extend(self.selection)
+        return spec_pb2.Extractor(random_data=msg)
+
+
+class NamesExtractor(Extractor):
+    def __init__(self, cache: bool = True, categories: Sequence[str] = (defs.KEY_IMAGES, defs.KEY_LABELS)) -> None:
+        self.cache = cache  # the server always caches: names never change while a dataset is served
+        self.categories = tuple(categories)
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        return spec_pb2.Extractor(names=spec_pb2.NamesExtractor(categories=self.categories))
+
+
+class SubjectExtractor(Extractor):
+    def _to_proto(self) -> spec_pb2.Extractor:
+        return spec_pb2.Extractor(subject=spec_pb2.SubjectExtractor())
+
+
+class IndexingExtractor(Extractor):
+    def __init__(self, do_pickle: bool = False) -> None:
+        self.do_pickle = do_pickle
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        return spec_pb2.Extractor(indexing=spec_pb2.IndexingExtractor(do_pickle=self.do_pickle))
+
+    def _pickled_keys(self) -> set[str]:
+        return {defs.KEY_INDEX_EXPR} if self.do_pickle else set()
+
+
+class ImagePropertiesExtractor(Extractor):
+    def __init__(self, do_pickle: bool = False) -> None:
+        self.do_pickle = do_pickle
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        return spec_pb2.Extractor(image_properties=spec_pb2.ImagePropertiesExtractor(do_pickle=self.do_pickle))
+
+    def _pickled_keys(self) -> set[str]:
+        return {defs.KEY_PROPERTIES} if self.do_pickle else set()
+
+
+class ImagePropertyShapeExtractor(Extractor):
+    def __init__(self, numpy_format: bool = True) -> None:
+        self.numpy_format = numpy_format
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        return spec_pb2.Extractor(image_property_shape=spec_pb2.ImagePropertyShapeExtractor(
+            numpy_format=self.numpy_format))
+
+
+class FilesExtractor(Extractor):
+    def __init__(self, cache: bool = True, categories: Sequence[str] = (defs.KEY_IMAGES, defs.KEY_LABELS)) -> None:
+        self.cache = cache
+        self.categories = tuple(categories)
+
+    def _to_proto(self) -> spec_pb2.Extractor:
+        return spec_pb2.Extractor(files=spec_pb2.FilesExtractor(categories=self.categories))

@@ -1,0 +1,165 @@
+"""How arrays and sample values travel in patchwire.v1 messages, shared by the server and the client.
+
+A tensor is one raw little-endian C-order ``bytes`` blob with its dtype and shape beside it. A tensor larger than
+:data:`CHUNK_BYTES` is announced with ``chunked_nbytes`` and its payload follows in :class:`TensorChunk` messages
+of at most :data:`CHUNK_BYTES` each, so no message grows with the sample size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from patchwire.v1 import tensor_pb2
+
+__all__ = [
+    "CHUNK_BYTES",
+    "MAX_MESSAGE_BYTES",
+    "TARGET_MESSAGE_BYTES",
+    "ChunkAssembler",
+    "DataType",
+    "array_to_tensor",
+    "batch_tensors",
+    "channel_options",
+    "chunks",
+    "dtype_from_proto",
+    "dtype_to_proto",
+    "tensor_to_array",
+]
+
+DataType = tensor_pb2.DataType
+
+#: Payload size of one TensorChunk, and the largest tensor sent inline.
+CHUNK_BYTES = 1 << 20
+#: Samples are grouped into one message until it carries about this many bytes.
+TARGET_MESSAGE_BYTES = 1 << 20
+#: Receive and send limit set on both ends. Messages stay near CHUNK_BYTES; the headroom is for large headers
+#: (many small per-sample values) and for clients posting bigger messages than ours.
+MAX_MESSAGE_BYTES = 64 << 20
+
+_NUMPY_TO_PROTO: dict[np.dtype[Any], int] = {
+    np.dtype(np.bool_): DataType.DATA_TYPE_BOOL,
+    np.dtype(np.uint8): DataType.DATA_TYPE_UINT8,
+    np.dtype(np.int8): DataType.DATA_TYPE_INT8,
+    np.dtype("<u2"): DataType.DATA_TYPE_UINT16,
+    np.dtype("<i2"): DataType.DATA_TYPE_INT16,
+    np.dtype("<u4"): DataType.DATA_TYPE_UINT32,
+    np.dtype("<i4"): DataType.DATA_TYPE_INT32,
+    np.dtype("<u8"): DataType.DATA_TYPE_UINT64,
+    np.dtype("<i8"): DataType.DATA_TYPE_INT64,
+    np.dtype("<f2"): DataType.DATA_TYPE_FLOAT16,
+    np.dtype("<f4"): DataType.DATA_TYPE_FLOAT32,
+    np.dtype("<f8"): DataType.DATA_TYPE_FLOAT64,
+}
+_PROTO_TO_NUMPY = {v: k for k, v in _NUMPY_TO_PROTO.items()}
+
+
+def dtype_to_proto(dtype: np.dtype[Any]) -> int:
+    """The wire DataType of a numpy dtype (byte order is normalised to little-endian)."""
+    dt = np.dtype(dtype)
+    if dt.byteorder == ">":
+        dt = dt.newbyteorder("<")
+    try:
+        return _NUMPY_TO_PROTO[dt]
+    except KeyError:
+        raise TypeError(f"dtype {dt} cannot travel as a patchwire tensor") from None
+
+
+def dtype_from_proto(dtype: int) -> np.dtype[Any]:
+    """The numpy dtype of a wire DataType."""
+    try:
+        return _PROTO_TO_NUMPY[dtype]
+    except KeyError:
+        raise ValueError(f"unknown or unspecified tensor dtype {dtype}") from None
+
+
+def array_to_tensor(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> tuple[tensor_pb2.Tensor, bytes | None]:
+    """Encodes ``array``; returns the Tensor and, when it is to be chunked, the payload to send after it."""
+    dt = np.dtype(array.dtype)
+    wire_dtype = dtype_to_proto(dt)
+    if dt.byteorder == ">" or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=dt.newbyteorder("<"))
+    payload = array.tobytes()
+    tensor = tensor_pb2.Tensor(dtype=wire_dtype, shape=array.shape)  # type: ignore[arg-type]
+    if len(payload) > chunk_bytes:
+        tensor.chunked_nbytes = len(payload)
+        return tensor, payload
+    tensor.data = payload
+    return tensor, None
+
+
+def tensor_to_array(tensor: tensor_pb2.Tensor, payload: bytes | bytearray | memoryview | None = None) -> np.ndarray:
+    """Decodes a Tensor (with its chunked ``payload`` when it had one) into a writable numpy array."""
+    dtype = dtype_from_proto(tensor.dtype)
+    shape = tuple(tensor.shape)
+    data = payload if tensor.chunked_nbytes else tensor.data
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if data is None or len(data) != expected:
+        got = 0 if data is None else len(data)
+        raise ValueError(f"tensor of shape {shape} and dtype {dtype} needs {expected} bytes, got {got}")
+    if isinstance(data, bytes):
+        # bytes are immutable: copy once so that callers may modify the array in place (as pymia's arrays allow)
+        return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def chunks(payload: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Splits a chunked tensor's payload into TensorChunk-sized pieces."""
+    view = memoryview(payload)
+    for start in range(0, len(payload), chunk_bytes):
+        yield bytes(view[start : start + chunk_bytes])
+
+
+class ChunkAssembler:
+    """Collects TensorChunk payloads for the tensors a message announced, in announcement order."""
+
+    def __init__(self, tensors: Sequence[tensor_pb2.Tensor]) -> None:
+        self._pending = [t for t in tensors if t.chunked_nbytes]
+        self._buffers = [bytearray(t.chunked_nbytes) for t in self._pending]
+        self._index = 0
+        self._offset = 0
+
+    @property
+    def complete(self) -> bool:
+        return self._index >= len(self._pending)
+
+    def add(self, data: bytes) -> None:
+        if self.complete:
+            raise ValueError("received a tensor chunk that no tensor announced")
+        buf = self._buffers[self._index]
+        end = self._offset + len(data)
+        if end > len(buf):
+            raise ValueError("tensor chunk overruns the announced payload size")
+        buf[self._offset : end] = data
+        self._offset = end
+        if end == len(buf):
+            self._index += 1
+            self._offset = 0
+
+    def payloads(self) -> list[bytearray]:
+        """The payloads of the announced tensors, in announcement order."""
+        return self._buffers
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """gRPC options both ends use: deliberate message limits instead of gRPC's 4 MiB default."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def batch_tensors(batch: Any) -> list[tensor_pb2.Tensor]:
+    """The tensors of a Batch in announcement order: fields in order; per-sample values in order within a field."""
+    out: list[tensor_pb2.Tensor] = []
+    for field in batch.fields:
+        if field.WhichOneof("value") == "stacked":
+            out.append(field.stacked)
+        else:
+            for value in field.per_sample.values:
+                kind = value.WhichOneof("kind")
+                if kind in ("tensor", "numpy_scalar"):
+                    out.append(getattr(value, kind))
+    return out

@@ -1,0 +1,3 @@
+from patchwire.service._cli import main
+
+raise SystemExit(main())

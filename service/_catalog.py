@@ -1,0 +1,169 @@
+"""Read access to one pymia-format HDF5 dataset, with handles kept open.
+
+pymia looks datasets up by path on every read (about 20 us each); here every ``h5py.Dataset`` handle is opened
+once and kept. h5py serialises all calls behind one global lock, so reads are safe from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from patchwire.service import _pymia_format as fmt
+from patchwire.service._errors import FailedPrecondition, NotFound, OutOfRange
+
+__all__ = ["Dataset", "SubjectGeometry", "to_str"]
+
+_log = logging.getLogger(__name__)
+
+
+def to_str(value: Any) -> Any:
+    """pymia's byte_converter.convert_to_string: bytes become str, lists recursively, anything else unchanged."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, list):
+        return [to_str(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class SubjectGeometry:
+    """Image properties as stored in ``meta/image_props`` (ITK order)."""
+
+    size: tuple[int, ...]
+    """ITK size (x, y, z)."""
+    origin: tuple[float, ...]
+    """Physical origin."""
+    spacing: tuple[float, ...]
+    """Voxel spacing."""
+    direction: tuple[float, ...]
+    """Row-major direction cosines."""
+
+
+class Dataset:
+    """One served dataset: metadata read at open, data handles opened lazily and kept."""
+
+    def __init__(self, name: str, path: str | Path) -> None:
+        self.name = name
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r", libver="latest")
+        except (OSError, FileNotFoundError) as exc:
+            raise FailedPrecondition(f"dataset {name!r}: cannot open {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+        self._handles: dict[str, h5py.Dataset] = {}
+        f = self._file
+        if fmt.LOC_SUBJECT not in f:
+            raise FailedPrecondition(f"dataset {name!r}: {self.path} is not in pymia format (no {fmt.LOC_SUBJECT})")
+        self.subjects: list[str] = [to_str(s) for s in f[fmt.LOC_SUBJECT][()].tolist()]
+        data_group = f.get("data")
+        self.categories: list[str] = list(data_group.keys()) if data_group is not None else []
+        self.entry_names: dict[str, list[str]] = {}
+        for cat in self.categories:
+            loc = fmt.LOC_NAMES_PLACEHOLDER.format(cat)
+            if loc in f:
+                self.entry_names[cat] = [to_str(s) for s in f[loc][()].tolist()]
+        self.subject_entries = [fmt.subject_index_to_str(i, len(self.subjects)) for i in range(len(self.subjects))]
+        self.image_shapes: list[tuple[int, ...]] | None = None
+        loc = fmt.LOC_SHAPE_PLACEHOLDER.format("images")
+        if loc in f:
+            self.image_shapes = [tuple(int(v) for v in row) for row in f[loc][()]]
+        self.geometry: list[SubjectGeometry] | None = None
+        if fmt.LOC_IMGPROP_SHAPE in f:
+            sizes = f[fmt.LOC_IMGPROP_SHAPE][()]
+            origins = f[fmt.LOC_IMGPROP_ORIGIN][()]
+            spacings = f[fmt.LOC_IMGPROP_SPACING][()]
+            directions = f[fmt.LOC_IMGPROP_DIRECTION][()]
+            self.geometry = [
+                SubjectGeometry(
+                    size=tuple(int(v) for v in sizes[i]),
+                    origin=tuple(float(v) for v in origins[i]),
+                    spacing=tuple(float(v) for v in spacings[i]),
+                    direction=tuple(float(v) for v in directions[i]),
+                )
+                for i in range(len(self.subjects))
+            ]
+        _log.info("opened dataset %r (%s): %d subjects, categories %s", name, self.path, len(self.subjects),
+                  self.categories)
+
+    # -- lookups with precise errors ------------------------------------------------------------------------------
+
+    def check_subject(self, subject_index: int, field: str = "subject_index") -> int:
+        n = len(self.subjects)
+        if not 0 <= subject_index < n:
+            raise OutOfRange(f"{field}: subject index {subject_index} is out of range for dataset {self.name!r} "
+                             f"with {n} subjects (valid: 0..{n - 1})")
+        return subject_index
+
+    def check_category(self, category: str, field: str) -> str:
+        if category not in self.categories:
+            raise NotFound(f"{field}: category {category!r} is not in dataset {self.name!r} "
+                           f"(categories: {', '.join(self.categories) or 'none'})")
+        return category
+
+    def names_of(self, category: str, field: str) -> list[str]:
+        self.check_category(category, field)
+        try:
+            return self.entry_names[category]
+        except KeyError:
+            raise NotFound(f"{field}: dataset {self.name!r} stores no entry names for category {category!r} "
+                           f"({fmt.LOC_NAMES_PLACEHOLDER.format(category)} is missing)") from None
+
+    def require_image_shapes(self) -> list[tuple[int, ...]]:
+        if self.image_shapes is None:
+            raise FailedPrecondition(f"dataset {self.name!r} has no {fmt.LOC_SHAPE_PLACEHOLDER.format('images')}; "
+                                     "indexing needs the shapes of category 'images'")
+        return self.image_shapes
+
+    def require_geometry(self, subject_index: int) -> SubjectGeometry:
+        if self.geometry is None:
+            raise FailedPrecondition(f"dataset {self.name!r} has no image properties ({fmt.LOC_IMGPROP_SHAPE})")
+        return self.geometry[subject_index]
+
+    # -- raw reads ------------------------------------------------------------------------------------------------
+
+    def handle(self, location: str) -> h5py.Dataset:
+        h = self._handles.get(location)
+        if h is None:
+            with self._lock:
+                h = self._handles.get(location)
+                if h is None:
+                    if location not in self._file:
+                        raise NotFound(f"dataset {self.name!r} has no entry {location!r}")
+                    h = self._file[location]
+                    self._handles[location] = h
+        return h
+
+    def read(self, location: str, expression: Any = None) -> Any:
+        """pymia's Hdf5Reader.read: the whole entry, or ``entry[expression]``; string arrays become lists."""
+        h = self.handle(location)
+        data = h[()] if expression is None else h[expression]
+        if isinstance(data, np.ndarray) and data.dtype == object:
+            data = data.tolist()
+        return data
+
+    def data_location(self, category: str, subject_index: int) -> str:
+        return f"{fmt.LOC_DATA_PLACEHOLDER.format(category)}/{self.subject_entries[subject_index]}"
+
+    def array_info(self, subject_index: int) -> list[tuple[str, tuple[int, ...], np.dtype[Any], bool]]:
+        """(category, shape, dtype, is_string) of every data array of a subject."""
+        out = []
+        for cat in self.categories:
+            loc = self.data_location(cat, subject_index)
+            if loc not in self._file:
+                continue
+            h = self.handle(loc)
+            is_string = h5py.check_string_dtype(h.dtype) is not None
+            out.append((cat, tuple(int(v) for v in h.shape), h.dtype, is_string))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._handles.clear()
+            self._file.close()

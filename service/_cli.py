@@ -1,0 +1,96 @@
+"""The ``patchwire`` command: ``serve`` runs a server; ``demo`` runs the seed pipeline end to end.
+
+``demo`` lives in the client package and is imported only when asked for, so a server-only install (no torch)
+serves without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+_log = logging.getLogger("patchwire")
+
+
+def _dataset_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH.h5, got {text!r}")
+    p = Path(path)
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"dataset {name!r}: no such file {path!r}")
+    return name, p
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchwire", description="Serve pymia-format HDF5 datasets over gRPC.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a server")
+    serve.add_argument("--dataset", "-d", action="append", type=_dataset_arg, required=True, metavar="NAME=PATH.h5",
+                       help="a dataset to serve under NAME (repeat for several)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    serve.add_argument("--workers", type=int, default=4, help="sample reading threads (default 4)")
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds running calls get on shutdown")
+
+    demo = sub.add_parser("demo", help="run the seed pipeline against a server on a built-in phantom dataset")
+    demo.add_argument("--address", help="use this running server (HOST:PORT) instead of starting one")
+    demo.add_argument("--dataset", default="phantom", help="dataset name on that server (default phantom)")
+    demo.add_argument("--batch-size", type=int, default=2)
+    demo.add_argument("--workers", type=int, default=0, help="torch DataLoader workers")
+    demo.add_argument("--subjects", type=int, default=4, help="phantom subjects to generate on first use")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from patchwire.service._malloc import tune_malloc
+    from patchwire.service._server import PatchwireServer, ServerConfig
+
+    names = [name for name, _ in args.dataset]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        print(f"patchwire serve: dataset name given twice: {', '.join(duplicates)}", file=sys.stderr)
+        return 2
+    tune_malloc()
+    config = ServerConfig(datasets=dict(args.dataset), host=args.host, port=args.port, workers=args.workers,
+                          grace_seconds=args.grace)
+    server = PatchwireServer(config)
+    await server.start()
+    print(f"patchwire listening on {args.host}:{server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _log.info("signal received: stopping (grace %.1fs)", args.grace)
+    await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if args.command == "serve":
+        import uvloop
+
+        return uvloop.run(_serve(args))
+    if args.command == "demo":
+        try:
+            from patchwire.client._demo import run_demo
+        except ImportError as exc:
+            print(f"patchwire demo needs the torch client: pip install 'patchwire[server,torch]' ({exc})",
+                  file=sys.stderr)
+            return 2
+        return run_demo(args)
+    return 2

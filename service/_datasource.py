@@ -1,0 +1,126 @@
+"""A compiled datasource: pymia's PymiaDatasource, on the server, from a DatasourceSpec."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from patchwire.service._catalog import Dataset
+from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange
+from patchwire.service._extraction import Extractor, Params, compile_extractor
+from patchwire.service._indexing import Expression, compile_indexing, expression_from_proto
+from patchwire.service._transforms import Transform, compile_transform
+from patchwire.v1 import spec_pb2
+
+__all__ = ["CompiledDatasource", "DatasourceCache", "direct_extract"]
+
+
+class CompiledDatasource:
+    """Samples of one dataset under one indexing strategy, extractor, transform and subject subset."""
+
+    def __init__(self, dataset: Dataset, spec: spec_pb2.DatasourceSpec) -> None:
+        self.dataset = dataset
+        self.indexing = compile_indexing(spec.indexing_strategy if spec.HasField("indexing_strategy") else None)
+        self.extractor: Extractor | None = (compile_extractor(spec.extractor, dataset, "spec.extractor")
+                                            if spec.HasField("extractor") else None)
+        self.transform: Transform | None = (compile_transform(spec.transform, "spec.transform")
+                                            if spec.HasField("transform") else None)
+        subset: set[str] | None = None
+        if spec.HasField("subject_subset"):
+            subset = set(spec.subject_subset.values)
+            unknown = sorted(subset - set(dataset.subjects))
+            if unknown:
+                raise NotFound(f"spec.subject_subset: unknown subjects {', '.join(map(repr, unknown))} in dataset "
+                               f"{dataset.name!r} (subjects: {', '.join(dataset.subjects)})")
+        shapes = dataset.require_image_shapes()
+        self.subject_indices: list[int] = []
+        self.starts: list[int] = []
+        self.counts: list[int] = []
+        total = 0
+        for s, name in enumerate(dataset.subjects):
+            if subset is not None and name not in subset:
+                continue
+            self.indexing.validate(shapes[s], f"subject {s} ({name!r})")
+            count = self.indexing.count(shapes[s])
+            self.subject_indices.append(s)
+            self.starts.append(total)
+            self.counts.append(count)
+            total += count
+        self.length = total
+
+    def locate(self, sample_index: int, field: str = "sample_indices") -> tuple[int, Expression]:
+        """(subject index, index expression) of a sample; negative indices count from the end, as in pymia."""
+        i = sample_index + self.length if sample_index < 0 else sample_index
+        if not 0 <= i < self.length:
+            raise OutOfRange(f"{field}: sample index {sample_index} is out of range for a datasource of "
+                             f"{self.length} samples")
+        pos = bisect.bisect_right(self.starts, i) - 1
+        s = self.subject_indices[pos]
+        return s, self.indexing.expression(self.dataset.require_image_shapes()[s], i - self.starts[pos])
+
+    def sample(self, sample_index: int) -> dict[str, Any]:
+        """pymia's ``datasource[i]`` without the ``sample_index`` key (the client adds it after its transforms)."""
+        if self.extractor is None:
+            raise InvalidArgument("spec.extractor: samples need an extractor (pymia fails the same way without one)")
+        s, expr = self.locate(sample_index)
+        extracted: dict[str, Any] = {}
+        self.extractor.extract(self.dataset, Params(s, expr, sample_index), extracted)
+        if self.transform is not None:
+            extracted = self.transform(extracted)
+        return extracted
+
+    def order(self, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+        """The epoch's sample order: identity, or a permutation derived from (seed, epoch) alone."""
+        if not shuffle:
+            return np.arange(self.length, dtype=np.int64)
+        return np.random.default_rng([int(seed), int(epoch)]).permutation(self.length)
+
+
+def direct_extract(dataset: Dataset, msg: spec_pb2.DirectExtraction) -> dict[str, Any]:
+    if not msg.HasField("extractor"):
+        raise InvalidArgument("extraction.extractor: direct extraction needs an extractor")
+    extractor = compile_extractor(msg.extractor, dataset, "extraction.extractor")
+    transform = compile_transform(msg.transform, "extraction.transform") if msg.HasField("transform") else None
+    s = dataset.check_subject(int(msg.subject_index), "extraction.subject_index")
+    expr: Expression = slice(None)
+    if msg.HasField("index_expression"):
+        expr = expression_from_proto(msg.index_expression, "extraction.index_expression")
+    extracted: dict[str, Any] = {}
+    extractor.extract(dataset, Params(s, expr, None), extracted)
+    return transform(extracted) if transform is not None else extracted
+
+
+class DatasourceCache:
+    """Compiled datasources keyed by their serialised spec (bounded LRU): specs are compiled once, not per call."""
+
+    def __init__(self, datasets: Mapping[str, Dataset], capacity: int = 64) -> None:
+        self._datasets = datasets
+        self._capacity = capacity
+        self._items: OrderedDict[bytes, CompiledDatasource] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def dataset(self, name: str, field: str = "dataset") -> Dataset:
+        try:
+            return self._datasets[name]
+        except KeyError:
+            served = ", ".join(sorted(self._datasets)) or "none"
+            raise NotFound(f"{field}: unknown dataset {name!r} (served: {served})") from None
+
+    def get(self, spec: spec_pb2.DatasourceSpec) -> CompiledDatasource:
+        key = spec.SerializeToString(deterministic=True)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        compiled = CompiledDatasource(self.dataset(spec.dataset, "spec.dataset"), spec)
+        with self._lock:
+            self._items[key] = compiled
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        return compiled

@@ -1,0 +1,300 @@
+"""pymia's extractors, interpreted from their protobuf specs.
+
+Each compiled extractor has pymia's ``extract(reader, params, extracted)`` shape, with the served
+:class:`~patchwire.service._catalog.Dataset` as reader and a :class:`Params` holding subject index, index
+expression and sample index. Specs are checked against the dataset when compiled, so an unknown category or entry
+is reported before any sample is read.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from patchwire.service import _pymia_format as fmt
+from patchwire.service._catalog import Dataset, to_str
+from patchwire.service._errors import InvalidArgument, NotFound
+from patchwire.service._indexing import WHOLE, Expression
+from patchwire.v1 import spec_pb2
+
+__all__ = [
+    "Extractor",
+    "ImagePropertiesValue",
+    "IndexExpressionValue",
+    "Params",
+    "compile_extractor",
+    "derive_seed",
+]
+
+KEY_SUBJECT_INDEX = "subject_index"
+KEY_SUBJECT = "subject"
+KEY_INDEX_EXPR = "index_expr"
+KEY_PROPERTIES = "properties"
+KEY_SHAPE = "shape"
+KEY_FILE_ROOT = "file_root"
+SITK_UINT8 = 1  # SimpleITK's pixel id of sitkUInt8: pymia rebuilds properties from a uint8 image
+
+
+@dataclass(frozen=True)
+class Params:
+    subject_index: int
+    expression: Expression
+    sample_index: int | None
+    """Position in the datasource (None for direct extraction); seeds per-sample randomness."""
+
+
+@dataclass(frozen=True)
+class ImagePropertiesValue:
+    size: tuple[int, ...]
+    origin: tuple[float, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+    dimensions: int
+    number_of_components_per_pixel: int
+    pixel_id: int
+
+
+@dataclass(frozen=True)
+class IndexExpressionValue:
+    expression: Expression
+
+
+def derive_seed(seed: int, sample_index: int | None) -> int:
+    """Seed of a sample's RandomState: depends on (seed, sample index) only, never on order or batching."""
+    key = 0 if sample_index is None else int(sample_index) + 1
+    return int(np.random.SeedSequence([int(seed), key]).generate_state(1)[0])
+
+
+class Extractor(abc.ABC):
+    @abc.abstractmethod
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None: ...
+
+    def data_categories(self) -> Sequence[str] | None:
+        """Categories whose arrays this extractor writes (what PadDataExtractor pads); None if it writes none."""
+        return None
+
+
+class _Compose(Extractor):
+    def __init__(self, extractors: list[Extractor]) -> None:
+        self.extractors = extractors
+
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        for e in self.extractors:
+            e.extract(reader, params, extracted)
+
+
+class _Data(Extractor):
+    def __init__(self, categories: Sequence[str], ignore_indexing: bool) -> None:
+        self.categories = tuple(categories)
+        self.ignore_indexing = ignore_indexing
+
+    def data_categories(self) -> Sequence[str]:
+        return self.categories
+
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        for cat in self.categories:
+            loc = reader.data_location(cat, params.subject_index)
+            data = reader.read(loc) if self.ignore_indexing else reader.read(loc, params.expression)
+            extracted[cat] = to_str(data)
+
+
+class _Names(Extractor):
+    def __init__(self, names: dict[str, list[str]]) -> None:
+        self.names = names
+
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        for cat, names in self.names.items():
+            extracted[f"{cat}_names"] = list(names)
+
+
+class _Selective(Extractor):
+    """SelectiveDataExtractor and RandomDataExtractor (which draws one of the selected entries)."""
+
+    def __init__(self, category: str, names: list[str], selection: list[str] | None, seed: int | None) -> None:
+        self.category = category
+        self.names = names
+        self.selection = selection
+        self.seed = seed  # None: selective; an int: random
+        candidates = range(len(names)) if selection is None else [names.index(s) for s in selection]
+        self.indices = np.array(list(candidates))
+
+    def data_categories(self) -> Sequence[str]:
+        return (self.category,)
+
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        names_key = f"{self.category}_names"
+        if names_key not in extracted:
+            extracted[names_key] = list(self.names)
+        loc = reader.data_location(self.category, params.subject_index)
+        data = reader.read(loc, params.expression)
+        entry_names = extracted[names_key]
+        if self.seed is None:
+            if self.selection is None:
+                extracted[self.category] = to_str(data)
+                return
+            chosen = self.indices
+            extracted[f"{self.category}_names_selected"] = list(self.selection)
+        else:
+            rng = np.random.RandomState(derive_seed(self.seed, params.sample_index))
+            chosen = [rng.choice(self.indices)]
+            extracted[f"{self.category}_names_selected"] = [entry_names[chosen[0]]]
+        taken = np.take(data, chosen, axis=-1)
+        extracted[self.category] = to_str(taken.tolist()) if isinstance(data, list) else taken
+
+
+class _Subject(Extractor):
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        extracted[KEY_SUBJECT_INDEX] = params.subject_index
+        extracted[KEY_SUBJECT] = reader.subjects[params.subject_index]
+
+
+class _Indexing(Extractor):
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        extracted[KEY_SUBJECT_INDEX] = params.subject_index
+        extracted[KEY_INDEX_EXPR] = IndexExpressionValue(params.expression)
+
+
+class _ImageProperties(Extractor):
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        g = reader.require_geometry(params.subject_index)
+        extracted[KEY_PROPERTIES] = ImagePropertiesValue(
+            size=g.size, origin=g.origin, spacing=g.spacing, direction=g.direction,
+            dimensions=len(g.size), number_of_components_per_pixel=1, pixel_id=SITK_UINT8,
+        )
+
+
+class _ImagePropertyShape(Extractor):
+    def __init__(self, numpy_format: bool) -> None:
+        self.numpy_format = numpy_format
+
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        shape = list(reader.require_geometry(params.subject_index).size)
+        if self.numpy_format:  # pymia swaps first and last (x, y, z -> z, y, x)
+            shape[0], shape[-1] = shape[-1], shape[0]
+        extracted[KEY_SHAPE] = tuple(shape)
+
+
+class _Files(Extractor):
+    def __init__(self, categories: Sequence[str]) -> None:
+        self.categories = tuple(categories)
+
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        extracted[KEY_FILE_ROOT] = to_str(reader.read(fmt.LOC_FILES_ROOT))
+        for cat in self.categories:
+            files = reader.read(fmt.LOC_FILES_PLACEHOLDER.format(cat), (params.subject_index,))
+            extracted[f"{cat}_files"] = to_str(files)
+
+
+class _Pad(Extractor):
+    """PadDataExtractor: the window of ``np.pad(full, padding)`` that the padded expression selects.
+
+    Unlike pymia, the incoming expression is not modified, open axes (``slice(None)``) are padded too, and a
+    whole-array expression (EmptyIndexing) pads the leading ``len(padding)`` axes instead of failing.
+    """
+
+    def __init__(self, padding: list[tuple[int, int]], inner: Extractor) -> None:
+        categories = inner.data_categories()
+        if categories is None:
+            raise InvalidArgument("extractor.pad_data.extractor: must be a DataExtractor, SelectiveDataExtractor "
+                                  "or RandomDataExtractor (an extractor with categories)")
+        self.padding = padding
+        self.inner = inner
+        self.categories = tuple(categories)
+
+    def data_categories(self) -> Sequence[str]:
+        return self.categories
+
+    def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
+        expr = params.expression
+        items = [slice(None)] * len(self.padding) if expr == WHOLE else list(expr)
+        if len(items) != len(self.padding):
+            raise InvalidArgument(f"extractor.pad_data.padding: {len(self.padding)} axes given but the index "
+                                  f"expression {expr!r} has {len(items)}; give one padding per indexed axis")
+        shape = reader.require_image_shapes()[params.subject_index]
+        starts, stops = [], []
+        for axis, (item, (before, after)) in enumerate(zip(items, self.padding, strict=True)):
+            if isinstance(item, slice):
+                start = 0 if item.start is None else item.start
+                stop = shape[axis] if item.stop is None else item.stop
+            else:
+                start, stop = item, item + 1
+            starts.append(start - before)
+            stops.append(stop + after)
+        read_expr = tuple(slice(max(s, 0), e) for s, e in zip(starts, stops, strict=True))
+        self.inner.extract(reader, Params(params.subject_index, read_expr, params.sample_index), extracted)
+        padded_shape = tuple(e - s for s, e in zip(starts, stops, strict=True))
+        offsets = tuple(max(-s, 0) for s in starts)
+        for cat in self.categories:
+            data = extracted[cat]
+            full_shape = padded_shape + data.shape[len(padded_shape):]
+            if full_shape != data.shape:
+                out = np.zeros(full_shape, dtype=data.dtype)
+                out[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape, strict=False))] = data
+                extracted[cat] = out
+
+
+def _selection(msg: spec_pb2.StringList | None, has: bool) -> list[str] | None:
+    return list(msg.values) if has and msg is not None else None
+
+
+def compile_extractor(msg: spec_pb2.Extractor, dataset: Dataset, field: str = "extractor") -> Extractor:
+    """Compiles an extractor spec, checking categories and entry names against ``dataset``."""
+    kind = msg.WhichOneof("extractor")
+    if kind is None:
+        raise InvalidArgument(f"{field}: no extractor is set")
+    sub = getattr(msg, kind)
+    where = f"{field}.{kind}"
+    if kind == "compose":
+        return _Compose([compile_extractor(e, dataset, f"{where}.extractors[{i}]")
+                         for i, e in enumerate(sub.extractors)])
+    if kind == "data":
+        for cat in sub.categories:
+            dataset.check_category(cat, f"{where}.categories")
+        return _Data(list(sub.categories), sub.ignore_indexing)
+    if kind == "names":
+        return _Names({cat: dataset.names_of(cat, f"{where}.categories") for cat in sub.categories})
+    if kind in ("selective_data", "random_data"):
+        names = dataset.names_of(sub.category, f"{where}.category")
+        selection = _selection(sub.selection, sub.HasField("selection"))
+        for s in selection or ():
+            if s not in names:
+                raise NotFound(f"{where}.selection: {s!r} is not an entry of category {sub.category!r} "
+                               f"(entries: {', '.join(names)})")
+        if selection is not None and not selection:
+            raise InvalidArgument(f"{where}.selection: select at least one entry (or none to select all)")
+        return _Selective(sub.category, names, selection, sub.seed if kind == "random_data" else None)
+    if kind == "subject":
+        return _Subject()
+    if kind == "indexing":
+        return _Indexing()
+    if kind == "image_properties":
+        if dataset.geometry is None:
+            dataset.require_geometry(0)
+        return _ImageProperties()
+    if kind == "image_property_shape":
+        if dataset.geometry is None:
+            dataset.require_geometry(0)
+        return _ImagePropertyShape(sub.numpy_format)
+    if kind == "files":
+        for cat in sub.categories:
+            loc = fmt.LOC_FILES_PLACEHOLDER.format(cat)
+            dataset.check_category(cat, f"{where}.categories")
+            dataset.handle(loc)
+        return _Files(list(sub.categories))
+    if kind == "pad_data":
+        if not sub.padding:
+            raise InvalidArgument(f"{where}.padding: give the padding of at least one axis")
+        padding = []
+        for i, p in enumerate(sub.padding):
+            if p.before < 0 or p.after < 0:
+                raise InvalidArgument(f"{where}.padding[{i}]: padding must not be negative, "
+                                      f"got ({p.before}, {p.after})")
+            padding.append((int(p.before), int(p.after)))
+        if not sub.HasField("extractor"):
+            raise InvalidArgument(f"{where}.extractor: the extractor whose data to pad is missing")
+        return _Pad(padding, compile_extractor(sub.extractor, dataset, f"{where}.extractor"))
+    raise InvalidArgument(f"{field}: unknown extractor {kind!r}")

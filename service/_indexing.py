@@ -1,0 +1,184 @@
+"""pymia's indexing strategies, computed lazily.
+
+An index expression is what pymia's ``IndexExpression.expression`` holds: the bare ``slice(None)`` for a whole
+array (EmptyIndexing), or a tuple of ints and slices. Strategies give the number of samples of a subject and the
+expression of its k-th sample without materialising a list (pymia keeps one Python object per voxel for
+VoxelWiseIndexing); the order is exactly pymia's.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from patchwire.service._errors import InvalidArgument
+from patchwire.v1 import spec_pb2, values_pb2
+
+__all__ = [
+    "WHOLE",
+    "Expression",
+    "Indexing",
+    "compile_indexing",
+    "expression_from_proto",
+    "expression_to_proto",
+]
+
+WHOLE = slice(None)
+Expression = Any  # slice(None) or tuple[int | slice, ...]
+
+
+class Indexing(abc.ABC):
+    """A compiled indexing strategy."""
+
+    @abc.abstractmethod
+    def validate(self, shape: Sequence[int], where: str) -> None:
+        """Raises InvalidArgument when the strategy cannot index an image of ``shape``."""
+
+    @abc.abstractmethod
+    def count(self, shape: Sequence[int]) -> int:
+        """Number of samples of a subject whose images have ``shape``."""
+
+    @abc.abstractmethod
+    def expression(self, shape: Sequence[int], k: int) -> Expression:
+        """Index expression of the k-th sample of such a subject."""
+
+
+class _Empty(Indexing):
+    def validate(self, shape: Sequence[int], where: str) -> None:
+        return None
+
+    def count(self, shape: Sequence[int]) -> int:
+        return 1
+
+    def expression(self, shape: Sequence[int], k: int) -> Expression:
+        return WHOLE
+
+
+class _Slice(Indexing):
+    def __init__(self, axes: Sequence[int]) -> None:
+        if not axes:
+            raise InvalidArgument("indexing_strategy.slice.slice_axis: give at least one axis")
+        for a in axes:
+            if a < 0:
+                raise InvalidArgument(f"indexing_strategy.slice.slice_axis: axis {a} is negative; "
+                                      "pymia's SliceIndexing takes axes counted from 0")
+        self.axes = tuple(int(a) for a in axes)
+
+    def validate(self, shape: Sequence[int], where: str) -> None:
+        for a in self.axes:
+            if a >= len(shape):
+                raise InvalidArgument(f"indexing_strategy.slice.slice_axis: axis {a} does not exist in {where} "
+                                      f"with image shape {tuple(shape)} ({len(shape)} axes)")
+
+    def count(self, shape: Sequence[int]) -> int:
+        return sum(int(shape[a]) for a in self.axes)
+
+    def expression(self, shape: Sequence[int], k: int) -> Expression:
+        for a in self.axes:
+            if k < shape[a]:
+                return (slice(None),) * a + (k,)
+            k -= int(shape[a])
+        raise IndexError(k)
+
+
+class _PatchWise(Indexing):
+    def __init__(self, patch_shape: Sequence[int], ignore_incomplete: bool) -> None:
+        if not patch_shape:
+            raise InvalidArgument("indexing_strategy.patch_wise.patch_shape: give at least one dimension")
+        if any(p <= 0 for p in patch_shape):
+            raise InvalidArgument(f"indexing_strategy.patch_wise.patch_shape: sizes must be positive, "
+                                  f"got {tuple(patch_shape)}")
+        self.patch_shape = tuple(int(p) for p in patch_shape)
+        self.ignore_incomplete = ignore_incomplete
+
+    def validate(self, shape: Sequence[int], where: str) -> None:
+        if len(self.patch_shape) > len(shape):
+            raise InvalidArgument(f"indexing_strategy.patch_wise.patch_shape: {len(self.patch_shape)} dimensions "
+                                  f"but {where} has image shape {tuple(shape)}")
+
+    def _grid(self, shape: Sequence[int]) -> tuple[int, ...]:
+        rounding = math.floor if self.ignore_incomplete else math.ceil
+        return tuple(int(rounding(int(d) / p)) for d, p in zip(shape, self.patch_shape, strict=False))
+
+    def count(self, shape: Sequence[int]) -> int:
+        return math.prod(self._grid(shape))
+
+    def expression(self, shape: Sequence[int], k: int) -> Expression:
+        cell = np.unravel_index(k, self._grid(shape))
+        return tuple(slice(int(c) * p, (int(c) + 1) * p) for c, p in zip(cell, self.patch_shape, strict=True))
+
+
+class _VoxelWise(Indexing):
+    def __init__(self, image_dimension: int) -> None:
+        if image_dimension <= 0:
+            raise InvalidArgument(f"indexing_strategy.voxel_wise.image_dimension: must be positive, "
+                                  f"got {image_dimension}")
+        self.image_dimension = int(image_dimension)
+
+    def validate(self, shape: Sequence[int], where: str) -> None:
+        if self.image_dimension > len(shape):
+            raise InvalidArgument(f"indexing_strategy.voxel_wise.image_dimension: {self.image_dimension} exceeds "
+                                  f"the {len(shape)} axes of {where} (image shape {tuple(shape)})")
+
+    def count(self, shape: Sequence[int]) -> int:
+        return math.prod(int(d) for d in shape[: self.image_dimension])
+
+    def expression(self, shape: Sequence[int], k: int) -> Expression:
+        return tuple(int(i) for i in np.unravel_index(k, tuple(shape[: self.image_dimension])))
+
+
+def compile_indexing(msg: spec_pb2.IndexingStrategy | None) -> Indexing:
+    if msg is None:
+        return _Empty()
+    kind = msg.WhichOneof("strategy")
+    if kind is None or kind == "empty":
+        return _Empty()
+    if kind == "slice":
+        return _Slice(list(msg.slice.slice_axis))
+    if kind == "patch_wise":
+        return _PatchWise(list(msg.patch_wise.patch_shape), msg.patch_wise.ignore_incomplete)
+    if kind == "voxel_wise":
+        return _VoxelWise(msg.voxel_wise.image_dimension)
+    raise InvalidArgument(f"indexing_strategy: unknown strategy {kind!r}")
+
+
+def expression_to_proto(expr: Expression) -> values_pb2.IndexExpression:
+    out = values_pb2.IndexExpression()
+    if isinstance(expr, slice):
+        if expr != WHOLE:
+            raise ValueError(f"unsupported bare expression {expr!r}")
+        out.whole = True
+        return out
+    for item in expr:
+        axis = out.axes.add()
+        if isinstance(item, slice):
+            axis.range.SetInParent()
+            if item.start is not None:
+                axis.range.start = item.start
+            if item.stop is not None:
+                axis.range.stop = item.stop
+        else:
+            axis.index = int(item)
+    return out
+
+
+def expression_from_proto(msg: values_pb2.IndexExpression, field: str) -> Expression:
+    if msg.whole:
+        if msg.axes:
+            raise InvalidArgument(f"{field}: an expression is either whole or has axes, not both")
+        return WHOLE
+    items: list[int | slice] = []
+    for i, axis in enumerate(msg.axes):
+        kind = axis.WhichOneof("kind")
+        if kind == "index":
+            items.append(int(axis.index))
+        elif kind == "range":
+            r = axis.range
+            items.append(slice(r.start if r.HasField("start") else None, r.stop if r.HasField("stop") else None))
+        else:
+            raise InvalidArgument(f"{field}.axes[{i}]: neither index nor range is set")
+    return tuple(items)

@@ -1,0 +1,286 @@
+"""pymia 0.3.4's on-disk HDF5 dataset layout, written without pymia.
+
+pymia (``pymia.data.creation``, ``get_default_callbacks`` + ``Hdf5Writer``) writes one HDF5 file per dataset::
+
+    data/<category>/<idx>            per subject and category: np.stack(entries, axis=-1), the array's own dtype
+    meta/subjects                    (N,) vlen str, subject names in order
+    meta/names/<category>_names      (n_entries,) vlen str, entry names = channel order
+    meta/shapes/<category>_shapes    (N, ndim) uint16, numpy shape of data/<category>/<idx>
+    meta/files/file_root             () vlen str, common root of the source files
+    meta/files/<category>_files      (N, n_entries) vlen str, source files relative to file_root
+    meta/image_props/shapes          (N, 3) uint16, ITK size (x, y, z)
+    meta/image_props/origins         (N, 3) float64
+    meta/image_props/spacing         (N, 3) float64
+    meta/image_props/directions      (N, 9) float64, row-major 3x3
+
+``<idx>`` is :func:`subject_index_to_str`. Every dataset is contiguous (no chunking, compression or filters), has no
+attributes, and the file is created with ``libver='latest'`` (superblock version 3, readable by HDF5 >= 1.10).
+pymia itself is only a test dependency: the tests check that pymia reads these files and that they hold the same
+datasets as files written by pymia's own creation API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+__all__ = [
+    "LOC_DATA_PLACEHOLDER",
+    "LOC_FILES_PLACEHOLDER",
+    "LOC_FILES_ROOT",
+    "LOC_IMGPROP_DIRECTION",
+    "LOC_IMGPROP_ORIGIN",
+    "LOC_IMGPROP_SHAPE",
+    "LOC_IMGPROP_SPACING",
+    "LOC_NAMES_PLACEHOLDER",
+    "LOC_SHAPE_PLACEHOLDER",
+    "LOC_SUBJECT",
+    "ImageGeometry",
+    "SubjectRecord",
+    "subject_index_to_str",
+    "write_pymia_dataset",
+]
+
+# Locations, exactly as pymia/data/definition.py names them.
+LOC_DATA_PLACEHOLDER = "data/{}"
+LOC_SUBJECT = "meta/subjects"
+LOC_NAMES_PLACEHOLDER = "meta/names/{}_names"
+LOC_SHAPE_PLACEHOLDER = "meta/shapes/{}_shapes"
+LOC_FILES_ROOT = "meta/files/file_root"
+LOC_FILES_PLACEHOLDER = "meta/files/{}_files"
+LOC_IMGPROP_SHAPE = "meta/image_props/shapes"
+LOC_IMGPROP_ORIGIN = "meta/image_props/origins"
+LOC_IMGPROP_DIRECTION = "meta/image_props/directions"
+LOC_IMGPROP_SPACING = "meta/image_props/spacing"
+
+# The category pymia's readers index by (Hdf5Reader(category='images')) and take image properties from.
+_IMAGES_CATEGORY = "images"
+_STR_DTYPE = h5py.string_dtype()  # vlen UTF-8, what pymia's h5py.special_dtype(vlen=str) is
+
+
+def subject_index_to_str(i: int, n: int) -> str:
+    """Returns the dataset entry name of subject ``i`` of ``n``: zero-padded to the width of ``str(n)``.
+
+    ``n=3`` gives ``'0'..'2'``, ``n=11`` gives ``'00'..'10'``, ``n=100`` gives ``'000'..'099'``.
+    """
+    return f"{i:0{len(str(n))}d}"
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """The ITK geometry of a subject's images (pymia stores it per subject, from the first ``images`` entry).
+
+    Only 3-D geometry exists in pymia's format. Values are normalised to tuples of ``int`` / ``float``.
+    """
+
+    size: tuple[int, ...]
+    """ITK size in (x, y, z) order, i.e. the reversed numpy shape (z, y, x)."""
+    origin: tuple[float, ...]
+    """Physical position of the first voxel, (x, y, z)."""
+    spacing: tuple[float, ...]
+    """Voxel spacing, (x, y, z)."""
+    direction: tuple[float, ...]
+    """Direction cosine matrix, 9 values, row-major."""
+
+    def __post_init__(self) -> None:
+        for name, length in (("size", 3), ("origin", 3), ("spacing", 3), ("direction", 9)):
+            value = tuple(getattr(self, name))
+            if len(value) != length:
+                raise ValueError(f"ImageGeometry.{name} needs {length} values (3-D only), got {len(value)}")
+            value = tuple(int(v) for v in value) if name == "size" else tuple(float(v) for v in value)
+            object.__setattr__(self, name, value)
+        if any(s <= 0 for s in self.size):
+            raise ValueError(f"ImageGeometry.size must be positive, got {self.size}")
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: equality of dicts of arrays has no single truth value
+class SubjectRecord:
+    """One subject of a pymia dataset, in memory."""
+
+    name: str
+    """Subject identifier, stored in ``meta/subjects``."""
+    categories: dict[str, dict[str, np.ndarray]]
+    """Category -> {entry name -> array in numpy (z, y, x[, ...]) order}. Dict order is channel order; every subject
+    must have the same categories and the same entry names in the same order, and one category must be
+    ``'images'``."""
+    geometry: ImageGeometry
+    """ITK geometry; its ``size`` must be the reversed spatial shape of the first ``images`` entry."""
+    files: dict[str, dict[str, str]] | None = None
+    """Category -> {entry name -> source file path}, stored in ``meta/files``. ``None`` (for every subject) stores
+    synthetic names ``'<subject>/<subject>_<entry>.mha'`` relative to a ``file_root`` of ``'.'``."""
+
+
+def write_pymia_dataset(path: str | os.PathLike[str], subjects: Sequence[SubjectRecord]) -> None:
+    """Writes ``subjects`` to ``path`` in exactly the layout pymia 0.3.4's default creation callbacks produce.
+
+    The file is written beside ``path`` under a temporary name and moved into place with :func:`os.replace`, so a
+    reader never sees a half-written file; an existing file at ``path`` is replaced. Subjects are accessed once each,
+    in order, so a lazy :class:`~collections.abc.Sequence` keeps only one subject in memory at a time.
+
+    Raises:
+        ValueError: no subjects; subjects with differing categories, entry names or entry order; a category with no
+            entries, with entries of different shapes, or with a different number of dimensions than in the first
+            subject; no ``images`` category; a geometry size that does not match the images; ``files`` given for
+            some subjects but not others, or not matching the categories.
+    """
+    path = Path(path)
+    n = len(subjects)
+    if n == 0:
+        raise ValueError("cannot write a pymia dataset without subjects")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with h5py.File(tmp, mode="w-", libver="latest") as h5:
+            _write(h5, subjects, n)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _write(h5: h5py.File, subjects: Sequence[SubjectRecord], n: int) -> None:
+    names: dict[str, list[str]] = {}  # category -> entry names, from subject 0
+    ndims: dict[str, int] = {}
+    all_files: list[dict[str, list[str]]] = []  # per subject: category -> file paths, in entry order
+    synthetic_files = False
+
+    h5.create_dataset(LOC_SUBJECT, (n,), dtype=_STR_DTYPE)
+    h5.create_dataset(LOC_IMGPROP_SHAPE, (n, 3), dtype=np.uint16)
+    h5.create_dataset(LOC_IMGPROP_ORIGIN, (n, 3), dtype=np.float64)
+    h5.create_dataset(LOC_IMGPROP_DIRECTION, (n, 9), dtype=np.float64)
+    h5.create_dataset(LOC_IMGPROP_SPACING, (n, 3), dtype=np.float64)
+
+    for i in range(n):
+        record = subjects[i]
+        if i == 0:
+            names = {category: list(entries) for category, entries in record.categories.items()}
+            if _IMAGES_CATEGORY not in names:
+                raise ValueError(
+                    f"subject {record.name!r} has categories {list(names)}; pymia's readers need an "
+                    f"{_IMAGES_CATEGORY!r} category"
+                )
+            synthetic_files = record.files is None
+        arrays = _stack_categories(record, names)
+        if i == 0:
+            ndims = {category: array.ndim for category, array in arrays.items()}
+            for category, ndim in ndims.items():
+                h5.create_dataset(LOC_SHAPE_PLACEHOLDER.format(category), (n, ndim), dtype=np.uint16)
+        _check_geometry(record, names)
+
+        index_str = subject_index_to_str(i, n)
+        for category, array in arrays.items():
+            if array.ndim != ndims[category]:
+                raise ValueError(
+                    f"subject {record.name!r}: category {category!r} has {array.ndim} dimensions, "
+                    f"the first subject's has {ndims[category]}"
+                )
+            _write_array(h5, f"{LOC_DATA_PLACEHOLDER.format(category)}/{index_str}", array)
+            h5[LOC_SHAPE_PLACEHOLDER.format(category)][i] = array.shape
+        h5[LOC_SUBJECT][i] = record.name
+        geometry = record.geometry
+        h5[LOC_IMGPROP_SHAPE][i] = geometry.size
+        h5[LOC_IMGPROP_ORIGIN][i] = geometry.origin
+        h5[LOC_IMGPROP_DIRECTION][i] = geometry.direction
+        h5[LOC_IMGPROP_SPACING][i] = geometry.spacing
+        all_files.append(_subject_files(record, names, synthetic_files))
+        del arrays, record
+
+    for category, entry_names in names.items():
+        h5.create_dataset(
+            LOC_NAMES_PLACEHOLDER.format(category), data=np.asarray(entry_names, dtype=object), dtype=_STR_DTYPE
+        )
+    _write_files(h5, names, all_files, synthetic_files)
+
+
+def _stack_categories(record: SubjectRecord, names: Mapping[str, list[str]]) -> dict[str, np.ndarray]:
+    if set(record.categories) != set(names):
+        raise ValueError(
+            f"subject {record.name!r} has categories {sorted(record.categories)}, the first subject has {sorted(names)}"
+        )
+    arrays = {}
+    for category, entry_names in names.items():
+        entries = record.categories[category]
+        if list(entries) != entry_names:
+            raise ValueError(
+                f"subject {record.name!r}: category {category!r} has entries {list(entries)}, the first subject has "
+                f"{entry_names} (names and their order must match: the order is the channel order)"
+            )
+        if not entries:
+            raise ValueError(f"subject {record.name!r}: category {category!r} has no entries")
+        shapes = {name: np.shape(array) for name, array in entries.items()}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(
+                f"subject {record.name!r}: entries of category {category!r} must have one shape, got {shapes}"
+            )
+        arrays[category] = np.stack([np.asarray(array) for array in entries.values()], axis=-1)
+    return arrays
+
+
+def _check_geometry(record: SubjectRecord, names: Mapping[str, list[str]]) -> None:
+    first = record.categories[_IMAGES_CATEGORY][names[_IMAGES_CATEGORY][0]]
+    spatial = tuple(reversed(np.shape(first)[:3]))
+    if len(spatial) != 3 or spatial != record.geometry.size:
+        raise ValueError(
+            f"subject {record.name!r}: geometry size {record.geometry.size} (ITK x, y, z) does not match the first "
+            f"{_IMAGES_CATEGORY!r} entry's numpy shape {np.shape(first)} (z, y, x)"
+        )
+
+
+def _write_array(h5: h5py.File, entry: str, array: np.ndarray) -> None:
+    if array.dtype.kind == "U":  # pymia stores numpy unicode as vlen str
+        h5.create_dataset(entry, data=array.astype(object), dtype=_STR_DTYPE)
+    else:
+        h5.create_dataset(entry, data=np.ascontiguousarray(array), dtype=array.dtype)
+
+
+def _subject_files(record: SubjectRecord, names: Mapping[str, list[str]], synthetic: bool) -> dict[str, list[str]]:
+    if synthetic:
+        if record.files is not None:
+            raise ValueError(f"subject {record.name!r} has files but the first subject has none; give all or none")
+        return {
+            category: [f"{record.name}/{record.name}_{entry}.mha" for entry in entry_names]
+            for category, entry_names in names.items()
+        }
+    if record.files is None:
+        raise ValueError(f"subject {record.name!r} has no files but the first subject has; give all or none")
+    try:
+        return {
+            category: [record.files[category][entry] for entry in entry_names]
+            for category, entry_names in names.items()
+        }
+    except KeyError as exc:
+        raise ValueError(f"subject {record.name!r}: files has no path for {exc}") from None
+
+
+def _write_files(
+    h5: h5py.File, names: Mapping[str, list[str]], all_files: list[dict[str, list[str]]], synthetic: bool
+) -> None:
+    if synthetic:
+        file_root = "."
+        relative = all_files
+    else:
+        paths = [p for subject_files in all_files for category_files in subject_files.values() for p in category_files]
+        try:
+            file_root = os.path.commonpath(paths)
+        except ValueError as exc:  # mixed absolute and relative paths, or different drives
+            raise ValueError(f"files have no common root: {exc}") from None
+        # pymia: `if os.path.isfile(file_root): dirname`, only true when every path is the same one file.
+        # Decided on the strings here so writing never depends on the source files still existing.
+        if len(set(paths)) == 1:
+            file_root = os.path.dirname(file_root)
+        relative = [
+            {category: [os.path.relpath(p, file_root) for p in files] for category, files in subject_files.items()}
+            for subject_files in all_files
+        ]
+    h5.create_dataset(LOC_FILES_ROOT, data=file_root, dtype=_STR_DTYPE)
+    for category, entry_names in names.items():
+        data = np.asarray([subject_files[category] for subject_files in relative], dtype=object)
+        data = data.reshape(len(relative), len(entry_names))
+        h5.create_dataset(LOC_FILES_PLACEHOLDER.format(category), data=data, dtype=_STR_DTYPE)
