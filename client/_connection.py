@@ -8,6 +8,7 @@ in whichever process uses it next. Pickling a Connection keeps only the address.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import weakref
@@ -16,7 +17,7 @@ from typing import Any
 import grpc
 
 from patchwire.client._errors import ConnectionFailed
-from patchwire.v1 import codec, dataset_service_pb2_grpc
+from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
 
 __all__ = ["Connection"]
 
@@ -56,10 +57,19 @@ class Connection:
                 self._pid = os.getpid()
 
     def wait_ready(self, timeout: float) -> None:
+        """Waits until the server answers (a ListDatasets call that waits for the channel to connect).
+
+        Unlike ``grpc.channel_ready_future`` this starts no polling thread, which would still be inside gRPC
+        when a DataLoader forks its workers.
+        """
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise ConnectionFailed(f"no patchwire server answered at {self.address} within {timeout:g} s") from None
+            self.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest(), timeout=timeout,
+                                       wait_for_ready=True)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ConnectionFailed(f"no patchwire server answered at {self.address} within {timeout:g} s "
+                                       f"({exc.code().name})") from None
+            raise
 
     def close(self) -> None:
         """Closes the channel (idempotent); the next use opens a new one."""
@@ -81,6 +91,9 @@ class Connection:
 
 
 def _before_fork() -> None:
+    # Unreachable gRPC objects (finished calls of a stream held in a reference cycle, say) must be destroyed here:
+    # if the garbage collector first finds them in the child, their finalizers call into gRPC there and crash it.
+    gc.collect()
     with _live_lock:
         connections = list(_live)
     for c in connections:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ class RemoteDatasource:
     def __getitem__(self, item: int) -> dict[str, Any]:
         if isinstance(item, slice):
             raise TypeError("RemoteDatasource takes one integer index; use batches() for many samples")
-        (sample,) = self.get_samples([int(item)])
+        (sample,) = self.get_samples([operator.index(item)])  # a float or str is a TypeError, as for a list
         return sample
 
     def get_samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:

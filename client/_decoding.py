@@ -10,7 +10,7 @@ import numpy as np
 
 from patchwire.client.conversion import ImageProperties
 from patchwire.client.indexexpression import IndexExpression
-from patchwire.v1 import codec, values_pb2
+from patchwire.v1 import codec, tensor_pb2, values_pb2
 
 __all__ = ["DecodedBatch", "decode_stream", "decode_value"]
 
@@ -35,18 +35,32 @@ class DecodedBatch:
         return [self.sample(i) for i in range(len(self))]
 
     def split(self, size: int) -> Iterator[DecodedBatch]:
-        """Consecutive pieces of ``size`` samples (views of the same buffers, no copies)."""
+        """Consecutive pieces of ``size`` samples (views of the same buffers). The server decides stacking per
+        message, which may hold several batches: a piece whose arrays agree in shape and dtype is stacked even where
+        the whole message could not be, so a batch's form never depends on how batches were grouped in messages."""
         n = len(self)
         if n <= size:
             yield self
             return
         for start in range(0, n, size):
             stop = min(start + size, n)
-            yield DecodedBatch(self.sample_indices[start:stop], self.position + start,
-                               {k: v[start:stop] for k, v in self.columns.items()}, self.stacked)
+            columns, stacked = {}, set(self.stacked)
+            for key, values in self.columns.items():
+                piece = values[start:stop]
+                if key not in stacked and _uniform_arrays(piece):
+                    piece = np.stack(piece)
+                    stacked.add(key)
+                columns[key] = piece
+            yield DecodedBatch(self.sample_indices[start:stop], self.position + start, columns, stacked)
 
 
-def _strings(msg: values_pb2.StringArray) -> list[Any]:
+def _uniform_arrays(values: list[Any]) -> bool:
+    first = values[0]
+    return isinstance(first, np.ndarray) and first.dtype != object and all(
+        isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values[1:])
+
+
+def _strings(msg: tensor_pb2.StringArray) -> list[Any]:
     values = list(msg.values)
     if not msg.shape:
         return values

@@ -143,7 +143,18 @@ class Dataset:
     def read(self, location: str, expression: Any = None) -> Any:
         """pymia's Hdf5Reader.read: the whole entry, or ``entry[expression]``; string arrays become lists."""
         h = self.handle(location)
-        data = h[()] if expression is None else h[expression]
+        if expression is None:
+            data = h[()]
+        else:
+            n_axes = len(expression) if isinstance(expression, tuple) else 1
+            if n_axes > h.ndim:
+                raise OutOfRange(f"index expression {expression!r} has {n_axes} axes but {location} has {h.ndim} "
+                                 f"(shape {h.shape})")
+            try:
+                data = h[expression]
+            except IndexError as exc:  # h5py's message names the index and the valid range
+                raise OutOfRange(f"index expression {expression!r} does not fit {location} (shape {h.shape}): "
+                                 f"{exc}") from exc
         if isinstance(data, np.ndarray) and data.dtype == object:
             data = data.tolist()
         return data

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -35,8 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a server")
-    serve.add_argument("--dataset", "-d", action="append", type=_dataset_arg, required=True, metavar="NAME=PATH.h5",
+    serve.add_argument("--dataset", "-d", action="append", type=_dataset_arg, default=[], metavar="NAME=PATH.h5",
                        help="a dataset to serve under NAME (repeat for several)")
+    serve.add_argument("--phantom", action="store_true",
+                       help="also serve the built-in phantom dataset as 'phantom' (generated on first use in "
+                            "$PATCHWIRE_HOME or ~/.cache/patchwire)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
     serve.add_argument("--workers", type=int, default=4, help="sample reading threads (default 4)")
@@ -47,15 +51,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", default="phantom", help="dataset name on that server (default phantom)")
     demo.add_argument("--batch-size", type=int, default=2)
     demo.add_argument("--workers", type=int, default=0, help="torch DataLoader workers")
-    demo.add_argument("--subjects", type=int, default=4, help="phantom subjects to generate on first use")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from patchwire.service._errors import ServiceError
     from patchwire.service._malloc import tune_malloc
     from patchwire.service._server import PatchwireServer, ServerConfig
 
+    if args.phantom:
+        from patchwire.service._phantom import ensure_phantom_dataset
+
+        args.dataset.append(("phantom", ensure_phantom_dataset(environ=os.environ)))
+    if not args.dataset:
+        print("patchwire serve: give at least one --dataset NAME=PATH.h5 (or --phantom)", file=sys.stderr)
+        return 2
     names = [name for name, _ in args.dataset]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -65,12 +76,17 @@ async def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(datasets=dict(args.dataset), host=args.host, port=args.port, workers=args.workers,
                           grace_seconds=args.grace)
     server = PatchwireServer(config)
-    await server.start()
-    print(f"patchwire listening on {args.host}:{server.port}", flush=True)
+    try:
+        await server.start()
+    except (ServiceError, RuntimeError) as exc:  # a dataset that does not open; a port that cannot be bound
+        print(f"patchwire serve: {exc}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Announced only once the signal handlers are in place: whoever reads this line may stop the server at once.
+    print(f"patchwire listening on {args.host}:{server.port}", flush=True)
     await stop.wait()
     _log.info("signal received: stopping (grace %.1fs)", args.grace)
     await server.stop()

@@ -68,8 +68,9 @@ class CompiledDatasource:
         if self.extractor is None:
             raise InvalidArgument("spec.extractor: samples need an extractor (pymia fails the same way without one)")
         s, expr = self.locate(sample_index)
+        position = sample_index + self.length if sample_index < 0 else sample_index  # seeds as ds[n - k] would
         extracted: dict[str, Any] = {}
-        self.extractor.extract(self.dataset, Params(s, expr, sample_index), extracted)
+        self.extractor.extract(self.dataset, Params(s, expr, position), extracted)
         if self.transform is not None:
             extracted = self.transform(extracted)
         return extracted
@@ -91,7 +92,10 @@ def direct_extract(dataset: Dataset, msg: spec_pb2.DirectExtraction) -> dict[str
     if msg.HasField("index_expression"):
         expr = expression_from_proto(msg.index_expression, "extraction.index_expression")
     extracted: dict[str, Any] = {}
-    extractor.extract(dataset, Params(s, expr, None), extracted)
+    try:
+        extractor.extract(dataset, Params(s, expr, None), extracted)
+    except OutOfRange as exc:
+        raise OutOfRange(f"extraction.index_expression: {exc}") from exc
     return transform(extracted) if transform is not None else extracted
 
 

@@ -31,13 +31,13 @@ class Encoded:
         return out
 
 
-def _nested_strings(value: list[Any]) -> values_pb2.StringArray:
+def _nested_strings(value: list[Any]) -> tensor_pb2.StringArray:
     arr = np.array(value, dtype=object)
     if arr.ndim > 1 and all(isinstance(v, str) for v in arr.ravel()):
-        return values_pb2.StringArray(values=arr.ravel().tolist(), shape=arr.shape)
+        return tensor_pb2.StringArray(values=arr.ravel().tolist(), shape=arr.shape)
     if not all(isinstance(v, str) for v in value):
         raise InvalidArgument(f"cannot send a list holding {sorted({type(v).__name__ for v in value})}")
-    return values_pb2.StringArray(values=value)
+    return tensor_pb2.StringArray(values=value)
 
 
 def _value(value: Any, key: str, payloads: list[bytes]) -> values_pb2.Value:

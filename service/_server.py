@@ -176,15 +176,20 @@ class PatchwireServer:
 
     async def start(self) -> PatchwireServer:
         cfg = self.config
-        self._datasets = {name: Dataset(name, path) for name, path in cfg.datasets.items()}
-        self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
-        server = grpc.aio.server(options=list(cfg.options))
-        dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(
-            DatasetServicer(self._datasets, self._executor), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        await server.start()
+        try:
+            for name, path in cfg.datasets.items():
+                self._datasets[name] = Dataset(name, path)
+            self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
+            server = grpc.aio.server(options=list(cfg.options))
+            dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(
+                DatasetServicer(self._datasets, self._executor), server)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            await server.start()
+        except BaseException:  # a dataset that does not open, a port that is taken: free what was opened
+            self._release()
+            raise
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         _log.info("patchwire serving %s on %s:%s", ", ".join(self._datasets) or "no datasets", cfg.host, self.port)
@@ -202,13 +207,16 @@ class PatchwireServer:
             return
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(self.config.grace_seconds if grace is None else grace)
+        self._release()
+        _log.info("patchwire server stopped")
+
+    def _release(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         for ds in self._datasets.values():
             ds.close()
         self._datasets = {}
-        _log.info("patchwire server stopped")
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -169,7 +169,7 @@ def _labelled(name: str, transform: Transform) -> Transform:
             return transform(sample)
         except InvalidArgument:
             raise
-        except (ValueError, TypeError, IndexError, np.exceptions.AxisError) as exc:
+        except (ValueError, TypeError, IndexError, OverflowError, np.exceptions.AxisError) as exc:
             raise InvalidArgument(f"{name}: {exc}") from exc
 
     return apply

@@ -1,0 +1,99 @@
+"""PyTorch adapters (``pymia.data.backends.pytorch``): a map-style dataset and a streaming iterable dataset.
+
+:class:`PytorchDatasetAdapter` is pymia's: ``DataLoader(PytorchDatasetAdapter(ds), batch_size=..., shuffle=...,
+num_workers=...)`` works as with pymia; each worker process opens its own channel (see ``_connection``).
+
+:class:`PytorchStreamingDataset` uses the server's batched stream instead of one call per sample: the server
+orders, shards and batches, and the DataLoader is used with ``batch_size=None``::
+
+    stream = PytorchStreamingDataset(ds, batch_size=16, shuffle=True, seed=0)
+    loader = DataLoader(stream, batch_size=None, num_workers=2)
+    for epoch in range(10):
+        stream.set_epoch(epoch)
+        for batch in loader: ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data as torch_data
+
+from patchwire.client._datasource import RemoteDatasource
+
+__all__ = ["PytorchDatasetAdapter", "PytorchStreamingDataset", "collate_batch"]
+
+
+class PytorchDatasetAdapter(torch_data.Dataset[dict[str, Any]]):
+    """A map-style torch Dataset over a RemoteDatasource: ``len`` and ``[i]`` as the datasource."""
+
+    def __init__(self, datasource: RemoteDatasource) -> None:
+        self.datasource = datasource
+
+    def __len__(self) -> int:
+        return len(self.datasource)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.datasource[index]
+
+
+def collate_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """A streamed batch as torch's default_collate would give it: stacked arrays become tensors (no copy); per-sample
+    values are collated by ``default_collate``."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray):
+            out[key] = torch.from_numpy(value)
+        else:
+            out[key] = torch_data.default_collate(list(value))
+    return out
+
+
+class PytorchStreamingDataset(torch_data.IterableDataset[dict[str, Any]]):
+    """Batches streamed by the server, for ``DataLoader(stream, batch_size=None, num_workers=N)``.
+
+    The epoch's order depends on (``seed``, epoch) only; this process's share is shard ``shard_index`` of
+    ``shard_count`` (e.g. the distributed rank and world size), and DataLoader workers split it further, so the
+    number of workers, ranks or replicas changes which consumer gets a sample, never the epoch's contents.
+    """
+
+    def __init__(self, datasource: RemoteDatasource, batch_size: int = 1, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False, shard_index: int = 0, shard_count: int = 1) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
+        self.datasource = datasource
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.shard_index = shard_index
+        self.shard_count = shard_count
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose order the next iteration streams (call it before each epoch when shuffling)."""
+        self.epoch = epoch
+
+    def _consumer(self) -> tuple[int, int]:
+        info = torch_data.get_worker_info()
+        if info is None:
+            return self.shard_index, self.shard_count
+        return self.shard_index * info.num_workers + info.id, self.shard_count * info.num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        index, count = self._consumer()
+        for batch in self.datasource.batches(self.batch_size, self.shuffle, self.seed, self.epoch, index, count,
+                                             self.drop_last):
+            yield collate_batch(batch)
+
+    def __len__(self) -> int:
+        """Batches this process's shard yields (without DataLoader workers splitting it further)."""
+        n = len(range(self.shard_index, len(self.datasource), self.shard_count))
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
