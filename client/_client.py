@@ -67,24 +67,42 @@ class Client:
             r = self._connection.datasets.DescribeDataset(dataset_service_pb2.DescribeDatasetRequest(dataset=dataset))
         subjects = []
         for s in r.subjects:
-            arrays = tuple(ArrayInfo(a.category, tuple(a.shape),
-                                     "str" if a.is_string else str(codec.dtype_from_proto(a.dtype)))
-                           for a in s.arrays)
+            arrays = tuple(
+                ArrayInfo(a.category, tuple(a.shape), "str" if a.is_string else str(codec.dtype_from_proto(a.dtype)))
+                for a in s.arrays
+            )
             props = None
             if s.HasField("image_properties"):
                 p = s.image_properties
-                props = ImageProperties(tuple(p.size), tuple(p.origin), tuple(p.spacing), tuple(p.direction),
-                                        p.dimensions, p.number_of_components_per_pixel, p.pixel_id)
+                props = ImageProperties(
+                    tuple(p.size),
+                    tuple(p.origin),
+                    tuple(p.spacing),
+                    tuple(p.direction),
+                    p.dimensions,
+                    p.number_of_components_per_pixel,
+                    p.pixel_id,
+                )
             subjects.append(SubjectInfo(int(s.index), s.name, arrays, props))
-        return DatasetInfo(r.name, tuple(subjects), tuple(c.name for c in r.categories),
-                           {c.name: tuple(c.entry_names) for c in r.categories})
+        return DatasetInfo(
+            r.name,
+            tuple(subjects),
+            tuple(c.name for c in r.categories),
+            {c.name: tuple(c.entry_names) for c in r.categories},
+        )
 
-    def datasource(self, dataset: str, indexing_strategy: IndexingStrategy | None = None,
-                   extractor: Extractor | None = None, transform: Any = None,
-                   subject_subset: Sequence[str] | None = None) -> RemoteDatasource:
+    def datasource(
+        self,
+        dataset: str,
+        indexing_strategy: IndexingStrategy | None = None,
+        extractor: Extractor | None = None,
+        transform: Any = None,
+        subject_subset: Sequence[str] | None = None,
+    ) -> RemoteDatasource:
         """pymia's ``PymiaDatasource(path, indexing_strategy, extractor, transform, subject_subset)``, served."""
-        return RemoteDatasource(Connection(self.address), dataset, indexing_strategy, extractor, transform,
-                                subject_subset)
+        return RemoteDatasource(
+            Connection(self.address), dataset, indexing_strategy, extractor, transform, subject_subset
+        )
 
     def close(self) -> None:
         self._connection.close()

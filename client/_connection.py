@@ -63,12 +63,12 @@ class Connection:
         when a DataLoader forks its workers.
         """
         try:
-            self.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest(), timeout=timeout,
-                                       wait_for_ready=True)
+            self.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest(), timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise ConnectionFailed(f"no patchwire server answered at {self.address} within {timeout:g} s "
-                                       f"({exc.code().name})") from None
+                raise ConnectionFailed(
+                    f"no patchwire server answered at {self.address} within {timeout:g} s ({exc.code().name})"
+                ) from None
             raise
 
     def close(self) -> None:

@@ -35,8 +35,9 @@ class SubjectSamples:
     sample_count: int
 
 
-def _client_side(extractor: Extractor | None, transform: Any) -> tuple[spec_pb2.Transform | None, set[str],
-                                                                        list[ClientStep]]:
+def _client_side(
+    extractor: Extractor | None, transform: Any
+) -> tuple[spec_pb2.Transform | None, set[str], list[ClientStep]]:
     server_transform, client_steps = split_transform(transform)
     pickled = extractor._pickled_keys() if extractor is not None else set()
     return server_transform, pickled, client_steps
@@ -60,9 +61,15 @@ class RemoteDatasource:
     used from forked or spawned worker processes: each process opens its own channel.
     """
 
-    def __init__(self, connection: Connection, dataset: str, indexing_strategy: IndexingStrategy | None = None,
-                 extractor: Extractor | None = None, transform: Any = None,
-                 subject_subset: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        dataset: str,
+        indexing_strategy: IndexingStrategy | None = None,
+        extractor: Extractor | None = None,
+        transform: Any = None,
+        subject_subset: Sequence[str] | None = None,
+    ) -> None:
         self._connection = connection
         self.dataset = dataset
         self.indexing_strategy = indexing_strategy
@@ -84,16 +91,17 @@ class RemoteDatasource:
             spec.subject_subset.values.extend(self.subject_subset)
         self._spec = spec
         with translate_rpc_errors(f"opening a datasource on dataset {self.dataset!r}"):
-            response = self._connection.datasets.OpenDatasource(
-                dataset_service_pb2.OpenDatasourceRequest(spec=spec))
+            response = self._connection.datasets.OpenDatasource(dataset_service_pb2.OpenDatasourceRequest(spec=spec))
         self._length = int(response.length)
-        self.subjects = [SubjectSamples(s.subject_index, s.first_sample_index, s.sample_count)
-                         for s in response.subjects]
+        self.subjects = [
+            SubjectSamples(s.subject_index, s.first_sample_index, s.sample_count) for s in response.subjects
+        ]
 
     # -- pymia's interface ---------------------------------------------------------------------------------------
 
-    def set_indexing_strategy(self, indexing_strategy: IndexingStrategy,
-                              subject_subset: Sequence[str] | None = None) -> None:
+    def set_indexing_strategy(
+        self, indexing_strategy: IndexingStrategy, subject_subset: Sequence[str] | None = None
+    ) -> None:
         self.indexing_strategy = indexing_strategy
         self.subject_subset = None if subject_subset is None else list(subject_subset)
         self._open()
@@ -128,12 +136,14 @@ class RemoteDatasource:
                     out.append(sample)
         return out
 
-    def direct_extract(self, extractor: Extractor, subject_index: int, index_expr: IndexExpression | None = None,
-                       transform: Any = None) -> dict[str, Any]:
+    def direct_extract(
+        self, extractor: Extractor, subject_index: int, index_expr: IndexExpression | None = None, transform: Any = None
+    ) -> dict[str, Any]:
         """Extracts from one subject with any extractor, ignoring this datasource's indexing (pymia's)."""
         server_transform, pickled, steps = _client_side(extractor, transform)
-        extraction = spec_pb2.DirectExtraction(dataset=self.dataset, extractor=extractor._to_proto(),
-                                               subject_index=int(subject_index))
+        extraction = spec_pb2.DirectExtraction(
+            dataset=self.dataset, extractor=extractor._to_proto(), subject_index=int(subject_index)
+        )
         if index_expr is not None:
             extraction.index_expression.CopyFrom(index_expr._to_proto())
         if server_transform is not None:
@@ -147,16 +157,34 @@ class RemoteDatasource:
         """Names of all subjects of the dataset, in file order (as pymia: the subset does not apply)."""
         with translate_rpc_errors(f"describing dataset {self.dataset!r}"):
             response = self._connection.datasets.DescribeDataset(
-                dataset_service_pb2.DescribeDatasetRequest(dataset=self.dataset))
+                dataset_service_pb2.DescribeDatasetRequest(dataset=self.dataset)
+            )
         return [s.name for s in response.subjects]
 
     # -- streaming ------------------------------------------------------------------------------------------------
 
-    def _stream(self, batch_size: int, shuffle: bool, seed: int, epoch: int, shard_index: int, shard_count: int,
-                drop_last: bool, start_position: int) -> Iterator[DecodedBatch]:
+    def _stream(
+        self,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        shard_index: int,
+        shard_count: int,
+        drop_last: bool,
+        start_position: int,
+    ) -> Iterator[DecodedBatch]:
         request = dataset_service_pb2.StreamBatchesRequest(
-            spec=self._spec, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-            shard_index=shard_index, shard_count=shard_count, drop_last=drop_last, start_position=start_position)
+            spec=self._spec,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            epoch=epoch,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            drop_last=drop_last,
+            start_position=start_position,
+        )
         call = self._connection.datasets.StreamBatches(request)
         try:
             with translate_rpc_errors(f"streaming dataset {self.dataset!r}"):
@@ -165,9 +193,17 @@ class RemoteDatasource:
         finally:
             call.cancel()
 
-    def batches(self, batch_size: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                shard_index: int = 0, shard_count: int = 1, drop_last: bool = False,
-                start_position: int = 0) -> Iterator[dict[str, Any]]:
+    def batches(
+        self,
+        batch_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        drop_last: bool = False,
+        start_position: int = 0,
+    ) -> Iterator[dict[str, Any]]:
         """Streams this consumer's share of an epoch as batches: dicts of stacked arrays (or lists where samples
         differ in shape or are not arrays) with ``sample_index`` as an int64 array.
 
@@ -177,8 +213,9 @@ class RemoteDatasource:
         (resume). The server sends several batches per message when samples are small and streams big tensors in
         chunks; the next message is prepared while this one is consumed.
         """
-        for decoded in self._stream(batch_size, shuffle, seed, epoch, shard_index, shard_count, drop_last,
-                                    start_position):
+        for decoded in self._stream(
+            batch_size, shuffle, seed, epoch, shard_index, shard_count, drop_last, start_position
+        ):
             if self._pickled or self._client_steps:
                 samples = [_finish(s, self._pickled, self._client_steps) for s in decoded.samples()]
                 batch = _collate(samples)
@@ -187,8 +224,15 @@ class RemoteDatasource:
             batch[defs.KEY_SAMPLE_INDEX] = np.asarray(decoded.sample_indices, dtype=np.int64)
             yield batch
 
-    def samples(self, shuffle: bool = False, seed: int = 0, epoch: int = 0, shard_index: int = 0,
-                shard_count: int = 1, start_position: int = 0) -> Iterator[dict[str, Any]]:
+    def samples(
+        self,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        start_position: int = 0,
+    ) -> Iterator[dict[str, Any]]:
         """Streams samples one by one (as ``ds[i]`` returns them) in this consumer's order; see :meth:`batches`."""
         for decoded in self._stream(64, shuffle, seed, epoch, shard_index, shard_count, False, start_position):
             for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
@@ -200,8 +244,10 @@ class RemoteDatasource:
         return self.samples()
 
     def __repr__(self) -> str:
-        return (f"RemoteDatasource({self._connection.address}, {self.dataset!r}, {self.indexing_strategy!r}, "
-                f"{len(self)} samples)")
+        return (
+            f"RemoteDatasource({self._connection.address}, {self.dataset!r}, {self.indexing_strategy!r}, "
+            f"{len(self)} samples)"
+        )
 
     def close(self) -> None:
         self._connection.close()
@@ -213,6 +259,7 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         values = [s[key] for s in samples]
         first = values[0]
         same = isinstance(first, np.ndarray) and all(
-            isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values)
+            isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values
+        )
         out[key] = np.stack(values) if same else values
     return out

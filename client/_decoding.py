@@ -56,8 +56,11 @@ class DecodedBatch:
 
 def _uniform_arrays(values: list[Any]) -> bool:
     first = values[0]
-    return isinstance(first, np.ndarray) and first.dtype != object and all(
-        isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values[1:])
+    return (
+        isinstance(first, np.ndarray)
+        and first.dtype != object
+        and all(isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values[1:])
+    )
 
 
 def _strings(msg: tensor_pb2.StringArray) -> list[Any]:
@@ -80,8 +83,15 @@ def decode_value(value: values_pb2.Value, payloads: Iterator[bytearray]) -> Any:
         return tuple(int(v) for v in value.int_tuple.values)
     if kind == "image_properties":
         p = value.image_properties
-        return ImageProperties(tuple(p.size), tuple(p.origin), tuple(p.spacing), tuple(p.direction), p.dimensions,
-                               p.number_of_components_per_pixel, p.pixel_id)
+        return ImageProperties(
+            tuple(p.size),
+            tuple(p.origin),
+            tuple(p.spacing),
+            tuple(p.direction),
+            p.dimensions,
+            p.number_of_components_per_pixel,
+            p.pixel_id,
+        )
     if kind == "index_expression":
         return IndexExpression._from_proto(value.index_expression)
     if kind is None:

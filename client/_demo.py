@@ -52,8 +52,9 @@ def _phantom_server() -> Iterator[str]:
             proc.stdout.close()
 
 
-def run_seed_pipeline(address: str, dataset: str, batch_size: int = 2, workers: int = 0,
-                      progress: bool = True) -> DemoSummary:
+def run_seed_pipeline(
+    address: str, dataset: str, batch_size: int = 2, workers: int = 0, progress: bool = True
+) -> DemoSummary:
     import torch
     import torch.nn as nn
     import torch.utils.data as torch_data
@@ -70,8 +71,9 @@ def run_seed_pipeline(address: str, dataset: str, batch_size: int = 2, workers: 
     transform = tfm.Permute(permutation=(2, 0, 1), entries=(defs.KEY_IMAGES,))
     datasource = client.datasource(dataset, extr.SliceIndexing(), extractor, transform)
 
-    loader = torch_data.DataLoader(PytorchDatasetAdapter(datasource), batch_size=batch_size, shuffle=False,
-                                   num_workers=workers)
+    loader = torch_data.DataLoader(
+        PytorchDatasetAdapter(datasource), batch_size=batch_size, shuffle=False, num_workers=workers
+    )
     torch.manual_seed(0)
     network = nn.Sequential(
         nn.Conv2d(in_channels=2, out_channels=8, kernel_size=3, padding=1),
@@ -81,7 +83,7 @@ def run_seed_pipeline(address: str, dataset: str, batch_size: int = 2, workers: 
 
     subject_of = np.empty(len(datasource), dtype=np.int64)
     for s in datasource.subjects:
-        subject_of[s.first_sample_index:s.first_sample_index + s.sample_count] = s.subject_index
+        subject_of[s.first_sample_index : s.first_sample_index + s.sample_count] = s.subject_index
     summary = DemoSummary()
     sums: dict[int, float] = {}
     above: dict[int, float] = {}
@@ -114,22 +116,28 @@ def run_demo(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         address = args.address
         if address is None:
-            print("starting a patchwire server on a free port (the phantom dataset is generated on first use)",
-                  flush=True)
+            print(
+                "starting a patchwire server on a free port (the phantom dataset is generated on first use)", flush=True
+            )
             address = stack.enter_context(_phantom_server())
         print(f"server {address}, dataset {args.dataset!r}", flush=True)
         try:
-            summary = run_seed_pipeline(address, args.dataset, args.batch_size, args.workers,
-                                        progress=not args.no_progress)
+            summary = run_seed_pipeline(
+                address, args.dataset, args.batch_size, args.workers, progress=not args.no_progress
+            )
             names = pw.connect(address).describe(args.dataset).subjects
         except pw.PatchwireError as exc:
             print(f"patchwire demo: {exc}", file=sys.stderr)
             return 1
     total = sum(summary.slices.values())
     for s, count in sorted(summary.slices.items()):
-        print(f"  {names[s].name}: {count} slices predicted, mean prediction {summary.prediction_means[s]:.4f}, "
-              f"{100 * summary.foreground[s]:.1f}% above 0.5")
-    print(f"{total} slices of {len(summary.slices)} subjects in {summary.seconds:.2f} s "
-          f"({total / summary.seconds:.0f} slices/s, {summary.megabytes / summary.seconds:.0f} MB/s of input)")
+        print(
+            f"  {names[s].name}: {count} slices predicted, mean prediction {summary.prediction_means[s]:.4f}, "
+            f"{100 * summary.foreground[s]:.1f}% above 0.5"
+        )
+    print(
+        f"{total} slices of {len(summary.slices)} subjects in {summary.seconds:.2f} s "
+        f"({total / summary.seconds:.0f} slices/s, {summary.megabytes / summary.seconds:.0f} MB/s of input)"
+    )
     print("(assembling predictions into volumes on the server comes with the assembly service)")
     return 0

@@ -14,9 +14,16 @@ class ImageProperties:
     :meth:`from_image`. Equality compares size, origin, spacing, direction and dimensions, as in pymia.
     """
 
-    def __init__(self, size: tuple[int, ...], origin: tuple[float, ...], spacing: tuple[float, ...],
-                 direction: tuple[float, ...], dimensions: int | None = None,
-                 number_of_components_per_pixel: int = 1, pixel_id: int = 1) -> None:
+    def __init__(
+        self,
+        size: tuple[int, ...],
+        origin: tuple[float, ...],
+        spacing: tuple[float, ...],
+        direction: tuple[float, ...],
+        dimensions: int | None = None,
+        number_of_components_per_pixel: int = 1,
+        pixel_id: int = 1,
+    ) -> None:
         self.size = tuple(int(v) for v in size)
         self.origin = tuple(float(v) for v in origin)
         self.spacing = tuple(float(v) for v in spacing)
@@ -28,8 +35,15 @@ class ImageProperties:
     @classmethod
     def from_image(cls, image: Any) -> ImageProperties:
         """From a SimpleITK image."""
-        return cls(image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection(),
-                   image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetPixelID())
+        return cls(
+            image.GetSize(),
+            image.GetOrigin(),
+            image.GetSpacing(),
+            image.GetDirection(),
+            image.GetDimension(),
+            image.GetNumberOfComponentsPerPixel(),
+            image.GetPixelID(),
+        )
 
     def is_two_dimensional(self) -> bool:
         return self.dimensions == 2
@@ -43,12 +57,19 @@ class ImageProperties:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ImageProperties):
             return NotImplemented
-        return (self.size == other.size and self.origin == other.origin and self.spacing == other.spacing
-                and self.direction == other.direction and self.dimensions == other.dimensions)
+        return (
+            self.size == other.size
+            and self.origin == other.origin
+            and self.spacing == other.spacing
+            and self.direction == other.direction
+            and self.dimensions == other.dimensions
+        )
 
     def __hash__(self) -> int:
         return hash((self.size, self.origin, self.spacing, self.direction, self.dimensions))
 
     def __repr__(self) -> str:
-        return (f"ImageProperties(size={self.size}, origin={self.origin}, spacing={self.spacing}, "
-                f"direction={self.direction})")
+        return (
+            f"ImageProperties(size={self.size}, origin={self.origin}, spacing={self.spacing}, "
+            f"direction={self.direction})"
+        )

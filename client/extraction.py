@@ -94,12 +94,14 @@ class PatchWiseIndexing(IndexingStrategy):
         self.ignore_incomplete = ignore_incomplete
 
     def _to_proto(self) -> spec_pb2.IndexingStrategy:
-        return spec_pb2.IndexingStrategy(patch_wise=spec_pb2.PatchWiseIndexing(
-            patch_shape=self.patch_shape, ignore_incomplete=self.ignore_incomplete))
+        return spec_pb2.IndexingStrategy(
+            patch_wise=spec_pb2.PatchWiseIndexing(
+                patch_shape=self.patch_shape, ignore_incomplete=self.ignore_incomplete
+            )
+        )
 
     def __repr__(self) -> str:
-        return (f"PatchWiseIndexing (patch shape={self.patch_shape}, "
-                f"ignore incomplete={self.ignore_incomplete})")
+        return f"PatchWiseIndexing (patch shape={self.patch_shape}, ignore incomplete={self.ignore_incomplete})"
 
 
 # -- extractors ------------------------------------------------------------------------------------------------------
@@ -121,8 +123,9 @@ class ComposeExtractor(Extractor):
         self.extractors = list(extractors)
 
     def _to_proto(self) -> spec_pb2.Extractor:
-        return spec_pb2.Extractor(compose=spec_pb2.ComposeExtractor(extractors=[e._to_proto()
-                                                                                for e in self.extractors]))
+        return spec_pb2.Extractor(
+            compose=spec_pb2.ComposeExtractor(extractors=[e._to_proto() for e in self.extractors])
+        )
 
     def _pickled_keys(self) -> set[str]:
         return set().union(*(e._pickled_keys() for e in self.extractors))
@@ -134,18 +137,22 @@ class DataExtractor(Extractor):
         self.ignore_indexing = ignore_indexing
 
     def _to_proto(self) -> spec_pb2.Extractor:
-        return spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=self.categories,
-                                                              ignore_indexing=self.ignore_indexing))
+        return spec_pb2.Extractor(
+            data=spec_pb2.DataExtractor(categories=self.categories, ignore_indexing=self.ignore_indexing)
+        )
 
 
 class PadDataExtractor(Extractor):
     """Pads what ``extractor`` reads with zeros: ``padding`` is a tuple (symmetric) or a list of (left, right)."""
 
-    def __init__(self, padding: Sequence[int] | Sequence[tuple[int, int]], extractor: Extractor,
-                 pad_fn: Any = None) -> None:
+    def __init__(
+        self, padding: Sequence[int] | Sequence[tuple[int, int]], extractor: Extractor, pad_fn: Any = None
+    ) -> None:
         if pad_fn is not None:
-            raise ValueError("PadDataExtractor: pad_fn would have to run on the server, which runs no client code; "
-                             "only zero padding is available")
+            raise ValueError(
+                "PadDataExtractor: pad_fn would have to run on the server, which runs no client code; "
+                "only zero padding is available"
+            )
         if not isinstance(extractor, DataExtractor | SelectiveDataExtractor | RandomDataExtractor):
             raise ValueError('argument extractor needs to have the property "categories" or "category"')
         if isinstance(padding[0], int):
@@ -154,9 +161,12 @@ class PadDataExtractor(Extractor):
         self.extractor = extractor
 
     def _to_proto(self) -> spec_pb2.Extractor:
-        return spec_pb2.Extractor(pad_data=spec_pb2.PadDataExtractor(
-            padding=[spec_pb2.Padding(before=a, after=b) for a, b in self.padding],
-            extractor=self.extractor._to_proto()))
+        return spec_pb2.Extractor(
+            pad_data=spec_pb2.PadDataExtractor(
+                padding=[spec_pb2.Padding(before=a, after=b) for a, b in self.padding],
+                extractor=self.extractor._to_proto(),
+            )
+        )
 
 
 def _selection(selection: str | Sequence[str] | None) -> tuple[str, ...] | None:
@@ -187,8 +197,9 @@ class RandomDataExtractor(Extractor):
     ``seed=None`` picks a random seed once, when the extractor is made.
     """
 
-    def __init__(self, selection: str | Sequence[str] | None = None, category: str = defs.KEY_LABELS,
-                 seed: int | None = None) -> None:
+    def __init__(
+        self, selection: str | Sequence[str] | None = None, category: str = defs.KEY_LABELS, seed: int | None = None
+    ) -> None:
         self.selection = _selection(selection)
         self.category = category
         self.seed = secrets.randbits(63) if seed is None else int(seed)
@@ -241,8 +252,9 @@ class ImagePropertyShapeExtractor(Extractor):
         self.numpy_format = numpy_format
 
     def _to_proto(self) -> spec_pb2.Extractor:
-        return spec_pb2.Extractor(image_property_shape=spec_pb2.ImagePropertyShapeExtractor(
-            numpy_format=self.numpy_format))
+        return spec_pb2.Extractor(
+            image_property_shape=spec_pb2.ImagePropertyShapeExtractor(numpy_format=self.numpy_format)
+        )
 
 
 class FilesExtractor(Extractor):

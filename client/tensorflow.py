@@ -18,8 +18,13 @@ from patchwire.client._datasource import RemoteDatasource
 __all__ = ["get_tf_dataset", "get_tf_generator", "infer_output_signature"]
 
 
-def get_tf_generator(datasource: RemoteDatasource, keys: Sequence[str] | None = None, shuffle: bool = False,
-                     seed: int = 0, epoch: int = 0) -> Callable[[], Iterator[dict[str, Any]]]:
+def get_tf_generator(
+    datasource: RemoteDatasource,
+    keys: Sequence[str] | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+) -> Callable[[], Iterator[dict[str, Any]]]:
     """A generator function yielding the datasource's samples (only ``keys``, if given), streamed in order
     (or in the shuffled order of (``seed``, ``epoch``))."""
 
@@ -63,8 +68,14 @@ def infer_output_signature(datasource: RemoteDatasource, keys: Sequence[str] | N
     """Signature of the datasource's samples, from the first and last sample of every subject: dimensions that
     differ among those (subjects of different shape, incomplete border patches, several slice axes) become None.
     Entries TensorFlow cannot hold (image properties, index expressions) are left out unless named in ``keys``."""
-    probes = sorted({i for s in datasource.subjects if s.sample_count
-                     for i in (s.first_sample_index, s.first_sample_index + s.sample_count - 1)})
+    probes = sorted(
+        {
+            i
+            for s in datasource.subjects
+            if s.sample_count
+            for i in (s.first_sample_index, s.first_sample_index + s.sample_count - 1)
+        }
+    )
     if not probes:
         raise ValueError("the datasource has no samples to infer a signature from")
     signature: dict[str, Any] = {}
@@ -79,9 +90,15 @@ def infer_output_signature(datasource: RemoteDatasource, keys: Sequence[str] | N
     return signature
 
 
-def get_tf_dataset(datasource: RemoteDatasource, keys: Sequence[str] | None = None, batch_size: int | None = None,
-                   shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                   output_signature: dict[str, Any] | None = None) -> tf.data.Dataset:
+def get_tf_dataset(
+    datasource: RemoteDatasource,
+    keys: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    output_signature: dict[str, Any] | None = None,
+) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of the datasource's samples (dicts of tensors), batched if ``batch_size`` is given.
 
     The signature is inferred (see :func:`infer_output_signature`) unless given.

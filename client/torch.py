@@ -61,8 +61,16 @@ class PytorchStreamingDataset(torch_data.IterableDataset[dict[str, Any]]):
     number of workers, ranks or replicas changes which consumer gets a sample, never the epoch's contents.
     """
 
-    def __init__(self, datasource: RemoteDatasource, batch_size: int = 1, shuffle: bool = False, seed: int = 0,
-                 drop_last: bool = False, shard_index: int = 0, shard_count: int = 1) -> None:
+    def __init__(
+        self,
+        datasource: RemoteDatasource,
+        batch_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        shard_index: int = 0,
+        shard_count: int = 1,
+    ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= shard_index < shard_count:
@@ -88,12 +96,12 @@ class PytorchStreamingDataset(torch_data.IterableDataset[dict[str, Any]]):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, count = self._consumer()
-        for batch in self.datasource.batches(self.batch_size, self.shuffle, self.seed, self.epoch, index, count,
-                                             self.drop_last):
+        for batch in self.datasource.batches(
+            self.batch_size, self.shuffle, self.seed, self.epoch, index, count, self.drop_last
+        ):
             yield collate_batch(batch)
 
     def __len__(self) -> int:
         """Batches this process's shard yields (without DataLoader workers splitting it further)."""
         n = len(range(self.shard_index, len(self.datasource), self.shard_count))
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-

@@ -61,8 +61,9 @@ class ComposeTransform(Transform):
         self.transforms = list(transforms)
 
     def _to_proto(self) -> spec_pb2.Transform:
-        return spec_pb2.Transform(compose=spec_pb2.ComposeTransform(transforms=[t._to_proto()
-                                                                                for t in self.transforms]))
+        return spec_pb2.Transform(
+            compose=spec_pb2.ComposeTransform(transforms=[t._to_proto() for t in self.transforms])
+        )
 
 
 class LoopEntryTransform(Transform):
@@ -74,14 +75,18 @@ class LoopEntryTransform(Transform):
 
 
 class IntensityRescale(LoopEntryTransform):
-    def __init__(self, lower: float, upper: float, loop_axis: int | None = None,
-                 entries: Sequence[str] = (defs.KEY_IMAGES,)) -> None:
+    def __init__(
+        self, lower: float, upper: float, loop_axis: int | None = None, entries: Sequence[str] = (defs.KEY_IMAGES,)
+    ) -> None:
         super().__init__(loop_axis, entries)
         self.lower, self.upper = lower, upper
 
     def _to_proto(self) -> spec_pb2.Transform:
-        return spec_pb2.Transform(intensity_rescale=spec_pb2.IntensityRescale(
-            lower=_scalar(self.lower), upper=_scalar(self.upper), loop_axis=self.loop_axis, entries=self.entries))
+        return spec_pb2.Transform(
+            intensity_rescale=spec_pb2.IntensityRescale(
+                lower=_scalar(self.lower), upper=_scalar(self.upper), loop_axis=self.loop_axis, entries=self.entries
+            )
+        )
 
 
 class IntensityNormalization(LoopEntryTransform):
@@ -89,21 +94,32 @@ class IntensityNormalization(LoopEntryTransform):
         super().__init__(loop_axis, entries)
 
     def _to_proto(self) -> spec_pb2.Transform:
-        return spec_pb2.Transform(intensity_normalization=spec_pb2.IntensityNormalization(
-            loop_axis=self.loop_axis, entries=self.entries))
+        return spec_pb2.Transform(
+            intensity_normalization=spec_pb2.IntensityNormalization(loop_axis=self.loop_axis, entries=self.entries)
+        )
 
 
 class ClipPercentile(LoopEntryTransform):
-    def __init__(self, upper_percentile: float, lower_percentile: float | None = None,
-                 loop_axis: int | None = None, entries: Sequence[str] = (defs.KEY_IMAGES,)) -> None:
+    def __init__(
+        self,
+        upper_percentile: float,
+        lower_percentile: float | None = None,
+        loop_axis: int | None = None,
+        entries: Sequence[str] = (defs.KEY_IMAGES,),
+    ) -> None:
         super().__init__(loop_axis, entries)
         self.upper_percentile = upper_percentile
         self.lower_percentile = 100 - upper_percentile if lower_percentile is None else lower_percentile
 
     def _to_proto(self) -> spec_pb2.Transform:
-        return spec_pb2.Transform(clip_percentile=spec_pb2.ClipPercentile(
-            upper_percentile=_scalar(self.upper_percentile), lower_percentile=_scalar(self.lower_percentile),
-            loop_axis=self.loop_axis, entries=self.entries))
+        return spec_pb2.Transform(
+            clip_percentile=spec_pb2.ClipPercentile(
+                upper_percentile=_scalar(self.upper_percentile),
+                lower_percentile=_scalar(self.lower_percentile),
+                loop_axis=self.loop_axis,
+                entries=self.entries,
+            )
+        )
 
 
 class Relabel(LoopEntryTransform):
@@ -114,9 +130,15 @@ class Relabel(LoopEntryTransform):
         self.label_changes = dict(label_changes)
 
     def _to_proto(self) -> spec_pb2.Transform:
-        return spec_pb2.Transform(relabel=spec_pb2.Relabel(
-            label_changes=[spec_pb2.LabelChange(new_label=_scalar(n), old_label=_scalar(o))
-                           for n, o in self.label_changes.items()], entries=self.entries))
+        return spec_pb2.Transform(
+            relabel=spec_pb2.Relabel(
+                label_changes=[
+                    spec_pb2.LabelChange(new_label=_scalar(n), old_label=_scalar(o))
+                    for n, o in self.label_changes.items()
+                ],
+                entries=self.entries,
+            )
+        )
 
 
 class Reshape(LoopEntryTransform):
@@ -125,8 +147,9 @@ class Reshape(LoopEntryTransform):
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
 
     def _to_proto(self) -> spec_pb2.Transform:
-        return spec_pb2.Transform(reshape=spec_pb2.Reshape(
-            shapes=[spec_pb2.ReshapeEntry(entry=k, shape=v) for k, v in self.shapes.items()]))
+        return spec_pb2.Transform(
+            reshape=spec_pb2.Reshape(shapes=[spec_pb2.ReshapeEntry(entry=k, shape=v) for k, v in self.shapes.items()])
+        )
 
 
 class Permute(LoopEntryTransform):
@@ -139,8 +162,11 @@ class Permute(LoopEntryTransform):
 
 
 class Squeeze(LoopEntryTransform):
-    def __init__(self, entries: Sequence[str] = (defs.KEY_IMAGES, defs.KEY_LABELS),
-                 squeeze_axis: int | Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        entries: Sequence[str] = (defs.KEY_IMAGES, defs.KEY_LABELS),
+        squeeze_axis: int | Sequence[int] | None = None,
+    ) -> None:
         super().__init__(None, entries)
         self.squeeze_axis = squeeze_axis
 
@@ -165,23 +191,37 @@ class UnSqueeze(LoopEntryTransform):
 class SizeCorrection(Transform):
     """Crops or zero-pads (``pad_value``) the leading axes to ``shape``, centred; None keeps an axis."""
 
-    def __init__(self, shape: Sequence[int | None], pad_value: float = 0,
-                 entries: Sequence[str] = (defs.KEY_IMAGES, defs.KEY_LABELS)) -> None:
+    def __init__(
+        self,
+        shape: Sequence[int | None],
+        pad_value: float = 0,
+        entries: Sequence[str] = (defs.KEY_IMAGES, defs.KEY_LABELS),
+    ) -> None:
         self.shape = tuple(shape)
         self.pad_value = pad_value
         self.entries = tuple(entries)
 
     def _to_proto(self) -> spec_pb2.Transform:
-        return spec_pb2.Transform(size_correction=spec_pb2.SizeCorrection(
-            shape=[spec_pb2.SizeCorrectionDim(size=s) for s in self.shape], pad_value=_scalar(self.pad_value),
-            entries=self.entries))
+        return spec_pb2.Transform(
+            size_correction=spec_pb2.SizeCorrection(
+                shape=[spec_pb2.SizeCorrectionDim(size=s) for s in self.shape],
+                pad_value=_scalar(self.pad_value),
+                entries=self.entries,
+            )
+        )
 
 
 class Mask(Transform):
     """Sets ``entries`` to ``masking_value`` where the sample's ``mask_key`` array equals ``mask_value``."""
 
-    def __init__(self, mask_key: str, mask_value: int = 0, masking_value: float = 0.0,
-                 loop_axis: int | None = None, entries: Sequence[str] = (defs.KEY_IMAGES, defs.KEY_LABELS)) -> None:
+    def __init__(
+        self,
+        mask_key: str,
+        mask_value: int = 0,
+        masking_value: float = 0.0,
+        loop_axis: int | None = None,
+        entries: Sequence[str] = (defs.KEY_IMAGES, defs.KEY_LABELS),
+    ) -> None:
         self.mask_key = mask_key
         self.mask_value = mask_value
         self.masking_value = masking_value
@@ -189,16 +229,26 @@ class Mask(Transform):
         self.entries = tuple(entries)
 
     def _to_proto(self) -> spec_pb2.Transform:
-        return spec_pb2.Transform(mask=spec_pb2.Mask(
-            mask_key=self.mask_key, mask_value=_scalar(self.mask_value), masking_value=_scalar(self.masking_value),
-            loop_axis=self.loop_axis, entries=self.entries))
+        return spec_pb2.Transform(
+            mask=spec_pb2.Mask(
+                mask_key=self.mask_key,
+                mask_value=_scalar(self.mask_value),
+                masking_value=_scalar(self.masking_value),
+                loop_axis=self.loop_axis,
+                entries=self.entries,
+            )
+        )
 
 
 class LambdaTransform(LoopEntryTransform):
     """``lambda_fn(array)`` on each of ``entries``; runs on the client after receipt."""
 
-    def __init__(self, lambda_fn: Callable[[np.ndarray], np.ndarray], loop_axis: int | None = None,
-                 entries: Sequence[str] = (defs.KEY_IMAGES,)) -> None:
+    def __init__(
+        self,
+        lambda_fn: Callable[[np.ndarray], np.ndarray],
+        loop_axis: int | None = None,
+        entries: Sequence[str] = (defs.KEY_IMAGES,),
+    ) -> None:
         super().__init__(loop_axis, entries)
         self.lambda_fn = lambda_fn
 
@@ -238,9 +288,11 @@ def split_transform(transform: Any) -> tuple[spec_pb2.Transform | None, list[Cal
         if is_spec and not client:
             server.append(step)
         elif is_spec:
-            raise ValueError(f"transform step {i} ({type(step).__name__}) follows a client-side callable: built-in "
-                             "transforms run on the server before any client-side callable; move the callables "
-                             "(LambdaTransform, custom functions) to the end")
+            raise ValueError(
+                f"transform step {i} ({type(step).__name__}) follows a client-side callable: built-in "
+                "transforms run on the server before any client-side callable; move the callables "
+                "(LambdaTransform, custom functions) to the end"
+            )
         elif callable(step):
             client.append(step)
         else:

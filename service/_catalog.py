@@ -89,22 +89,27 @@ class Dataset:
                 )
                 for i in range(len(self.subjects))
             ]
-        _log.info("opened dataset %r (%s): %d subjects, categories %s", name, self.path, len(self.subjects),
-                  self.categories)
+        _log.info(
+            "opened dataset %r (%s): %d subjects, categories %s", name, self.path, len(self.subjects), self.categories
+        )
 
     # -- lookups with precise errors ------------------------------------------------------------------------------
 
     def check_subject(self, subject_index: int, field: str = "subject_index") -> int:
         n = len(self.subjects)
         if not 0 <= subject_index < n:
-            raise OutOfRange(f"{field}: subject index {subject_index} is out of range for dataset {self.name!r} "
-                             f"with {n} subjects (valid: 0..{n - 1})")
+            raise OutOfRange(
+                f"{field}: subject index {subject_index} is out of range for dataset {self.name!r} "
+                f"with {n} subjects (valid: 0..{n - 1})"
+            )
         return subject_index
 
     def check_category(self, category: str, field: str) -> str:
         if category not in self.categories:
-            raise NotFound(f"{field}: category {category!r} is not in dataset {self.name!r} "
-                           f"(categories: {', '.join(self.categories) or 'none'})")
+            raise NotFound(
+                f"{field}: category {category!r} is not in dataset {self.name!r} "
+                f"(categories: {', '.join(self.categories) or 'none'})"
+            )
         return category
 
     def names_of(self, category: str, field: str) -> list[str]:
@@ -112,13 +117,17 @@ class Dataset:
         try:
             return self.entry_names[category]
         except KeyError:
-            raise NotFound(f"{field}: dataset {self.name!r} stores no entry names for category {category!r} "
-                           f"({fmt.LOC_NAMES_PLACEHOLDER.format(category)} is missing)") from None
+            raise NotFound(
+                f"{field}: dataset {self.name!r} stores no entry names for category {category!r} "
+                f"({fmt.LOC_NAMES_PLACEHOLDER.format(category)} is missing)"
+            ) from None
 
     def require_image_shapes(self) -> list[tuple[int, ...]]:
         if self.image_shapes is None:
-            raise FailedPrecondition(f"dataset {self.name!r} has no {fmt.LOC_SHAPE_PLACEHOLDER.format('images')}; "
-                                     "indexing needs the shapes of category 'images'")
+            raise FailedPrecondition(
+                f"dataset {self.name!r} has no {fmt.LOC_SHAPE_PLACEHOLDER.format('images')}; "
+                "indexing needs the shapes of category 'images'"
+            )
         return self.image_shapes
 
     def require_geometry(self, subject_index: int) -> SubjectGeometry:
@@ -148,13 +157,15 @@ class Dataset:
         else:
             n_axes = len(expression) if isinstance(expression, tuple) else 1
             if n_axes > h.ndim:
-                raise OutOfRange(f"index expression {expression!r} has {n_axes} axes but {location} has {h.ndim} "
-                                 f"(shape {h.shape})")
+                raise OutOfRange(
+                    f"index expression {expression!r} has {n_axes} axes but {location} has {h.ndim} (shape {h.shape})"
+                )
             try:
                 data = h[expression]
             except IndexError as exc:  # h5py's message names the index and the valid range
-                raise OutOfRange(f"index expression {expression!r} does not fit {location} (shape {h.shape}): "
-                                 f"{exc}") from exc
+                raise OutOfRange(
+                    f"index expression {expression!r} does not fit {location} (shape {h.shape}): {exc}"
+                ) from exc
         if isinstance(data, np.ndarray) and data.dtype == object:
             data = data.tolist()
         return data

@@ -36,11 +36,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a server")
-    serve.add_argument("--dataset", "-d", action="append", type=_dataset_arg, default=[], metavar="NAME=PATH.h5",
-                       help="a dataset to serve under NAME (repeat for several)")
-    serve.add_argument("--phantom", action="store_true",
-                       help="also serve the built-in phantom dataset as 'phantom' (generated on first use in "
-                            "$PATCHWIRE_HOME or ~/.cache/patchwire)")
+    serve.add_argument(
+        "--dataset",
+        "-d",
+        action="append",
+        type=_dataset_arg,
+        default=[],
+        metavar="NAME=PATH.h5",
+        help="a dataset to serve under NAME (repeat for several)",
+    )
+    serve.add_argument(
+        "--phantom",
+        action="store_true",
+        help="also serve the built-in phantom dataset as 'phantom' (generated on first use in "
+        "$PATCHWIRE_HOME or ~/.cache/patchwire)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
     serve.add_argument("--workers", type=int, default=4, help="sample reading threads (default 4)")
@@ -73,8 +83,9 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"patchwire serve: dataset name given twice: {', '.join(duplicates)}", file=sys.stderr)
         return 2
     tune_malloc()
-    config = ServerConfig(datasets=dict(args.dataset), host=args.host, port=args.port, workers=args.workers,
-                          grace_seconds=args.grace)
+    config = ServerConfig(
+        datasets=dict(args.dataset), host=args.host, port=args.port, workers=args.workers, grace_seconds=args.grace
+    )
     server = PatchwireServer(config)
     try:
         await server.start()
@@ -95,8 +106,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     if args.command == "serve":
         import uvloop
 
@@ -105,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from patchwire.client._demo import run_demo
         except ImportError as exc:
-            print(f"patchwire demo needs the torch client: pip install 'patchwire[server,torch]' ({exc})",
-                  file=sys.stderr)
+            print(
+                f"patchwire demo needs the torch client: pip install 'patchwire[server,torch]' ({exc})", file=sys.stderr
+            )
             return 2
         return run_demo(args)
     return 2

@@ -26,17 +26,21 @@ class CompiledDatasource:
     def __init__(self, dataset: Dataset, spec: spec_pb2.DatasourceSpec) -> None:
         self.dataset = dataset
         self.indexing = compile_indexing(spec.indexing_strategy if spec.HasField("indexing_strategy") else None)
-        self.extractor: Extractor | None = (compile_extractor(spec.extractor, dataset, "spec.extractor")
-                                            if spec.HasField("extractor") else None)
-        self.transform: Transform | None = (compile_transform(spec.transform, "spec.transform")
-                                            if spec.HasField("transform") else None)
+        self.extractor: Extractor | None = (
+            compile_extractor(spec.extractor, dataset, "spec.extractor") if spec.HasField("extractor") else None
+        )
+        self.transform: Transform | None = (
+            compile_transform(spec.transform, "spec.transform") if spec.HasField("transform") else None
+        )
         subset: set[str] | None = None
         if spec.HasField("subject_subset"):
             subset = set(spec.subject_subset.values)
             unknown = sorted(subset - set(dataset.subjects))
             if unknown:
-                raise NotFound(f"spec.subject_subset: unknown subjects {', '.join(map(repr, unknown))} in dataset "
-                               f"{dataset.name!r} (subjects: {', '.join(dataset.subjects)})")
+                raise NotFound(
+                    f"spec.subject_subset: unknown subjects {', '.join(map(repr, unknown))} in dataset "
+                    f"{dataset.name!r} (subjects: {', '.join(dataset.subjects)})"
+                )
         shapes = dataset.require_image_shapes()
         self.subject_indices: list[int] = []
         self.starts: list[int] = []
@@ -57,8 +61,9 @@ class CompiledDatasource:
         """(subject index, index expression) of a sample; negative indices count from the end, as in pymia."""
         i = sample_index + self.length if sample_index < 0 else sample_index
         if not 0 <= i < self.length:
-            raise OutOfRange(f"{field}: sample index {sample_index} is out of range for a datasource of "
-                             f"{self.length} samples")
+            raise OutOfRange(
+                f"{field}: sample index {sample_index} is out of range for a datasource of {self.length} samples"
+            )
         pos = bisect.bisect_right(self.starts, i) - 1
         s = self.subject_indices[pos]
         return s, self.indexing.expression(self.dataset.require_image_shapes()[s], i - self.starts[pos])

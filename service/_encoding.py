@@ -64,10 +64,17 @@ def _value(value: Any, key: str, payloads: list[bytes]) -> values_pb2.Value:
     if isinstance(value, list):
         return values_pb2.Value(string_list=_nested_strings(value))
     if isinstance(value, ImagePropertiesValue):
-        return values_pb2.Value(image_properties=values_pb2.ImageProperties(
-            size=value.size, origin=value.origin, spacing=value.spacing, direction=value.direction,
-            dimensions=value.dimensions, number_of_components_per_pixel=value.number_of_components_per_pixel,
-            pixel_id=value.pixel_id))
+        return values_pb2.Value(
+            image_properties=values_pb2.ImageProperties(
+                size=value.size,
+                origin=value.origin,
+                spacing=value.spacing,
+                direction=value.direction,
+                dimensions=value.dimensions,
+                number_of_components_per_pixel=value.number_of_components_per_pixel,
+                pixel_id=value.pixel_id,
+            )
+        )
     if isinstance(value, IndexExpressionValue):
         return values_pb2.Value(index_expression=expression_to_proto(value.expression))
     raise InvalidArgument(f"entry {key!r}: a {type(value).__name__} cannot be sent as a sample value")
@@ -80,8 +87,7 @@ def _stackable(values: Sequence[Any]) -> bool:
     return all(isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values[1:])
 
 
-def encode_batch(samples: Sequence[dict[str, Any]], sample_indices: Sequence[int] = (),
-                 position: int = 0) -> Encoded:
+def encode_batch(samples: Sequence[dict[str, Any]], sample_indices: Sequence[int] = (), position: int = 0) -> Encoded:
     """Encodes samples: arrays equal in shape and dtype across the batch are stacked into one tensor per key."""
     batch = dataset_service_pb2.Batch(sample_indices=sample_indices, position=position)
     payloads: list[bytes] = []
@@ -91,8 +97,10 @@ def encode_batch(samples: Sequence[dict[str, Any]], sample_indices: Sequence[int
     for key in keys:
         values = [s.get(key) for s in samples]
         if any(v is None for v in values):
-            raise InvalidArgument(f"entry {key!r} is missing from some samples of the batch; "
-                                  "samples of one datasource must have the same entries")
+            raise InvalidArgument(
+                f"entry {key!r} is missing from some samples of the batch; "
+                "samples of one datasource must have the same entries"
+            )
         field = batch.fields.add(key=key)
         if _stackable(values):
             tensor, payload = codec.array_to_tensor(np.stack(values) if len(values) > 1 else values[0][None])

@@ -162,8 +162,13 @@ class _ImageProperties(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         g = reader.require_geometry(params.subject_index)
         extracted[KEY_PROPERTIES] = ImagePropertiesValue(
-            size=g.size, origin=g.origin, spacing=g.spacing, direction=g.direction,
-            dimensions=len(g.size), number_of_components_per_pixel=1, pixel_id=SITK_UINT8,
+            size=g.size,
+            origin=g.origin,
+            spacing=g.spacing,
+            direction=g.direction,
+            dimensions=len(g.size),
+            number_of_components_per_pixel=1,
+            pixel_id=SITK_UINT8,
         )
 
 
@@ -199,8 +204,10 @@ class _Pad(Extractor):
     def __init__(self, padding: list[tuple[int, int]], inner: Extractor) -> None:
         categories = inner.data_categories()
         if categories is None:
-            raise InvalidArgument("extractor.pad_data.extractor: must be a DataExtractor, SelectiveDataExtractor "
-                                  "or RandomDataExtractor (an extractor with categories)")
+            raise InvalidArgument(
+                "extractor.pad_data.extractor: must be a DataExtractor, SelectiveDataExtractor "
+                "or RandomDataExtractor (an extractor with categories)"
+            )
         self.padding = padding
         self.inner = inner
         self.categories = tuple(categories)
@@ -212,8 +219,10 @@ class _Pad(Extractor):
         expr = params.expression
         items = [slice(None)] * len(self.padding) if expr == WHOLE else list(expr)
         if len(items) != len(self.padding):
-            raise InvalidArgument(f"extractor.pad_data.padding: {len(self.padding)} axes given but the index "
-                                  f"expression {expr!r} has {len(items)}; give one padding per indexed axis")
+            raise InvalidArgument(
+                f"extractor.pad_data.padding: {len(self.padding)} axes given but the index "
+                f"expression {expr!r} has {len(items)}; give one padding per indexed axis"
+            )
         shape = reader.require_image_shapes()[params.subject_index]
         starts, stops = [], []
         for axis, (item, (before, after)) in enumerate(zip(items, self.padding, strict=True)):
@@ -230,7 +239,7 @@ class _Pad(Extractor):
         offsets = tuple(max(-s, 0) for s in starts)
         for cat in self.categories:
             data = extracted[cat]
-            full_shape = padded_shape + data.shape[len(padded_shape):]
+            full_shape = padded_shape + data.shape[len(padded_shape) :]
             if full_shape != data.shape:
                 out = np.zeros(full_shape, dtype=data.dtype)
                 out[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape, strict=False))] = data
@@ -249,8 +258,9 @@ def compile_extractor(msg: spec_pb2.Extractor, dataset: Dataset, field: str = "e
     sub = getattr(msg, kind)
     where = f"{field}.{kind}"
     if kind == "compose":
-        return _Compose([compile_extractor(e, dataset, f"{where}.extractors[{i}]")
-                         for i, e in enumerate(sub.extractors)])
+        return _Compose(
+            [compile_extractor(e, dataset, f"{where}.extractors[{i}]") for i, e in enumerate(sub.extractors)]
+        )
     if kind == "data":
         for cat in sub.categories:
             dataset.check_category(cat, f"{where}.categories")
@@ -262,8 +272,10 @@ def compile_extractor(msg: spec_pb2.Extractor, dataset: Dataset, field: str = "e
         selection = _selection(sub.selection, sub.HasField("selection"))
         for s in selection or ():
             if s not in names:
-                raise NotFound(f"{where}.selection: {s!r} is not an entry of category {sub.category!r} "
-                               f"(entries: {', '.join(names)})")
+                raise NotFound(
+                    f"{where}.selection: {s!r} is not an entry of category {sub.category!r} "
+                    f"(entries: {', '.join(names)})"
+                )
         if selection is not None and not selection:
             raise InvalidArgument(f"{where}.selection: select at least one entry (or none to select all)")
         return _Selective(sub.category, names, selection, sub.seed if kind == "random_data" else None)
@@ -291,8 +303,9 @@ def compile_extractor(msg: spec_pb2.Extractor, dataset: Dataset, field: str = "e
         padding = []
         for i, p in enumerate(sub.padding):
             if p.before < 0 or p.after < 0:
-                raise InvalidArgument(f"{where}.padding[{i}]: padding must not be negative, "
-                                      f"got ({p.before}, {p.after})")
+                raise InvalidArgument(
+                    f"{where}.padding[{i}]: padding must not be negative, got ({p.before}, {p.after})"
+                )
             padding.append((int(p.before), int(p.after)))
         if not sub.HasField("extractor"):
             raise InvalidArgument(f"{where}.extractor: the extractor whose data to pad is missing")

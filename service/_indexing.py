@@ -64,15 +64,19 @@ class _Slice(Indexing):
             raise InvalidArgument("indexing_strategy.slice.slice_axis: give at least one axis")
         for a in axes:
             if a < 0:
-                raise InvalidArgument(f"indexing_strategy.slice.slice_axis: axis {a} is negative; "
-                                      "pymia's SliceIndexing takes axes counted from 0")
+                raise InvalidArgument(
+                    f"indexing_strategy.slice.slice_axis: axis {a} is negative; "
+                    "pymia's SliceIndexing takes axes counted from 0"
+                )
         self.axes = tuple(int(a) for a in axes)
 
     def validate(self, shape: Sequence[int], where: str) -> None:
         for a in self.axes:
             if a >= len(shape):
-                raise InvalidArgument(f"indexing_strategy.slice.slice_axis: axis {a} does not exist in {where} "
-                                      f"with image shape {tuple(shape)} ({len(shape)} axes)")
+                raise InvalidArgument(
+                    f"indexing_strategy.slice.slice_axis: axis {a} does not exist in {where} "
+                    f"with image shape {tuple(shape)} ({len(shape)} axes)"
+                )
 
     def count(self, shape: Sequence[int]) -> int:
         return sum(int(shape[a]) for a in self.axes)
@@ -90,15 +94,18 @@ class _PatchWise(Indexing):
         if not patch_shape:
             raise InvalidArgument("indexing_strategy.patch_wise.patch_shape: give at least one dimension")
         if any(p <= 0 for p in patch_shape):
-            raise InvalidArgument(f"indexing_strategy.patch_wise.patch_shape: sizes must be positive, "
-                                  f"got {tuple(patch_shape)}")
+            raise InvalidArgument(
+                f"indexing_strategy.patch_wise.patch_shape: sizes must be positive, got {tuple(patch_shape)}"
+            )
         self.patch_shape = tuple(int(p) for p in patch_shape)
         self.ignore_incomplete = ignore_incomplete
 
     def validate(self, shape: Sequence[int], where: str) -> None:
         if len(self.patch_shape) > len(shape):
-            raise InvalidArgument(f"indexing_strategy.patch_wise.patch_shape: {len(self.patch_shape)} dimensions "
-                                  f"but {where} has image shape {tuple(shape)}")
+            raise InvalidArgument(
+                f"indexing_strategy.patch_wise.patch_shape: {len(self.patch_shape)} dimensions "
+                f"but {where} has image shape {tuple(shape)}"
+            )
 
     def _grid(self, shape: Sequence[int]) -> tuple[int, ...]:
         rounding = math.floor if self.ignore_incomplete else math.ceil
@@ -115,14 +122,17 @@ class _PatchWise(Indexing):
 class _VoxelWise(Indexing):
     def __init__(self, image_dimension: int) -> None:
         if image_dimension <= 0:
-            raise InvalidArgument(f"indexing_strategy.voxel_wise.image_dimension: must be positive, "
-                                  f"got {image_dimension}")
+            raise InvalidArgument(
+                f"indexing_strategy.voxel_wise.image_dimension: must be positive, got {image_dimension}"
+            )
         self.image_dimension = int(image_dimension)
 
     def validate(self, shape: Sequence[int], where: str) -> None:
         if self.image_dimension > len(shape):
-            raise InvalidArgument(f"indexing_strategy.voxel_wise.image_dimension: {self.image_dimension} exceeds "
-                                  f"the {len(shape)} axes of {where} (image shape {tuple(shape)})")
+            raise InvalidArgument(
+                f"indexing_strategy.voxel_wise.image_dimension: {self.image_dimension} exceeds "
+                f"the {len(shape)} axes of {where} (image shape {tuple(shape)})"
+            )
 
     def count(self, shape: Sequence[int]) -> int:
         return math.prod(int(d) for d in shape[: self.image_dimension])

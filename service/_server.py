@@ -60,10 +60,12 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
     @translate_errors
     async def ListDatasets(self, request: Any, context: Any) -> dataset_service_pb2.ListDatasetsResponse:
-        return dataset_service_pb2.ListDatasetsResponse(datasets=[
-            dataset_service_pb2.DatasetSummary(name=name, subject_count=len(ds.subjects), categories=ds.categories)
-            for name, ds in self._datasets.items()
-        ])
+        return dataset_service_pb2.ListDatasetsResponse(
+            datasets=[
+                dataset_service_pb2.DatasetSummary(name=name, subject_count=len(ds.subjects), categories=ds.categories)
+                for name, ds in self._datasets.items()
+            ]
+        )
 
     @translate_errors
     async def DescribeDataset(self, request: Any, context: Any) -> dataset_service_pb2.DescribeDatasetResponse:
@@ -73,10 +75,13 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     @translate_errors
     async def OpenDatasource(self, request: Any, context: Any) -> dataset_service_pb2.OpenDatasourceResponse:
         src = await self._run(self._cache.get, request.spec)
-        return dataset_service_pb2.OpenDatasourceResponse(length=src.length, subjects=[
-            dataset_service_pb2.SubjectSamples(subject_index=s, first_sample_index=start, sample_count=count)
-            for s, start, count in zip(src.subject_indices, src.starts, src.counts, strict=True)
-        ])
+        return dataset_service_pb2.OpenDatasourceResponse(
+            length=src.length,
+            subjects=[
+                dataset_service_pb2.SubjectSamples(subject_index=s, first_sample_index=start, sample_count=count)
+                for s, start, count in zip(src.subject_indices, src.starts, src.counts, strict=True)
+            ],
+        )
 
     @translate_errors
     async def GetSamples(self, request: Any, context: Any) -> AsyncIterator[dataset_service_pb2.GetSamplesResponse]:
@@ -108,21 +113,26 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         src = await self._run(self._cache.get, request.spec)
         if src.extractor is None:
             raise InvalidArgument("spec.extractor: streaming samples needs an extractor")
-        order = src.order(request.shuffle, request.seed, request.epoch)[request.shard_index::shard_count]
+        order = src.order(request.shuffle, request.seed, request.epoch)[request.shard_index :: shard_count]
         if request.drop_last:
             order = order[: len(order) - len(order) % request.batch_size]
-        order = order[request.start_position:]
-        async for message in self._stream(src, order.tolist(), request.batch_size,
-                                          dataset_service_pb2.StreamBatchesResponse,
-                                          first_position=request.start_position):
+        order = order[request.start_position :]
+        async for message in self._stream(
+            src,
+            order.tolist(),
+            request.batch_size,
+            dataset_service_pb2.StreamBatchesResponse,
+            first_position=request.start_position,
+        ):
             yield message
 
-    async def _stream(self, src: CompiledDatasource, indices: list[int], batch_size: int, response_type: Any,
-                      first_position: int = 0) -> AsyncIterator[Any]:
+    async def _stream(
+        self, src: CompiledDatasource, indices: list[int], batch_size: int, response_type: Any, first_position: int = 0
+    ) -> AsyncIterator[Any]:
         """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead."""
 
         def build(start: int, count: int) -> Encoded:
-            chunk = indices[start:start + count]
+            chunk = indices[start : start + count]
             return encode_batch([src.sample(i) for i in chunk], chunk, first_position + start)
 
         start, per_message = 0, batch_size  # the first message holds one batch: a short time to first batch
@@ -157,9 +167,17 @@ def _describe(ds: Dataset) -> dataset_service_pb2.DescribeDatasetResponse:
                 info.dtype = codec.dtype_to_proto(dtype)  # type: ignore[assignment]
         if ds.geometry is not None:
             g = ds.geometry[s]
-            subject.image_properties.CopyFrom(values_pb2.ImageProperties(
-                size=g.size, origin=g.origin, spacing=g.spacing, direction=g.direction, dimensions=len(g.size),
-                number_of_components_per_pixel=1, pixel_id=1))
+            subject.image_properties.CopyFrom(
+                values_pb2.ImageProperties(
+                    size=g.size,
+                    origin=g.origin,
+                    spacing=g.spacing,
+                    direction=g.direction,
+                    dimensions=len(g.size),
+                    number_of_components_per_pixel=1,
+                    pixel_id=1,
+                )
+            )
     return out
 
 
@@ -182,7 +200,8 @@ class PatchwireServer:
             self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
             server = grpc.aio.server(options=list(cfg.options))
             dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(
-                DatasetServicer(self._datasets, self._executor), server)
+                DatasetServicer(self._datasets, self._executor), server
+            )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
             self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")

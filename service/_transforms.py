@@ -128,8 +128,9 @@ def _size_correction(shape: list[int | None], pad_value: Any, entries: Sequence[
     return apply
 
 
-def _mask(mask_key: str, mask_value: Any, masking_value: Any, loop_axis: int | None,
-          entries: Sequence[str]) -> Transform:
+def _mask(
+    mask_key: str, mask_value: Any, masking_value: Any, loop_axis: int | None, entries: Sequence[str]
+) -> Transform:
     def apply(sample: Sample) -> Sample:
         if mask_key not in sample:
             raise ValueError(f'Mask: mask entry "{mask_key}" was not extracted')
@@ -142,8 +143,10 @@ def _mask(mask_key: str, mask_value: Any, masking_value: Any, loop_axis: int | N
                 arr[mask == mask_value] = masking_value
             else:
                 if loop_axis is None:
-                    raise ValueError(f"Mask: mask shape {mask.shape} differs from {entry!r} shape {arr.shape}; "
-                                     "set loop_axis to repeat the mask along that axis")
+                    raise ValueError(
+                        f"Mask: mask shape {mask.shape} differs from {entry!r} shape {arr.shape}; "
+                        "set loop_axis to repeat the mask along that axis"
+                    )
                 repeated = np.repeat(np.expand_dims(mask, loop_axis), arr.shape[loop_axis], axis=loop_axis)
                 arr[repeated == mask_value] = masking_value
             sample[entry] = arr
@@ -214,9 +217,13 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform") -> Tran
                 raise InvalidArgument(f"{where}.{name}: percentiles must lie in [0, 100], got {p}")
         t = _entry_transform(_clip(upper, lower), entries, _loop_axis(sub))
     elif kind == "relabel":
-        changes = [(_scalar(c.new_label, f"{where}.label_changes[{i}].new_label"),
-                    _scalar(c.old_label, f"{where}.label_changes[{i}].old_label"))
-                   for i, c in enumerate(sub.label_changes)]
+        changes = [
+            (
+                _scalar(c.new_label, f"{where}.label_changes[{i}].new_label"),
+                _scalar(c.old_label, f"{where}.label_changes[{i}].old_label"),
+            )
+            for i, c in enumerate(sub.label_changes)
+        ]
         t = _entry_transform(_relabel(changes), entries)
     elif kind == "size_correction":
         shape = [int(d.size) if d.HasField("size") else None for d in sub.shape]
@@ -226,8 +233,13 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform") -> Tran
     elif kind == "mask":
         if not sub.mask_key:
             raise InvalidArgument(f"{where}.mask_key: name the sample entry that holds the mask")
-        t = _mask(sub.mask_key, _scalar(sub.mask_value, f"{where}.mask_value", default=0),
-                  _scalar(sub.masking_value, f"{where}.masking_value", default=0.0), _loop_axis(sub), entries)
+        t = _mask(
+            sub.mask_key,
+            _scalar(sub.mask_value, f"{where}.mask_value", default=0),
+            _scalar(sub.masking_value, f"{where}.masking_value", default=0.0),
+            _loop_axis(sub),
+            entries,
+        )
     else:
         raise InvalidArgument(f"{field}: unknown transform {kind!r}")
     return _labelled(f"{where} (entries {', '.join(entries) or '-'})", t)

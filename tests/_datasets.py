@@ -32,8 +32,13 @@ def _images(rng: np.random.Generator, shape: tuple[int, int, int], index: int) -
     return out
 
 
-def make_pymia_dataset(directory: Path, subjects: int = 3, shape: tuple[int, int, int] = (20, 24, 16),
-                       vary_shape: bool = False, seed: int = 42) -> Path:
+def make_pymia_dataset(
+    directory: Path,
+    subjects: int = 3,
+    shape: tuple[int, int, int] = (20, 24, 16),
+    vary_shape: bool = False,
+    seed: int = 42,
+) -> Path:
     """Writes ``directory/dataset.h5`` with categories images (T1, T2 float32), labels (GT uint8) and mask
     (MASK uint8); with ``vary_shape`` subject i has ``shape[0] + 2 * i`` slices along axis 0."""
     pymia = load_pymia()
@@ -48,11 +53,17 @@ def make_pymia_dataset(directory: Path, subjects: int = 3, shape: tuple[int, int
         for key, img in _images(rng, s, i).items():
             paths[key] = str(sdir / f"{name}_{key}.mha")
             sitk.WriteImage(img, paths[key])
-        subject_files.append(pymia.data.SubjectFile(
-            name, images={"T1": paths["T1"], "T2": paths["T2"]}, labels={"GT": paths["GT"]},
-            mask={"MASK": paths["MASK"]}))
+        subject_files.append(
+            pymia.data.SubjectFile(
+                name,
+                images={"T1": paths["T1"], "T2": paths["T2"]},
+                labels={"GT": paths["GT"]},
+                mask={"MASK": paths["MASK"]},
+            )
+        )
     out = directory / "dataset.h5"
     with pymia.creation.get_writer(str(out)) as writer:
-        pymia.creation.Traverser().traverse(subject_files, load=pymia.creation.LoadDefault(),
-                                            callback=pymia.creation.get_default_callbacks(writer))
+        pymia.creation.Traverser().traverse(
+            subject_files, load=pymia.creation.LoadDefault(), callback=pymia.creation.get_default_callbacks(writer)
+        )
     return out

@@ -29,16 +29,21 @@ def remote_address(tiny_h5: Path, vary_h5: Path) -> Iterator[str]:
 
 def _datasource(address: str, dataset: str = "tiny") -> pw.RemoteDatasource:
     return pw.connect(address).datasource(
-        dataset, extr.SliceIndexing(), extr.ComposeExtractor([
-            extr.DataExtractor(categories=(defs.KEY_IMAGES, defs.KEY_LABELS)), extr.SubjectExtractor()]),
-        tfm.Permute(permutation=(2, 0, 1), entries=(defs.KEY_IMAGES,)))
+        dataset,
+        extr.SliceIndexing(),
+        extr.ComposeExtractor(
+            [extr.DataExtractor(categories=(defs.KEY_IMAGES, defs.KEY_LABELS)), extr.SubjectExtractor()]
+        ),
+        tfm.Permute(permutation=(2, 0, 1), entries=(defs.KEY_IMAGES,)),
+    )
 
 
 def test_dataloader_with_forked_workers_matches_direct_reads(remote_address: str) -> None:
     ds = _datasource(remote_address)
     expected = {i: ds[i] for i in range(len(ds))}  # the parent uses its channel before the workers fork
-    loader = torch_data.DataLoader(PytorchDatasetAdapter(ds), batch_size=4, shuffle=True, num_workers=2,
-                                   generator=torch.Generator().manual_seed(3))
+    loader = torch_data.DataLoader(
+        PytorchDatasetAdapter(ds), batch_size=4, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(3)
+    )
     seen: list[int] = []
     for batch in loader:
         assert batch[defs.KEY_IMAGES].shape[1:] == (2, 24, 16) and batch[defs.KEY_IMAGES].dtype == torch.float32
@@ -86,9 +91,16 @@ def test_tf_dataset_signature_and_values(remote_address: str) -> None:
     from patchwire.client.tensorflow import get_tf_dataset, infer_output_signature
 
     ds = pw.connect(remote_address).datasource(
-        "vary", extr.SliceIndexing((0, 2)), extr.ComposeExtractor([
-            extr.DataExtractor(categories=(defs.KEY_IMAGES,)), extr.SubjectExtractor(),
-            extr.ImagePropertiesExtractor()]))
+        "vary",
+        extr.SliceIndexing((0, 2)),
+        extr.ComposeExtractor(
+            [
+                extr.DataExtractor(categories=(defs.KEY_IMAGES,)),
+                extr.SubjectExtractor(),
+                extr.ImagePropertiesExtractor(),
+            ]
+        ),
+    )
     signature = infer_output_signature(ds)
     # axis-0 slices are 24x16x2, axis-2 slices (20+2i)x24x2: both spatial dims vary; image properties are left out
     assert signature[defs.KEY_IMAGES] == tf.TensorSpec(shape=[None, None, 2], dtype=tf.float32)
@@ -102,7 +114,11 @@ def test_tf_dataset_signature_and_values(remote_address: str) -> None:
         assert np.array_equal(sample[defs.KEY_IMAGES].numpy(), ds[i][defs.KEY_IMAGES])
         count += 1
     assert count == 70
-    batched = get_tf_dataset(pw.connect(remote_address).datasource(
-        "tiny", extr.SliceIndexing(), extr.DataExtractor(categories=(defs.KEY_IMAGES,))), batch_size=16)
+    batched = get_tf_dataset(
+        pw.connect(remote_address).datasource(
+            "tiny", extr.SliceIndexing(), extr.DataExtractor(categories=(defs.KEY_IMAGES,))
+        ),
+        batch_size=16,
+    )
     shapes = [tuple(b[defs.KEY_IMAGES].shape) for b in batched]
     assert shapes == [(16, 24, 16, 2)] * 3 + [(12, 24, 16, 2)]

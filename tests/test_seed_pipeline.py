@@ -47,33 +47,44 @@ def _run(dataset, adapter, assembler, direct_extractor) -> tuple[list, dict]:
             for subject_index in assembler.subjects_ready:
                 subject_prediction = assembler.get_assembled_subject(subject_index)
                 direct_sample = dataset.direct_extract(direct_extractor, subject_index)
-                assembled[subject_index] = (subject_prediction, direct_sample[defs.KEY_LABELS],
-                                            direct_sample[defs.KEY_PROPERTIES])
+                assembled[subject_index] = (
+                    subject_prediction,
+                    direct_sample[defs.KEY_LABELS],
+                    direct_sample[defs.KEY_PROPERTIES],
+                )
     return batches, assembled
 
 
 def test_seed_example_remote_equals_local(client: pw.Client, tiny_h5: Path) -> None:
     pymia = load_pymia()
     local = pymia.extraction.PymiaDatasource(
-        str(tiny_h5), pymia.extraction.SliceIndexing(),
+        str(tiny_h5),
+        pymia.extraction.SliceIndexing(),
         pymia.extraction.DataExtractor(categories=(pymia.definition.KEY_IMAGES,)),
-        pymia.transformation.Permute(permutation=(2, 0, 1), entries=(pymia.definition.KEY_IMAGES,)))
+        pymia.transformation.Permute(permutation=(2, 0, 1), entries=(pymia.definition.KEY_IMAGES,)),
+    )
     import pymia.data.backends.pytorch as pymia_torch  # after load_pymia(): needs its numpy shim
 
     local_batches, local_assembled = _run(
-        local, pymia_torch.PytorchDatasetAdapter(local), pymia.assembler.SubjectAssembler(local),
-        pymia.extraction.ComposeExtractor([pymia.extraction.ImagePropertiesExtractor(),
-                                           pymia.extraction.DataExtractor(categories=(defs.KEY_LABELS,))]))
+        local,
+        pymia_torch.PytorchDatasetAdapter(local),
+        pymia.assembler.SubjectAssembler(local),
+        pymia.extraction.ComposeExtractor(
+            [pymia.extraction.ImagePropertiesExtractor(), pymia.extraction.DataExtractor(categories=(defs.KEY_LABELS,))]
+        ),
+    )
 
     # the seed example with only the construction of the data source changed
     extractor = extr.DataExtractor(categories=(defs.KEY_IMAGES,))
     transform = tfm.Permute(permutation=(2, 0, 1), entries=(defs.KEY_IMAGES,))
     dataset = client.datasource("tiny", extr.SliceIndexing(), extractor, transform)
-    direct_extractor = extr.ComposeExtractor([extr.ImagePropertiesExtractor(),
-                                              extr.DataExtractor(categories=(defs.KEY_LABELS,))])
+    direct_extractor = extr.ComposeExtractor(
+        [extr.ImagePropertiesExtractor(), extr.DataExtractor(categories=(defs.KEY_LABELS,))]
+    )
     # assembly on the server is the assembly service's; here pymia's assembler checks what the remote run produced
-    remote_batches, remote_assembled = _run(dataset, PytorchDatasetAdapter(dataset),
-                                            pymia.assembler.SubjectAssembler(local), direct_extractor)
+    remote_batches, remote_assembled = _run(
+        dataset, PytorchDatasetAdapter(dataset), pymia.assembler.SubjectAssembler(local), direct_extractor
+    )
 
     assert len(remote_batches) == len(local_batches) == 30
     for (rx, ri, rp), (lx, li, lp) in zip(remote_batches, local_batches, strict=True):
@@ -85,7 +96,11 @@ def test_seed_example_remote_equals_local(client: pw.Client, tiny_h5: Path) -> N
         assert pred.shape == lpred.shape == (20, 24, 16, 1) and np.array_equal(pred, lpred)
         assert labels.dtype == llabels.dtype and np.array_equal(labels, llabels)
         assert (props.size, props.origin, props.spacing, props.direction) == (
-            lprops.size, lprops.origin, lprops.spacing, lprops.direction)
+            lprops.size,
+            lprops.origin,
+            lprops.spacing,
+            lprops.direction,
+        )
 
 
 def test_seed_example_tensorflow_variant(client: pw.Client) -> None:
@@ -95,11 +110,16 @@ def test_seed_example_tensorflow_variant(client: pw.Client) -> None:
     dataset = client.datasource("tiny", extr.SliceIndexing(), extr.DataExtractor(categories=(defs.KEY_IMAGES,)))
     gen_fn = get_tf_generator(dataset)
     tf_dataset = tf.data.Dataset.from_generator(
-        generator=gen_fn, output_types={defs.KEY_IMAGES: tf.float32, defs.KEY_SAMPLE_INDEX: tf.int64})
+        generator=gen_fn, output_types={defs.KEY_IMAGES: tf.float32, defs.KEY_SAMPLE_INDEX: tf.int64}
+    )
     loader = tf_dataset.batch(2)
     tf.keras.utils.set_random_seed(0)
-    network = tf.keras.Sequential([tf.keras.layers.Conv2D(8, kernel_size=3, padding="same"),
-                                   tf.keras.layers.Conv2D(2, kernel_size=3, padding="same", activation="sigmoid")])
+    network = tf.keras.Sequential(
+        [
+            tf.keras.layers.Conv2D(8, kernel_size=3, padding="same"),
+            tf.keras.layers.Conv2D(2, kernel_size=3, padding="same", activation="sigmoid"),
+        ]
+    )
     seen = []
     for batch in loader:
         prediction = network(batch[defs.KEY_IMAGES]).numpy()
@@ -111,10 +131,19 @@ def test_seed_example_tensorflow_variant(client: pw.Client) -> None:
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`patchwire demo`: starts its own server on the phantom dataset (generated on first use) and predicts it."""
-    env = {"PATCHWIRE_HOME": str(tmp_path), "PATH": "", "PYTHONWARNINGS": "ignore::DeprecationWarning",
-           "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "patchwire.service", "demo", "--no-progress"], env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = {
+        "PATCHWIRE_HOME": str(tmp_path),
+        "PATH": "",
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+        "HOME": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "patchwire.service", "demo", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     for s in range(1, 5):

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up .venv (scripts/setup.sh) and runs every check: generated stubs up to date, buf lint, ruff, tests.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k parity
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+echo "== generated stubs"
+PYTHON=.venv/bin/python scripts/gen_protos.sh --check
+echo "== buf lint"
+(cd protos && ../.tools/node_modules/.bin/buf lint)
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== pytest"
+.venv/bin/python -m pytest "$@"
