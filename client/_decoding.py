@@ -67,7 +67,8 @@ def _strings(msg: tensor_pb2.StringArray) -> list[Any]:
     values = list(msg.values)
     if not msg.shape:
         return values
-    return np.array(values, dtype=object).reshape(tuple(msg.shape)).tolist()  # type: ignore[no-any-return]
+    nested: list[Any] = np.array(values, dtype=object).reshape(tuple(msg.shape)).tolist()
+    return nested
 
 
 def decode_value(value: values_pb2.Value, payloads: Iterator[bytearray]) -> Any:

@@ -82,8 +82,9 @@ def run_seed_pipeline(
     ).eval()
 
     subject_of = np.empty(len(datasource), dtype=np.int64)
-    for s in datasource.subjects:
-        subject_of[s.first_sample_index : s.first_sample_index + s.sample_count] = s.subject_index
+    for subject in datasource.subjects:
+        first = subject.first_sample_index
+        subject_of[first : first + subject.sample_count] = subject.subject_index
     summary = DemoSummary()
     sums: dict[int, float] = {}
     above: dict[int, float] = {}

@@ -45,6 +45,19 @@ class ImageProperties:
             image.GetPixelID(),
         )
 
+    @classmethod
+    def _from_proto(cls, p: Any) -> ImageProperties:
+        """From a ``patchwire.v1.ImageProperties`` message."""
+        return cls(
+            tuple(p.size),
+            tuple(p.origin),
+            tuple(p.spacing),
+            tuple(p.direction),
+            p.dimensions,
+            p.number_of_components_per_pixel,
+            p.pixel_id,
+        )
+
     def is_two_dimensional(self) -> bool:
         return self.dimensions == 2
 

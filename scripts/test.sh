@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up .venv (scripts/setup.sh) and runs every check: generated stubs up to date, buf lint, ruff, tests.
+# Sets up .venv (scripts/setup.sh) and runs every check: generated stubs up to date, buf lint, ruff, mypy, tests.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k parity
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,5 +12,7 @@ echo "== buf lint"
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+echo "== mypy"
+scripts/typecheck.sh
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

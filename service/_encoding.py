@@ -103,7 +103,8 @@ def encode_batch(samples: Sequence[dict[str, Any]], sample_indices: Sequence[int
             )
         field = batch.fields.add(key=key)
         if _stackable(values):
-            tensor, payload = codec.array_to_tensor(np.stack(values) if len(values) > 1 else values[0][None])
+            arrays: list[np.ndarray] = values  # type: ignore[assignment]
+            tensor, payload = codec.array_to_tensor(np.stack(arrays) if len(arrays) > 1 else arrays[0][None])
             field.stacked.CopyFrom(tensor)
             if payload is not None:
                 payloads.append(payload)

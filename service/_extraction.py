@@ -136,7 +136,7 @@ class _Selective(Extractor):
             if self.selection is None:
                 extracted[self.category] = to_str(data)
                 return
-            chosen = self.indices
+            chosen: Any = self.indices
             extracted[f"{self.category}_names_selected"] = list(self.selection)
         else:
             rng = np.random.RandomState(derive_seed(self.seed, params.sample_index))

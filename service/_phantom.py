@@ -100,7 +100,7 @@ def make_phantom_dataset(
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be 3 positive numpy sizes (z, y, x), got {shape}")
     start = time.perf_counter()
-    write_pymia_dataset(path, _PhantomSubjects(subjects, tuple(shape), seed))
+    write_pymia_dataset(path, _PhantomSubjects(subjects, (shape[0], shape[1], shape[2]), seed))
     logger.info(
         "wrote phantom dataset %s (%d subjects, shape %s, seed %d) in %.2f s",
         path,
@@ -163,10 +163,10 @@ def _tissue_map(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.nda
     def jitter(scale: float, size: int = 3) -> np.ndarray:
         return (1.0 + scale * rng.uniform(-1.0, 1.0, size)).astype(np.float32)
 
-    centre = rng.uniform(-0.02, 0.02, 3).astype(np.float32) + np.float32([0.02, 0.0, 0.0])
+    centre = rng.uniform(-0.02, 0.02, 3).astype(np.float32) + np.array([0.02, 0.0, 0.0], dtype=np.float32)
     cz, cy, cx = (float(c) for c in centre)
-    head_radii = np.float32([0.86, 0.86, 0.86]) * jitter(0.03)
-    brain_radii = head_radii * np.float32([0.86, 0.88, 0.85])
+    head_radii = np.array([0.86, 0.86, 0.86], dtype=np.float32) * jitter(0.03)
+    brain_radii = head_radii * np.array([0.86, 0.88, 0.85], dtype=np.float32)
     zc, yc, xc = z - np.float32(cz), y - np.float32(cy), x - np.float32(cx)
 
     tissue = np.zeros(shape, dtype=np.uint8)

@@ -164,7 +164,7 @@ def _describe(ds: Dataset) -> dataset_service_pb2.DescribeDatasetResponse:
         for cat, shape, dtype, is_string in ds.array_info(s):
             info = subject.arrays.add(category=cat, shape=shape, is_string=is_string)
             if not is_string:
-                info.dtype = codec.dtype_to_proto(dtype)  # type: ignore[assignment]
+                info.dtype = codec.dtype_to_proto(dtype)
         if ds.geometry is not None:
             g = ds.geometry[s]
             subject.image_properties.CopyFrom(

@@ -39,7 +39,7 @@ TARGET_MESSAGE_BYTES = 1 << 20
 #: (many small per-sample values) and for clients posting bigger messages than ours.
 MAX_MESSAGE_BYTES = 64 << 20
 
-_NUMPY_TO_PROTO: dict[np.dtype[Any], int] = {
+_NUMPY_TO_PROTO: dict[np.dtype[Any], tensor_pb2.DataType.ValueType] = {
     np.dtype(np.bool_): DataType.DATA_TYPE_BOOL,
     np.dtype(np.uint8): DataType.DATA_TYPE_UINT8,
     np.dtype(np.int8): DataType.DATA_TYPE_INT8,
@@ -56,7 +56,7 @@ _NUMPY_TO_PROTO: dict[np.dtype[Any], int] = {
 _PROTO_TO_NUMPY = {v: k for k, v in _NUMPY_TO_PROTO.items()}
 
 
-def dtype_to_proto(dtype: np.dtype[Any]) -> int:
+def dtype_to_proto(dtype: np.dtype[Any]) -> tensor_pb2.DataType.ValueType:
     """The wire DataType of a numpy dtype (byte order is normalised to little-endian)."""
     dt = np.dtype(dtype)
     if dt.byteorder == ">":
@@ -70,7 +70,7 @@ def dtype_to_proto(dtype: np.dtype[Any]) -> int:
 def dtype_from_proto(dtype: int) -> np.dtype[Any]:
     """The numpy dtype of a wire DataType."""
     try:
-        return _PROTO_TO_NUMPY[dtype]
+        return _PROTO_TO_NUMPY[tensor_pb2.DataType.ValueType(dtype)]
     except KeyError:
         raise ValueError(f"unknown or unspecified tensor dtype {dtype}") from None
 
@@ -82,7 +82,7 @@ def array_to_tensor(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> tuple[
     if dt.byteorder == ">" or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=dt.newbyteorder("<"))
     payload = array.tobytes()
-    tensor = tensor_pb2.Tensor(dtype=wire_dtype, shape=array.shape)  # type: ignore[arg-type]
+    tensor = tensor_pb2.Tensor(dtype=wire_dtype, shape=array.shape)
     if len(payload) > chunk_bytes:
         tensor.chunked_nbytes = len(payload)
         return tensor, payload

@@ -1,0 +1,99 @@
+"""The wire: big samples travel in chunks of at most 1 MiB, small samples are grouped into messages of whole
+batches near 1 MiB, and the decoded values equal the file's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import h5py
+import numpy as np
+import pytest
+from _servers import server_in_thread
+
+import patchwire.client as pw
+from patchwire.client import definition as defs
+from patchwire.client import extraction as extr
+from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
+from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
+
+SHAPE = (40, 96, 80)  # one subject's images: 40*96*80*2*4 bytes = 2.4 MiB
+N_PATCHES = 20 * 12 * 10  # patches of 2 x 8 x 8 per subject
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    rng = np.random.default_rng(11)
+    subjects = [
+        SubjectRecord(
+            name=f"S{i}",
+            categories={
+                "images": {k: rng.normal(size=SHAPE).astype(np.float32) for k in ("T1", "T2")},
+                "labels": {"GT": rng.integers(0, 6, SHAPE, dtype=np.uint8)},
+            },
+            geometry=ImageGeometry(SHAPE[::-1], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+        )
+        for i in range(2)
+    ]
+    path = tmp_path_factory.mktemp("big") / "big.h5"
+    write_pymia_dataset(path, subjects)
+    with server_in_thread({"big": path}) as server:
+        yield server.address, path
+
+
+def _raw_stream(address: str, spec: spec_pb2.DatasourceSpec, batch_size: int) -> list:
+    with grpc.insecure_channel(address, options=codec.channel_options()) as channel:
+        stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        return list(stub.StreamBatches(dataset_service_pb2.StreamBatchesRequest(spec=spec, batch_size=batch_size)))
+
+
+def test_whole_volumes_are_chunked(big: tuple[str, Path]) -> None:
+    address, path = big
+    spec = spec_pb2.DatasourceSpec(dataset="big", extractor=extr.DataExtractor()._to_proto())
+    responses = _raw_stream(address, spec, 1)
+    assert max(r.ByteSize() for r in responses) <= codec.CHUNK_BYTES + 64
+    kinds = [r.WhichOneof("payload") for r in responses]
+    nbytes = int(np.prod(SHAPE)) * 2 * 4
+    chunks_per_volume = -(-nbytes // codec.CHUNK_BYTES)
+    assert kinds == (["batch"] + ["chunk"] * chunks_per_volume) * 2
+    ds = pw.connect(address).datasource("big", extr.EmptyIndexing(), extr.DataExtractor())
+    with h5py.File(path, "r") as f:
+        for i in range(2):
+            sample = ds[i]
+            assert sample[defs.KEY_IMAGES].shape == (*SHAPE, 2)
+            assert np.array_equal(sample[defs.KEY_IMAGES], f[f"data/images/{i}"][()])
+        whole = ds.direct_extract(extr.DataExtractor(categories=("images", "labels")), 1)
+        assert np.array_equal(whole["labels"], f["data/labels/1"][()])
+
+
+def test_small_samples_are_grouped_into_batches_near_one_mib(big: tuple[str, Path]) -> None:
+    address, path = big
+    spec = spec_pb2.DatasourceSpec(
+        dataset="big",
+        indexing_strategy=extr.PatchWiseIndexing((2, 8, 8))._to_proto(),
+        extractor=extr.DataExtractor(categories=("images", "labels"))._to_proto(),
+        subject_subset=spec_pb2.StringList(values=["S1"]),
+    )
+    responses = _raw_stream(address, spec, 16)
+    batches = [r.batch for r in responses if r.WhichOneof("payload") == "batch"]
+    counts = [len(b.sample_indices) for b in batches]
+    assert counts[0] == 16  # the first message holds one batch: a short time to first batch
+    assert all(c % 16 == 0 for c in counts[:-1]) and max(counts) >= 512
+    assert all(b.ByteSize() >= codec.TARGET_MESSAGE_BYTES // 2 for b in batches[1:-1])
+    assert sum(counts) == N_PATCHES
+    assert max(r.ByteSize() for r in responses) <= 2 * codec.TARGET_MESSAGE_BYTES
+    ds = pw.connect(address).datasource(
+        "big", extr.PatchWiseIndexing((2, 8, 8)), extr.DataExtractor(), subject_subset=["S1"]
+    )
+    with h5py.File(path, "r") as f:
+        full = f["data/images/1"][()]
+    # patch k of S1 (whose samples follow S0's) is grid cell k of a 20 x 12 x 10 grid, C order
+    cells = full.reshape(20, 2, 12, 8, 10, 8, 2).transpose(0, 2, 4, 1, 3, 5, 6).reshape(N_PATCHES, 2, 8, 8, 2)
+    seen = 0
+    for batch in ds.batches(batch_size=16):
+        assert batch[defs.KEY_IMAGES].shape[1:] == (2, 8, 8, 2) and len(batch[defs.KEY_IMAGES]) <= 16
+        idx = batch[defs.KEY_SAMPLE_INDEX] - N_PATCHES
+        assert np.array_equal(batch[defs.KEY_IMAGES], cells[idx])
+        seen += len(idx)
+    assert seen == N_PATCHES
