@@ -12,6 +12,7 @@
 Framework adapters live in :mod:`patchwire.client.torch` and :mod:`patchwire.client.tensorflow`.
 """
 
+from patchwire.client._assembler import AssemblyEvent, JobStatus, RemoteSubjectAssembler, SubjectProgress
 from patchwire.client._client import ArrayInfo, Client, DatasetInfo, SubjectInfo, connect
 from patchwire.client._datasource import RemoteDatasource, SubjectSamples
 from patchwire.client._errors import (
@@ -26,17 +27,21 @@ from patchwire.client._errors import (
 
 __all__ = [
     "ArrayInfo",
+    "AssemblyEvent",
     "Client",
     "ConnectionFailed",
     "DatasetInfo",
     "InvalidArgumentError",
+    "JobStatus",
     "NotFoundError",
     "OutOfRangeError",
     "PatchwireError",
     "RemoteDatasource",
+    "RemoteSubjectAssembler",
     "RpcError",
     "ServerError",
     "SubjectInfo",
+    "SubjectProgress",
     "SubjectSamples",
     "connect",
 ]

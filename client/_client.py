@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from patchwire.client._assembler import JobStatus, RemoteSubjectAssembler, job_status
 from patchwire.client._connection import Connection
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client._errors import translate_rpc_errors
 from patchwire.client.conversion import ImageProperties
+from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import codec, dataset_service_pb2
 
 if TYPE_CHECKING:
@@ -103,6 +105,31 @@ class Client:
         return RemoteDatasource(
             Connection(self.address), dataset, indexing_strategy, extractor, transform, subject_subset
         )
+
+    def assembler(
+        self,
+        datasource: RemoteDatasource,
+        overlap: str = "overwrite",
+        dtype: Any = None,
+        job_id: str | None = None,
+        entries: Mapping[str, int] | None = None,
+    ) -> RemoteSubjectAssembler:
+        """pymia's ``SubjectAssembler(datasource)``, assembling on the server (see RemoteSubjectAssembler)."""
+        return RemoteSubjectAssembler(Connection(self.address), datasource, overlap, dtype, job_id, entries)
+
+    def jobs(self) -> list[JobStatus]:
+        """Every assembly job on the server."""
+        with translate_rpc_errors("listing assembly jobs"):
+            response = self._connection.assembly.ListJobs(apb.ListJobsRequest())
+        return [job_status(j) for j in response.jobs]
+
+    def job_status(self, job_id: str, max_missing: int = 16) -> JobStatus:
+        """Status of an assembly job, with per-subject progress."""
+        with translate_rpc_errors(f"reading the status of assembly job {job_id!r}"):
+            response = self._connection.assembly.GetJobStatus(
+                apb.GetJobStatusRequest(job_id=job_id, max_missing=max_missing)
+            )
+        return job_status(response.job, response.subjects)
 
     def close(self) -> None:
         self._connection.close()

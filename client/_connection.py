@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from patchwire.client._errors import ConnectionFailed
-from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
+from patchwire.v1 import assembly_service_pb2_grpc, codec, dataset_service_pb2, dataset_service_pb2_grpc
 
 __all__ = ["Connection"]
 
@@ -30,6 +30,7 @@ class Connection:
         self.address = address
         self._channel: grpc.Channel | None = None
         self._stub: dataset_service_pb2_grpc.DatasetServiceStub | None = None
+        self._assembly: assembly_service_pb2_grpc.AssemblyServiceStub | None = None
         self._pid = -1
         self._lock = threading.Lock()
         with _live_lock:
@@ -47,6 +48,12 @@ class Connection:
         assert self._stub is not None
         return self._stub
 
+    @property
+    def assembly(self) -> assembly_service_pb2_grpc.AssemblyServiceStub:
+        self._ensure()
+        assert self._assembly is not None
+        return self._assembly
+
     def _ensure(self) -> None:
         if self._channel is not None and self._pid == os.getpid():
             return
@@ -54,6 +61,7 @@ class Connection:
             if self._channel is None or self._pid != os.getpid():
                 self._channel = grpc.insecure_channel(self.address, options=codec.channel_options())
                 self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
+                self._assembly = assembly_service_pb2_grpc.AssemblyServiceStub(self._channel)
                 self._pid = os.getpid()
 
     def wait_ready(self, timeout: float) -> None:
@@ -74,13 +82,13 @@ class Connection:
     def close(self) -> None:
         """Closes the channel (idempotent); the next use opens a new one."""
         with self._lock:
-            channel, self._channel, self._stub = self._channel, None, None
+            channel, self._channel, self._stub, self._assembly = self._channel, None, None, None
         if channel is not None and self._pid == os.getpid():
             channel.close()
 
     def _forget(self) -> None:
         """In a forked child: drop the inherited channel without touching it."""
-        self._channel, self._stub, self._pid = None, None, -1
+        self._channel, self._stub, self._assembly, self._pid = None, None, None, -1
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:

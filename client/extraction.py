@@ -10,8 +10,9 @@ A pymia user changes only how the datasource is built::
 
 from __future__ import annotations
 
+import operator
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from patchwire.client import definition as defs
@@ -86,22 +87,73 @@ class VoxelWiseIndexing(IndexingStrategy):
 
 
 class PatchWiseIndexing(IndexingStrategy):
-    """Non-overlapping patches of ``patch_shape``; ``ignore_incomplete=False`` keeps (smaller) border patches."""
+    """Patches of ``patch_shape`` over the first ``len(patch_shape)`` image axes, in C order over the grid.
 
-    def __init__(self, patch_shape: tuple[int, ...], ignore_incomplete: bool = True) -> None:
+    By default the patches are pymia's: non-overlapping, at multiples of the patch size; ``ignore_incomplete=False``
+    keeps the (smaller) border patches that do not fit entirely.
+
+    ``stride`` (an int for every axis, or one per patch axis, each 1..patch size) or ``overlap`` (a fraction in
+    [0, 1), or one per axis) makes a sliding window instead; give at most one of them. ``overlap`` becomes
+    ``stride = max(1, round(patch * (1 - overlap)))`` per axis, with Python's ``round`` (halves go to the even
+    integer: patch 10 with overlap 0.25 gives stride 8, patch 5 with overlap 0.5 gives stride 2). Along an axis of
+    size ``dim`` the starts are ``0, stride, 2 * stride, ...`` while ``start + patch <= dim``, plus a border patch
+    at ``dim - patch`` when the last one does not reach the end, so every voxel is covered by full-size patches
+    (as MONAI's and nnU-Net's sliding windows do). Note that an explicit ``stride`` equal to the patch size thus
+    differs from the default at the border. An axis shorter than its patch gets one patch at 0, clamped to the
+    image (smaller), which ``ignore_incomplete=True`` drops as pymia does. The server checks the stride values.
+    """
+
+    def __init__(
+        self,
+        patch_shape: tuple[int, ...],
+        ignore_incomplete: bool = True,
+        stride: int | Iterable[int] | None = None,
+        overlap: float | Iterable[float] | None = None,
+    ) -> None:
         self.patch_shape = tuple(patch_shape)
         self.image_dimension = len(self.patch_shape)
         self.ignore_incomplete = ignore_incomplete
+        if stride is not None and overlap is not None:
+            raise ValueError("PatchWiseIndexing: give stride or overlap, not both")
+        self.overlap: tuple[float, ...] | None = None
+        self.stride: tuple[int, ...] | None = None
+        if stride is not None:
+            # values are checked by the server, which names the bad field; a tuple of the wrong length travels as
+            # it is, except an empty one, which would mean "no stride" on the wire
+            if isinstance(stride, Iterable):
+                self.stride = tuple(operator.index(s) for s in stride)
+            else:
+                self.stride = (operator.index(stride),) * len(self.patch_shape)
+            if not self.stride:
+                raise ValueError("PatchWiseIndexing: stride is empty; give one stride per patch axis")
+        elif overlap is not None:
+            self.overlap = self._per_axis_overlap(overlap)
+            for o in self.overlap:
+                if not 0 <= o < 1:
+                    raise ValueError(f"PatchWiseIndexing: overlap must lie in [0, 1), got {self.overlap}")
+            self.stride = tuple(max(1, round(p * (1 - o))) for p, o in zip(self.patch_shape, self.overlap, strict=True))
+
+    def _per_axis_overlap(self, overlap: float | Iterable[float]) -> tuple[float, ...]:
+        if not isinstance(overlap, Iterable):
+            return (float(overlap),) * len(self.patch_shape)
+        values = tuple(float(o) for o in overlap)
+        if len(values) != len(self.patch_shape):
+            raise ValueError(
+                f"PatchWiseIndexing: overlap {values} has {len(values)} values for the "
+                f"{len(self.patch_shape)} axes of patch_shape {self.patch_shape}"
+            )
+        return values
 
     def _to_proto(self) -> spec_pb2.IndexingStrategy:
         return spec_pb2.IndexingStrategy(
             patch_wise=spec_pb2.PatchWiseIndexing(
-                patch_shape=self.patch_shape, ignore_incomplete=self.ignore_incomplete
+                patch_shape=self.patch_shape, ignore_incomplete=self.ignore_incomplete, stride=self.stride or ()
             )
         )
 
     def __repr__(self) -> str:
-        return f"PatchWiseIndexing (patch shape={self.patch_shape}, ignore incomplete={self.ignore_incomplete})"
+        text = f"PatchWiseIndexing (patch shape={self.patch_shape}, ignore incomplete={self.ignore_incomplete}"
+        return text + (")" if self.stride is None else f", stride={self.stride})")
 
 
 # -- extractors ------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
 # an absolute interpreter path: --check runs protoc from a temporary folder
 case "$py" in */*) py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py") ;; esac
+# the mypy-protobuf plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) live beside the interpreter
+PATH="$(dirname "$(command -v "$py")"):$PATH"
 out=protos/patchwire/v1
 if [ "${1:-}" = "--check" ]; then
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT

@@ -55,6 +55,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
     serve.add_argument("--workers", type=int, default=4, help="sample reading threads (default 4)")
     serve.add_argument("--grace", type=float, default=5.0, help="seconds running calls get on shutdown")
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="folder for assembly jobs (journals, partial volumes, results); restarting with the same "
+        "folder recovers every job. Default: a temporary folder, removed at exit",
+    )
+    serve.add_argument(
+        "--assembly-memory",
+        type=float,
+        default=1024,
+        metavar="MB",
+        help="most MB of partial volumes kept in memory; the rest stay on disk (default 1024)",
+    )
 
     demo = sub.add_parser("demo", help="run the seed pipeline against a server on a built-in phantom dataset")
     demo.add_argument("--address", help="use this running server (HOST:PORT) instead of starting one")
@@ -84,7 +98,13 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     tune_malloc()
     config = ServerConfig(
-        datasets=dict(args.dataset), host=args.host, port=args.port, workers=args.workers, grace_seconds=args.grace
+        datasets=dict(args.dataset),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        grace_seconds=args.grace,
+        state_dir=args.state_dir,
+        assembly_memory_bytes=int(args.assembly_memory * (1 << 20)),
     )
     server = PatchwireServer(config)
     try:

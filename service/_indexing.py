@@ -90,7 +90,21 @@ class _Slice(Indexing):
 
 
 class _PatchWise(Indexing):
-    def __init__(self, patch_shape: Sequence[int], ignore_incomplete: bool) -> None:
+    """pymia's patch grid, or a sliding-window grid when ``stride`` is given.
+
+    Without a stride the grid is pymia's: non-overlapping patches at multiples of the patch size, incomplete border
+    patches dropped (``ignore_incomplete``) or kept with their slices running past the end (h5py clamps them).
+
+    With a stride, the starts along an axis of size ``dim`` are ``0, s, 2s, ...`` while ``start + patch <= dim``,
+    plus a border patch at ``dim - patch`` when the last start does not reach the end, so every voxel is covered
+    by full-size patches (MONAI's and nnU-Net's sliding window). An axis shorter than its patch has one patch at 0
+    that h5py clamps, kept only when ``ignore_incomplete`` is false; an empty axis has none. Either way samples are
+    ordered C-style over the grid (first axis slowest) and computed from the sample number, never listed.
+    """
+
+    def __init__(
+        self, patch_shape: Sequence[int], ignore_incomplete: bool, stride: Sequence[int] | None = None
+    ) -> None:
         if not patch_shape:
             raise InvalidArgument("indexing_strategy.patch_wise.patch_shape: give at least one dimension")
         if any(p <= 0 for p in patch_shape):
@@ -99,6 +113,21 @@ class _PatchWise(Indexing):
             )
         self.patch_shape = tuple(int(p) for p in patch_shape)
         self.ignore_incomplete = ignore_incomplete
+        self.stride: tuple[int, ...] | None = None
+        if stride:
+            if len(stride) != len(self.patch_shape):
+                raise InvalidArgument(
+                    f"indexing_strategy.patch_wise.stride: {len(stride)} values for "
+                    f"{len(self.patch_shape)} patch axes; give one stride per axis of patch_shape "
+                    f"{self.patch_shape} (or none for non-overlapping patches)"
+                )
+            for axis, (s, p) in enumerate(zip(stride, self.patch_shape, strict=True)):
+                if not 1 <= s <= p:
+                    raise InvalidArgument(
+                        f"indexing_strategy.patch_wise.stride: stride {s} on axis {axis} must lie in 1..{p} "
+                        f"(the patch size), got stride {tuple(stride)} for patch_shape {self.patch_shape}"
+                    )
+            self.stride = tuple(int(s) for s in stride)
 
     def validate(self, shape: Sequence[int], where: str) -> None:
         if len(self.patch_shape) > len(shape):
@@ -108,15 +137,41 @@ class _PatchWise(Indexing):
             )
 
     def _grid(self, shape: Sequence[int]) -> tuple[int, ...]:
+        if self.stride is not None:
+            return tuple(
+                self._axis_count(int(d), p, s) for d, p, s in zip(shape, self.patch_shape, self.stride, strict=False)
+            )
         rounding = math.floor if self.ignore_incomplete else math.ceil
         return tuple(int(rounding(int(d) / p)) for d, p in zip(shape, self.patch_shape, strict=False))
+
+    def _axis_count(self, dim: int, patch: int, stride: int) -> int:
+        """Number of sliding-window starts along an axis of size ``dim``."""
+        if dim <= 0:
+            return 0
+        if dim < patch:
+            return 0 if self.ignore_incomplete else 1
+        regular = (dim - patch) // stride + 1
+        return regular + (1 if (regular - 1) * stride + patch < dim else 0)
+
+    @staticmethod
+    def _axis_start(dim: int, patch: int, stride: int, i: int) -> int:
+        """Start of the i-th sliding-window patch along an axis of size ``dim`` (i < its count)."""
+        if dim < patch:
+            return 0
+        return min(i * stride, dim - patch)
 
     def count(self, shape: Sequence[int]) -> int:
         return math.prod(self._grid(shape))
 
     def expression(self, shape: Sequence[int], k: int) -> Expression:
         cell = np.unravel_index(k, self._grid(shape))
-        return tuple(slice(int(c) * p, (int(c) + 1) * p) for c, p in zip(cell, self.patch_shape, strict=True))
+        if self.stride is None:
+            return tuple(slice(int(c) * p, (int(c) + 1) * p) for c, p in zip(cell, self.patch_shape, strict=True))
+        starts = (
+            self._axis_start(int(d), p, s, int(c))
+            for d, p, s, c in zip(shape, self.patch_shape, self.stride, cell, strict=False)
+        )
+        return tuple(slice(b, b + p) for b, p in zip(starts, self.patch_shape, strict=True))
 
 
 class _VoxelWise(Indexing):
@@ -150,7 +205,9 @@ def compile_indexing(msg: spec_pb2.IndexingStrategy | None) -> Indexing:
     if kind == "slice":
         return _Slice(list(msg.slice.slice_axis))
     if kind == "patch_wise":
-        return _PatchWise(list(msg.patch_wise.patch_shape), msg.patch_wise.ignore_incomplete)
+        return _PatchWise(
+            list(msg.patch_wise.patch_shape), msg.patch_wise.ignore_incomplete, list(msg.patch_wise.stride)
+        )
     if kind == "voxel_wise":
         return _VoxelWise(msg.voxel_wise.image_dimension)
     raise InvalidArgument(f"indexing_strategy: unknown strategy {kind!r}")

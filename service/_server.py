@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,17 +17,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from patchwire.service._assembly import AssemblyStore
+from patchwire.service._assembly_service import AssemblyServicer
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
 from patchwire.service._encoding import Encoded, encode_batch
 from patchwire.service._errors import InvalidArgument, translate_errors
-from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, values_pb2
+from patchwire.v1 import assembly_service_pb2 as apb
+from patchwire.v1 import assembly_service_pb2_grpc, codec, dataset_service_pb2, dataset_service_pb2_grpc, values_pb2
 
 __all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE_NAME = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
+ASSEMBLY_SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AssemblyService"].full_name
 
 #: Most samples in one message (bounds per-message overhead and latency for tiny samples such as voxels).
 MAX_SAMPLES_PER_MESSAGE = 4096
@@ -47,12 +53,19 @@ class ServerConfig:
     """How long stop() lets running calls finish."""
     options: Sequence[tuple[str, Any]] = field(default_factory=codec.channel_options)
     """gRPC server options; the message-size limits are set deliberately on both ends."""
+    state_dir: Path | None = None
+    """Where assembly jobs live (journals, partial volumes, results); a restart with the same folder recovers them.
+    None: a temporary folder removed at stop (jobs are then not durable across restarts)."""
+    assembly_memory_bytes: int = 1 << 30
+    """Most bytes of partial-volume buffers kept mapped in memory; the rest stay on disk in ``state_dir``."""
 
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
-    def __init__(self, datasets: Mapping[str, Dataset], executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, datasets: Mapping[str, Dataset], executor: ThreadPoolExecutor, cache: DatasourceCache | None = None
+    ) -> None:
         self._datasets = datasets
-        self._cache = DatasourceCache(datasets)
+        self._cache = cache if cache is not None else DatasourceCache(datasets)
         self._executor = executor
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -190,6 +203,8 @@ class PatchwireServer:
         self._health = health.aio.HealthServicer()
         self._executor: ThreadPoolExecutor | None = None
         self._datasets: dict[str, Dataset] = {}
+        self._assembly: AssemblyStore | None = None
+        self._temp_state: Path | None = None
         self.port: int | None = None
 
     async def start(self) -> PatchwireServer:
@@ -198,12 +213,24 @@ class PatchwireServer:
             for name, path in cfg.datasets.items():
                 self._datasets[name] = Dataset(name, path)
             self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
+            cache = DatasourceCache(self._datasets)
+            state_dir = cfg.state_dir
+            if state_dir is None:
+                self._temp_state = state_dir = Path(tempfile.mkdtemp(prefix="patchwire-state-"))
+                _log.warning("no state folder given: assembly jobs live in %s and are lost at stop", state_dir)
+            self._assembly = AssemblyStore(Path(state_dir), cache.get, cfg.assembly_memory_bytes)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
             server = grpc.aio.server(options=list(cfg.options))
             dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(
-                DatasetServicer(self._datasets, self._executor), server
+                DatasetServicer(self._datasets, self._executor, cache), server
+            )
+            assembly_service_pb2_grpc.add_AssemblyServiceServicer_to_server(
+                AssemblyServicer(self._assembly, self._executor), server
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, ASSEMBLY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
             self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
             await server.start()
         except BaseException:  # a dataset that does not open, a port that is taken: free what was opened
@@ -215,7 +242,7 @@ class PatchwireServer:
         return self
 
     async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, ASSEMBLY_SERVICE_NAME):
             await self._health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -233,9 +260,17 @@ class PatchwireServer:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        if self._assembly is not None:
+            for job in self._assembly.jobs.values():
+                for subject in job.subjects.values():
+                    self._assembly.pool.release(subject)  # unmap partial volumes (their journals are on disk)
+            self._assembly = None
         for ds in self._datasets.values():
             ds.close()
         self._datasets = {}
+        if self._temp_state is not None:
+            shutil.rmtree(self._temp_state, ignore_errors=True)
+            self._temp_state = None
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

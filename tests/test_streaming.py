@@ -10,13 +10,14 @@ import grpc
 import h5py
 import numpy as np
 import pytest
-from _servers import server_in_thread
 
 import patchwire.client as pw
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
 from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
 from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
+
+from _servers import server_in_thread
 
 SHAPE = (40, 96, 80)  # one subject's images: 40*96*80*2*4 bytes = 2.4 MiB
 N_PATCHES = 20 * 12 * 10  # patches of 2 x 8 x 8 per subject

@@ -21,6 +21,7 @@ __all__ = [
     "ChunkAssembler",
     "DataType",
     "array_to_tensor",
+    "batch_arrays",
     "batch_tensors",
     "channel_options",
     "chunks",
@@ -162,4 +163,25 @@ def batch_tensors(batch: Any) -> list[tensor_pb2.Tensor]:
                 kind = value.WhichOneof("kind")
                 if kind in ("tensor", "numpy_scalar"):
                     out.append(getattr(value, kind))
+    return out
+
+
+def batch_arrays(batch: Any, payloads: Sequence[bytes | bytearray]) -> dict[str, list[np.ndarray]]:
+    """The arrays of a Batch (or PredictionBatch) by field, one per sample: stacked tensors are split along axis 0,
+    per-sample values must all be tensors. ``payloads`` are the chunked payloads in announcement order."""
+    pending = iter(payloads)
+    out: dict[str, list[np.ndarray]] = {}
+    for field in batch.fields:
+        if field.WhichOneof("value") == "stacked":
+            t = field.stacked
+            stacked = tensor_to_array(t, next(pending) if t.chunked_nbytes else None)
+            out[field.key] = list(stacked)
+        else:
+            arrays = []
+            for value in field.per_sample.values:
+                if value.WhichOneof("kind") != "tensor":
+                    raise ValueError(f"field {field.key!r}: every per-sample value must be a tensor")
+                t = value.tensor
+                arrays.append(tensor_to_array(t, next(pending) if t.chunked_nbytes else None))
+            out[field.key] = arrays
     return out

@@ -67,19 +67,31 @@ class PatchWiseIndexing(_message.Message):
 
     PATCH_SHAPE_FIELD_NUMBER: _builtins.int
     IGNORE_INCOMPLETE_FIELD_NUMBER: _builtins.int
+    STRIDE_FIELD_NUMBER: _builtins.int
     ignore_incomplete: _builtins.bool
     """Drop border patches that do not fit entirely (pymia's default is true)."""
     @_builtins.property
     def patch_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def stride(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Sliding-window step per patch axis, each 1..patch size; empty: pymia's non-overlapping grid (stride = patch,
+        incomplete border patches clamped or dropped as ignore_incomplete says). When given, the starts along an axis
+        of size dim are 0, stride, 2 * stride, ... while start + patch <= dim, plus a border patch at dim - patch when
+        the last one does not reach the end: every voxel is covered by full-size patches. An axis shorter than its
+        patch has one (clamped, smaller) patch at 0, kept only when ignore_incomplete is false. Patches are ordered
+        C-style over the grid (first axis slowest), like pymia's.
+        """
+
     def __init__(
         self,
         *,
         patch_shape: _abc.Iterable[_builtins.int] | None = ...,
         ignore_incomplete: _builtins.bool = ...,
+        stride: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_incomplete", b"ignore_incomplete", "patch_shape", b"patch_shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_incomplete", b"ignore_incomplete", "patch_shape", b"patch_shape", "stride", b"stride"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,653 @@
+"""Server-side assembly: predictions of indexed samples stitched back into whole-subject volumes.
+
+Readiness is completeness: a job knows every sample index its datasource has, and a subject is ready when all of
+its indices have arrived, whatever the order, batching or number of posting clients. Re-posted indices are
+acknowledged as duplicates and never counted twice.
+
+Durability: every accepted batch is appended to its subject's journal and fsync'ed before it is acknowledged
+(``_journal``); job metadata, events and finished volumes are written atomically. On start the store reloads every
+job from ``state_dir`` and rebuilds partial volumes by replaying the journals, so a ``kill -9`` loses nothing
+that was acknowledged. A finished subject's volume is written to ``results/`` and its journal deleted.
+
+Memory: partial volumes live in memory-mapped files under ``state_dir``; a :class:`BufferPool` keeps at most
+``budget`` bytes of them mapped (least recently used are unmapped, their pages stay on disk), so resident memory
+stays near the budget however many subjects are in flight. A single subject larger than the budget is mapped
+alone.
+
+Overlap modes: overwrite (pymia's last write wins, in arrival order), average, and Gaussian-weighted average;
+the latter two keep a float sum per entry and a float32 weight per voxel and divide when the subject completes.
+Sums are float32 (float64 when the entry's dtype is float64): pymia always assembles into float64.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from patchwire.service._blending import region_weights
+from patchwire.service._datasource import CompiledDatasource
+from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from patchwire.service._journal import Journal, write_atomic
+from patchwire.v1 import assembly_service_pb2 as apb
+from patchwire.v1 import spec_pb2
+
+__all__ = ["AssemblyStore", "EntrySpec", "Job", "PostResult"]
+
+_log = logging.getLogger(__name__)
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+MODES = {
+    apb.OVERLAP_MODE_OVERWRITE: "overwrite",
+    apb.OVERLAP_MODE_AVERAGE: "average",
+    apb.OVERLAP_MODE_GAUSSIAN: "gaussian",
+}
+_MODE_VALUES = {v: k for k, v in MODES.items()}
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    name: str
+    channels: int
+    dtype: np.dtype[Any]
+
+
+@dataclass
+class PostResult:
+    accepted: int
+    duplicates: int
+    ready_subjects: list[int]
+
+
+@dataclass
+class Event:
+    sequence: int
+    type: int
+    subject_index: int = -1
+    subject: str = ""
+    time_unix_ms: int = 0
+
+
+class BufferPool:
+    """Keeps at most ``budget`` bytes of partial-volume buffers mapped; unmaps the least recently used."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._open: OrderedDict[int, tuple[Subject, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.resident = 0
+
+    def buffers(self, subject: Subject) -> dict[str, np.ndarray]:
+        with self._lock:
+            key = id(subject)
+            if key in self._open:
+                self._open.move_to_end(key)
+                assert subject.mapped is not None
+                return subject.mapped
+            need = subject.buffer_bytes()
+            while self._open and self.resident + need > self.budget:
+                _, (old, nbytes) = self._open.popitem(last=False)
+                old.unmap()
+                self.resident -= nbytes
+            mapped = subject.map()
+            self._open[key] = (subject, need)
+            self.resident += need
+            return mapped
+
+    def release(self, subject: Subject) -> None:
+        with self._lock:
+            item = self._open.pop(id(subject), None)
+            if item is not None:
+                subject.unmap()
+                self.resident -= item[1]
+
+    def resident_of(self, subjects: Sequence[Subject]) -> int:
+        with self._lock:
+            ids = {id(s) for s in subjects}
+            return sum(n for key, (_, n) in self._open.items() if key in ids)
+
+
+@dataclass
+class Subject:
+    index: int
+    name: str
+    first_sample: int
+    expected: int
+    shape: tuple[int, ...]
+    """Numpy shape (z, y, x) of the assembled volume (pymia: the image properties' size, reversed)."""
+    job: Job
+    received: np.ndarray = field(init=False)
+    count: int = 0
+    state: int = apb.SUBJECT_STATE_PENDING
+    forced: bool = False
+    mapped: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        self.received = np.zeros(self.expected, dtype=bool)
+        self.journal = Journal(self.job.directory / "journals" / f"{self.index}.journal")
+
+    def buffer_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+        specs: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {}
+        for e in self.job.entries:
+            if self.job.mode == "overwrite":
+                dtype = e.dtype
+            else:
+                dtype = np.dtype(np.float64) if e.dtype == np.float64 else np.dtype(np.float32)
+            specs[e.name] = ((*self.shape, e.channels), dtype)
+        if self.job.mode != "overwrite":
+            specs["__weight__"] = (self.shape, np.dtype(np.float32))
+        return specs
+
+    def buffer_bytes(self) -> int:
+        return sum(int(np.prod(shape)) * dt.itemsize for shape, dt in self.buffer_specs().values())
+
+    def _buffer_path(self, key: str) -> Path:
+        return self.job.directory / "buffers" / f"{self.index}.{key}.buf"
+
+    def map(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for key, (shape, dtype) in self.buffer_specs().items():
+            path = self._buffer_path(key)
+            mode = "r+" if path.exists() else "w+"
+            out[key] = np.memmap(path, dtype=dtype, mode=mode, shape=shape)
+        self.mapped = out
+        return out
+
+    def unmap(self) -> None:
+        if self.mapped is not None:
+            for arr in self.mapped.values():
+                if isinstance(arr, np.memmap):
+                    arr.flush()
+            self.mapped = None
+
+    def delete_buffers(self) -> None:
+        self.job.pool.release(self)
+        for key in self.buffer_specs():
+            self._buffer_path(key).unlink(missing_ok=True)
+
+    def result_path(self, entry: str) -> Path:
+        return self.job.directory / "results" / f"{self.index}.{entry}.npy"
+
+    def missing(self, limit: int) -> list[int]:
+        local = np.flatnonzero(~self.received[: self.expected])[:limit]
+        return [int(i) + self.first_sample for i in local]
+
+
+class Job:
+    """One assembly job. Mutations run under ``lock`` (from executor threads); events notify asyncio waiters."""
+
+    def __init__(
+        self,
+        job_id: str,
+        directory: Path,
+        spec: spec_pb2.DatasourceSpec,
+        source: CompiledDatasource,
+        entries: list[EntrySpec],
+        mode: str,
+        pool: BufferPool,
+        created_ms: int,
+    ) -> None:
+        self.id = job_id
+        self.directory = directory
+        self.spec = spec
+        self.source = source
+        self.entries = entries
+        self.mode = mode
+        self.pool = pool
+        self.created_ms = created_ms
+        self.state = apb.JOB_STATE_ACTIVE
+        self.events: list[Event] = []
+        self.lock = threading.RLock()
+        self.listeners: list[Callable[[], None]] = []
+        shapes = source.dataset.geometry
+        if shapes is None:
+            raise FailedPrecondition(
+                f"dataset {source.dataset.name!r} has no image properties "
+                "(meta/image_props): assembly needs each subject's image size"
+            )
+        self.subjects: dict[int, Subject] = {}
+        for s, first, count in zip(source.subject_indices, source.starts, source.counts, strict=True):
+            self.subjects[s] = Subject(s, source.dataset.subjects[s], first, count, tuple(shapes[s].size[::-1]), self)
+
+    # -- metadata -------------------------------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "job_id": self.id,
+            "spec": base64.b64encode(self.spec.SerializeToString(deterministic=True)).decode(),
+            "entries": [[e.name, e.channels, e.dtype.str] for e in self.entries],
+            "mode": self.mode,
+            "state": int(self.state),
+            "created_ms": self.created_ms,
+        }
+
+    def save_metadata(self) -> None:
+        write_atomic(self.directory / "job.json", json.dumps(self._metadata(), indent=1).encode())
+
+    def _emit(self, type_: int, subject: Subject | None = None) -> None:
+        event = Event(
+            len(self.events) + 1,
+            type_,
+            subject.index if subject else -1,
+            subject.name if subject else "",
+            int(time.time() * 1000),
+        )
+        with open(self.directory / "events.jsonl", "a") as f:
+            f.write(json.dumps(event.__dict__) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.events.append(event)
+
+    # -- posting --------------------------------------------------------------------------------------------------
+
+    def _region_shape(self, subject: Subject, expr: Any, entry: EntrySpec) -> tuple[int, ...]:
+        return tuple(np.broadcast_to(np.empty((), np.uint8), (*subject.shape, entry.channels))[expr].shape)
+
+    def post(
+        self, sample_indices: Sequence[int], arrays: Mapping[str, Sequence[np.ndarray]], last_batch: bool
+    ) -> PostResult:
+        """Validates the whole batch, journals (fsync) what is new, applies it, finishes complete subjects."""
+        with self.lock:
+            self._check_accepting(sample_indices)
+            names = {e.name for e in self.entries}
+            if set(arrays) != names:
+                raise InvalidArgument(
+                    f"batch.fields: expected exactly the entries {sorted(names)}, got {sorted(arrays)}"
+                )
+            for name, values in arrays.items():
+                if len(values) != len(sample_indices):
+                    raise InvalidArgument(
+                        f"batch.fields[{name!r}]: {len(values)} predictions for {len(sample_indices)} sample indices"
+                    )
+            new: dict[int, list[int]] = {}  # subject -> positions in the batch
+            seen: set[int] = set()
+            duplicates = 0
+            for pos, i in enumerate(sample_indices):
+                if not 0 <= i < self.source.length:
+                    raise OutOfRange(
+                        f"batch.sample_indices[{pos}]: sample index {i} is out of range for job "
+                        f"{self.id!r} with {self.source.length} samples"
+                    )
+                s, expr = self.source.locate(int(i), f"batch.sample_indices[{pos}]")
+                subject = self.subjects[s]
+                if subject.received[i - subject.first_sample] or i in seen:
+                    duplicates += 1
+                    continue
+                if subject.state != apb.SUBJECT_STATE_PENDING and subject.state != apb.SUBJECT_STATE_IN_PROGRESS:
+                    raise FailedPrecondition(
+                        f"batch.sample_indices[{pos}]: subject {s} ({subject.name!r}) of job "
+                        f"{self.id!r} was already finished before sample {i} arrived"
+                    )
+                for e in self.entries:
+                    pred = arrays[e.name][pos]
+                    want = self._region_shape(subject, expr, e)
+                    if tuple(pred.shape) != want:
+                        raise InvalidArgument(
+                            f"batch.fields[{e.name!r}]: prediction for sample {i} has shape {tuple(pred.shape)}, "
+                            f"expected {want} (the sample's region of subject {s} plus {e.channels} channel(s), "
+                            "channel last)"
+                        )
+                    if not (np.issubdtype(pred.dtype, np.number) or pred.dtype == np.bool_):
+                        raise InvalidArgument(f"batch.fields[{e.name!r}]: dtype {pred.dtype} is not numeric")
+                seen.add(i)
+                new.setdefault(s, []).append(pos)
+            ready: list[int] = []
+            for s, positions in new.items():
+                subject = self.subjects[s]
+                indices = [int(sample_indices[p]) for p in positions]
+                subject.journal.append(
+                    indices,
+                    {e.name: [np.asarray(arrays[e.name][p], dtype=e.dtype) for p in positions] for e in self.entries},
+                )
+                self._apply(subject, indices, {e.name: [arrays[e.name][p] for p in positions] for e in self.entries})
+                if subject.count == subject.expected:
+                    self._finish(subject, forced=False)
+                    ready.append(s)
+            if last_batch:
+                for subject in self.subjects.values():
+                    if subject.state == apb.SUBJECT_STATE_IN_PROGRESS:
+                        self._finish(subject, forced=True)
+                        ready.append(subject.index)
+            if ready:
+                self._check_completed()
+            return PostResult(sum(len(p) for p in new.values()), duplicates, ready)
+
+    def _check_accepting(self, sample_indices: Sequence[int]) -> None:
+        if self.state == apb.JOB_STATE_ABORTED:
+            raise FailedPrecondition(f"job {self.id!r} was aborted: it accepts no predictions")
+        if self.state == apb.JOB_STATE_COMPLETED:
+            # a retried batch whose acknowledgement was lost is fine (all duplicates); anything new is not
+            for i in sample_indices:
+                if 0 <= i < self.source.length:
+                    subject = self.subjects[self.source.locate(int(i))[0]]
+                    if subject.received[int(i) - subject.first_sample]:
+                        continue
+                raise FailedPrecondition(
+                    f"job {self.id!r} is completed (every subject is assembled): it accepts "
+                    f"no new predictions, got sample {i}"
+                )
+
+    def _apply(self, subject: Subject, indices: Sequence[int], arrays: Mapping[str, Sequence[np.ndarray]]) -> None:
+        buffers = self.pool.buffers(subject)
+        weight = buffers.get("__weight__")
+        for k, i in enumerate(indices):
+            _, expr = self.source.locate(i)
+            w = None
+            if weight is not None:
+                region = weight[expr]
+                w = region_weights(region.shape, self.mode)
+                if w is None:
+                    weight[expr] = region + np.float32(1)
+                else:
+                    weight[expr] = region + w
+            for e in self.entries:
+                pred = arrays[e.name][k]
+                buf = buffers[e.name]
+                if self.mode == "overwrite":
+                    buf[expr] = pred
+                elif w is None:
+                    buf[expr] = buf[expr] + pred
+                else:
+                    buf[expr] = buf[expr] + pred * w[..., None]
+            subject.received[i - subject.first_sample] = True
+        subject.count += len(indices)
+        if subject.state == apb.SUBJECT_STATE_PENDING:
+            subject.state = apb.SUBJECT_STATE_IN_PROGRESS
+
+    def _finish(self, subject: Subject, forced: bool) -> None:
+        buffers = self.pool.buffers(subject)
+        (self.directory / "results").mkdir(exist_ok=True)
+        for e in self.entries:
+            result = self._result(buffers, e)
+            path = subject.result_path(e.name)
+            with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
+                np.save(f, result)
+                f.flush()
+                os.fsync(f.fileno())
+            path.with_name(f".{path.name}.tmp").replace(path)
+        subject.state = apb.SUBJECT_STATE_READY
+        subject.forced = forced
+        if forced:  # keep what had arrived: the status of a forced subject still lists its missing samples
+            write_atomic(self.directory / "results" / f"{subject.index}.forced.npy", _npy(subject.received))
+        self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)
+        subject.journal.delete()
+        subject.delete_buffers()
+
+    def _result(self, buffers: Mapping[str, np.ndarray], entry: EntrySpec) -> np.ndarray:
+        buf = buffers[entry.name]
+        if self.mode == "overwrite":
+            return np.array(buf, dtype=entry.dtype)
+        weight = buffers["__weight__"][..., None]
+        mean = np.divide(buf, weight, out=np.zeros(buf.shape, dtype=buf.dtype), where=weight > 0)
+        if np.issubdtype(entry.dtype, np.integer):
+            info = np.iinfo(entry.dtype)
+            mean = np.clip(np.rint(mean), info.min, info.max)
+        return mean.astype(entry.dtype)
+
+    def _check_completed(self) -> None:
+        if self.state == apb.JOB_STATE_ACTIVE and all(
+            s.state == apb.SUBJECT_STATE_READY for s in self.subjects.values()
+        ):
+            self.state = apb.JOB_STATE_COMPLETED
+            self.save_metadata()
+            self._emit(apb.EVENT_TYPE_JOB_COMPLETED)
+
+    # -- other operations -----------------------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        with self.lock:
+            if self.state != apb.JOB_STATE_ACTIVE:
+                raise FailedPrecondition(
+                    f"job {self.id!r} is not active (state {apb.JobState.Name(self.state)}): nothing to abort"
+                )
+            self.state = apb.JOB_STATE_ABORTED
+            self.save_metadata()
+            for subject in self.subjects.values():
+                if subject.state != apb.SUBJECT_STATE_READY:
+                    subject.state = apb.SUBJECT_STATE_ABORTED
+                    subject.journal.delete()
+                    subject.delete_buffers()
+            self._emit(apb.EVENT_TYPE_JOB_ABORTED)
+
+    def subject(self, subject_index: int, field: str = "subject_index") -> Subject:
+        try:
+            return self.subjects[subject_index]
+        except KeyError:
+            raise NotFound(
+                f"{field}: subject {subject_index} is not part of job {self.id!r} (subjects: "
+                f"{', '.join(str(s) for s in self.subjects)})"
+            ) from None
+
+    def result(self, subject_index: int) -> dict[str, np.ndarray]:
+        subject = self.subject(subject_index)
+        if subject.state != apb.SUBJECT_STATE_READY:
+            raise FailedPrecondition(
+                f"subject {subject_index} ({subject.name!r}) of job {self.id!r} is not ready: {subject.count} of "
+                f"{subject.expected} samples received ({apb.SubjectState.Name(subject.state)})"
+            )
+        return {e.name: np.load(subject.result_path(e.name), mmap_mode="r") for e in self.entries}
+
+    def info(self) -> apb.JobInfo:
+        return apb.JobInfo(
+            job_id=self.id,
+            dataset=self.source.dataset.name,
+            state=self.state,  # type: ignore[arg-type]
+            entries=[
+                apb.OutputEntry(name=e.name, channels=e.channels, dtype=_dtype_proto(e.dtype)) for e in self.entries
+            ],
+            overlap_mode=_MODE_VALUES[self.mode],
+            expected_samples=self.source.length,  # type: ignore[arg-type]
+            received_samples=sum(s.count for s in self.subjects.values()),
+            subject_count=len(self.subjects),
+            ready_subject_count=sum(s.state == apb.SUBJECT_STATE_READY for s in self.subjects.values()),
+            last_event_sequence=len(self.events),
+            resident_buffer_bytes=self.pool.resident_of(list(self.subjects.values())),
+        )
+
+    def subject_status(self, max_missing: int) -> list[apb.SubjectStatus]:
+        out = []
+        for s in self.subjects.values():
+            out.append(
+                apb.SubjectStatus(
+                    subject_index=s.index,
+                    subject=s.name,
+                    expected_samples=s.expected,
+                    received_samples=s.count,
+                    missing_samples=s.expected - s.count,
+                    state=s.state,
+                    forced=s.forced,  # type: ignore[arg-type]
+                    missing_sample_indices=s.missing(max_missing) if max_missing > 0 else [],
+                )
+            )
+        return out
+
+    def delete_files(self) -> None:
+        with self.lock:
+            for subject in self.subjects.values():
+                self.pool.release(subject)
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    # -- recovery -------------------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Rebuilds state from disk: events, finished subjects, and partial volumes replayed from journals."""
+        events_path = self.directory / "events.jsonl"
+        if events_path.exists():
+            for line in events_path.read_text().splitlines():
+                try:
+                    self.events.append(Event(**json.loads(line)))
+                except (ValueError, TypeError):
+                    _log.warning("job %s: ignoring a torn event line", self.id)
+                    break
+        for subject in self.subjects.values():
+            for key in subject.buffer_specs():
+                subject._buffer_path(key).unlink(missing_ok=True)  # derived state: rebuilt from the journal
+            if all(subject.result_path(e.name).exists() for e in self.entries):
+                subject.state = apb.SUBJECT_STATE_READY
+                forced_path = self.directory / "results" / f"{subject.index}.forced.npy"
+                subject.forced = forced_path.exists()
+                subject.received[:] = np.load(forced_path) if subject.forced else True
+                subject.count = int(subject.received.sum())
+                if not any(
+                    ev.type == apb.EVENT_TYPE_SUBJECT_READY and ev.subject_index == subject.index for ev in self.events
+                ):
+                    self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)  # crashed between result and event
+                subject.journal.delete()
+                continue
+            if self.state == apb.JOB_STATE_ABORTED:
+                subject.state = apb.SUBJECT_STATE_ABORTED
+                subject.journal.delete()
+                continue
+            for record in subject.journal.records():
+                fresh = [
+                    k for k, i in enumerate(record.sample_indices) if not subject.received[i - subject.first_sample]
+                ]
+                if fresh:
+                    self._apply(
+                        subject,
+                        [record.sample_indices[k] for k in fresh],
+                        {name: [arrays[k] for k in fresh] for name, arrays in record.arrays.items()},
+                    )
+            if subject.count == subject.expected and subject.expected > 0:
+                self._finish(subject, forced=False)
+        self._check_completed()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _dtype_proto(dtype: np.dtype[Any]) -> int:
+    from patchwire.v1 import codec
+
+    return codec.dtype_to_proto(dtype)
+
+
+class AssemblyStore:
+    """Every job of a server, persisted under ``state_dir``."""
+
+    def __init__(
+        self, state_dir: Path, resolve: Callable[[spec_pb2.DatasourceSpec], CompiledDatasource], memory_budget: int
+    ) -> None:
+        self.state_dir = state_dir
+        self.resolve = resolve
+        self.pool = BufferPool(memory_budget)
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        (state_dir / "jobs").mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> None:
+        """Reloads every job found under ``state_dir`` (after a restart)."""
+        for meta_path in sorted((self.state_dir / "jobs").glob("*/job.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+                spec = spec_pb2.DatasourceSpec.FromString(base64.b64decode(meta["spec"]))
+                job = Job(
+                    meta["job_id"],
+                    meta_path.parent,
+                    spec,
+                    self.resolve(spec),
+                    [EntrySpec(n, int(c), np.dtype(d)) for n, c, d in meta["entries"]],
+                    meta["mode"],
+                    self.pool,
+                    int(meta["created_ms"]),
+                )
+                job.state = int(meta["state"])  # type: ignore[assignment]
+                job.recover()
+            except Exception:
+                _log.exception("could not recover assembly job in %s; its files are kept", meta_path.parent)
+                continue
+            self.jobs[job.id] = job
+            _log.info(
+                "recovered assembly job %s: %d of %d subjects ready",
+                job.id,
+                sum(s.state == apb.SUBJECT_STATE_READY for s in job.subjects.values()),
+                len(job.subjects),
+            )
+
+    def create(self, request: apb.CreateJobRequest) -> Job:
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec: the datasource whose predictions to assemble is required")
+        if request.overlap_mode not in MODES:
+            raise InvalidArgument(
+                f"overlap_mode: choose OVERLAP_MODE_OVERWRITE, _AVERAGE or _GAUSSIAN, got {request.overlap_mode}"
+            )
+        if not request.entries:
+            raise InvalidArgument("entries: give at least one output entry (name, channels, dtype)")
+        entries = []
+        for k, e in enumerate(request.entries):
+            if not e.name:
+                raise InvalidArgument(f"entries[{k}].name: must not be empty")
+            if e.channels <= 0:
+                raise InvalidArgument(f"entries[{k}].channels: must be positive, got {e.channels}")
+            try:
+                from patchwire.v1 import codec
+
+                dtype = codec.dtype_from_proto(e.dtype)
+            except ValueError:
+                raise InvalidArgument(f"entries[{k}].dtype: unknown or unspecified dtype {e.dtype}") from None
+            entries.append(EntrySpec(e.name, int(e.channels), dtype))
+        if len({e.name for e in entries}) != len(entries):
+            raise InvalidArgument("entries: entry names must be unique")
+        spec = apb.CreateJobRequest(spec=request.spec).spec
+        spec.ClearField("extractor")
+        spec.ClearField("transform")
+        job_id = request.job_id or uuid.uuid4().hex[:12]
+        if not _JOB_ID.match(job_id):
+            raise InvalidArgument(f"job_id: {job_id!r} may use only letters, digits, '-', '_' and '.' (at most 128)")
+        mode = MODES[request.overlap_mode]
+        with self._lock:
+            existing = self.jobs.get(job_id)
+            if existing is not None:
+                if (
+                    existing.spec.SerializeToString(deterministic=True) == spec.SerializeToString(deterministic=True)
+                    and existing.entries == entries
+                    and existing.mode == mode
+                ):
+                    return existing
+                raise FailedPrecondition(f"job_id: job {job_id!r} already exists with other parameters")
+            source = self.resolve(spec)
+            directory = self.state_dir / "jobs" / job_id
+            for sub in ("journals", "buffers", "results"):
+                (directory / sub).mkdir(parents=True, exist_ok=True)
+            job = Job(job_id, directory, spec, source, entries, mode, self.pool, int(time.time() * 1000))
+            job.save_metadata()
+            self.jobs[job_id] = job
+        _log.info(
+            "created assembly job %s on %r (%d subjects, %d samples, %s)",
+            job_id,
+            spec.dataset,
+            len(job.subjects),
+            source.length,
+            mode,
+        )
+        return job
+
+    def get(self, job_id: str, field: str = "job_id") -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            known = ", ".join(sorted(self.jobs)) or "none"
+            raise NotFound(f"{field}: unknown assembly job {job_id!r} (jobs: {known})") from None
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            job = self.get(job_id)
+            del self.jobs[job_id]
+        job.delete_files()

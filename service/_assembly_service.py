@@ -1,0 +1,171 @@
+"""AssemblyService: the gRPC face of :mod:`patchwire.service._assembly`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from patchwire.service._assembly import AssemblyStore, Job
+from patchwire.service._encoding import encode_batch
+from patchwire.service._errors import InvalidArgument, translate_errors
+from patchwire.service._export import export_subject
+from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.v1 import assembly_service_pb2 as apb
+from patchwire.v1 import assembly_service_pb2_grpc, codec
+
+__all__ = ["AssemblyServicer"]
+
+T = TypeVar("T")
+
+
+class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
+    def __init__(self, store: AssemblyStore, executor: ThreadPoolExecutor) -> None:
+        self._store = store
+        self._executor = executor
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _notify(self, job_id: str) -> None:
+        waiter = self._waiters.pop(job_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @translate_errors
+    async def CreateJob(self, request: Any, context: Any) -> apb.CreateJobResponse:
+        job = await self._run(self._store.create, request)
+        return apb.CreateJobResponse(job=job.info())
+
+    @translate_errors
+    async def PostPredictions(self, request_iterator: Any, context: Any) -> AsyncIterator[apb.PostPredictionsResponse]:
+        number = 0
+        batch = None
+        assembler: codec.ChunkAssembler | None = None
+        async for request in request_iterator:
+            if request.WhichOneof("payload") == "batch":
+                if assembler is not None and not assembler.complete:
+                    raise InvalidArgument("batch: a new batch arrived before the previous batch's tensor chunks")
+                batch = request.batch
+                assembler = codec.ChunkAssembler(codec.batch_tensors(batch))
+            elif request.WhichOneof("payload") == "chunk":
+                if assembler is None:
+                    raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")
+                try:
+                    assembler.add(request.chunk.data)
+                except ValueError as exc:
+                    raise InvalidArgument(f"chunk: {exc}") from None
+            else:
+                raise InvalidArgument("payload: neither batch nor chunk is set")
+            if assembler is None or not assembler.complete or batch is None:
+                continue
+            job = self._store.get(batch.job_id, "batch.job_id")
+            try:
+                arrays = codec.batch_arrays(batch, assembler.payloads())
+            except (ValueError, TypeError) as exc:
+                raise InvalidArgument(f"batch.fields: {exc}") from None
+            result = await self._run(job.post, list(batch.sample_indices), arrays, batch.last_batch)
+            self._notify(job.id)
+            yield apb.PostPredictionsResponse(
+                batch_number=number,
+                accepted_samples=result.accepted,
+                duplicate_samples=result.duplicates,
+                ready_subjects=result.ready_subjects,
+                job=job.info(),
+            )
+            number += 1
+            batch, assembler = None, None
+        if assembler is not None:
+            raise InvalidArgument("the stream ended in the middle of a batch's tensor chunks")
+
+    @translate_errors
+    async def SubscribeEvents(self, request: Any, context: Any) -> AsyncIterator[apb.SubscribeEventsResponse]:
+        job = self._store.get(request.job_id)
+        if request.from_sequence < 0:
+            raise InvalidArgument(f"from_sequence: must not be negative, got {request.from_sequence}")
+        sequence = max(int(request.from_sequence), 1)
+        loop = asyncio.get_running_loop()
+        while True:
+            while sequence <= len(job.events):
+                e = job.events[sequence - 1]
+                yield apb.SubscribeEventsResponse(
+                    event=apb.Event(
+                        sequence=e.sequence,
+                        type=e.type,
+                        subject_index=e.subject_index,  # type: ignore[arg-type]
+                        subject=e.subject,
+                        time_unix_ms=e.time_unix_ms,
+                    )
+                )
+                sequence += 1
+            if job.state != apb.JOB_STATE_ACTIVE or self._store.jobs.get(job.id) is not job:
+                return
+            waiter = self._waiters.get(job.id)
+            if waiter is None or waiter.done():
+                waiter = self._waiters[job.id] = loop.create_future()
+            await asyncio.shield(waiter)
+
+    @translate_errors
+    async def GetJobStatus(self, request: Any, context: Any) -> apb.GetJobStatusResponse:
+        job = self._store.get(request.job_id)
+        if request.max_missing < 0:
+            raise InvalidArgument(f"max_missing: must not be negative, got {request.max_missing}")
+
+        def status() -> apb.GetJobStatusResponse:
+            with job.lock:
+                return apb.GetJobStatusResponse(job=job.info(), subjects=job.subject_status(request.max_missing))
+
+        return await self._run(status)
+
+    @translate_errors
+    async def ListJobs(self, request: Any, context: Any) -> apb.ListJobsResponse:
+        return apb.ListJobsResponse(jobs=[job.info() for job in list(self._store.jobs.values())])
+
+    @translate_errors
+    async def FetchSubject(self, request: Any, context: Any) -> AsyncIterator[apb.FetchSubjectResponse]:
+        job = self._store.get(request.job_id)
+
+        def encode() -> Any:
+            sample: dict[str, Any] = {name: arr for name, arr in job.result(int(request.subject_index)).items()}
+            sample["properties"] = _properties(job, int(request.subject_index))
+            return encode_batch([sample])
+
+        encoded = await self._run(encode)
+        for message in encoded.messages(apb.FetchSubjectResponse):
+            yield message
+
+    @translate_errors
+    async def ExportSubject(self, request: Any, context: Any) -> AsyncIterator[apb.ExportSubjectResponse]:
+        job = self._store.get(request.job_id)
+        name, data = await self._run(export_subject, job, int(request.subject_index), request.format, request.entry)
+        yield apb.ExportSubjectResponse(file=apb.ExportedFile(file_name=name, size=len(data)))
+        for piece in codec.chunks(data):
+            yield apb.ExportSubjectResponse(data=piece)
+
+    @translate_errors
+    async def AbortJob(self, request: Any, context: Any) -> apb.AbortJobResponse:
+        job = self._store.get(request.job_id)
+        await self._run(job.abort)
+        self._notify(job.id)
+        return apb.AbortJobResponse(job=job.info())
+
+    @translate_errors
+    async def DeleteJob(self, request: Any, context: Any) -> apb.DeleteJobResponse:
+        await self._run(self._store.delete, request.job_id)
+        self._notify(request.job_id)
+        return apb.DeleteJobResponse()
+
+
+def _properties(job: Job, subject_index: int) -> ImagePropertiesValue:
+    g = job.source.dataset.require_geometry(subject_index)
+    return ImagePropertiesValue(
+        size=g.size,
+        origin=g.origin,
+        spacing=g.spacing,
+        direction=g.direction,
+        dimensions=len(g.size),
+        number_of_components_per_pixel=1,
+        pixel_id=1,
+    )

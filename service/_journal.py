@@ -1,0 +1,140 @@
+"""Append-only journals of acknowledged predictions: the durable truth from which partial volumes are rebuilt.
+
+A record is ``MAGIC | u32 header length | header (JSON) | payload | u32 CRC32`` where the CRC covers everything
+before it. The header lists the sample indices and, per output entry, each sample's array shape and dtype; the
+payload holds the arrays back to back. :meth:`Journal.append` writes a record and fsyncs before returning, so a
+prediction is acknowledged only once it is on disk. Reading stops at the first torn or corrupt record (a crash
+during a write that was never acknowledged) and truncates the file there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+__all__ = ["Journal", "JournalRecord", "fsync_dir", "write_atomic"]
+
+_log = logging.getLogger(__name__)
+MAGIC = b"PWJ1"
+_U32 = struct.Struct("<I")
+
+
+@dataclass
+class JournalRecord:
+    sample_indices: list[int]
+    arrays: dict[str, list[np.ndarray]]
+    """Per output entry, one array per sample (in sample order)."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes a rename or a new file in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` durably: temporary file, fsync, rename, fsync of the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _encode(record: JournalRecord) -> bytes:
+    header: dict[str, Any] = {"indices": record.sample_indices, "entries": {}}
+    payload: list[bytes] = []
+    for name, arrays in record.arrays.items():
+        header["entries"][name] = [[list(a.shape), a.dtype.str] for a in arrays]
+        payload.extend(np.ascontiguousarray(a).tobytes() for a in arrays)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = b"".join([MAGIC, _U32.pack(len(head)), head, *payload])
+    return body + _U32.pack(zlib.crc32(body))
+
+
+def _read_one(f: BinaryIO) -> JournalRecord | None:
+    start = f.read(8)
+    if len(start) < 8 or start[:4] != MAGIC:
+        return None
+    (head_len,) = _U32.unpack(start[4:])
+    head = f.read(head_len)
+    if len(head) < head_len:
+        return None
+    try:
+        header = json.loads(head)
+        specs = {
+            name: [(tuple(shape), np.dtype(dt)) for shape, dt in items] for name, items in header["entries"].items()
+        }
+    except (ValueError, KeyError, TypeError):
+        return None
+    size = sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for items in specs.values() for shape, dt in items)
+    payload = f.read(size)
+    crc = f.read(4)
+    if len(payload) < size or len(crc) < 4:
+        return None
+    if _U32.unpack(crc)[0] != zlib.crc32(start + head + payload):
+        return None
+    arrays: dict[str, list[np.ndarray]] = {}
+    offset = 0
+    for name, items in specs.items():
+        arrays[name] = []
+        for shape, dt in items:
+            n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            arrays[name].append(np.frombuffer(payload, dtype=dt, count=n // dt.itemsize, offset=offset).reshape(shape))
+            offset += n
+    return JournalRecord([int(i) for i in header["indices"]], arrays)
+
+
+class Journal:
+    """One append-only file. Not thread-safe: the owner serialises access."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def records(self) -> Iterator[JournalRecord]:
+        """Every intact record, in order; a torn tail is cut off."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            while True:
+                pos = f.tell()
+                record = _read_one(f)
+                if record is None:
+                    break
+                yield record
+            end = f.seek(0, os.SEEK_END)
+        if pos < end:
+            _log.warning(
+                "journal %s: dropping %d bytes of a torn or corrupt record at offset %d", self.path, end - pos, pos
+            )
+            with open(self.path, "r+b") as f:
+                f.truncate(pos)
+                os.fsync(f.fileno())
+
+    def append(self, sample_indices: Sequence[int], arrays: Mapping[str, Sequence[np.ndarray]]) -> None:
+        """Appends one record and fsyncs it (and, for a new file, its folder)."""
+        new = not self.path.exists()
+        data = _encode(JournalRecord(list(sample_indices), {k: list(v) for k, v in arrays.items()}))
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            fsync_dir(self.path.parent)
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
