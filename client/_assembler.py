@@ -142,7 +142,8 @@ class _PostStream:
     def send(self, requests: Sequence[apb.PostPredictionsRequest]) -> apb.PostPredictionsResponse:
         for r in requests:
             self._queue.put(r)
-        return next(self._responses)  # type: ignore[no-any-return]
+        response: apb.PostPredictionsResponse = next(self._responses)
+        return response
 
     def close(self) -> None:
         self._queue.put(None)

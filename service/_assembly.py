@@ -74,7 +74,7 @@ class PostResult:
 @dataclass
 class Event:
     sequence: int
-    type: int
+    type: apb.EventType.ValueType
     subject_index: int = -1
     subject: str = ""
     time_unix_ms: int = 0
@@ -130,7 +130,7 @@ class Subject:
     job: Job
     received: np.ndarray = field(init=False)
     count: int = 0
-    state: int = apb.SUBJECT_STATE_PENDING
+    state: apb.SubjectState.ValueType = apb.SUBJECT_STATE_PENDING
     forced: bool = False
     mapped: dict[str, np.ndarray] | None = None
 
@@ -160,8 +160,10 @@ class Subject:
         out: dict[str, np.ndarray] = {}
         for key, (shape, dtype) in self.buffer_specs().items():
             path = self._buffer_path(key)
-            mode = "r+" if path.exists() else "w+"
-            out[key] = np.memmap(path, dtype=dtype, mode=mode, shape=shape)
+            if path.exists():
+                out[key] = np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+            else:
+                out[key] = np.memmap(path, dtype=dtype, mode="w+", shape=shape)
         self.mapped = out
         return out
 
@@ -207,7 +209,7 @@ class Job:
         self.mode = mode
         self.pool = pool
         self.created_ms = created_ms
-        self.state = apb.JOB_STATE_ACTIVE
+        self.state: apb.JobState.ValueType = apb.JOB_STATE_ACTIVE
         self.events: list[Event] = []
         self.lock = threading.RLock()
         self.listeners: list[Callable[[], None]] = []
@@ -236,7 +238,7 @@ class Job:
     def save_metadata(self) -> None:
         write_atomic(self.directory / "job.json", json.dumps(self._metadata(), indent=1).encode())
 
-    def _emit(self, type_: int, subject: Subject | None = None) -> None:
+    def _emit(self, type_: apb.EventType.ValueType, subject: Subject | None = None) -> None:
         event = Event(
             len(self.events) + 1,
             type_,
@@ -443,12 +445,12 @@ class Job:
         return apb.JobInfo(
             job_id=self.id,
             dataset=self.source.dataset.name,
-            state=self.state,  # type: ignore[arg-type]
+            state=self.state,
             entries=[
                 apb.OutputEntry(name=e.name, channels=e.channels, dtype=_dtype_proto(e.dtype)) for e in self.entries
             ],
             overlap_mode=_MODE_VALUES[self.mode],
-            expected_samples=self.source.length,  # type: ignore[arg-type]
+            expected_samples=self.source.length,
             received_samples=sum(s.count for s in self.subjects.values()),
             subject_count=len(self.subjects),
             ready_subject_count=sum(s.state == apb.SUBJECT_STATE_READY for s in self.subjects.values()),
@@ -467,7 +469,7 @@ class Job:
                     received_samples=s.count,
                     missing_samples=s.expected - s.count,
                     state=s.state,
-                    forced=s.forced,  # type: ignore[arg-type]
+                    forced=s.forced,
                     missing_sample_indices=s.missing(max_missing) if max_missing > 0 else [],
                 )
             )
@@ -533,7 +535,7 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _dtype_proto(dtype: np.dtype[Any]) -> int:
+def _dtype_proto(dtype: np.dtype[Any]) -> Any:
     from patchwire.v1 import codec
 
     return codec.dtype_to_proto(dtype)
@@ -568,7 +570,7 @@ class AssemblyStore:
                     self.pool,
                     int(meta["created_ms"]),
                 )
-                job.state = int(meta["state"])  # type: ignore[assignment]
+                job.state = apb.JobState.ValueType(int(meta["state"]))
                 job.recover()
             except Exception:
                 _log.exception("could not recover assembly job in %s; its files are kept", meta_path.parent)

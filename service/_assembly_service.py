@@ -94,7 +94,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
                     event=apb.Event(
                         sequence=e.sequence,
                         type=e.type,
-                        subject_index=e.subject_index,  # type: ignore[arg-type]
+                        subject_index=e.subject_index,
                         subject=e.subject,
                         time_unix_ms=e.time_unix_ms,
                     )

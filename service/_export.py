@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 __all__ = ["export_subject"]
 
 _PREDICTION = "__prediction"
-_SUFFIX = {apb.EXPORT_FORMAT_NIFTI: ".nii.gz", apb.EXPORT_FORMAT_MHA: ".mha", apb.EXPORT_FORMAT_HDF5: ".h5"}
+_SUFFIX: dict[int, str] = {
+    apb.EXPORT_FORMAT_NIFTI: ".nii.gz",
+    apb.EXPORT_FORMAT_MHA: ".mha",
+    apb.EXPORT_FORMAT_HDF5: ".h5",
+}
 
 
 def _label(entry: str) -> str:
