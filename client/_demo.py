@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,19 +23,45 @@ __all__ = ["DemoSummary", "run_demo", "run_seed_pipeline"]
 
 
 @dataclass
+class SubjectResult:
+    """What the demo reports for one assembled subject."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    slices: int
+    checked: bool
+    """The assembled volume equals the slice predictions the client made (checksum and per-slice spot checks)."""
+    foreground: float
+    """Fraction of voxels predicted above 0.5."""
+    dice: float
+    """Dice of (prediction > 0.5) against the label map's foreground (labels > 0)."""
+
+
+@dataclass
 class DemoSummary:
-    slices: dict[int, int] = field(default_factory=dict)
-    """Predicted slices per subject index."""
-    prediction_means: dict[int, float] = field(default_factory=dict)
-    foreground: dict[int, float] = field(default_factory=dict)
-    """Fraction of predicted voxels above 0.5 per subject."""
+    subjects: dict[int, SubjectResult] = field(default_factory=dict)
     seconds: float = 0.0
     megabytes: float = 0.0
+    job_id: str = ""
 
 
 @contextlib.contextmanager
 def _phantom_server() -> Iterator[str]:
-    cmd = [sys.executable, "-m", "patchwire.service", "--log-level", "WARNING", "serve", "--phantom", "--port", "0"]
+    state = tempfile.mkdtemp(prefix="patchwire-demo-")
+    cmd = [
+        sys.executable,
+        "-m",
+        "patchwire.service",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--phantom",
+        "--port",
+        "0",
+        "--state-dir",
+        state,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -50,11 +78,13 @@ def _phantom_server() -> Iterator[str]:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def run_seed_pipeline(
     address: str, dataset: str, batch_size: int = 2, workers: int = 0, progress: bool = True
 ) -> DemoSummary:
+    """The seed example, with the datasource and the assembler on the server."""
     import torch
     import torch.nn as nn
     import torch.utils.data as torch_data
@@ -70,6 +100,10 @@ def run_seed_pipeline(
     extractor = extr.DataExtractor(categories=(defs.KEY_IMAGES,))
     transform = tfm.Permute(permutation=(2, 0, 1), entries=(defs.KEY_IMAGES,))
     datasource = client.datasource(dataset, extr.SliceIndexing(), extractor, transform)
+    assembler = client.assembler(datasource)
+    direct_extractor = extr.ComposeExtractor(
+        [extr.ImagePropertiesExtractor(), extr.DataExtractor(categories=(defs.KEY_LABELS,))]
+    )
 
     loader = torch_data.DataLoader(
         PytorchDatasetAdapter(datasource), batch_size=batch_size, shuffle=False, num_workers=workers
@@ -81,34 +115,65 @@ def run_seed_pipeline(
         nn.Sigmoid(),
     ).eval()
 
+    names = {s.index: s.name for s in client.describe(dataset).subjects}
+    first_of = {s.subject_index: s.first_sample_index for s in datasource.subjects}
     subject_of = np.empty(len(datasource), dtype=np.int64)
     for subject in datasource.subjects:
         first = subject.first_sample_index
         subject_of[first : first + subject.sample_count] = subject.subject_index
+    checksums: dict[int, float] = {}
+    spot: dict[int, tuple[int, np.ndarray]] = {}  # one slice per subject kept for an exact check
     summary = DemoSummary()
-    sums: dict[int, float] = {}
-    above: dict[int, float] = {}
-    voxels: dict[int, int] = {}
+    nb_batches = len(loader)
     start = time.perf_counter()
     with torch.no_grad():
-        for batch in tqdm(loader, desc="predicting slices", unit="batch", disable=not progress):
+        for i, batch in enumerate(tqdm(loader, desc="predicting and assembling", unit="batch", disable=not progress)):
             x, sample_indices = batch[defs.KEY_IMAGES], batch[defs.KEY_SAMPLE_INDEX]
             prediction = network(x)
             numpy_prediction = prediction.numpy().transpose((0, 2, 3, 1))  # back to (B)HWC, channel last
             summary.megabytes += x.numel() * x.element_size() / 1e6
-            for p, i in zip(numpy_prediction, sample_indices.numpy(), strict=True):
-                s = int(subject_of[i])
-                summary.slices[s] = summary.slices.get(s, 0) + 1
-                sums[s] = sums.get(s, 0.0) + float(p.sum(dtype=np.float64))
-                above[s] = above.get(s, 0.0) + float((p > 0.5).sum())
-                voxels[s] = voxels.get(s, 0) + p.size
+            for p, k in zip(numpy_prediction, sample_indices.numpy(), strict=True):
+                s = int(subject_of[k])
+                checksums[s] = checksums.get(s, 0.0) + float(p.sum(dtype=np.float64))
+                local = int(k) - first_of[s]
+                if local == 90:
+                    spot[s] = (local, p.copy())
+
+            is_last = i == nb_batches - 1
+            assembler.add_batch(numpy_prediction, sample_indices.numpy(), is_last)
+
+            for subject_index in assembler.subjects_ready:
+                subject_prediction = assembler.get_assembled_subject(subject_index)
+                direct_sample = datasource.direct_extract(direct_extractor, subject_index)
+                target = direct_sample[defs.KEY_LABELS]
+                summary.subjects[subject_index] = _evaluate(
+                    names[subject_index],
+                    subject_prediction,
+                    target,
+                    checksums.get(subject_index, 0.0),
+                    spot.get(subject_index),
+                    int((subject_of == subject_index).sum()),
+                )
     summary.seconds = time.perf_counter() - start
-    for s in summary.slices:
-        summary.prediction_means[s] = sums[s] / voxels[s]
-        summary.foreground[s] = above[s] / voxels[s]
+    summary.job_id = assembler.job_id or ""
+    assembler.close()
     datasource.close()
     client.close()
     return summary
+
+
+def _evaluate(
+    name: str, volume: np.ndarray, target: np.ndarray, checksum: float, spot: tuple[int, np.ndarray] | None, slices: int
+) -> SubjectResult:
+    total = float(volume.sum(dtype=np.float64))
+    checked = abs(total - checksum) <= 1e-6 * max(1.0, abs(checksum))
+    if spot is not None:
+        checked = checked and bool(np.array_equal(volume[spot[0]], spot[1]))
+    predicted = volume[..., 0] > 0.5
+    truth = target[..., 0] > 0
+    denominator = int(predicted.sum()) + int(truth.sum())
+    dice = 2.0 * int((predicted & truth).sum()) / denominator if denominator else 1.0
+    return SubjectResult(name, tuple(volume.shape), str(volume.dtype), slices, checked, float(predicted.mean()), dice)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -126,19 +191,20 @@ def run_demo(args: argparse.Namespace) -> int:
             summary = run_seed_pipeline(
                 address, args.dataset, args.batch_size, args.workers, progress=not args.no_progress
             )
-            names = pw.connect(address).describe(args.dataset).subjects
         except pw.PatchwireError as exc:
             print(f"patchwire demo: {exc}", file=sys.stderr)
             return 1
-    total = sum(summary.slices.values())
-    for s, count in sorted(summary.slices.items()):
+    total = sum(r.slices for r in summary.subjects.values())
+    for _, r in sorted(summary.subjects.items()):
+        shape = "x".join(map(str, r.shape))
         print(
-            f"  {names[s].name}: {count} slices predicted, mean prediction {summary.prediction_means[s]:.4f}, "
-            f"{100 * summary.foreground[s]:.1f}% above 0.5"
+            f"  {r.name}: assembled {shape} {r.dtype} from {r.slices} slices, "
+            f"{'checked' if r.checked else 'MISMATCH'}, {100 * r.foreground:.1f}% foreground, "
+            f"Dice vs labels {r.dice:.3f}"
         )
     print(
-        f"{total} slices of {len(summary.slices)} subjects in {summary.seconds:.2f} s "
-        f"({total / summary.seconds:.0f} slices/s, {summary.megabytes / summary.seconds:.0f} MB/s of input)"
+        f"{total} slices of {len(summary.subjects)} subjects predicted and assembled on the server in "
+        f"{summary.seconds:.2f} s ({total / summary.seconds:.0f} slices/s, "
+        f"{summary.megabytes / summary.seconds:.0f} MB/s of input; job {summary.job_id})"
     )
-    print("(assembling predictions into volumes on the server comes with the assembly service)")
-    return 0
+    return 0 if summary.subjects and all(r.checked for r in summary.subjects.values()) else 1

@@ -1,6 +1,6 @@
 """The seed example (slice-wise extraction, Permute to channel-first, torch DataLoader with batch size 2, a small
-CNN, prediction back to channel-last) run remotely and with pymia locally: the same batches and predictions, and
-pymia's SubjectAssembler fed by the remote run assembles exactly what it assembles in the local run."""
+CNN, prediction back to channel-last, assembly, subjects_ready, direct_extract) run remotely — datasource and
+assembler on a patchwire server — and with pymia locally: the same batches, predictions and assembled subjects."""
 
 from __future__ import annotations
 
@@ -81,10 +81,8 @@ def test_seed_example_remote_equals_local(client: pw.Client, tiny_h5: Path) -> N
     direct_extractor = extr.ComposeExtractor(
         [extr.ImagePropertiesExtractor(), extr.DataExtractor(categories=(defs.KEY_LABELS,))]
     )
-    # assembly on the server is the assembly service's; here pymia's assembler checks what the remote run produced
-    remote_batches, remote_assembled = _run(
-        dataset, PytorchDatasetAdapter(dataset), pymia.assembler.SubjectAssembler(local), direct_extractor
-    )
+    assembler = client.assembler(dataset)  # pymia: assm.SubjectAssembler(dataset)
+    remote_batches, remote_assembled = _run(dataset, PytorchDatasetAdapter(dataset), assembler, direct_extractor)
 
     assert len(remote_batches) == len(local_batches) == 30
     for (rx, ri, rp), (lx, li, lp) in zip(remote_batches, local_batches, strict=True):
@@ -93,7 +91,9 @@ def test_seed_example_remote_equals_local(client: pw.Client, tiny_h5: Path) -> N
     assert sorted(remote_assembled) == sorted(local_assembled) == [0, 1, 2]
     for s, (pred, labels, props) in remote_assembled.items():
         lpred, llabels, lprops = local_assembled[s]
-        assert pred.shape == lpred.shape == (20, 24, 16, 1) and np.array_equal(pred, lpred)
+        # pymia assembles into float64; patchwire keeps the predictions' dtype: equal after casting
+        assert pred.dtype == np.float32 and lpred.dtype == np.float64
+        assert pred.shape == lpred.shape == (20, 24, 16, 1) and np.array_equal(pred.astype(np.float64), lpred)
         assert labels.dtype == llabels.dtype and np.array_equal(labels, llabels)
         assert (props.size, props.origin, props.spacing, props.direction) == (
             lprops.size,
@@ -147,6 +147,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     for s in range(1, 5):
-        assert any(line.strip().startswith(f"Subject_{s}: 181 slices predicted") for line in lines), result.stdout
-    assert any(line.startswith("724 slices of 4 subjects") for line in lines), result.stdout
+        expected = f"Subject_{s}: assembled 181x217x181x1 float32 from 181 slices, checked,"
+        assert any(line.strip().startswith(expected) for line in lines), result.stdout
+    assert any(line.startswith("724 slices of 4 subjects predicted and assembled") for line in lines), result.stdout
     assert (tmp_path / "phantom-v1.h5").is_file()
