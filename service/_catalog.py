@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from patchwire.service import _pymia_format as fmt
+from patchwire.service._cache import BlockCache
 from patchwire.service._errors import FailedPrecondition, NotFound, OutOfRange
 
 __all__ = ["Dataset", "SubjectGeometry", "to_str"]
@@ -49,8 +50,9 @@ class SubjectGeometry:
 class Dataset:
     """One served dataset: metadata read at open, data handles opened lazily and kept."""
 
-    def __init__(self, name: str, path: str | Path) -> None:
+    def __init__(self, name: str, path: str | Path, cache: BlockCache | None = None) -> None:
         self.name = name
+        self._cache = cache
         self.path = Path(path)
         try:
             self._file = h5py.File(self.path, "r", libver="latest")
@@ -161,7 +163,11 @@ class Dataset:
                     f"index expression {expression!r} has {n_axes} axes but {location} has {h.ndim} (shape {h.shape})"
                 )
             try:
-                data = h[expression]
+                data = None
+                if self._cache is not None and isinstance(expression, tuple):
+                    data = self._cache.read((self.name, location), h, expression)
+                if data is None:
+                    data = h[expression]
             except IndexError as exc:  # h5py's message names the index and the valid range
                 raise OutOfRange(
                     f"index expression {expression!r} does not fit {location} (shape {h.shape}): {exc}"

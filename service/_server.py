@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from patchwire.service._assembly import AssemblyStore
 from patchwire.service._assembly_service import AssemblyServicer
+from patchwire.service._cache import BlockCache
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
 from patchwire.service._encoding import Encoded, encode_batch
@@ -56,6 +57,8 @@ class ServerConfig:
     state_dir: Path | None = None
     """Where assembly jobs live (journals, partial volumes, results); a restart with the same folder recovers them.
     None: a temporary folder removed at stop (jobs are then not durable across restarts)."""
+    cache_bytes: int = 1 << 30
+    """Capacity of the block cache shared by all datasets and clients (0 disables it)."""
     assembly_memory_bytes: int = 1 << 30
     """Most bytes of partial-volume buffers kept mapped in memory; the rest stay on disk in ``state_dir``."""
 
@@ -204,14 +207,16 @@ class PatchwireServer:
         self._executor: ThreadPoolExecutor | None = None
         self._datasets: dict[str, Dataset] = {}
         self._assembly: AssemblyStore | None = None
+        self.cache: BlockCache | None = None
         self._temp_state: Path | None = None
         self.port: int | None = None
 
     async def start(self) -> PatchwireServer:
         cfg = self.config
         try:
+            self.cache = BlockCache(cfg.cache_bytes)
             for name, path in cfg.datasets.items():
-                self._datasets[name] = Dataset(name, path)
+                self._datasets[name] = Dataset(name, path, self.cache)
             self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
             cache = DatasourceCache(self._datasets)
             state_dir = cfg.state_dir

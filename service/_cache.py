@@ -1,0 +1,112 @@
+"""A bounded cache of decoded blocks, shared by every dataset and client of a server.
+
+Numeric arrays are cut into blocks of whole rows along axis 0 (about ``block_bytes`` each). A sample's read becomes
+one contiguous h5py read of the blocks it touches (missing ones only), and the sample is cut from memory. That turns
+the slow access patterns of contiguous HDF5 arrays into fast ones: an axis-2 slice of a (z, y, x, c) volume reads
+strided rows at ~0.1 GB/s from h5py, but its enclosing blocks at ~8 GB/s, and the next slices of that subject come
+from memory; a patch's blocks serve its neighbours. The least recently used blocks are evicted beyond
+``capacity_bytes``; what a caller gets is always a copy (transforms may modify samples in place).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BlockCache"]
+
+
+class BlockCache:
+    def __init__(self, capacity_bytes: int, block_bytes: int = 8 << 20) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.block_bytes = block_bytes
+        self._blocks: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def rows_per_block(self, shape: tuple[int, ...], itemsize: int) -> int:
+        row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+        return max(1, self.block_bytes // max(row, 1))
+
+    def read(self, key: Hashable, dataset: Any, expression: Any) -> Any:
+        """``dataset[expression]`` through the cache, or None when the request is not cacheable (the caller then
+        reads it directly): non-numeric data, negative or stepped indices, empty or out-of-range first axes."""
+        if self.capacity_bytes <= 0 or dataset.ndim == 0 or dataset.dtype.kind not in "biuf":
+            return None
+        items = expression if isinstance(expression, tuple) else (expression,)
+        if not items:
+            return None
+        for item in items:
+            if isinstance(item, slice):
+                if item.step not in (None, 1) or (item.start or 0) < 0 or (item.stop is not None and item.stop < 0):
+                    return None
+            elif not isinstance(item, int | np.integer) or item < 0:
+                return None
+        dim0 = int(dataset.shape[0])
+        first = items[0]
+        if isinstance(first, slice):
+            start = min(first.start or 0, dim0)
+            stop = dim0 if first.stop is None else min(first.stop, dim0)
+        else:
+            start, stop = int(first), int(first) + 1
+        if start >= stop or stop > dim0:
+            return None
+        rows = self.rows_per_block(tuple(dataset.shape), dataset.dtype.itemsize)
+        b0, b1 = start // rows, (stop - 1) // rows
+        blocks = self._blocks_for(key, dataset, rows, b0, b1)
+        base = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        offset = b0 * rows
+        local = slice(start - offset, stop - offset) if isinstance(first, slice) else start - offset
+        result = base[(local, *items[1:])]
+        if len(blocks) == 1 and isinstance(result, np.ndarray):
+            result = result.copy()  # never hand out a view of a cached block
+        return result
+
+    def _blocks_for(self, key: Hashable, dataset: Any, rows: int, b0: int, b1: int) -> list[np.ndarray]:
+        found: dict[int, np.ndarray] = {}
+        with self._lock:
+            for b in range(b0, b1 + 1):
+                block = self._blocks.get((key, b))
+                if block is not None:
+                    self._blocks.move_to_end((key, b))
+                    found[b] = block
+            self.hits += len(found)
+            self.misses += b1 - b0 + 1 - len(found)
+        b = b0
+        while b <= b1:  # read each run of missing blocks with one h5py call
+            if b in found:
+                b += 1
+                continue
+            end = b
+            while end + 1 <= b1 and end + 1 not in found:
+                end += 1
+            data = dataset[b * rows : min((end + 1) * rows, dataset.shape[0])]
+            for k in range(b, end + 1):
+                found[k] = data[(k - b) * rows : (k - b + 1) * rows]
+                if end > b:
+                    found[k] = found[k].copy()  # own memory, so evicting one block frees it
+            self._insert(key, {k: found[k] for k in range(b, end + 1)})
+            b = end + 1
+        return [found[b] for b in range(b0, b1 + 1)]
+
+    def _insert(self, key: Hashable, blocks: dict[int, np.ndarray]) -> None:
+        with self._lock:
+            for b, block in blocks.items():
+                if (key, b) in self._blocks:
+                    continue
+                self._blocks[(key, b)] = block
+                self.nbytes += block.nbytes
+            while self.nbytes > self.capacity_bytes and self._blocks:
+                _, old = self._blocks.popitem(last=False)
+                self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+            self.nbytes = 0

@@ -1,0 +1,89 @@
+"""The block cache returns exactly what h5py returns, never a view of its blocks, and stays within capacity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchwire.service._cache import BlockCache
+
+SHAPE = (23, 9, 7, 2)
+
+
+@pytest.fixture(scope="module")
+def h5(tmp_path_factory: pytest.TempPathFactory) -> h5py.Dataset:
+    path: Path = tmp_path_factory.mktemp("cache") / "a.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+        f["s"] = np.array([b"a", b"b"], dtype=h5py.string_dtype())
+    f = h5py.File(path, "r")
+    yield f
+    f.close()
+
+
+def _item(draw: st.DrawFn, dim: int) -> int | slice:
+    if draw(st.booleans()):
+        return draw(st.integers(0, dim - 1))
+    start = draw(st.one_of(st.none(), st.integers(0, dim + 3)))
+    stop = draw(st.one_of(st.none(), st.integers(0, dim + 5)))
+    return slice(start, stop)
+
+
+@st.composite
+def expressions(draw: st.DrawFn) -> tuple[int | slice, ...]:
+    n = draw(st.integers(1, len(SHAPE)))
+    return tuple(_item(draw, SHAPE[a]) for a in range(n))
+
+
+@settings(deadline=None, max_examples=150)
+@given(expr=expressions(), block_rows=st.integers(1, 30), capacity_blocks=st.integers(0, 6))
+def test_cached_reads_equal_h5py(h5: h5py.File, expr: tuple, block_rows: int, capacity_blocks: int) -> None:
+    row_bytes = 9 * 7 * 2 * 4
+    cache = BlockCache(capacity_blocks * block_rows * row_bytes, block_bytes=block_rows * row_bytes)
+    expected = h5["x"][expr] if _nonempty(expr) else None
+    for _ in range(2):  # cold, then (partly) warm
+        got = cache.read("x", h5["x"], expr)
+        if expected is None or capacity_blocks == 0:
+            assert got is None or np.array_equal(got, expected)
+            continue
+        assert got is not None
+        assert type(got) is type(expected) and got.dtype == expected.dtype
+        assert np.shape(got) == np.shape(expected) and np.array_equal(got, expected)
+        if isinstance(got, np.ndarray) and got.size:
+            got[...] = 1e9  # a caller may modify its sample in place: the cache must not see it
+    assert cache.nbytes <= max(cache.capacity_bytes, 0) or len(cache._blocks) <= 1
+
+
+def _nonempty(expr: tuple) -> bool:
+    first = expr[0]
+    if isinstance(first, int):
+        return True
+    start = min(first.start or 0, SHAPE[0])
+    stop = SHAPE[0] if first.stop is None else min(first.stop, SHAPE[0])
+    return start < stop
+
+
+def test_not_cacheable_reads_fall_through(h5: h5py.File) -> None:
+    cache = BlockCache(1 << 20)
+    assert cache.read("s", h5["s"], (0,)) is None  # strings
+    assert cache.read("x", h5["x"], (slice(None, None, 2),)) is None  # steps
+    assert cache.read("x", h5["x"], (-1,)) is None  # negative indices (h5py's own semantics apply)
+    assert cache.read("x", h5["x"], (99,)) is None  # out of range: h5py raises its error
+    assert BlockCache(0).read("x", h5["x"], (1,)) is None  # disabled
+
+
+def test_capacity_evicts_least_recently_used(h5: h5py.File) -> None:
+    row = 9 * 7 * 2 * 4
+    cache = BlockCache(3 * 4 * row, block_bytes=4 * row)  # three blocks of four rows
+    for z in range(0, 23, 4):
+        cache.read("x", h5["x"], (z,))
+    assert cache.nbytes <= cache.capacity_bytes and len(cache._blocks) == 3
+    assert sorted(b for _, b in cache._blocks) == [3, 4, 5]
+    before = cache.misses
+    cache.read("x", h5["x"], (21,))
+    assert cache.misses == before and cache.hits > 0
