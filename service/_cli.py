@@ -1,7 +1,8 @@
-"""The ``patchwire`` command: ``serve`` runs a server; ``demo`` runs the seed pipeline end to end.
+"""The ``patchwire`` command: ``serve`` runs a server; ``status`` shows its assembly jobs' progress; ``demo`` runs
+the seed pipeline end to end.
 
-``demo`` lives in the client package and is imported only when asked for, so a server-only install (no torch)
-serves without it.
+``status`` and ``demo`` live in the client package and are imported only when asked for, so a server-only install
+(no torch) serves without them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,24 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="most MB of partial volumes kept in memory; the rest stay on disk (default 1024)",
     )
+    serve.add_argument(
+        "--cache-mb",
+        type=float,
+        default=1024,
+        metavar="MB",
+        help="block cache shared by all datasets and clients, in MB (default 1024; 0 disables)",
+    )
+
+    status = sub.add_parser("status", help="show the progress of a server's assembly jobs")
+    status.add_argument("address", help="the server, HOST:PORT")
+    status.add_argument("--job", "-j", help="one job, with a line per subject (default: a table of every job)")
+    status.add_argument(
+        "--watch", "-w", action="store_true", help="redraw until the job (or every job) is completed or aborted"
+    )
+    status.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between redraws (default 2)")
+    status.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for the server (default 5)"
+    )
 
     demo = sub.add_parser("demo", help="run the seed pipeline against a server on a built-in phantom dataset")
     demo.add_argument("--address", help="use this running server (HOST:PORT) instead of starting one")
@@ -105,6 +124,7 @@ async def _serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace,
         state_dir=args.state_dir,
         assembly_memory_bytes=int(args.assembly_memory * (1 << 20)),
+        cache_bytes=int(args.cache_mb * (1 << 20)),
     )
     server = PatchwireServer(config)
     try:
@@ -133,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvloop
 
         return uvloop.run(_serve(args))
+    if args.command == "status":
+        from patchwire.client._status import run_status
+
+        return run_status(args)
     if args.command == "demo":
         try:
             from patchwire.client._demo import run_demo
