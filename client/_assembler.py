@@ -33,11 +33,12 @@ from patchwire.client._decoding import decode_stream
 from patchwire.client._errors import ConnectionFailed, translate_rpc_errors
 from patchwire.client.conversion import ImageProperties
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, tensor_pb2, values_pb2
+from patchwire.v1 import codec, values_pb2
 
 __all__ = ["AssemblyEvent", "JobStatus", "RemoteSubjectAssembler", "SubjectProgress"]
 
 _log = logging.getLogger(__name__)
+FETCH_SUBJECT = "/patchwire.v1.AssemblyService/FetchSubject"
 PREDICTION_KEY = "__prediction"  # pymia's key for a plain array prediction
 _MODES = {
     "overwrite": apb.OVERLAP_MODE_OVERWRITE,
@@ -132,14 +133,24 @@ def _as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+Request = apb.PostPredictionsRequest | bytes  # chunk messages travel pre-serialised
+
+
+def _with_chunks(batch: apb.PredictionBatch, payloads: Sequence[memoryview]) -> list[Request]:
+    """The batch request, then its tensors' chunk messages as wire bytes (one copy of each payload)."""
+    out: list[Request] = [apb.PostPredictionsRequest(batch=batch)]
+    out.extend(chunk for p in payloads for chunk in codec.serialized_chunks(p))
+    return out
+
+
 class _PostStream:
     """One PostPredictions stream: requests go through a queue, acknowledgements are read one per batch."""
 
     def __init__(self, connection: Connection) -> None:
-        self._queue: queue.Queue[apb.PostPredictionsRequest | None] = queue.Queue()
-        self._responses = connection.assembly.PostPredictions(iter(self._queue.get, None))
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._responses = connection.post_predictions()(iter(self._queue.get, None))
 
-    def send(self, requests: Sequence[apb.PostPredictionsRequest]) -> apb.PostPredictionsResponse:
+    def send(self, requests: Sequence[Request]) -> apb.PostPredictionsResponse:
         for r in requests:
             self._queue.put(r)
         response: apb.PostPredictionsResponse = next(self._responses)
@@ -230,21 +241,15 @@ class RemoteSubjectAssembler:
         response = self._post(self._requests(arrays, indices, last_batch))
         self._ready.update(int(s) for s in response.ready_subjects)
 
-    def _requests(
-        self, arrays: Mapping[str, np.ndarray], indices: list[int], last_batch: bool
-    ) -> list[apb.PostPredictionsRequest]:
+    def _requests(self, arrays: Mapping[str, np.ndarray], indices: list[int], last_batch: bool) -> list[Request]:
         batch = apb.PredictionBatch(job_id=self._job(), sample_indices=indices, last_batch=last_batch)
-        payloads: list[bytes] = []
+        payloads: list[memoryview] = []
         for key, arr in arrays.items():
             tensor, payload = codec.array_to_tensor(arr)
             batch.fields.add(key=key, stacked=tensor)
             if payload is not None:
                 payloads.append(payload)
-        out = [apb.PostPredictionsRequest(batch=batch)]
-        out.extend(
-            apb.PostPredictionsRequest(chunk=tensor_pb2.TensorChunk(data=c)) for p in payloads for c in codec.chunks(p)
-        )
-        return out
+        return _with_chunks(batch, payloads)
 
     def add_samples(
         self, predictions: Mapping[str, Sequence[np.ndarray]], sample_indices: Sequence[int], last_batch: bool = False
@@ -253,7 +258,7 @@ class RemoteSubjectAssembler:
         if not self._created:
             self._create({k: (int(v[0].shape[-1]), self.dtype or v[0].dtype) for k, v in predictions.items()})
         batch = apb.PredictionBatch(job_id=self._job(), sample_indices=list(sample_indices), last_batch=last_batch)
-        payloads: list[bytes] = []
+        payloads: list[memoryview] = []
         for key, values in predictions.items():
             field = batch.fields.add(key=key)
             field.per_sample.SetInParent()
@@ -263,14 +268,10 @@ class RemoteSubjectAssembler:
                 field.per_sample.values.append(values_pb2.Value(tensor=tensor))
                 if payload is not None:
                     payloads.append(payload)
-        requests = [apb.PostPredictionsRequest(batch=batch)]
-        requests.extend(
-            apb.PostPredictionsRequest(chunk=tensor_pb2.TensorChunk(data=c)) for p in payloads for c in codec.chunks(p)
-        )
-        response = self._post(requests)
+        response = self._post(_with_chunks(batch, payloads))
         self._ready.update(int(s) for s in response.ready_subjects)
 
-    def _post(self, requests: list[apb.PostPredictionsRequest]) -> apb.PostPredictionsResponse:
+    def _post(self, requests: list[Request]) -> apb.PostPredictionsResponse:
         attempt = 0
         while True:
             try:
@@ -313,7 +314,7 @@ class RemoteSubjectAssembler:
         """Every entry of an assembled subject and the subject's image properties (the original geometry)."""
         request = apb.FetchSubjectRequest(job_id=self._job(), subject_index=int(subject_index))
         with translate_rpc_errors(f"fetching subject {subject_index} of assembly job {self.job_id!r}"):
-            (decoded,) = list(decode_stream(self._connection.assembly.FetchSubject(request)))
+            (decoded,) = list(decode_stream(self._connection.raw_stream(FETCH_SUBJECT)(request)))
         sample = decoded.sample(0)
         properties = sample.pop("properties")
         return sample, properties
@@ -355,15 +356,19 @@ class RemoteSubjectAssembler:
         )
         tmp = path.with_name(f".{path.name}.part")
         size = None
-        with (
-            translate_rpc_errors(f"exporting subject {subject_index} of assembly job {self.job_id!r}"),
-            open(tmp, "wb") as f,
-        ):
-            for response in self._connection.assembly.ExportSubject(request):
-                if response.WhichOneof("payload") == "file":
-                    size = response.file.size
-                else:
-                    f.write(response.data)
+        try:
+            with (
+                translate_rpc_errors(f"exporting subject {subject_index} of assembly job {self.job_id!r}"),
+                open(tmp, "wb") as f,
+            ):
+                for response in self._connection.assembly.ExportSubject(request):
+                    if response.WhichOneof("payload") == "file":
+                        size = response.file.size
+                    else:
+                        f.write(response.data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a refused or broken export leaves no partial file behind
+            raise
         if size is None or tmp.stat().st_size != size:
             tmp.unlink(missing_ok=True)
             raise ConnectionFailed(f"export of subject {subject_index} ended early")

@@ -17,7 +17,13 @@ from typing import Any
 import grpc
 
 from patchwire.client._errors import ConnectionFailed
-from patchwire.v1 import assembly_service_pb2_grpc, codec, dataset_service_pb2, dataset_service_pb2_grpc
+from patchwire.v1 import (
+    assembly_service_pb2,
+    assembly_service_pb2_grpc,
+    codec,
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
+)
 
 __all__ = ["Connection"]
 
@@ -31,6 +37,7 @@ class Connection:
         self._channel: grpc.Channel | None = None
         self._stub: dataset_service_pb2_grpc.DatasetServiceStub | None = None
         self._assembly: assembly_service_pb2_grpc.AssemblyServiceStub | None = None
+        self._raw: dict[str, Any] = {}
         self._pid = -1
         self._lock = threading.Lock()
         with _live_lock:
@@ -54,6 +61,29 @@ class Connection:
         assert self._assembly is not None
         return self._assembly
 
+    def raw_stream(self, method: str) -> Any:
+        """A server-streaming call of ``method`` (e.g. ``/patchwire.v1.DatasetService/StreamBatches``) whose
+        responses arrive as wire bytes: chunk messages are then read without protobuf's copy (``_decoding``)."""
+        self._ensure()
+        call = self._raw.get(method)
+        if call is None:
+            call = self._raw[method] = self.channel.unary_stream(
+                method, request_serializer=codec.passthrough_serializer, response_deserializer=_identity
+            )
+        return call
+
+    def post_predictions(self) -> Any:
+        """The PostPredictions call, taking messages or pre-serialised request bytes."""
+        self._ensure()
+        call = self._raw.get("post")
+        if call is None:
+            call = self._raw["post"] = self.channel.stream_stream(
+                "/patchwire.v1.AssemblyService/PostPredictions",
+                request_serializer=codec.passthrough_serializer,
+                response_deserializer=assembly_service_pb2.PostPredictionsResponse.FromString,
+            )
+        return call
+
     def _ensure(self) -> None:
         if self._channel is not None and self._pid == os.getpid():
             return
@@ -62,6 +92,7 @@ class Connection:
                 self._channel = grpc.insecure_channel(self.address, options=codec.channel_options())
                 self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
                 self._assembly = assembly_service_pb2_grpc.AssemblyServiceStub(self._channel)
+                self._raw = {}
                 self._pid = os.getpid()
 
     def wait_ready(self, timeout: float) -> None:
@@ -96,6 +127,10 @@ class Connection:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["address"])  # type: ignore[misc]
+
+
+def _identity(data: bytes) -> bytes:
+    return data
 
 
 def _before_fork() -> None:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 __all__ = ["RemoteDatasource", "SubjectSamples"]
 
 ClientStep = Callable[[dict[str, Any]], Any]
+GET_SAMPLES = "/patchwire.v1.DatasetService/GetSamples"
+DIRECT_EXTRACT = "/patchwire.v1.DatasetService/DirectExtract"
+STREAM_BATCHES = "/patchwire.v1.DatasetService/StreamBatches"
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ class RemoteDatasource:
         what = f"reading samples {list(indices)[:8]}{'...' if len(indices) > 8 else ''} of dataset {self.dataset!r}"
         out = []
         with translate_rpc_errors(what):
-            for decoded in decode_stream(self._connection.datasets.GetSamples(request)):
+            for decoded in decode_stream(self._connection.raw_stream(GET_SAMPLES)(request)):
                 for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
                     sample = _finish(sample, self._pickled, self._client_steps)
                     sample[defs.KEY_SAMPLE_INDEX] = i
@@ -150,7 +153,7 @@ class RemoteDatasource:
             extraction.transform.CopyFrom(server_transform)
         request = dataset_service_pb2.DirectExtractRequest(extraction=extraction)
         with translate_rpc_errors(f"direct extraction from subject {subject_index} of dataset {self.dataset!r}"):
-            (decoded,) = list(decode_stream(self._connection.datasets.DirectExtract(request)))
+            (decoded,) = list(decode_stream(self._connection.raw_stream(DIRECT_EXTRACT)(request)))
         return _finish(decoded.sample(0), pickled, steps)
 
     def get_subjects(self) -> list[str]:
@@ -185,7 +188,7 @@ class RemoteDatasource:
             drop_last=drop_last,
             start_position=start_position,
         )
-        call = self._connection.datasets.StreamBatches(request)
+        call = self._connection.raw_stream(STREAM_BATCHES)(request)
         try:
             with translate_rpc_errors(f"streaming dataset {self.dataset!r}"):
                 for decoded in decode_stream(call):

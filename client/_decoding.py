@@ -10,7 +10,7 @@ import numpy as np
 
 from patchwire.client.conversion import ImageProperties
 from patchwire.client.indexexpression import IndexExpression
-from patchwire.v1 import codec, tensor_pb2, values_pb2
+from patchwire.v1 import codec, dataset_service_pb2, tensor_pb2, values_pb2
 
 __all__ = ["DecodedBatch", "decode_stream", "decode_value"]
 
@@ -71,7 +71,7 @@ def _strings(msg: tensor_pb2.StringArray) -> list[Any]:
     return nested
 
 
-def decode_value(value: values_pb2.Value, payloads: Iterator[bytearray]) -> Any:
+def decode_value(value: values_pb2.Value, payloads: Iterator[np.ndarray]) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "tensor":
         t = value.tensor
@@ -100,7 +100,7 @@ def decode_value(value: values_pb2.Value, payloads: Iterator[bytearray]) -> Any:
     return getattr(value, kind)
 
 
-def _decode_batch(batch: Any, payload_list: list[bytearray]) -> DecodedBatch:
+def _decode_batch(batch: Any, payload_list: list[np.ndarray]) -> DecodedBatch:
     payloads = iter(payload_list)
     columns: dict[str, Any] = {}
     stacked: set[str] = set()
@@ -115,10 +115,23 @@ def _decode_batch(batch: Any, payload_list: list[bytearray]) -> DecodedBatch:
 
 
 def decode_stream(responses: Iterable[Any]) -> Iterator[DecodedBatch]:
-    """Decodes a GetSamples / DirectExtract / StreamBatches response stream, batch by batch."""
+    """Decodes a GetSamples / DirectExtract / StreamBatches / FetchSubject response stream, batch by batch.
+    Responses may be messages or their wire bytes (``Connection.raw_stream``): chunk bytes are copied straight
+    into the tensor's buffer."""
     batch = None
     assembler: codec.ChunkAssembler | None = None
     for response in responses:
+        if isinstance(response, bytes):
+            data = codec.chunk_data(response)
+            if data is not None:
+                if assembler is None:
+                    raise ValueError("a tensor chunk arrived before any batch")
+                assembler.add(data)
+                if assembler.complete and batch is not None:
+                    yield _decode_batch(batch, assembler.payloads())
+                    batch, assembler = None, None
+                continue
+            response = dataset_service_pb2.StreamBatchesResponse.FromString(response)  # same layout for all four
         if response.WhichOneof("payload") == "batch":
             if assembler is not None and not assembler.complete:
                 raise ValueError("a new batch arrived before the previous batch's tensor chunks were complete")

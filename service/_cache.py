@@ -1,7 +1,8 @@
 """A bounded cache of decoded blocks, shared by every dataset and client of a server.
 
-Numeric arrays are cut into blocks of whole rows along axis 0 (about ``block_bytes`` each). A sample's read becomes
-one contiguous h5py read of the blocks it touches (missing ones only), and the sample is cut from memory. That turns
+Numeric arrays are cut into blocks of whole rows along axis 0 (about ``block_bytes``, 4 MiB, each). A sample's
+read becomes one contiguous h5py read of the blocks it touches (missing ones only), and the sample is cut from
+memory. That turns
 the slow access patterns of contiguous HDF5 arrays into fast ones: an axis-2 slice of a (z, y, x, c) volume reads
 strided rows at ~0.1 GB/s from h5py, but its enclosing blocks at ~8 GB/s, and the next slices of that subject come
 from memory; a patch's blocks serve its neighbours. The least recently used blocks are evicted beyond
@@ -21,7 +22,7 @@ __all__ = ["BlockCache"]
 
 
 class BlockCache:
-    def __init__(self, capacity_bytes: int, block_bytes: int = 8 << 20) -> None:
+    def __init__(self, capacity_bytes: int, block_bytes: int = 4 << 20) -> None:
         self.capacity_bytes = capacity_bytes
         self.block_bytes = block_bytes
         self._blocks: OrderedDict[Hashable, np.ndarray] = OrderedDict()
@@ -60,13 +61,16 @@ class BlockCache:
         rows = self.rows_per_block(tuple(dataset.shape), dataset.dtype.itemsize)
         b0, b1 = start // rows, (stop - 1) // rows
         blocks = self._blocks_for(key, dataset, rows, b0, b1)
-        base = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-        offset = b0 * rows
-        local = slice(start - offset, stop - offset) if isinstance(first, slice) else start - offset
-        result = base[(local, *items[1:])]
-        if len(blocks) == 1 and isinstance(result, np.ndarray):
-            result = result.copy()  # never hand out a view of a cached block
-        return result
+        rest = items[1:]
+        if not isinstance(first, slice):
+            result = blocks[0][(start - b0 * rows, *rest)]
+            return result.copy() if isinstance(result, np.ndarray) else result  # never a view of a cached block
+        # cut the selection out of each block and join only the (small) pieces, never the blocks themselves
+        pieces = []
+        for k, block in enumerate(blocks):
+            lo = (b0 + k) * rows
+            pieces.append(block[(slice(max(start - lo, 0), min(stop - lo, len(block))), *rest)])
+        return pieces[0].copy() if len(pieces) == 1 else np.concatenate(pieces)
 
     def _blocks_for(self, key: Hashable, dataset: Any, rows: int, b0: int, b1: int) -> list[np.ndarray]:
         found: dict[int, np.ndarray] = {}

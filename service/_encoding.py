@@ -18,16 +18,17 @@ __all__ = ["Encoded", "encode_batch"]
 class Encoded:
     """A Batch message plus the payloads of its chunked tensors, in announcement order."""
 
-    def __init__(self, batch: dataset_service_pb2.Batch, payloads: list[bytes]) -> None:
+    def __init__(self, batch: dataset_service_pb2.Batch, payloads: list[memoryview]) -> None:
         self.batch = batch
         self.payloads = payloads
-        self.nbytes = batch.ByteSize() + sum(len(p) for p in payloads)
+        self.nbytes = batch.ByteSize() + sum(p.nbytes for p in payloads)
 
     def messages(self, response_type: Any) -> list[Any]:
-        """Response messages of the given type: the batch, then every chunk."""
-        out = [response_type(batch=self.batch)]
+        """Response messages of the given type: the batch, then every chunk, pre-serialised (sent with
+        ``codec.passthrough_serializer``: the payload is copied once, into the chunk's wire bytes)."""
+        out: list[Any] = [response_type(batch=self.batch)]
         for payload in self.payloads:
-            out.extend(response_type(chunk=tensor_pb2.TensorChunk(data=c)) for c in codec.chunks(payload))
+            out.extend(codec.serialized_chunks(payload))
         return out
 
 
@@ -40,7 +41,7 @@ def _nested_strings(value: list[Any]) -> tensor_pb2.StringArray:
     return tensor_pb2.StringArray(values=value)
 
 
-def _value(value: Any, key: str, payloads: list[bytes]) -> values_pb2.Value:
+def _value(value: Any, key: str, payloads: list[memoryview]) -> values_pb2.Value:
     if isinstance(value, np.ndarray) and value.dtype != object:
         tensor, payload = codec.array_to_tensor(value)
         if payload is not None:
@@ -90,7 +91,7 @@ def _stackable(values: Sequence[Any]) -> bool:
 def encode_batch(samples: Sequence[dict[str, Any]], sample_indices: Sequence[int] = (), position: int = 0) -> Encoded:
     """Encodes samples: arrays equal in shape and dtype across the batch are stacked into one tensor per key."""
     batch = dataset_service_pb2.Batch(sample_indices=sample_indices, position=position)
-    payloads: list[bytes] = []
+    payloads: list[memoryview] = []
     keys = list(samples[0]) if samples else []
     for sample in samples[1:]:
         keys.extend(k for k in sample if k not in keys)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -25,7 +26,7 @@ from patchwire.service._datasource import CompiledDatasource, DatasourceCache, d
 from patchwire.service._encoding import Encoded, encode_batch
 from patchwire.service._errors import InvalidArgument, translate_errors
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec, dataset_service_pb2, dataset_service_pb2_grpc, values_pb2
+from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, values_pb2
 
 __all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig"]
 
@@ -171,6 +172,27 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 pending.cancel()
 
 
+def _handlers(servicer: Any, service_name: str) -> grpc.GenericRpcHandler:
+    """The servicer's methods as gRPC handlers whose responses may be pre-serialised bytes (see
+    ``codec.passthrough_serializer``): like the generated ``add_*Servicer_to_server``, with that one difference."""
+    service = descriptor_pool.Default().FindServiceByName(service_name)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        m.name: make[(m.client_streaming, m.server_streaming)](
+            getattr(servicer, m.name),
+            request_deserializer=message_factory.GetMessageClass(m.input_type).FromString,
+            response_serializer=codec.passthrough_serializer,
+        )
+        for m in service.methods
+    }
+    return grpc.method_handlers_generic_handler(service_name, handlers)
+
+
 def _describe(ds: Dataset) -> dataset_service_pb2.DescribeDatasetResponse:
     out = dataset_service_pb2.DescribeDatasetResponse(name=ds.name)
     for cat in ds.categories:
@@ -226,11 +248,11 @@ class PatchwireServer:
             self._assembly = AssemblyStore(Path(state_dir), cache.get, cfg.assembly_memory_bytes)
             await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
             server = grpc.aio.server(options=list(cfg.options))
-            dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(
-                DatasetServicer(self._datasets, self._executor, cache), server
-            )
-            assembly_service_pb2_grpc.add_AssemblyServiceServicer_to_server(
-                AssemblyServicer(self._assembly, self._executor), server
+            server.add_generic_rpc_handlers(
+                (
+                    _handlers(DatasetServicer(self._datasets, self._executor, cache), SERVICE_NAME),
+                    _handlers(AssemblyServicer(self._assembly, self._executor), ASSEMBLY_SERVICE_NAME),
+                )
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection(

@@ -24,9 +24,12 @@ __all__ = [
     "batch_arrays",
     "batch_tensors",
     "channel_options",
+    "chunk_data",
     "chunks",
     "dtype_from_proto",
     "dtype_to_proto",
+    "passthrough_serializer",
+    "serialized_chunks",
     "tensor_to_array",
 ]
 
@@ -76,22 +79,24 @@ def dtype_from_proto(dtype: int) -> np.dtype[Any]:
         raise ValueError(f"unknown or unspecified tensor dtype {dtype}") from None
 
 
-def array_to_tensor(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> tuple[tensor_pb2.Tensor, bytes | None]:
-    """Encodes ``array``; returns the Tensor and, when it is to be chunked, the payload to send after it."""
+def array_to_tensor(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> tuple[tensor_pb2.Tensor, memoryview | None]:
+    """Encodes ``array``; returns the Tensor and, when it is to be chunked, the payload to send after it (a view of
+    the array's memory: the array must not change until the payload is sent)."""
     dt = np.dtype(array.dtype)
     wire_dtype = dtype_to_proto(dt)
     if dt.byteorder == ">" or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=dt.newbyteorder("<"))
-    payload = array.tobytes()
     tensor = tensor_pb2.Tensor(dtype=wire_dtype, shape=array.shape)
-    if len(payload) > chunk_bytes:
-        tensor.chunked_nbytes = len(payload)
-        return tensor, payload
-    tensor.data = payload
+    if array.nbytes > chunk_bytes:
+        tensor.chunked_nbytes = array.nbytes
+        return tensor, array.reshape(-1).data.cast("B")
+    tensor.data = array.tobytes()
     return tensor, None
 
 
-def tensor_to_array(tensor: tensor_pb2.Tensor, payload: bytes | bytearray | memoryview | None = None) -> np.ndarray:
+def tensor_to_array(
+    tensor: tensor_pb2.Tensor, payload: bytes | bytearray | memoryview | np.ndarray | None = None
+) -> np.ndarray:
     """Decodes a Tensor (with its chunked ``payload`` when it had one) into a writable numpy array."""
     dtype = dtype_from_proto(tensor.dtype)
     shape = tuple(tensor.shape)
@@ -106,10 +111,10 @@ def tensor_to_array(tensor: tensor_pb2.Tensor, payload: bytes | bytearray | memo
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def chunks(payload: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+def chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Splits a chunked tensor's payload into TensorChunk-sized pieces."""
-    view = memoryview(payload)
-    for start in range(0, len(payload), chunk_bytes):
+    view = memoryview(payload).cast("B")
+    for start in range(0, len(view), chunk_bytes):
         yield bytes(view[start : start + chunk_bytes])
 
 
@@ -118,7 +123,8 @@ class ChunkAssembler:
 
     def __init__(self, tensors: Sequence[tensor_pb2.Tensor]) -> None:
         self._pending = [t for t in tensors if t.chunked_nbytes]
-        self._buffers = [bytearray(t.chunked_nbytes) for t in self._pending]
+        # numpy buffers: no zero-filling (bytearray(n) writes every byte once before the chunks do)
+        self._buffers = [np.empty(t.chunked_nbytes, dtype=np.uint8) for t in self._pending]
         self._index = 0
         self._offset = 0
 
@@ -126,20 +132,20 @@ class ChunkAssembler:
     def complete(self) -> bool:
         return self._index >= len(self._pending)
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         if self.complete:
             raise ValueError("received a tensor chunk that no tensor announced")
         buf = self._buffers[self._index]
         end = self._offset + len(data)
         if end > len(buf):
             raise ValueError("tensor chunk overruns the announced payload size")
-        buf[self._offset : end] = data
+        buf[self._offset : end] = np.frombuffer(data, dtype=np.uint8)
         self._offset = end
         if end == len(buf):
             self._index += 1
             self._offset = 0
 
-    def payloads(self) -> list[bytearray]:
+    def payloads(self) -> list[np.ndarray]:
         """The payloads of the announced tensors, in announcement order."""
         return self._buffers
 
@@ -166,7 +172,7 @@ def batch_tensors(batch: Any) -> list[tensor_pb2.Tensor]:
     return out
 
 
-def batch_arrays(batch: Any, payloads: Sequence[bytes | bytearray]) -> dict[str, list[np.ndarray]]:
+def batch_arrays(batch: Any, payloads: Sequence[bytes | bytearray | np.ndarray]) -> dict[str, list[np.ndarray]]:
     """The arrays of a Batch (or PredictionBatch) by field, one per sample: stacked tensors are split along axis 0,
     per-sample values must all be tensors. ``payloads`` are the chunked payloads in announcement order."""
     pending = iter(payloads)
@@ -185,3 +191,65 @@ def batch_arrays(batch: Any, payloads: Sequence[bytes | bytearray]) -> dict[str,
                 arrays.append(tensor_to_array(t, next(pending) if t.chunked_nbytes else None))
             out[field.key] = arrays
     return out
+
+
+# -- pre-serialised chunk messages ------------------------------------------------------------------------------------
+# Every response type that carries samples (GetSamples, DirectExtract, StreamBatches, FetchSubject) and the
+# prediction requests share one layout: ``oneof payload { Batch batch = 1; TensorChunk chunk = 2; }``. A chunk
+# message is therefore ``0x12 varint(len(inner)) 0x0a varint(len(data)) data``; writing it by hand copies the payload
+# once (instead of into a TensorChunk, then again when serialising) and reading it by hand skips protobuf's copy.
+
+_CHUNK_FIELD_TAG = b"\x12"  # field 2 (chunk), length-delimited
+_DATA_FIELD_TAG = b"\x0a"  # TensorChunk.data: field 1, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def serialized_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The wire bytes of the chunk messages that carry ``payload`` (one copy of the payload, no protobuf)."""
+    view = memoryview(payload).cast("B")
+    for start in range(0, len(view), chunk_bytes):
+        piece = view[start : start + chunk_bytes]
+        inner_head = _DATA_FIELD_TAG + _varint(len(piece))
+        yield b"".join((_CHUNK_FIELD_TAG, _varint(len(inner_head) + len(piece)), inner_head, piece))
+
+
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def chunk_data(message: bytes) -> memoryview | None:
+    """The payload of a serialised chunk message (a view, no copy), or None if ``message`` is not one."""
+    view = memoryview(message)
+    if len(view) < 2 or view[0] != 0x12:
+        return None
+    _, pos = _read_varint(view, 1)
+    if view[pos] != 0x0A:
+        return None
+    n, pos = _read_varint(view, pos + 1)
+    return view[pos : pos + n]
+
+
+def passthrough_serializer(message: Any) -> bytes:
+    """A response serializer that sends pre-serialised bytes as they are and serialises messages."""
+    if isinstance(message, bytes | bytearray):
+        return bytes(message)
+    serialized: bytes = message.SerializeToString()
+    return serialized
