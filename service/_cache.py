@@ -6,7 +6,8 @@ memory. That turns
 the slow access patterns of contiguous HDF5 arrays into fast ones: an axis-2 slice of a (z, y, x, c) volume reads
 strided rows at ~0.1 GB/s from h5py, but its enclosing blocks at ~8 GB/s, and the next slices of that subject come
 from memory; a patch's blocks serve its neighbours. The least recently used blocks are evicted beyond
-``capacity_bytes``; what a caller gets is always a copy (transforms may modify samples in place).
+``capacity_bytes``; a caller gets a copy unless it promises only to read (``copy=False``): transforms may modify
+samples in place, but a sample that is only encoded for the wire needs no private copy. Blocks are read-only.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class BlockCache:
         row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
         return max(1, self.block_bytes // max(row, 1))
 
-    def read(self, key: Hashable, dataset: Any, expression: Any) -> Any:
+    def read(self, key: Hashable, dataset: Any, expression: Any, copy: bool = True) -> Any:
         """``dataset[expression]`` through the cache, or None when the request is not cacheable (the caller then
-        reads it directly): non-numeric data, negative or stepped indices, empty or out-of-range first axes."""
+        reads it directly): non-numeric data, negative or stepped indices, empty or out-of-range first axes.
+        ``copy=False`` may return a read-only view of a cached block, for callers that only read the sample."""
         if self.capacity_bytes <= 0 or dataset.ndim == 0 or dataset.dtype.kind not in "biuf":
             return None
         items = expression if isinstance(expression, tuple) else (expression,)
@@ -64,13 +66,15 @@ class BlockCache:
         rest = items[1:]
         if not isinstance(first, slice):
             result = blocks[0][(start - b0 * rows, *rest)]
-            return result.copy() if isinstance(result, np.ndarray) else result  # never a view of a cached block
+            return result.copy() if copy and isinstance(result, np.ndarray) else result
         # cut the selection out of each block and join only the (small) pieces, never the blocks themselves
         pieces = []
         for k, block in enumerate(blocks):
             lo = (b0 + k) * rows
             pieces.append(block[(slice(max(start - lo, 0), min(stop - lo, len(block))), *rest)])
-        return pieces[0].copy() if len(pieces) == 1 else np.concatenate(pieces)
+        if len(pieces) > 1:
+            return np.concatenate(pieces)
+        return pieces[0].copy() if copy else pieces[0]
 
     def _blocks_for(self, key: Hashable, dataset: Any, rows: int, b0: int, b1: int) -> list[np.ndarray]:
         found: dict[int, np.ndarray] = {}
@@ -95,6 +99,7 @@ class BlockCache:
                 found[k] = data[(k - b) * rows : (k - b + 1) * rows]
                 if end > b:
                     found[k] = found[k].copy()  # own memory, so evicting one block frees it
+                found[k].flags.writeable = False
             self._insert(key, {k: found[k] for k in range(b, end + 1)})
             b = end + 1
         return [found[b] for b in range(b0, b1 + 1)]

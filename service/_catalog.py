@@ -151,7 +151,7 @@ class Dataset:
                     self._handles[location] = h
         return h
 
-    def read(self, location: str, expression: Any = None) -> Any:
+    def read(self, location: str, expression: Any = None, copy: bool = True) -> Any:
         """pymia's Hdf5Reader.read: the whole entry, or ``entry[expression]``; string arrays become lists."""
         h = self.handle(location)
         if expression is None:
@@ -165,7 +165,7 @@ class Dataset:
             try:
                 data = None
                 if self._cache is not None and isinstance(expression, tuple):
-                    data = self._cache.read((self.name, location), h, expression)
+                    data = self._cache.read((self.name, location), h, expression, copy)
                 if data is None:
                     data = h[expression]
             except IndexError as exc:  # h5py's message names the index and the valid range

@@ -75,7 +75,8 @@ class CompiledDatasource:
         s, expr = self.locate(sample_index)
         position = sample_index + self.length if sample_index < 0 else sample_index  # seeds as ds[n - k] would
         extracted: dict[str, Any] = {}
-        self.extractor.extract(self.dataset, Params(s, expr, position), extracted)
+        # without a transform nothing modifies the sample before it is encoded: cached blocks can be read in place
+        self.extractor.extract(self.dataset, Params(s, expr, position, self.transform is not None), extracted)
         if self.transform is not None:
             extracted = self.transform(extracted)
         return extracted

@@ -45,6 +45,8 @@ class Params:
     expression: Expression
     sample_index: int | None
     """Position in the datasource (None for direct extraction); seeds per-sample randomness."""
+    private: bool = True
+    """Arrays must be the sample's own (a transform may modify them in place); False allows read-only views."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class _Data(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         for cat in self.categories:
             loc = reader.data_location(cat, params.subject_index)
-            data = reader.read(loc) if self.ignore_indexing else reader.read(loc, params.expression)
+            data = reader.read(loc) if self.ignore_indexing else reader.read(loc, params.expression, params.private)
             extracted[cat] = to_str(data)
 
 
@@ -234,7 +236,9 @@ class _Pad(Extractor):
             starts.append(start - before)
             stops.append(stop + after)
         read_expr = tuple(slice(max(s, 0), e) for s, e in zip(starts, stops, strict=True))
-        self.inner.extract(reader, Params(params.subject_index, read_expr, params.sample_index), extracted)
+        self.inner.extract(
+            reader, Params(params.subject_index, read_expr, params.sample_index, params.private), extracted
+        )
         padded_shape = tuple(e - s for s, e in zip(starts, stops, strict=True))
         offsets = tuple(max(-s, 0) for s in starts)
         for cat in self.categories:
