@@ -221,6 +221,8 @@ class Job:
             )
         self.subjects: dict[int, Subject] = {}
         for s, first, count in zip(source.subject_indices, source.starts, source.counts, strict=True):
+            if count == 0:  # no sample (e.g. smaller than one patch): nothing to assemble, nothing to wait for
+                continue
             self.subjects[s] = Subject(s, source.dataset.subjects[s], first, count, tuple(shapes[s].size[::-1]), self)
 
     # -- metadata -------------------------------------------------------------------------------------------------
@@ -349,7 +351,7 @@ class Job:
             w = None
             if weight is not None:
                 region = weight[expr]
-                w = region_weights(region.shape, self.mode)
+                w = region_weights(region.shape, self.mode) if region.ndim else None  # one voxel weighs 1
                 if w is None:
                     weight[expr] = region + np.float32(1)
                 else:
@@ -371,6 +373,9 @@ class Job:
     def _finish(self, subject: Subject, forced: bool) -> None:
         buffers = self.pool.buffers(subject)
         (self.directory / "results").mkdir(exist_ok=True)
+        if forced:  # keep what had arrived: the status of a forced subject still lists its missing samples
+            # written before the results, which are what makes a subject ready on recovery
+            write_atomic(self.directory / "results" / f"{subject.index}.forced.npy", _npy(subject.received))
         for e in self.entries:
             result = self._result(buffers, e)
             path = subject.result_path(e.name)
@@ -381,8 +386,6 @@ class Job:
             path.with_name(f".{path.name}.tmp").replace(path)
         subject.state = apb.SUBJECT_STATE_READY
         subject.forced = forced
-        if forced:  # keep what had arrived: the status of a forced subject still lists its missing samples
-            write_atomic(self.directory / "results" / f"{subject.index}.forced.npy", _npy(subject.received))
         self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)
         subject.journal.delete()
         subject.delete_buffers()
@@ -487,12 +490,17 @@ class Job:
         """Rebuilds state from disk: events, finished subjects, and partial volumes replayed from journals."""
         events_path = self.directory / "events.jsonl"
         if events_path.exists():
-            for line in events_path.read_text().splitlines():
+            text = events_path.read_text()
+            lines = text.splitlines()
+            for line in lines:
                 try:
                     self.events.append(Event(**json.loads(line)))
                 except (ValueError, TypeError):
-                    _log.warning("job %s: ignoring a torn event line", self.id)
                     break
+            if len(self.events) < len(lines) or (text and not text.endswith("\n")):
+                # cut the torn tail off: events appended after it would otherwise be glued to it and lost
+                _log.warning("job %s: dropping a torn event line", self.id)
+                write_atomic(events_path, "".join(json.dumps(e.__dict__) + "\n" for e in self.events).encode())
         for subject in self.subjects.values():
             for key in subject.buffer_specs():
                 subject._buffer_path(key).unlink(missing_ok=True)  # derived state: rebuilt from the journal
@@ -512,6 +520,8 @@ class Job:
                 subject.state = apb.SUBJECT_STATE_ABORTED
                 subject.journal.delete()
                 continue
+            # a forced finish that crashed before its results were in place: the subject is still in progress
+            (self.directory / "results" / f"{subject.index}.forced.npy").unlink(missing_ok=True)
             for record in subject.journal.records():
                 fresh = [
                     k for k, i in enumerate(record.sample_indices) if not subject.received[i - subject.first_sample]

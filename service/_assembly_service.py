@@ -87,6 +87,13 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
             raise InvalidArgument(f"from_sequence: must not be negative, got {request.from_sequence}")
         sequence = max(int(request.from_sequence), 1)
         loop = asyncio.get_running_loop()
+
+        def snapshot() -> tuple[int, int]:
+            # under the job's lock: a job changes state and emits the matching event in one locked step, so a state
+            # read here never runs ahead of the events (a job seen completed has its job_completed event)
+            with job.lock:
+                return job.state, len(job.events)
+
         while True:
             while sequence <= len(job.events):
                 e = job.events[sequence - 1]
@@ -100,7 +107,12 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
                     )
                 )
                 sequence += 1
-            if job.state != apb.JOB_STATE_ACTIVE or self._store.jobs.get(job.id) is not job:
+            if self._store.jobs.get(job.id) is not job:
+                return
+            state, _ = await self._run(snapshot)
+            if sequence <= len(job.events):
+                continue  # events arrived meanwhile (their notification may have found no waiter)
+            if state != apb.JOB_STATE_ACTIVE:
                 return
             waiter = self._waiters.get(job.id)
             if waiter is None or waiter.done():
