@@ -387,8 +387,9 @@ class RemoteSubjectAssembler:
         self._ready.clear()
 
     def close(self) -> None:
-        """Closes the prediction stream (the job stays on the server)."""
+        """Closes the prediction stream and the connection (the job stays on the server). Idempotent."""
         self._drop_stream()
+        self._connection.close()
 
     def __enter__(self) -> RemoteSubjectAssembler:
         return self

@@ -311,11 +311,10 @@ class Job:
             for s, positions in new.items():
                 subject = self.subjects[s]
                 indices = [int(sample_indices[p]) for p in positions]
-                subject.journal.append(
-                    indices,
-                    {e.name: [np.asarray(arrays[e.name][p], dtype=e.dtype) for p in positions] for e in self.entries},
-                )
-                self._apply(subject, indices, {e.name: [arrays[e.name][p] for p in positions] for e in self.entries})
+                accepted = {e.name: [arrays[e.name][p] for p in positions] for e in self.entries}
+                # journalled exactly as posted (dtype included), so a replay applies what the live run applied
+                subject.journal.append(indices, accepted)
+                self._apply(subject, indices, accepted)
                 if subject.count == subject.expected:
                     self._finish(subject, forced=False)
                     ready.append(s)
@@ -635,6 +634,8 @@ class AssemblyStore:
                     return existing
                 raise FailedPrecondition(f"job_id: job {job_id!r} already exists with other parameters")
             source = self.resolve(spec)
+            if source.length == 0:
+                raise InvalidArgument(f"spec: the datasource on {spec.dataset!r} has no samples: nothing to assemble")
             directory = self.state_dir / "jobs" / job_id
             for sub in ("journals", "buffers", "results"):
                 (directory / sub).mkdir(parents=True, exist_ok=True)
