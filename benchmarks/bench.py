@@ -1,0 +1,921 @@
+"""patchwire's benchmark: the gRPC ceiling, patchwire streaming, pymia 0.3.4 locally and assembly, in one run.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench.py [--smoke] [--out DIR] [--budget SECONDS] [--cache-mb MB]
+
+Sections (each measured on the same generated pymia-format file, page cache warm):
+
+a. **ceiling** — raw gRPC server streaming of 1 MiB ``bytes`` messages over loopback; the server
+   (``benchmarks/ceiling_server.py``) runs in a subprocess, the client here, both with patchwire's process settings
+   (``tune_malloc()``, ``codec.channel_options()``).
+b. **patchwire** — ``patchwire serve`` in a subprocess; here ``PytorchStreamingDataset(ds, batch_size=16,
+   shuffle=True, seed=0)`` in ``DataLoader(batch_size=None, num_workers=0)`` for axial slices, axis-2 slices and
+   cubic patches, each with ``DataExtractor(categories=('images', 'labels'))``; twice: with the server's default
+   block cache (the dataset fits; the throughput targets use this run) and with ``--cache-mb`` (default half the
+   dataset file, so the dataset is larger than the cache; the RSS target uses this run).
+c. **pymia** — ``PymiaDatasource`` + ``PytorchDatasetAdapter`` + ``DataLoader(batch_size=16, shuffle=True)`` (default
+   collate) with ``num_workers`` 0 and 2, same patterns.
+d. **assembly** — every prediction (the images, float32, channel-last) of every subject, slice-wise along axis 0 and
+   patch-wise with ``ignore_incomplete=False``, through ``client.assembler`` vs pymia's ``SubjectAssembler``.
+e. **time to first batch** (iterator created -> first batch) and **peak RSS** of the server (``VmHWM`` of the
+   subprocess, reset per pattern through ``/proc/PID/clear_refs``) and of this client process.
+
+Streaming patterns run for a time budget (several epochs if one is short, a new iterator per epoch), not a fixed
+epoch count. Throughput counts the bytes of the tensors delivered (images, labels, sample indices). MB = 10^6 bytes,
+GB = 10^9 bytes. Targets (issue 4) are ratios within the run; a missed target is reported, never an error.
+
+Writes ``DIR/bench.json``, ``DIR/bench.png`` and ``DIR/bench.txt`` (the printed table); ``DIR/logs/`` holds the
+servers' stderr. Full mode generates 8 phantom subjects of 181x217x181 once (cached in ``$PATCHWIRE_HOME`` if set,
+else in DIR); ``--smoke`` uses 2 tiny subjects and short budgets (well under a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
+import itertools
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+import torch.utils.data as torch_data
+
+import patchwire.client as pw
+from patchwire.client import extraction as pw_extr
+from patchwire.client.torch import PytorchStreamingDataset
+from patchwire.service._malloc import tune_malloc
+from patchwire.service._phantom import make_phantom_dataset
+from patchwire.v1 import codec
+
+HERE = Path(__file__).resolve().parent
+BATCH_SIZE = 16
+DATASET = "bench"
+CATEGORIES = ("images", "labels")
+PREDICTION_KEY = "__prediction"  # pymia's key for a plain-array prediction (patchwire keeps it)
+MB = 1e6
+CEILING_METHOD = "/patchwire.bench.Ceiling/Stream"
+CEILING_MESSAGE_BYTES = 1 << 20
+DATA_VERSION = "v1"  # bump when the phantom generator's output changes
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one run measures and how long."""
+
+    name: str
+    subjects: int
+    shape: tuple[int, int, int]
+    patch: int
+    budget_s: float
+    """Wall-clock budget per streaming pattern and loader (several epochs when one is shorter)."""
+    max_samples: int
+    """Stop a pattern after this many samples even inside its budget."""
+    ceiling_messages: int
+    ceiling_runs: int
+
+
+FULL = Mode("full", 8, (181, 217, 181), 64, 10.0, 200_000, 1024, 5)
+SMOKE = Mode("smoke", 2, (24, 40, 36), 16, 0.3, 2_000, 64, 3)
+
+# Targets of issue 4, as (ratio or bound).
+TARGET_VS_CEILING = 0.7
+TARGET_AXIAL_VS_PYMIA_W2 = 1.0
+TARGET_AXIS2_VS_PYMIA = 10.0
+TARGET_PATCH_VS_PYMIA = 1.5
+TARGET_ASSEMBLY_VS_PYMIA = 1.0
+TARGET_TTFB_MS = 150.0
+TARGET_SERVER_RSS_MB = 400.0  # + the server's configured block cache
+
+
+# -- pymia (the same numpy-alias shim as tests/_pymia_oracle.py) ---------------------------------------------------
+
+
+@functools.cache
+def load_pymia() -> types.SimpleNamespace:
+    """Returns ``pymia.data``'s ``extraction``, ``creation``, ``definition``, ``transformation``, ``assembler`` and
+    ``conversion`` modules (plus ``data`` itself), after restoring the NumPy aliases pymia 0.3.4 uses."""
+    for name, obj in (("float", float), ("int", int), ("object", object), ("bool", bool)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NumPy < 1.24 warns when the deprecated aliases are touched
+            present = hasattr(np, name)
+        if not present:
+            setattr(np, name, obj)
+
+    import pymia.data
+    import pymia.data.assembler
+    import pymia.data.conversion
+    import pymia.data.creation
+    import pymia.data.definition
+    import pymia.data.extraction
+    import pymia.data.transformation
+
+    return types.SimpleNamespace(
+        data=pymia.data,
+        extraction=pymia.data.extraction,
+        creation=pymia.data.creation,
+        definition=pymia.data.definition,
+        transformation=pymia.data.transformation,
+        assembler=pymia.data.assembler,
+        conversion=pymia.data.conversion,
+    )
+
+
+def load_pymia_torch() -> Any:
+    load_pymia()
+    import pymia.data.backends.pytorch
+
+    return pymia.data.backends.pytorch
+
+
+# -- processes and memory ---------------------------------------------------------------------------------------
+
+
+def _status_kb(pid: int | str, field: str) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """VmHWM (peak resident set) of a process in MB, or None where /proc has no such field."""
+    kb = _status_kb(pid, "VmHWM")
+    return None if kb is None else kb * 1024 / MB
+
+
+def reset_peak_rss(pid: int | str = "self") -> bool:
+    """Resets a process's VmHWM to its current RSS (Linux ``clear_refs`` 5); False where that is not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
+@contextlib.contextmanager
+def subprocess_server(args: list[str], banner: str, log: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Starts ``args``, waits for its ``<banner> HOST:PORT`` line on stdout, yields (process, address); stderr goes to
+    ``log``. The process is terminated on exit."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env())
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line.startswith(banner):
+                proc.kill()
+                proc.wait(timeout=30)
+                raise RuntimeError(f"{args[1:4]} did not start: {line!r}; see {log}")
+            yield proc, line.rsplit(" ", 1)[1].strip()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+@contextlib.contextmanager
+def patchwire_server(
+    data: Path, state_dir: Path, log: Path, cache_mib: float | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``patchwire serve`` on a free port; ``cache_mib`` sets ``--cache-mb`` (the CLI's MB are MiB)."""
+    args = [sys.executable, "-m", "patchwire.service", "--log-level", "WARNING", "serve"]
+    args += ["--dataset", f"{DATASET}={data}", "--port", "0", "--state-dir", str(state_dir)]
+    if cache_mib is not None:
+        args += ["--cache-mb", f"{cache_mib:g}"]
+    with subprocess_server(args, "patchwire listening on ", log) as server:
+        yield server
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+def dataset_path(mode: Mode, out: Path) -> Path:
+    z, y, x = mode.shape
+    name = f"bench-phantom-{DATA_VERSION}-{mode.subjects}x{z}x{y}x{x}.h5"
+    home = os.environ.get("PATCHWIRE_HOME")
+    folder = Path(home) if home and mode.name == FULL.name else out
+    return folder / name
+
+
+def ensure_dataset(mode: Mode, out: Path) -> tuple[Path, float | None]:
+    """The benchmark file (generated on first use, written to a temporary name and renamed into place); returns it
+    and the seconds generation took (None when it was cached)."""
+    path = dataset_path(mode, out)
+    if path.exists():
+        return path, None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".h5.tmp", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        make_phantom_dataset(tmp_path, subjects=mode.subjects, shape=mode.shape)
+        tmp_path.replace(path)
+        os.sync()  # write the new file back now, not while the first sections are being timed
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return path, time.perf_counter() - start
+
+
+def server_default_cache_mib() -> float | None:
+    """``patchwire serve``'s default ``--cache-mb`` (None where this version has no block cache)."""
+    from patchwire.service._cli import _parser
+
+    return getattr(_parser().parse_args(["serve"]), "cache_mb", None)
+
+
+def warm_page_cache(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+# -- machine ------------------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = _status_kb_meminfo("MemTotal")
+    import h5py
+
+    try:
+        pymia_version = __import__("importlib.metadata").metadata.version("pymia")
+    except Exception:
+        pymia_version = "?"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": None if mem_kb is None else round(mem_kb / (1 << 20), 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "h5py": h5py.__version__,
+        "pymia": pymia_version,
+    }
+
+
+def _status_kb_meminfo(field: str) -> int | None:
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+# -- a. ceiling ---------------------------------------------------------------------------------------------------
+
+
+def bench_ceiling(mode: Mode, logs: Path) -> dict[str, Any]:
+    args = [sys.executable, str(HERE / "ceiling_server.py")]
+    with subprocess_server(args, "ceiling listening on ", logs / "ceiling-server.log") as (proc, address):
+        channel = grpc.insecure_channel(address, options=codec.channel_options())
+        try:
+            stream = channel.unary_stream(CEILING_METHOD, _registered_method=False)
+            request = f"{mode.ceiling_messages},{CEILING_MESSAGE_BYTES}".encode()
+            for _ in stream(b"4,1048576", wait_for_ready=True, timeout=30):  # connect, warm up
+                pass
+            runs = []
+            for _ in range(mode.ceiling_runs):
+                start = time.perf_counter()
+                received = sum(len(message) for message in stream(request, timeout=300))
+                runs.append(received / (time.perf_counter() - start))
+        finally:
+            channel.close()
+        server_peak = peak_rss_mb(proc.pid)
+    bytes_per_s = statistics.median(runs)
+    return {
+        "message_bytes": CEILING_MESSAGE_BYTES,
+        "messages_per_run": mode.ceiling_messages,
+        "runs_gb_per_s": [r / 1e9 for r in runs],
+        "bytes_per_s": bytes_per_s,
+        "gb_per_s": bytes_per_s / 1e9,
+        "mb_per_s": bytes_per_s / MB,
+        "server_peak_rss_mb": server_peak,
+    }
+
+
+# -- b, c. streaming ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pattern:
+    key: str
+    label: str
+    kind: str  # "slice" | "patch"
+    axis: int = 0
+    patch: int = 0
+
+    def patchwire_indexing(self) -> pw_extr.IndexingStrategy:
+        if self.kind == "slice":
+            return pw_extr.SliceIndexing(self.axis)
+        return pw_extr.PatchWiseIndexing((self.patch,) * 3)
+
+    def pymia_indexing(self) -> Any:
+        extraction = load_pymia().extraction
+        if self.kind == "slice":
+            return extraction.SliceIndexing(self.axis)
+        return extraction.PatchWiseIndexing((self.patch,) * 3)
+
+
+def patterns(mode: Mode) -> list[Pattern]:
+    p = mode.patch
+    return [
+        Pattern("axial", "axial slices (axis 0)", "slice", axis=0),
+        Pattern("axis2", "axis-2 slices", "slice", axis=2),
+        Pattern("patches", f"{p}^3 patches", "patch", patch=p),
+    ]
+
+
+def batch_payload(batch: dict[str, Any]) -> tuple[int, int]:
+    """(samples, bytes of the tensors) of one collated batch."""
+    samples = 0
+    nbytes = 0
+    for key, value in batch.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                nbytes += v.element_size() * v.nelement()
+        if key == "sample_index":
+            samples = len(value)
+    return samples, nbytes
+
+
+def measure_loader(make_iterator: Callable[[int], Iterator[dict[str, Any]]], mode: Mode) -> dict[str, Any]:
+    """Consumes epochs (``make_iterator(epoch)``) until the budget or ``max_samples`` is reached."""
+    samples = nbytes = batches = 0
+    ttfb: list[float] = []
+    start = time.perf_counter()
+    epoch = 0
+    done = False
+    while not done:
+        created = time.perf_counter()
+        iterator = make_iterator(epoch)
+        first = True
+        for batch in iterator:
+            if first:
+                ttfb.append(time.perf_counter() - created)
+                first = False
+            n, b = batch_payload(batch)
+            samples += n
+            nbytes += b
+            batches += 1
+            if time.perf_counter() - start >= mode.budget_s or samples >= mode.max_samples:
+                done = True
+                break
+        del iterator  # ends the stream (patchwire) or shuts the workers down (torch) when left mid-epoch
+        if first:
+            raise RuntimeError("a loader yielded no batch")
+        epoch += 1
+    seconds = time.perf_counter() - start
+    return {
+        "samples": samples,
+        "batches": batches,
+        "bytes": nbytes,
+        "seconds": seconds,
+        "epochs_started": epoch,
+        "samples_per_s": samples / seconds,
+        "bytes_per_s": nbytes / seconds,
+        "mb_per_s": nbytes / seconds / MB,
+        "ttfb_ms": ttfb[0] * 1e3,
+        "ttfb_ms_later_epochs": [t * 1e3 for t in ttfb[1:]],
+    }
+
+
+def bench_patchwire_streaming(
+    mode: Mode, data: Path, work: Path, logs: Path, cache_mib: float | None, tag: str
+) -> tuple[dict[str, Any], dict[str, float | None], bool]:
+    """Every pattern through one ``patchwire serve`` (``cache_mib`` None: the server's default block cache)."""
+    results: dict[str, Any] = {}
+    server_rss: dict[str, float | None] = {}
+    server = patchwire_server(data, work / f"state-stream-{tag}", logs / f"server-stream-{tag}.log", cache_mib)
+    with server as (proc, address):
+        server_rss["idle"] = peak_rss_mb(proc.pid)
+        reset_ok = True
+        with pw.connect(address) as client:
+            for pattern in patterns(mode):
+                reset_ok &= reset_peak_rss(proc.pid)
+                ds = client.datasource(DATASET, pattern.patchwire_indexing(), pw_extr.DataExtractor(CATEGORIES))
+                stream = PytorchStreamingDataset(ds, batch_size=BATCH_SIZE, shuffle=True, seed=0)
+                loader = torch_data.DataLoader(stream, batch_size=None, num_workers=0)
+
+                def make_iterator(epoch: int, stream: Any = stream, loader: Any = loader) -> Iterator[Any]:
+                    stream.set_epoch(epoch)
+                    return iter(loader)
+
+                result = measure_loader(make_iterator, mode)
+                result["dataset_samples"] = len(ds)
+                result["server_peak_rss_mb"] = server_rss[pattern.key] = peak_rss_mb(proc.pid)
+                results[pattern.key] = result
+                ds.close()
+                _progress(f"patchwire ({tag}) {pattern.label}: {result['samples_per_s']:.0f} samples/s")
+    return results, server_rss, reset_ok
+
+
+def bench_pymia_streaming(mode: Mode, data: Path) -> dict[str, Any]:
+    pm = load_pymia()
+    adapter_cls = load_pymia_torch().PytorchDatasetAdapter
+    results: dict[str, Any] = {}
+    for pattern in patterns(mode):
+        results[pattern.key] = {}
+        for workers in (0, 2):
+            # A fresh datasource per loader: pymia keeps its HDF5 reader open, which forked workers must not share.
+            ds = pm.extraction.PymiaDatasource(
+                str(data), pattern.pymia_indexing(), pm.extraction.DataExtractor(categories=CATEGORIES)
+            )
+            generator = torch.Generator().manual_seed(0)
+            loader = torch_data.DataLoader(
+                adapter_cls(ds), batch_size=BATCH_SIZE, shuffle=True, num_workers=workers, generator=generator
+            )
+
+            def make_iterator(epoch: int, loader: Any = loader) -> Iterator[Any]:
+                return iter(loader)  # shuffling draws a new order per epoch from the loader's generator
+
+            result = measure_loader(make_iterator, mode)
+            result["dataset_samples"] = len(ds)
+            results[pattern.key][f"workers{workers}"] = result
+            ds.close_reader()
+            _progress(f"pymia {pattern.label} workers={workers}: {result['samples_per_s']:.0f} samples/s")
+    return results
+
+
+# -- d. assembly --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictionBatch:
+    indices: list[int]
+    predictions: list[np.ndarray]
+    runs: list[tuple[np.ndarray, np.ndarray]]
+    """Consecutive samples of equal shape: (sample indices, stacked predictions)."""
+
+    @property
+    def uniform(self) -> bool:
+        return len(self.runs) == 1
+
+
+def prediction_batches(pymia_ds: Any, images: list[np.ndarray]) -> list[PredictionBatch]:
+    """Every sample's prediction (its images region), in sample order, in batches of BATCH_SIZE."""
+    out = []
+    for start in range(0, len(pymia_ds), BATCH_SIZE):
+        indices = list(range(start, min(start + BATCH_SIZE, len(pymia_ds))))
+        predictions = []
+        for i in indices:
+            subject, index_expr = pymia_ds.indices[i]
+            predictions.append(images[subject][index_expr.expression])
+        runs = []
+        pairs = list(zip(indices, predictions, strict=True))
+        for _, group in itertools.groupby(pairs, key=lambda pair: pair[1].shape):
+            items = list(group)
+            runs.append((np.asarray([i for i, _ in items]), np.stack([p for _, p in items])))
+        out.append(PredictionBatch(indices, predictions, runs))
+    return out
+
+
+def bench_assembly(mode: Mode, data: Path, work: Path, logs: Path) -> tuple[dict[str, Any], dict[str, float | None]]:
+    pm = load_pymia()
+    p = mode.patch
+    cases = [
+        ("slice", "slice-wise (axis 0)", pm.extraction.SliceIndexing(0), pw_extr.SliceIndexing(0)),
+        (
+            "patch",
+            f"patch-wise {p}^3 (incomplete kept)",
+            pm.extraction.PatchWiseIndexing((p,) * 3, ignore_incomplete=False),
+            pw_extr.PatchWiseIndexing((p,) * 3, ignore_incomplete=False),
+        ),
+    ]
+    results: dict[str, Any] = {}
+    server_rss: dict[str, float | None] = {}
+    image_extractor = pm.extraction.DataExtractor(categories=("images",))
+    whole = pm.extraction.PymiaDatasource(str(data), None, image_extractor)
+    images = [whole.direct_extract(image_extractor, s)["images"] for s in range(len(whole.get_subjects()))]
+    whole.close_reader()
+    server = patchwire_server(data, work / "state-assembly", logs / "server-assembly.log")
+    with server as (proc, address), pw.connect(address) as client:
+        for key, label, pymia_indexing, pw_indexing in cases:
+            pymia_ds = pm.extraction.PymiaDatasource(str(data), pymia_indexing, image_extractor)
+            batches = prediction_batches(pymia_ds, images)
+            total_bytes = sum(pred.nbytes for b in batches for pred in b.predictions)
+            reset_peak_rss(proc.pid)
+            remote_ds = client.datasource(DATASET, pw_indexing, pw_extr.DataExtractor(("images",)))
+            pw_result = _assemble_patchwire(client, remote_ds, batches, images)
+            server_rss[key] = peak_rss_mb(proc.pid)
+            remote_ds.close()
+            pymia_result = _assemble_pymia(pm, pymia_ds, batches, images)
+            pymia_ds.close_reader()
+            for result in (pw_result, pymia_result):
+                result["prediction_bytes"] = total_bytes
+                result["mb_per_s"] = total_bytes / result["seconds"] / MB
+                result["subjects_per_s"] = result["subjects"] / result["seconds"]
+                result["samples"] = len(pymia_ds)
+            pw_result["server_peak_rss_mb"] = server_rss[key]
+            results[key] = {"label": label, "patchwire": pw_result, "pymia": pymia_result}
+            del batches
+            _progress(
+                f"assembly {label}: patchwire {pw_result['subjects_per_s']:.2f} subjects/s, "
+                f"pymia {pymia_result['subjects_per_s']:.2f} subjects/s"
+            )
+    return results, server_rss
+
+
+def _assemble_patchwire(
+    client: pw.Client, remote_ds: pw.RemoteDatasource, batches: list[PredictionBatch], images: list[np.ndarray]
+) -> dict[str, Any]:
+    assembler = client.assembler(remote_ds)
+    kept: dict[int, np.ndarray] = {}
+    subjects = 0
+    start = time.perf_counter()
+    for n, batch in enumerate(batches):
+        last = n == len(batches) - 1
+        if batch.uniform:
+            assembler.add_batch(batch.runs[0][1], batch.runs[0][0], last)
+        else:  # border patches of another shape in the same batch: one message all the same
+            assembler.add_samples({PREDICTION_KEY: batch.predictions}, batch.indices, last)
+        for subject in sorted(assembler.subjects_ready):
+            volume = assembler.get_assembled_subject(subject)
+            subjects += 1
+            if subject == 0:
+                kept[subject] = volume
+    seconds = time.perf_counter() - start
+    assembler.delete()
+    return {"seconds": seconds, "subjects": subjects, "verified": _verify(kept, images)}
+
+
+def _assemble_pymia(
+    pm: types.SimpleNamespace, pymia_ds: Any, batches: list[PredictionBatch], images: list[np.ndarray]
+) -> dict[str, Any]:
+    kept: dict[int, np.ndarray] = {}
+    subjects = 0
+    start = time.perf_counter()
+    assembler = pm.assembler.SubjectAssembler(pymia_ds)
+    for n, batch in enumerate(batches):
+        for r, (indices, stacked) in enumerate(batch.runs):
+            assembler.add_batch(stacked, indices, n == len(batches) - 1 and r == len(batch.runs) - 1)
+        for subject in sorted(assembler.subjects_ready):
+            volume = assembler.get_assembled_subject(subject)
+            subjects += 1
+            if subject == 0:
+                kept[subject] = volume
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "subjects": subjects, "verified": _verify(kept, images)}
+
+
+def _verify(kept: dict[int, np.ndarray], images: list[np.ndarray]) -> bool:
+    """Subject 0 assembled equals its images (after casting pymia's float64 back)."""
+    return 0 in kept and np.array_equal(np.asarray(kept[0], dtype=np.float32), images[0])
+
+
+# -- targets, table, plot -----------------------------------------------------------------------------------------
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, op: str, threshold: float, unit: str) -> None:
+        passed = value is not None and (value >= threshold if op == ">=" else value <= threshold)
+        out.append({"name": name, "value": value, "op": op, "threshold": threshold, "unit": unit, "passed": passed})
+
+    ceiling = report["ceiling"]["bytes_per_s"]
+    cache_mb = report["server"]["small_cache_bytes"] / MB
+    pw_res, pymia = report["patchwire"], report["pymia"]
+    labels = {p.key: p.label for p in patterns(report["_mode"])}
+    for key, result in pw_res.items():
+        add(
+            f"{labels[key]}: patchwire / ceiling (bytes/s)",
+            result["bytes_per_s"] / ceiling,
+            ">=",
+            TARGET_VS_CEILING,
+            "x",
+        )
+    add(
+        f"{labels['axial']}: patchwire / pymia w=2 (samples/s)",
+        pw_res["axial"]["samples_per_s"] / pymia["axial"]["workers2"]["samples_per_s"],
+        ">=",
+        TARGET_AXIAL_VS_PYMIA_W2,
+        "x",
+    )
+    for workers in (0, 2):
+        add(
+            f"{labels['axis2']}: patchwire / pymia w={workers} (samples/s)",
+            pw_res["axis2"]["samples_per_s"] / pymia["axis2"][f"workers{workers}"]["samples_per_s"],
+            ">=",
+            TARGET_AXIS2_VS_PYMIA,
+            "x",
+        )
+    best_pymia_patch = max(pymia["patches"][w]["samples_per_s"] for w in ("workers0", "workers2"))
+    add(
+        f"{labels['patches']}: patchwire / best pymia (samples/s)",
+        pw_res["patches"]["samples_per_s"] / best_pymia_patch,
+        ">=",
+        TARGET_PATCH_VS_PYMIA,
+        "x",
+    )
+    for result in report["assembly"].values():
+        add(
+            f"assembly {result['label']}: patchwire / pymia",
+            result["patchwire"]["subjects_per_s"] / result["pymia"]["subjects_per_s"],
+            ">=",
+            TARGET_ASSEMBLY_VS_PYMIA,
+            "x",
+        )
+    for key, ms in report["ttfb"]["patchwire_ms"].items():
+        add(f"{labels[key]}: patchwire time to first batch", ms, "<=", TARGET_TTFB_MS, "ms")
+    add(
+        f"server peak RSS, dataset > cache (400 MB + {cache_mb:.0f} MB cache)",
+        report["rss"]["server_streaming_peak_mb"],
+        "<=",
+        TARGET_SERVER_RSS_MB + cache_mb,
+        "MB",
+    )
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    m, d = report["machine"], report["data"]
+    mode: Mode = report["_mode"]
+    lines = [
+        f"patchwire benchmark ({mode.name}), {report['date']}",
+        f"machine: {m['cpu']}, {m['cores_usable']} cores, {m['memory_gib']} GiB; Python {m['python']}, "
+        f"numpy {m['numpy']}, torch {m['torch']}, grpcio {m['grpcio']}, h5py {m['h5py']}, pymia {m['pymia']}",
+        f"data: {d['subjects']} subjects of {'x'.join(map(str, d['shape']))}, T1/T2 float32 + labels uint8, "
+        f"{d['file_mb']:.0f} MB; batch {BATCH_SIZE}, shuffled; {mode.budget_s:g} s per loader; MB = 10^6 bytes",
+        f"patchwire serve block cache: the default --cache-mb {report['server']['default_cache_mib']} MiB (dataset "
+        f"fits), and a small one, --cache-mb {report['server']['small_cache_mib']:g} MiB (dataset larger); "
+        "throughput targets use the default",
+        "",
+    ]
+    c = report["ceiling"]
+    lines.append(
+        f"ceiling: raw gRPC streaming of 1 MiB bytes messages: {c['gb_per_s']:.2f} GB/s (median of "
+        f"{len(c['runs_gb_per_s'])} x {c['messages_per_run']} messages)"
+    )
+    lines.append("")
+    header = f"{'pattern':<24} {'loader':<22} {'samples/s':>10} {'MB/s':>9} {'x ceiling':>10} {'TTFB ms':>9}"
+    header += f" {'server RSS MB':>14}"
+    lines += [header, "-" * len(header)]
+    for p in patterns(mode):
+        rows = [
+            ("patchwire", report["patchwire"][p.key]),
+            ("patchwire small cache", report["patchwire_small_cache"][p.key]),
+        ]
+        rows += [(f"pymia w={w}", report["pymia"][p.key][f"workers{w}"]) for w in (0, 2)]
+        for name, r in rows:
+            rss = r.get("server_peak_rss_mb")
+            lines.append(
+                f"{p.label:<24} {name:<22} {r['samples_per_s']:>10.0f} {r['mb_per_s']:>9.0f} "
+                f"{r['bytes_per_s'] / c['bytes_per_s']:>9.2f}x {r['ttfb_ms']:>9.1f} "
+                f"{'' if rss is None else f'{rss:.0f}':>14}"
+            )
+    lines.append("")
+    header = f"{'assembly':<36} {'assembler':<10} {'subjects/s':>10} {'MB/s':>9} {'seconds':>8} {'verified':>9}"
+    lines += [header, "-" * len(header)]
+    for result in report["assembly"].values():
+        for name in ("patchwire", "pymia"):
+            r = result[name]
+            lines.append(
+                f"{result['label']:<36} {name:<10} {r['subjects_per_s']:>10.2f} {r['mb_per_s']:>9.0f} "
+                f"{r['seconds']:>8.2f} {'yes' if r['verified'] else 'NO':>9}"
+            )
+    rss = report["rss"]
+    lines.append("")
+    lines.append("server peak RSS MB (VmHWM, reset per pattern):")
+    for group, peaks in rss["server_peak_mb"].items():
+        if isinstance(peaks, dict):
+            lines.append(f"  {group}: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if v is not None))
+        elif peaks is not None:
+            lines.append(f"  {group}: {peaks:.0f}")
+    client = ", ".join(f"{k} {v:.0f}" for k, v in rss["client_peak_mb"].items() if v is not None)
+    lines.append(f"client peak RSS MB: {client}; whole run (getrusage) {rss['client_maxrss_mb']:.0f}")
+    lines.append("")
+    header = f"{'target':<66} {'value':>9} {'target':>10} {'result':>7}"
+    lines += [header, "-" * len(header)]
+    for t in report["targets"]:
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f}{t['unit'] if t['unit'] == 'x' else ''}"
+        if t["unit"] != "x" and t["value"] is not None:
+            value = f"{t['value']:.0f} {t['unit']}"
+        bound = f"{t['op']} {t['threshold']:.4g}{t['unit'] if t['unit'] == 'x' else ' ' + t['unit']}"
+        lines.append(f"{t['name']:<66} {value:>9} {bound:>10} {'PASS' if t['passed'] else 'FAIL':>7}")
+    passed = sum(t["passed"] for t in report["targets"])
+    lines.append(f"{passed}/{len(report['targets'])} targets met")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mode: Mode = report["_mode"]
+    pats = patterns(mode)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [3, 2, 2]})
+    ceiling_mb = report["ceiling"]["mb_per_s"]
+
+    ax = axes[0]
+    small = f"patchwire, cache {report['server']['small_cache_mib']:g} MiB"
+    loaders: list[tuple[str, str, Callable[[str], dict[str, Any]]]] = [
+        ("patchwire", "#1f77b4", lambda key: report["patchwire"][key]),
+        (small, "#9ecae1", lambda key: report["patchwire_small_cache"][key]),
+        ("pymia w=0", "#ff7f0e", lambda key: report["pymia"][key]["workers0"]),
+        ("pymia w=2", "#2ca02c", lambda key: report["pymia"][key]["workers2"]),
+    ]
+    width = 0.2
+    offset = (len(loaders) - 1) / 2
+    for j, (name, color, result) in enumerate(loaders):
+        values = [result(p.key)["mb_per_s"] for p in pats]
+        ax.bar([i + (j - offset) * width for i in range(len(pats))], values, width, label=name, color=color)
+    ax.axhline(ceiling_mb, color="k", linestyle="--", linewidth=1, label=f"gRPC ceiling {ceiling_mb:.0f} MB/s")
+    ax.axhline(0.7 * ceiling_mb, color="grey", linestyle=":", linewidth=1, label="0.7x ceiling (target)")
+    ax.set_yscale("log")
+    ax.set_ylim(top=ceiling_mb * 12)  # room for the legend above the ceiling line
+    ax.set_xticks(range(len(pats)), [p.label for p in pats])
+    ax.set_ylabel("MB/s delivered to torch (log)")
+    ax.set_title("streaming, batch 16, shuffled")
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
+
+    ax = axes[1]
+    cases = list(report["assembly"].values())
+    for j, (name, color) in enumerate([("patchwire", "#1f77b4"), ("pymia", "#ff7f0e")]):
+        values = [c[name]["mb_per_s"] for c in cases]
+        ax.bar([i + (j - 0.5) * 0.38 for i in range(len(cases))], values, 0.38, label=name, color=color)
+    ax.set_xticks(range(len(cases)), [c["label"] for c in cases], fontsize=8)
+    ax.set_ylabel("MB/s of predictions")
+    ax.set_title("assembly of whole subjects")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    for j, (name, color, result) in enumerate(loaders):
+        values = [result(p.key)["ttfb_ms"] for p in pats]
+        ax.bar([i + (j - offset) * width for i in range(len(pats))], values, width, label=name, color=color)
+    ax.axhline(TARGET_TTFB_MS, color="grey", linestyle=":", linewidth=1, label=f"{TARGET_TTFB_MS:g} ms (target)")
+    ax.set_xticks(range(len(pats)), [p.label for p in pats], fontsize=8)
+    ax.set_ylabel("ms")
+    ax.set_title("time to first batch")
+    ax.legend(fontsize=7)
+
+    m = report["machine"]
+    fig.suptitle(f"patchwire benchmark ({mode.name}) - {m['cpu']}, {m['cores_usable']} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+
+
+def _progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def _jsonable(report: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in report.items() if not k.startswith("_")}
+    out["mode"] = asdict(report["_mode"])
+    return out
+
+
+def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    tune_malloc()
+    client_peak: dict[str, float | None] = {}
+    report: dict[str, Any] = {
+        "_mode": mode,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+    }
+    data, generated_s = ensure_dataset(mode, out)
+    warm_page_cache(data)
+    report["data"] = {
+        "path": str(data),
+        "subjects": mode.subjects,
+        "shape": list(mode.shape),
+        "file_mb": data.stat().st_size / MB,
+        "generated_s": generated_s,
+    }
+    if cache_mib is None:  # the RSS target is about a dataset larger than the cache: give it half the file
+        cache_mib = round(data.stat().st_size / 2 / (1 << 20), 2)
+    report["server"] = {
+        "default_cache_mib": server_default_cache_mib(),
+        "small_cache_mib": cache_mib,
+        "small_cache_bytes": int(cache_mib * (1 << 20)),
+    }
+    _progress(f"data {data} ({report['data']['file_mb']:.0f} MB), small server block cache {cache_mib:g} MiB")
+    with tempfile.TemporaryDirectory(prefix="patchwire-bench-") as tmp:
+        work = Path(tmp)
+
+        reset_peak_rss()
+        report["ceiling"] = bench_ceiling(mode, logs)
+        client_peak["ceiling"] = peak_rss_mb()
+        _progress(f"ceiling {report['ceiling']['gb_per_s']:.2f} GB/s")
+
+        reset_peak_rss()
+        report["patchwire"], stream_rss, reset_ok = bench_patchwire_streaming(
+            mode, data, work, logs, None, "default cache"
+        )
+        report["patchwire_small_cache"], small_rss, small_reset_ok = bench_patchwire_streaming(
+            mode, data, work, logs, cache_mib, "small cache"
+        )
+        client_peak["patchwire_streaming"] = peak_rss_mb()
+
+        reset_peak_rss()
+        report["pymia"] = bench_pymia_streaming(mode, data)
+        client_peak["pymia_streaming"] = peak_rss_mb()
+
+        reset_peak_rss()
+        report["assembly"], assembly_rss = bench_assembly(mode, data, work, logs)
+        client_peak["assembly"] = peak_rss_mb()
+
+    report["ttfb"] = {
+        "patchwire_ms": {k: r["ttfb_ms"] for k, r in report["patchwire"].items()},
+        "pymia_ms": {k: {w: r[w]["ttfb_ms"] for w in r} for k, r in report["pymia"].items()},
+    }
+
+    def streaming_peak(peaks: dict[str, float | None]) -> float | None:
+        values = [v for k, v in peaks.items() if k != "idle" and v is not None]
+        return max(values) if values else None
+
+    report["rss"] = {
+        "server_peak_mb": {
+            "ceiling_server": report["ceiling"]["server_peak_rss_mb"],
+            "streaming, default cache": stream_rss,
+            "streaming, small cache": small_rss,
+            "assembly": assembly_rss,
+        },
+        "server_streaming_peak_mb": streaming_peak(small_rss),
+        "server_streaming_peak_mb_default_cache": streaming_peak(stream_rss),
+        "server_peak_reset_per_pattern": reset_ok and small_reset_ok,
+        "client_peak_mb": client_peak,
+        "client_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB,
+    }
+    report["targets"] = targets(report)
+    return report
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--smoke", action="store_true", help="tiny data and budgets: proves the harness works")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default benchmarks/results)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds per streaming loader (default by mode)")
+    parser.add_argument(
+        "--cache-mb",
+        type=float,
+        default=None,
+        help="the streaming server's --cache-mb (MiB; default half the dataset file, so the dataset is larger)",
+    )
+    args = parser.parse_args(None if argv is None else list(argv))
+    mode = SMOKE if args.smoke else FULL
+    if args.budget is not None:
+        mode = dataclasses.replace(mode, budget_s=args.budget)
+    start = time.perf_counter()
+    report = run(mode, args.out, args.cache_mb)
+    report["wall_s"] = time.perf_counter() - start
+    table = format_table(report)
+    print(table, flush=True)
+    (args.out / "bench.txt").write_text(table + "\n")
+    (args.out / "bench.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    plot(report, args.out / "bench.png")
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.png'} ({report['wall_s']:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The gRPC ceiling's server: streams raw ``bytes`` messages, nothing else (used by ``benchmarks/bench.py``).
+
+One server-streaming method, ``/patchwire.bench.Ceiling/Stream``, with identity serialisers: the request is
+``b"COUNT,SIZE"`` and the reply is COUNT messages of SIZE bytes (the same immutable ``bytes`` object each time, so
+the server does no per-message work beyond gRPC's own). It runs with the process settings ``patchwire serve`` uses:
+``tune_malloc()``, the message limits of ``codec.channel_options()``, ``grpc.aio`` on uvloop. Prints
+``ceiling listening on 127.0.0.1:PORT`` once it serves and stops on SIGTERM/SIGINT.
+
+Usage: ``python benchmarks/ceiling_server.py``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+import uvloop
+
+from patchwire.service._malloc import tune_malloc
+from patchwire.v1 import codec
+
+SERVICE = "patchwire.bench.Ceiling"
+METHOD = f"/{SERVICE}/Stream"
+
+
+async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    count, size = (int(part) for part in request.split(b","))
+    payload = bytes(size)
+    for _ in range(count):
+        yield payload
+
+
+async def _serve() -> None:
+    server = grpc.aio.server(options=codec.channel_options())
+    handler = grpc.method_handlers_generic_handler(SERVICE, {"Stream": grpc.unary_stream_rpc_method_handler(_stream)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ceiling listening on 127.0.0.1:{port}", flush=True)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+def main() -> None:
+    tune_malloc()
+    uvloop.run(_serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The benchmark harness in smoke mode: ``benchmarks/bench.py --smoke`` runs to the end and reports every section.
+
+Timings are not checked (they depend on the machine and its load), only that each section measured something and
+that the outputs (JSON, PNG) are written. The full run checks the targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "bench.py"
+TIMEOUT_S = 300
+PATTERNS = ("axial", "axis2", "patches")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _positive(value: Any, where: str) -> None:
+    assert isinstance(value, int | float) and not isinstance(value, bool), f"{where}: {value!r} is not a number"
+    assert value > 0, f"{where}: {value!r} is not positive"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHWIRE_")}
+    env.update(PYTHONWARNINGS="ignore::DeprecationWarning", MPLBACKEND="Agg", MPLCONFIGDIR=str(out / "mpl"))
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+        cwd=REPO,
+    )
+    return proc, out
+
+
+@pytest.mark.slow
+def test_smoke_run_exits_zero_and_prints_the_table(smoke_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, _ = smoke_run
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "targets met" in proc.stdout
+    assert "ceiling: raw gRPC streaming" in proc.stdout
+
+
+@pytest.mark.slow
+def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = smoke_run
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "bench.json").read_text())
+
+    for key in ("cpu", "cores", "memory_gib", "python", "numpy", "torch", "grpcio"):
+        assert report["machine"][key], key
+    _positive(report["ceiling"]["gb_per_s"], "ceiling")
+
+    for pattern in PATTERNS:
+        for section in ("patchwire", "patchwire_small_cache"):
+            result = report[section][pattern]
+            for metric in ("samples_per_s", "mb_per_s", "ttfb_ms", "server_peak_rss_mb"):
+                _positive(result[metric], f"{section} {pattern} {metric}")
+        for workers in ("workers0", "workers2"):
+            result = report["pymia"][pattern][workers]
+            for metric in ("samples_per_s", "mb_per_s", "ttfb_ms"):
+                _positive(result[metric], f"pymia {pattern} {workers} {metric}")
+        _positive(report["ttfb"]["patchwire_ms"][pattern], f"ttfb {pattern}")
+
+    assert set(report["assembly"]) == {"slice", "patch"}
+    for case, result in report["assembly"].items():
+        for assembler in ("patchwire", "pymia"):
+            for metric in ("subjects_per_s", "mb_per_s"):
+                _positive(result[assembler][metric], f"assembly {case} {assembler} {metric}")
+            assert result[assembler]["subjects"] == report["mode"]["subjects"]
+            assert result[assembler]["verified"], f"assembly {case} {assembler}: subject 0 differs from its images"
+
+    rss = report["rss"]
+    _positive(rss["server_streaming_peak_mb"], "server streaming RSS")
+    _positive(report["server"]["small_cache_mib"], "small block cache")
+    _positive(rss["client_maxrss_mb"], "client RSS")
+    for section, value in rss["client_peak_mb"].items():
+        _positive(value, f"client RSS {section}")
+
+    targets = report["targets"]
+    assert len(targets) >= 13
+    for target in targets:
+        assert isinstance(target["passed"], bool), target
+        _positive(target["value"], target["name"])
+
+
+@pytest.mark.slow
+def test_smoke_writes_a_png(smoke_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = smoke_run
+    assert proc.returncode == 0, proc.stderr
+    png = out / "bench.png"
+    assert png.is_file()
+    assert png.read_bytes()[:8] == PNG_MAGIC
