@@ -23,11 +23,16 @@ __all__ = ["BlockCache"]
 
 
 class BlockCache:
+    #: Requests of slices along one later axis of an array before a copy with that axis first is built.
+    MOVED_AFTER = 8
+
     def __init__(self, capacity_bytes: int, block_bytes: int = 4 << 20) -> None:
         self.capacity_bytes = capacity_bytes
         self.block_bytes = block_bytes
         self._blocks: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
+        self._requests: dict[Hashable, int] = {}
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -51,6 +56,9 @@ class BlockCache:
                     return None
             elif not isinstance(item, int | np.integer) or item < 0:
                 return None
+        moved = self._moved_read(key, dataset, items, copy)
+        if moved is not None:
+            return moved
         dim0 = int(dataset.shape[0])
         first = items[0]
         if isinstance(first, slice):
@@ -76,6 +84,42 @@ class BlockCache:
             return np.concatenate(pieces)
         return pieces[0].copy() if copy else pieces[0]
 
+    def _moved_read(self, key: Hashable, dataset: Any, items: tuple[Any, ...], copy: bool) -> Any:
+        """Slices along a later axis (``(:, :, i)``) from a copy of the array with that axis moved to the front,
+        where each such slice is contiguous. Built once a subject has had ``MOVED_AFTER`` such requests (a first
+        batch stays quick), and only for arrays of at most a quarter of the capacity; None otherwise."""
+        axis = next((a for a, item in enumerate(items) if not isinstance(item, slice)), None)
+        if not axis or dataset.nbytes > self.capacity_bytes // 4:
+            return None
+        for a in range(axis):
+            item = items[a]
+            if (item.start or 0) != 0 or (item.stop is not None and item.stop < dataset.shape[a]):
+                return None
+        moved_key = (key, "moved", axis)
+        with self._lock:
+            moved = self._blocks.get(moved_key)
+            if moved is None:
+                self._requests[moved_key] = self._requests.get(moved_key, 0) + 1
+                if self._requests[moved_key] < self.MOVED_AFTER:
+                    return None
+            else:
+                self._blocks.move_to_end(moved_key)
+                self.hits += 1
+        if moved is None:
+            with self._build_lock:  # one build at a time: concurrent first requests would each copy the volume
+                with self._lock:
+                    moved = self._blocks.get(moved_key)
+                if moved is None:
+                    moved = np.ascontiguousarray(np.moveaxis(dataset[()], axis, 0))
+                    moved.flags.writeable = False
+                    self.misses += 1
+                    self._insert_item(moved_key, moved)
+        index = int(items[axis])
+        if index >= moved.shape[0]:
+            return None
+        result = moved[(index, *items[:axis], *items[axis + 1 :])]
+        return result.copy() if copy and isinstance(result, np.ndarray) else result
+
     def _blocks_for(self, key: Hashable, dataset: Any, rows: int, b0: int, b1: int) -> list[np.ndarray]:
         found: dict[int, np.ndarray] = {}
         with self._lock:
@@ -86,31 +130,24 @@ class BlockCache:
                     found[b] = block
             self.hits += len(found)
             self.misses += b1 - b0 + 1 - len(found)
-        b = b0
-        while b <= b1:  # read each run of missing blocks with one h5py call
-            if b in found:
-                b += 1
-                continue
-            end = b
-            while end + 1 <= b1 and end + 1 not in found:
-                end += 1
-            data = dataset[b * rows : min((end + 1) * rows, dataset.shape[0])]
-            for k in range(b, end + 1):
-                found[k] = data[(k - b) * rows : (k - b + 1) * rows]
-                if end > b:
-                    found[k] = found[k].copy()  # own memory, so evicting one block frees it
-                found[k].flags.writeable = False
-            self._insert(key, {k: found[k] for k in range(b, end + 1)})
-            b = end + 1
+        for b in range(b0, b1 + 1):  # one contiguous h5py read per missing block: no copies, no doubled memory
+            if b not in found:
+                block = dataset[b * rows : min((b + 1) * rows, dataset.shape[0])]
+                block.flags.writeable = False
+                found[b] = block
+                self._insert_item((key, b), block)
         return [found[b] for b in range(b0, b1 + 1)]
 
     def _insert(self, key: Hashable, blocks: dict[int, np.ndarray]) -> None:
+        for b, block in blocks.items():
+            self._insert_item((key, b), block)
+
+    def _insert_item(self, key: Hashable, array: np.ndarray) -> None:
         with self._lock:
-            for b, block in blocks.items():
-                if (key, b) in self._blocks:
-                    continue
-                self._blocks[(key, b)] = block
-                self.nbytes += block.nbytes
+            if key in self._blocks:
+                return
+            self._blocks[key] = array
+            self.nbytes += array.nbytes
             while self.nbytes > self.capacity_bytes and self._blocks:
                 _, old = self._blocks.popitem(last=False)
                 self.nbytes -= old.nbytes

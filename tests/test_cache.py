@@ -87,3 +87,26 @@ def test_capacity_evicts_least_recently_used(h5: h5py.File) -> None:
     before = cache.misses
     cache.read("x", h5["x"], (21,))
     assert cache.misses == before and cache.hits > 0
+
+
+@pytest.mark.parametrize("axis", [1, 2, 3])
+def test_slices_along_later_axes_come_from_a_moved_copy(h5: h5py.File, axis: int) -> None:
+    cache = BlockCache(1 << 20)
+    cache.MOVED_AFTER = 2
+    x = h5["x"]
+    for i in range(SHAPE[axis]):
+        expr = (slice(None),) * axis + (i,)
+        got = cache.read("x", x, expr, copy=i % 2 == 0)
+        assert got is not None and np.array_equal(got, x[expr]) and got.dtype == x.dtype
+        if i % 2 == 0:
+            got[...] = 0  # a private copy
+        tail = (slice(None),) * axis + (i, slice(1, 3)) if axis < 3 else expr
+        assert np.array_equal(cache.read("x", x, tail), x[tail])
+    assert any(k[1] == "moved" for k in cache._blocks if isinstance(k, tuple) and len(k) == 3)
+    partial = (slice(2, 5),) * axis + (0,)  # not the whole leading axes: served from blocks instead
+    assert np.array_equal(cache.read("x", x, partial), x[partial])
+    too_small = BlockCache(x.nbytes * 3)  # an array above a quarter of the capacity is never moved
+    too_small.MOVED_AFTER = 1
+    expr = (slice(None),) * axis + (0,)
+    assert np.array_equal(too_small.read("x", x, expr), x[expr])
+    assert not any(len(k) == 3 for k in too_small._blocks if isinstance(k, tuple))
