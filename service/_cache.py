@@ -43,7 +43,8 @@ class BlockCache:
 
     def read(self, key: Hashable, dataset: Any, expression: Any, copy: bool = True) -> Any:
         """``dataset[expression]`` through the cache, or None when the request is not cacheable (the caller then
-        reads it directly): non-numeric data, negative or stepped indices, empty or out-of-range first axes.
+        reads it directly): non-numeric data, negative or stepped indices, empty or out-of-range first axes, and reads
+        whose blocks would take more than a quarter of the capacity.
         ``copy=False`` may return a read-only view of a cached block, for callers that only read the sample."""
         if self.capacity_bytes <= 0 or dataset.ndim == 0 or dataset.dtype.kind not in "biuf":
             return None
@@ -70,6 +71,8 @@ class BlockCache:
             return None
         rows = self.rows_per_block(tuple(dataset.shape), dataset.dtype.itemsize)
         b0, b1 = start // rows, (stop - 1) // rows
+        if (b1 - b0 + 1) * self.block_bytes > self.capacity_bytes // 4:
+            return None  # a read that would fill much of the cache by itself thrashes it: read directly
         blocks = self._blocks_for(key, dataset, rows, b0, b1)
         rest = items[1:]
         if not isinstance(first, slice):

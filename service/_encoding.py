@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,13 +23,12 @@ class Encoded:
         self.payloads = payloads
         self.nbytes = batch.ByteSize() + sum(p.nbytes for p in payloads)
 
-    def messages(self, response_type: Any) -> list[Any]:
+    def messages(self, response_type: Any) -> Iterator[Any]:
         """Response messages of the given type: the batch, then every chunk, pre-serialised (sent with
-        ``codec.passthrough_serializer``: the payload is copied once, into the chunk's wire bytes)."""
-        out: list[Any] = [response_type(batch=self.batch)]
+        ``codec.passthrough_serializer``: the payload is copied once, into the chunk's wire bytes), made lazily."""
+        yield response_type(batch=self.batch)
         for payload in self.payloads:
-            out.extend(codec.serialized_chunks(payload))
-        return out
+            yield from codec.serialized_chunks(payload)
 
 
 def _nested_strings(value: list[Any]) -> tensor_pb2.StringArray:

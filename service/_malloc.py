@@ -1,8 +1,9 @@
 """glibc allocator settings for large gRPC messages.
 
 With glibc's default thresholds every multi-MiB payload buffer is mmap'ed and unmapped again, which halves gRPC
-throughput on large messages on the machines we measured; raising the mmap threshold to 64 MiB and the trim
-threshold to 512 MiB keeps such buffers in the heap (``GLIBC_TUNABLES`` achieves the same from outside).
+throughput on large messages on the machines we measured; raising the mmap threshold to 64 MiB keeps such buffers
+in the heap (``GLIBC_TUNABLES`` achieves the same from outside). The trim threshold is 64 MiB too: streaming
+throughput measured the same as with 512 MiB, and freed memory goes back to the system sooner.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -> bool:
+def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 64 << 20) -> bool:
     """Applies the thresholds through ``mallopt``; returns False where there is no glibc (nothing changes)."""
     name = ctypes.util.find_library("c")
     if name is None:

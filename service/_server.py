@@ -148,18 +148,15 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     ) -> AsyncIterator[Any]:
         """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead."""
 
-        def build(start: int, count: int) -> tuple[Encoded, list[Any]]:
-            # in a worker thread: extraction, stacking and the chunk messages' wire bytes, so that the event loop
-            # only hands finished messages to gRPC
+        def build(start: int, count: int) -> Encoded:
             chunk = indices[start : start + count]
-            encoded = encode_batch([src.sample(i) for i in chunk], chunk, first_position + start)
-            return encoded, encoded.messages(response_type)
+            return encode_batch([src.sample(i) for i in chunk], chunk, first_position + start)
 
         start, per_message = 0, batch_size  # the first message holds one batch: a short time to first batch
         pending = asyncio.ensure_future(self._run(build, start, per_message)) if indices else None
         try:
             while pending is not None:
-                encoded, messages = await pending
+                encoded = await pending
                 count = len(encoded.batch.sample_indices)
                 start += count
                 pending = None
@@ -168,7 +165,8 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                     batches = max(1, math.floor(codec.TARGET_MESSAGE_BYTES / (per_sample * batch_size)))
                     per_message = min(batches * batch_size, max(MAX_SAMPLES_PER_MESSAGE, batch_size))
                     pending = asyncio.ensure_future(self._run(build, start, per_message))
-                for message in messages:
+                # chunk messages are made one at a time as gRPC takes them: a batch's payload is not held twice
+                for message in encoded.messages(response_type):
                     yield message
         finally:
             if pending is not None:

@@ -141,7 +141,7 @@ def test_image_runtime_contract() -> None:
         assert image == "python:3.11-slim", image
 
     env = " ".join(_final("ENV"))
-    assert "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=536870912" in env
+    assert "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=67108864" in env
     assert "PYTHONUNBUFFERED=1" in env
     assert _final("EXPOSE") == ["50051"]
     [user] = _final("USER")
