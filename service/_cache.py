@@ -44,7 +44,7 @@ class BlockCache:
     def read(self, key: Hashable, dataset: Any, expression: Any, copy: bool = True) -> Any:
         """``dataset[expression]`` through the cache, or None when the request is not cacheable (the caller then
         reads it directly): non-numeric data, negative or stepped indices, empty or out-of-range first axes, and reads
-        whose blocks would take more than a quarter of the capacity.
+        whose blocks would take more than an eighth of the capacity.
         ``copy=False`` may return a read-only view of a cached block, for callers that only read the sample."""
         if self.capacity_bytes <= 0 or dataset.ndim == 0 or dataset.dtype.kind not in "biuf":
             return None
@@ -71,7 +71,7 @@ class BlockCache:
             return None
         rows = self.rows_per_block(tuple(dataset.shape), dataset.dtype.itemsize)
         b0, b1 = start // rows, (stop - 1) // rows
-        if (b1 - b0 + 1) * self.block_bytes > self.capacity_bytes // 4:
+        if (b1 - b0 + 1) * self.block_bytes > self.capacity_bytes // 8:
             return None  # a read that would fill much of the cache by itself thrashes it: read directly
         blocks = self._blocks_for(key, dataset, rows, b0, b1)
         rest = items[1:]
@@ -90,9 +90,10 @@ class BlockCache:
     def _moved_read(self, key: Hashable, dataset: Any, items: tuple[Any, ...], copy: bool) -> Any:
         """Slices along a later axis (``(:, :, i)``) from a copy of the array with that axis moved to the front,
         where each such slice is contiguous. Built once a subject has had ``MOVED_AFTER`` such requests (a first
-        batch stays quick), and only for arrays of at most a quarter of the capacity; None otherwise."""
+        batch stays quick), and only for arrays of at most a sixteenth of the capacity (several subjects' copies must fit, or shuffled
+        access rebuilds them over and over); None otherwise."""
         axis = next((a for a, item in enumerate(items) if not isinstance(item, slice)), None)
-        if not axis or dataset.nbytes > self.capacity_bytes // 4:
+        if not axis or dataset.nbytes > self.capacity_bytes // 16:
             return None
         for a in range(axis):
             item = items[a]

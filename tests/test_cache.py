@@ -48,7 +48,7 @@ def test_cached_reads_equal_h5py(h5: h5py.File, expr: tuple, block_rows: int, ca
     expected = h5["x"][expr] if _nonempty(expr) else None
     for _ in range(2):  # cold, then (partly) warm
         got = cache.read("x", h5["x"], expr)
-        if expected is None or capacity_blocks == 0 or _blocks_needed(expr, block_rows) * 4 > capacity_blocks:
+        if expected is None or capacity_blocks == 0 or _blocks_needed(expr, block_rows) * 8 > capacity_blocks:
             assert got is None or np.array_equal(got, expected)  # not cacheable: the caller reads h5py directly
             continue
         assert got is not None
@@ -88,11 +88,11 @@ def test_not_cacheable_reads_fall_through(h5: h5py.File) -> None:
 
 def test_capacity_evicts_least_recently_used(h5: h5py.File) -> None:
     row = 9 * 7 * 2 * 4
-    cache = BlockCache(4 * 4 * row, block_bytes=4 * row)  # four blocks of four rows
-    for z in range(0, 23, 4):
+    cache = BlockCache(8 * 2 * row, block_bytes=2 * row)  # eight blocks of two rows
+    for z in range(0, 23, 2):
         cache.read("x", h5["x"], (z,))
-    assert cache.nbytes <= cache.capacity_bytes and len(cache._blocks) == 4
-    assert sorted(b for _, b in cache._blocks) == [2, 3, 4, 5]
+    assert cache.nbytes <= cache.capacity_bytes and len(cache._blocks) == 8
+    assert sorted(b for _, b in cache._blocks) == [4, 5, 6, 7, 8, 9, 10, 11]
     before = cache.misses
     cache.read("x", h5["x"], (21,))
     assert cache.misses == before and cache.hits > 0
