@@ -90,8 +90,8 @@ class BlockCache:
     def _moved_read(self, key: Hashable, dataset: Any, items: tuple[Any, ...], copy: bool) -> Any:
         """Slices along a later axis (``(:, :, i)``) from a copy of the array with that axis moved to the front,
         where each such slice is contiguous. Built once a subject has had ``MOVED_AFTER`` such requests (a first
-        batch stays quick), and only for arrays of at most a sixteenth of the capacity (several subjects' copies must fit, or shuffled
-        access rebuilds them over and over); None otherwise."""
+        batch stays quick), and only for arrays of at most a sixteenth of the capacity (several subjects' copies
+        must fit, or shuffled access rebuilds them over and over); None otherwise."""
         axis = next((a for a, item in enumerate(items) if not isinstance(item, slice)), None)
         if not axis or dataset.nbytes > self.capacity_bytes // 16:
             return None
