@@ -41,7 +41,7 @@ import numpy as np
 from patchwire.service._blending import region_weights
 from patchwire.service._datasource import CompiledDatasource
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from patchwire.service._journal import Journal, write_atomic
+from patchwire.service._journal import Journal, fsync_dir, write_atomic
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import spec_pb2
 
@@ -106,11 +106,11 @@ class BufferPool:
             self.resident += need
             return mapped
 
-    def release(self, subject: Subject) -> None:
+    def release(self, subject: Subject, flush: bool = True) -> None:
         with self._lock:
             item = self._open.pop(id(subject), None)
             if item is not None:
-                subject.unmap()
+                subject.unmap(flush)
                 self.resident -= item[1]
 
     def resident_of(self, subjects: Sequence[Subject]) -> int:
@@ -154,28 +154,30 @@ class Subject:
         return sum(int(np.prod(shape)) * dt.itemsize for shape, dt in self.buffer_specs().values())
 
     def _buffer_path(self, key: str) -> Path:
-        return self.job.directory / "buffers" / f"{self.index}.{key}.buf"
+        return self.job.directory / "buffers" / f"{self.index}.{key}.npy"
 
     def map(self) -> dict[str, np.ndarray]:
+        """Maps the buffers, ``.npy`` files: an overwrite-mode buffer becomes the result file by a rename."""
         out: dict[str, np.ndarray] = {}
         for key, (shape, dtype) in self.buffer_specs().items():
             path = self._buffer_path(key)
             if path.exists():
-                out[key] = np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+                out[key] = np.load(path, mmap_mode="r+")
             else:
-                out[key] = np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+                out[key] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         self.mapped = out
         return out
 
-    def unmap(self) -> None:
+    def unmap(self, flush: bool = True) -> None:
         if self.mapped is not None:
-            for arr in self.mapped.values():
-                if isinstance(arr, np.memmap):
-                    arr.flush()
+            if flush:
+                for arr in self.mapped.values():
+                    if isinstance(arr, np.memmap):
+                        arr.flush()
             self.mapped = None
 
     def delete_buffers(self) -> None:
-        self.job.pool.release(self)
+        self.job.pool.release(self, flush=False)  # about to be deleted: writing the pages back is wasted
         for key in self.buffer_specs():
             self._buffer_path(key).unlink(missing_ok=True)
 
@@ -376,13 +378,20 @@ class Job:
             # written before the results, which are what makes a subject ready on recovery
             write_atomic(self.directory / "results" / f"{subject.index}.forced.npy", _npy(subject.received))
         for e in self.entries:
-            result = self._result(buffers, e)
             path = subject.result_path(e.name)
+            if self.mode == "overwrite":  # the buffer is the result: make it durable and rename it (no copy)
+                buffer = buffers[e.name]
+                assert isinstance(buffer, np.memmap)
+                buffer.flush()
+                _fsync_file(subject._buffer_path(e.name))
+                subject._buffer_path(e.name).replace(path)
+                continue
             with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
-                np.save(f, result)
+                np.save(f, self._result(buffers, e))
                 f.flush()
                 os.fsync(f.fileno())
             path.with_name(f".{path.name}.tmp").replace(path)
+        fsync_dir(path.parent)
         subject.state = apb.SUBJECT_STATE_READY
         subject.forced = forced
         self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)
@@ -390,9 +399,8 @@ class Job:
         subject.delete_buffers()
 
     def _result(self, buffers: Mapping[str, np.ndarray], entry: EntrySpec) -> np.ndarray:
+        """The mean of an average or Gaussian job's sums (overwrite buffers are results as they are)."""
         buf = buffers[entry.name]
-        if self.mode == "overwrite":
-            return np.array(buf, dtype=entry.dtype)
         weight = buffers["__weight__"][..., None]
         mean = np.divide(buf, weight, out=np.zeros(buf.shape, dtype=buf.dtype), where=weight > 0)
         if np.issubdtype(entry.dtype, np.integer):
@@ -534,6 +542,14 @@ class Job:
             if subject.count == subject.expected and subject.expected > 0:
                 self._finish(subject, forced=False)
         self._check_completed()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _npy(array: np.ndarray) -> bytes:
