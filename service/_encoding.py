@@ -18,10 +18,10 @@ __all__ = ["Encoded", "encode_batch"]
 class Encoded:
     """A Batch message plus the payloads of its chunked tensors, in announcement order."""
 
-    def __init__(self, batch: dataset_service_pb2.Batch, payloads: list[memoryview]) -> None:
+    def __init__(self, batch: dataset_service_pb2.Batch, payloads: list[Any]) -> None:
         self.batch = batch
         self.payloads = payloads
-        self.nbytes = batch.ByteSize() + sum(p.nbytes for p in payloads)
+        self.nbytes = batch.ByteSize() + sum(t.chunked_nbytes for t in codec.batch_tensors(batch))
 
     def messages(self, response_type: Any) -> Iterator[Any]:
         """Response messages of the given type: the batch, then every chunk, pre-serialised (sent with
@@ -40,7 +40,7 @@ def _nested_strings(value: list[Any]) -> tensor_pb2.StringArray:
     return tensor_pb2.StringArray(values=value)
 
 
-def _value(value: Any, key: str, payloads: list[memoryview]) -> values_pb2.Value:
+def _value(value: Any, key: str, payloads: list[Any]) -> values_pb2.Value:
     if isinstance(value, np.ndarray) and value.dtype != object:
         tensor, payload = codec.array_to_tensor(value)
         if payload is not None:
@@ -90,7 +90,7 @@ def _stackable(values: Sequence[Any]) -> bool:
 def encode_batch(samples: Sequence[dict[str, Any]], sample_indices: Sequence[int] = (), position: int = 0) -> Encoded:
     """Encodes samples: arrays equal in shape and dtype across the batch are stacked into one tensor per key."""
     batch = dataset_service_pb2.Batch(sample_indices=sample_indices, position=position)
-    payloads: list[memoryview] = []
+    payloads: list[Any] = []
     keys = list(samples[0]) if samples else []
     for sample in samples[1:]:
         keys.extend(k for k in sample if k not in keys)
@@ -104,10 +104,10 @@ def encode_batch(samples: Sequence[dict[str, Any]], sample_indices: Sequence[int
         field = batch.fields.add(key=key)
         if _stackable(values):
             arrays: list[np.ndarray] = values  # type: ignore[assignment]
-            tensor, payload = codec.array_to_tensor(np.stack(arrays) if len(arrays) > 1 else arrays[0][None])
+            tensor, parts = codec.stacked_to_tensor(arrays)
             field.stacked.CopyFrom(tensor)
-            if payload is not None:
-                payloads.append(payload)
+            if parts is not None:
+                payloads.append(parts)
         else:
             field.per_sample.SetInParent()
             for v in values:

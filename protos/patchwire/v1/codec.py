@@ -30,6 +30,7 @@ __all__ = [
     "dtype_to_proto",
     "passthrough_serializer",
     "serialized_chunks",
+    "stacked_to_tensor",
     "tensor_to_array",
 ]
 
@@ -215,13 +216,50 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def serialized_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The wire bytes of the chunk messages that carry ``payload`` (one copy of the payload, no protobuf)."""
-    view = memoryview(payload).cast("B")
-    for start in range(0, len(view), chunk_bytes):
-        piece = view[start : start + chunk_bytes]
-        inner_head = _DATA_FIELD_TAG + _varint(len(piece))
-        yield b"".join((_CHUNK_FIELD_TAG, _varint(len(inner_head) + len(piece)), inner_head, piece))
+def serialized_chunks(
+    payload: bytes | memoryview | Sequence[memoryview], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """The wire bytes of the chunk messages that carry ``payload`` (one copy of the payload, no protobuf).
+    ``payload`` may be a sequence of parts (e.g. the samples of a stacked tensor): chunks then span parts, and the
+    parts are copied straight into the messages, never joined first."""
+    parts = [memoryview(payload).cast("B")] if isinstance(payload, bytes | memoryview) else list(payload)
+    pieces: list[memoryview] = []
+    size = 0
+    for part in parts:
+        offset = 0
+        while offset < len(part):
+            take = min(chunk_bytes - size, len(part) - offset)
+            pieces.append(part[offset : offset + take])
+            size += take
+            offset += take
+            if size == chunk_bytes:
+                yield _chunk_message(pieces, size)
+                pieces, size = [], 0
+    if size:
+        yield _chunk_message(pieces, size)
+
+
+def _chunk_message(pieces: list[memoryview], size: int) -> bytes:
+    inner_head = _DATA_FIELD_TAG + _varint(size)
+    return b"".join((_CHUNK_FIELD_TAG, _varint(len(inner_head) + size), inner_head, *pieces))
+
+
+def stacked_to_tensor(
+    arrays: Sequence[np.ndarray], chunk_bytes: int = CHUNK_BYTES
+) -> tuple[tensor_pb2.Tensor, list[memoryview] | None]:
+    """Like ``array_to_tensor(np.stack(arrays))`` without building the stacked array: a chunked payload is returned
+    as one part per array (views of their memory), copied once, into the chunk messages."""
+    first = arrays[0]
+    dt = np.dtype(first.dtype)
+    if dt.byteorder == ">":
+        return array_to_tensor(np.stack(arrays), chunk_bytes)  # type: ignore[return-value]
+    tensor = tensor_pb2.Tensor(dtype=dtype_to_proto(dt), shape=(len(arrays), *first.shape))
+    nbytes = first.nbytes * len(arrays)
+    if nbytes <= chunk_bytes:
+        tensor.data = np.stack(arrays).tobytes()
+        return tensor, None
+    tensor.chunked_nbytes = nbytes
+    return tensor, [np.ascontiguousarray(a).reshape(-1).data.cast("B") for a in arrays]
 
 
 def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
