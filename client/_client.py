@@ -75,16 +75,7 @@ class Client:
             )
             props = None
             if s.HasField("image_properties"):
-                p = s.image_properties
-                props = ImageProperties(
-                    tuple(p.size),
-                    tuple(p.origin),
-                    tuple(p.spacing),
-                    tuple(p.direction),
-                    p.dimensions,
-                    p.number_of_components_per_pixel,
-                    p.pixel_id,
-                )
+                props = ImageProperties._from_proto(s.image_properties)
             subjects.append(SubjectInfo(int(s.index), s.name, arrays, props))
         return DatasetInfo(
             r.name,

@@ -83,16 +83,7 @@ def decode_value(value: values_pb2.Value, payloads: Iterator[np.ndarray]) -> Any
     if kind == "int_tuple":
         return tuple(int(v) for v in value.int_tuple.values)
     if kind == "image_properties":
-        p = value.image_properties
-        return ImageProperties(
-            tuple(p.size),
-            tuple(p.origin),
-            tuple(p.spacing),
-            tuple(p.direction),
-            p.dimensions,
-            p.number_of_components_per_pixel,
-            p.pixel_id,
-        )
+        return ImageProperties._from_proto(value.image_properties)
     if kind == "index_expression":
         return IndexExpression._from_proto(value.index_expression)
     if kind is None:

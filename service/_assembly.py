@@ -41,7 +41,7 @@ import numpy as np
 from patchwire.service._blending import region_weights
 from patchwire.service._datasource import CompiledDatasource
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from patchwire.service._journal import Journal, fsync_dir, write_atomic
+from patchwire.service._journal import Journal, fsync_path, write_atomic
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import spec_pb2
 
@@ -383,7 +383,7 @@ class Job:
                 buffer = buffers[e.name]
                 assert isinstance(buffer, np.memmap)
                 buffer.flush()
-                _fsync_file(subject._buffer_path(e.name))
+                fsync_path(subject._buffer_path(e.name))
                 subject._buffer_path(e.name).replace(path)
                 continue
             with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
@@ -391,7 +391,7 @@ class Job:
                 f.flush()
                 os.fsync(f.fileno())
             path.with_name(f".{path.name}.tmp").replace(path)
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
         subject.state = apb.SUBJECT_STATE_READY
         subject.forced = forced
         self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)
@@ -542,14 +542,6 @@ class Job:
             if subject.count == subject.expected and subject.expected > 0:
                 self._finish(subject, forced=False)
         self._check_completed()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _npy(array: np.ndarray) -> bytes:

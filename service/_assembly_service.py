@@ -171,13 +171,4 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
 
 def _properties(job: Job, subject_index: int) -> ImagePropertiesValue:
-    g = job.source.dataset.require_geometry(subject_index)
-    return ImagePropertiesValue(
-        size=g.size,
-        origin=g.origin,
-        spacing=g.spacing,
-        direction=g.direction,
-        dimensions=len(g.size),
-        number_of_components_per_pixel=1,
-        pixel_id=1,
-    )
+    return ImagePropertiesValue.from_geometry(job.source.dataset.require_geometry(subject_index))

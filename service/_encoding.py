@@ -12,7 +12,7 @@ from patchwire.service._extraction import ImagePropertiesValue, IndexExpressionV
 from patchwire.service._indexing import expression_to_proto
 from patchwire.v1 import codec, dataset_service_pb2, tensor_pb2, values_pb2
 
-__all__ = ["Encoded", "encode_batch"]
+__all__ = ["Encoded", "encode_batch", "properties_to_proto"]
 
 
 class Encoded:
@@ -64,20 +64,22 @@ def _value(value: Any, key: str, payloads: list[Any]) -> values_pb2.Value:
     if isinstance(value, list):
         return values_pb2.Value(string_list=_nested_strings(value))
     if isinstance(value, ImagePropertiesValue):
-        return values_pb2.Value(
-            image_properties=values_pb2.ImageProperties(
-                size=value.size,
-                origin=value.origin,
-                spacing=value.spacing,
-                direction=value.direction,
-                dimensions=value.dimensions,
-                number_of_components_per_pixel=value.number_of_components_per_pixel,
-                pixel_id=value.pixel_id,
-            )
-        )
+        return values_pb2.Value(image_properties=properties_to_proto(value))
     if isinstance(value, IndexExpressionValue):
         return values_pb2.Value(index_expression=expression_to_proto(value.expression))
     raise InvalidArgument(f"entry {key!r}: a {type(value).__name__} cannot be sent as a sample value")
+
+
+def properties_to_proto(value: ImagePropertiesValue) -> values_pb2.ImageProperties:
+    return values_pb2.ImageProperties(
+        size=value.size,
+        origin=value.origin,
+        spacing=value.spacing,
+        direction=value.direction,
+        dimensions=value.dimensions,
+        number_of_components_per_pixel=value.number_of_components_per_pixel,
+        pixel_id=value.pixel_id,
+    )
 
 
 def _stackable(values: Sequence[Any]) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from patchwire.service import _pymia_format as fmt
-from patchwire.service._catalog import Dataset, to_str
+from patchwire.service._catalog import Dataset, SubjectGeometry, to_str
 from patchwire.service._errors import InvalidArgument, NotFound
 from patchwire.service._indexing import WHOLE, Expression
 from patchwire.v1 import spec_pb2
@@ -58,6 +58,11 @@ class ImagePropertiesValue:
     dimensions: int
     number_of_components_per_pixel: int
     pixel_id: int
+
+    @classmethod
+    def from_geometry(cls, g: SubjectGeometry) -> ImagePropertiesValue:
+        """What pymia's ImagePropertiesExtractor gives: it rebuilds the properties from a uint8 image."""
+        return cls(g.size, g.origin, g.spacing, g.direction, len(g.size), 1, SITK_UINT8)
 
 
 @dataclass(frozen=True)
@@ -162,16 +167,8 @@ class _Indexing(Extractor):
 
 class _ImageProperties(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        g = reader.require_geometry(params.subject_index)
-        extracted[KEY_PROPERTIES] = ImagePropertiesValue(
-            size=g.size,
-            origin=g.origin,
-            spacing=g.spacing,
-            direction=g.direction,
-            dimensions=len(g.size),
-            number_of_components_per_pixel=1,
-            pixel_id=SITK_UINT8,
-        )
+        geometry = reader.require_geometry(params.subject_index)
+        extracted[KEY_PROPERTIES] = ImagePropertiesValue.from_geometry(geometry)
 
 
 class _ImagePropertyShape(Extractor):

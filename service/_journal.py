@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["Journal", "JournalRecord", "fsync_dir", "write_atomic"]
+__all__ = ["Journal", "JournalRecord", "fsync_path", "write_atomic"]
 
 _log = logging.getLogger(__name__)
 MAGIC = b"PWJ1"
@@ -35,8 +35,8 @@ class JournalRecord:
     """Per output entry, one array per sample (in sample order)."""
 
 
-def fsync_dir(path: Path) -> None:
-    """Makes a rename or a new file in ``path`` durable."""
+def fsync_path(path: Path) -> None:
+    """fsyncs a file, or a folder (which makes a rename or a new file in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -52,7 +52,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _encode(record: JournalRecord) -> bytes:
@@ -134,7 +134,7 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         if new:
-            fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
 
     def delete(self) -> None:
         self.path.unlink(missing_ok=True)

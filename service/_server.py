@@ -23,10 +23,11 @@ from patchwire.service._assembly_service import AssemblyServicer
 from patchwire.service._cache import BlockCache
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
-from patchwire.service._encoding import Encoded, encode_batch
+from patchwire.service._encoding import Encoded, encode_batch, properties_to_proto
 from patchwire.service._errors import InvalidArgument, translate_errors
+from patchwire.service._extraction import ImagePropertiesValue
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, values_pb2
+from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
 
 __all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig"]
 
@@ -205,18 +206,7 @@ def _describe(ds: Dataset) -> dataset_service_pb2.DescribeDatasetResponse:
             if not is_string:
                 info.dtype = codec.dtype_to_proto(dtype)
         if ds.geometry is not None:
-            g = ds.geometry[s]
-            subject.image_properties.CopyFrom(
-                values_pb2.ImageProperties(
-                    size=g.size,
-                    origin=g.origin,
-                    spacing=g.spacing,
-                    direction=g.direction,
-                    dimensions=len(g.size),
-                    number_of_components_per_pixel=1,
-                    pixel_id=1,
-                )
-            )
+            subject.image_properties.CopyFrom(properties_to_proto(ImagePropertiesValue.from_geometry(ds.geometry[s])))
     return out
 
 
