@@ -1,6 +1,6 @@
 """A bounded cache of decoded blocks, shared by every dataset and client of a server.
 
-Numeric arrays are cut into blocks of whole rows along axis 0 (about ``block_bytes``, 4 MiB, each). A sample's
+Numeric arrays are cut into blocks of whole rows along axis 0 (about ``block_bytes``, 1 MiB, each). A sample's
 read becomes one contiguous h5py read of the blocks it touches (missing ones only), and the sample is cut from
 memory. That turns
 the slow access patterns of contiguous HDF5 arrays into fast ones: an axis-2 slice of a (z, y, x, c) volume reads
@@ -26,7 +26,7 @@ class BlockCache:
     #: Requests of slices along one later axis of an array before a copy with that axis first is built.
     MOVED_AFTER = 8
 
-    def __init__(self, capacity_bytes: int, block_bytes: int = 4 << 20) -> None:
+    def __init__(self, capacity_bytes: int, block_bytes: int = 1 << 20) -> None:
         self.capacity_bytes = capacity_bytes
         self.block_bytes = block_bytes
         self._blocks: OrderedDict[Hashable, np.ndarray] = OrderedDict()
