@@ -142,10 +142,6 @@ class BlockCache:
                 self._insert_item((key, b), block)
         return [found[b] for b in range(b0, b1 + 1)]
 
-    def _insert(self, key: Hashable, blocks: dict[int, np.ndarray]) -> None:
-        for b, block in blocks.items():
-            self._insert_item((key, b), block)
-
     def _insert_item(self, key: Hashable, array: np.ndarray) -> None:
         with self._lock:
             if key in self._blocks:

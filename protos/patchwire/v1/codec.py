@@ -251,8 +251,9 @@ def stacked_to_tensor(
     as one part per array (views of their memory), copied once, into the chunk messages."""
     first = arrays[0]
     dt = np.dtype(first.dtype)
-    if dt.byteorder == ">":
-        return array_to_tensor(np.stack(arrays), chunk_bytes)  # type: ignore[return-value]
+    if dt.byteorder == ">":  # swapped to little-endian on the way: a stacked copy is needed anyway
+        tensor, payload = array_to_tensor(np.stack(arrays), chunk_bytes)
+        return tensor, None if payload is None else [payload]
     tensor = tensor_pb2.Tensor(dtype=dtype_to_proto(dt), shape=(len(arrays), *first.shape))
     nbytes = first.nbytes * len(arrays)
     if nbytes <= chunk_bytes:
