@@ -17,6 +17,7 @@ retries transparently when the connection drops.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import time
@@ -144,15 +145,17 @@ def _with_chunks(batch: apb.PredictionBatch, payloads: Sequence[memoryview]) -> 
 
 
 class _PostStream:
-    """One PostPredictions stream: requests go through a queue, acknowledgements are read one per batch."""
+    """One PostPredictions stream: requests go through a queue, acknowledgements are read one per batch, in order."""
 
     def __init__(self, connection: Connection) -> None:
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._responses = connection.post_predictions()(iter(self._queue.get, None))
 
-    def send(self, requests: Sequence[Request]) -> apb.PostPredictionsResponse:
+    def put(self, requests: Sequence[Request]) -> None:
         for r in requests:
             self._queue.put(r)
+
+    def next_ack(self) -> apb.PostPredictionsResponse:
         response: apb.PostPredictionsResponse = next(self._responses)
         return response
 
@@ -167,7 +170,10 @@ class RemoteSubjectAssembler:
     ``overlap``: 'overwrite' (pymia), 'average' or 'gaussian'. ``dtype``: the assembled volumes' dtype (default: the
     first batch's). ``entries``: {name: channels} to create the job up front; by default it is created from the
     first batch, like pymia's assembler sizes its buffers. ``job_id``: reuse (or name) a job, e.g. to resume after a
-    client restart.
+    client restart. ``window``: how many batches may be unacknowledged at once. 1 (the default) makes ``add_batch``
+    return only once its batch is durable and report a rejected batch on that very call; a larger window overlaps
+    sending with the server's journalling, and ``subjects_ready`` then lags by up to ``window - 1`` batches
+    (``flush()``, a last batch and ``close()`` wait for every acknowledgement).
     """
 
     def __init__(
@@ -179,9 +185,12 @@ class RemoteSubjectAssembler:
         job_id: str | None = None,
         entries: Mapping[str, int] | None = None,
         retries: int = 3,
+        window: int = 1,
     ) -> None:
         if overlap not in _MODES:
             raise ValueError(f"overlap must be one of {', '.join(_MODES)}, got {overlap!r}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
         self._connection = connection
         self.datasource = datasource
         self.overlap = overlap
@@ -192,6 +201,9 @@ class RemoteSubjectAssembler:
         self._ready: set[int] = set()
         self._single = False
         self._stream: _PostStream | None = None
+        self.window = window
+        self._inflight: collections.deque[list[Request]] = collections.deque()
+        self._last_ack: apb.PostPredictionsResponse | None = None
         if entries is not None:
             self._create({name: (int(c), self.dtype or np.dtype(np.float32)) for name, c in entries.items()})
 
@@ -238,8 +250,7 @@ class RemoteSubjectAssembler:
                 arrays[key] = arr.astype(self.dtype, copy=False)
         if not self._created:
             self._create({k: (int(a.shape[-1]), a.dtype) for k, a in arrays.items()})
-        response = self._post(self._requests(arrays, indices, last_batch))
-        self._ready.update(int(s) for s in response.ready_subjects)
+        self._post(self._requests(arrays, indices, last_batch), last_batch)
 
     def _requests(self, arrays: Mapping[str, np.ndarray], indices: list[int], last_batch: bool) -> list[Request]:
         batch = apb.PredictionBatch(job_id=self._job(), sample_indices=indices, last_batch=last_batch)
@@ -268,29 +279,59 @@ class RemoteSubjectAssembler:
                 field.per_sample.values.append(values_pb2.Value(tensor=tensor))
                 if payload is not None:
                     payloads.append(payload)
-        response = self._post(_with_chunks(batch, payloads))
-        self._ready.update(int(s) for s in response.ready_subjects)
+        self._post(_with_chunks(batch, payloads), last_batch)
 
-    def _post(self, requests: list[Request]) -> apb.PostPredictionsResponse:
+    def _post(self, requests: list[Request], last_batch: bool) -> None:
+        """Sends a batch; waits for acknowledgements while ``window`` batches are unacknowledged (all of them after
+        a last batch)."""
+        self._inflight.append(requests)
+        if self._stream is None:
+            self._stream = _PostStream(self._connection)
+        self._stream.put(requests)
+        while self._inflight and (last_batch or len(self._inflight) >= self.window):
+            self._read_ack()
+
+    def flush(self) -> None:
+        """Waits until every batch sent so far is acknowledged (durable on the server)."""
+        while self._inflight:
+            self._read_ack()
+
+    def _read_ack(self) -> None:
+        """Reads the oldest batch's acknowledgement. A dropped connection is retried by re-sending every
+        unacknowledged batch (posting is idempotent); a batch the server rejects raises, and the batches sent after
+        it (which the server never read) are sent again first."""
         attempt = 0
         while True:
             try:
                 with translate_rpc_errors(f"posting predictions to assembly job {self.job_id!r}"):
-                    if self._stream is None:
-                        self._stream = _PostStream(self._connection)
-                    return self._stream.send(requests)
+                    assert self._stream is not None
+                    response = self._stream.next_ack()
+                break
             except (ConnectionFailed, StopIteration) as exc:
                 self._drop_stream()
                 attempt += 1
                 if attempt > self.retries:
+                    self._inflight.clear()
                     if isinstance(exc, StopIteration):
                         raise ConnectionFailed("the server closed the prediction stream") from None
                     raise
                 _log.warning("posting to job %s failed (%s); retrying (%d/%d)", self.job_id, exc, attempt, self.retries)
                 time.sleep(min(0.2 * 2**attempt, 5.0))
+                self._resend()
             except BaseException:
                 self._drop_stream()
+                self._inflight.popleft()
+                self._resend()
                 raise
+        self._inflight.popleft()
+        self._last_ack = response
+        self._ready.update(int(s) for s in response.ready_subjects)
+
+    def _resend(self) -> None:
+        if self._inflight:
+            self._stream = _PostStream(self._connection)
+            for requests in self._inflight:
+                self._stream.put(requests)
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
@@ -387,8 +428,12 @@ class RemoteSubjectAssembler:
         self._ready.clear()
 
     def close(self) -> None:
-        """Closes the prediction stream and the connection (the job stays on the server). Idempotent."""
-        self._drop_stream()
+        """Waits for outstanding acknowledgements, then closes the prediction stream and the connection (the job
+        stays on the server). Idempotent."""
+        try:
+            self.flush()
+        finally:
+            self._drop_stream()
         self._connection.close()
 
     def __enter__(self) -> RemoteSubjectAssembler:

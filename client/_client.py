@@ -104,9 +104,12 @@ class Client:
         dtype: Any = None,
         job_id: str | None = None,
         entries: Mapping[str, int] | None = None,
+        window: int = 1,
     ) -> RemoteSubjectAssembler:
         """pymia's ``SubjectAssembler(datasource)``, assembling on the server (see RemoteSubjectAssembler)."""
-        return RemoteSubjectAssembler(Connection(self.address), datasource, overlap, dtype, job_id, entries)
+        return RemoteSubjectAssembler(
+            Connection(self.address), datasource, overlap, dtype, job_id, entries, window=window
+        )
 
     def jobs(self) -> list[JobStatus]:
         """Every assembly job on the server."""

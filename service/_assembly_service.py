@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from google.protobuf.message import DecodeError
+
 from patchwire.service._assembly import AssemblyStore, Job
 from patchwire.service._encoding import encode_batch
 from patchwire.service._errors import InvalidArgument, translate_errors
@@ -44,8 +46,24 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         number = 0
         batch = None
         assembler: codec.ChunkAssembler | None = None
-        async for request in request_iterator:
-            if request.WhichOneof("payload") == "batch":
+        async for raw in request_iterator:
+            data = codec.chunk_data(raw) if isinstance(raw, bytes) else None
+            if data is not None:  # a chunk, read straight from the wire bytes
+                if assembler is None:
+                    raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")
+                try:
+                    assembler.add(data)
+                except ValueError as exc:
+                    raise InvalidArgument(f"chunk: {exc}") from None
+                request = None
+            else:
+                try:
+                    request = apb.PostPredictionsRequest.FromString(raw) if isinstance(raw, bytes) else raw
+                except DecodeError:
+                    raise InvalidArgument("payload: not a PostPredictionsRequest message") from None
+            if request is None:
+                pass
+            elif request.WhichOneof("payload") == "batch":
                 if assembler is not None and not assembler.complete:
                     raise InvalidArgument("batch: a new batch arrived before the previous batch's tensor chunks")
                 batch = request.batch

@@ -174,6 +174,10 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 pending.cancel()
 
 
+def _identity(data: bytes) -> bytes:
+    return data
+
+
 def _handlers(servicer: Any, service_name: str) -> grpc.GenericRpcHandler:
     """The servicer's methods as gRPC handlers whose responses may be pre-serialised bytes (see
     ``codec.passthrough_serializer``): like the generated ``add_*Servicer_to_server``, with that one difference."""
@@ -187,7 +191,10 @@ def _handlers(servicer: Any, service_name: str) -> grpc.GenericRpcHandler:
     handlers = {
         m.name: make[(m.client_streaming, m.server_streaming)](
             getattr(servicer, m.name),
-            request_deserializer=message_factory.GetMessageClass(m.input_type).FromString,
+            # streamed requests arrive as wire bytes: chunk messages are then read without protobuf's copy
+            request_deserializer=_identity
+            if m.client_streaming
+            else message_factory.GetMessageClass(m.input_type).FromString,
             response_serializer=codec.passthrough_serializer,
         )
         for m in service.methods

@@ -1234,3 +1234,39 @@ def test_unknown_job_in_a_raw_batch(stub: Any, job: pw.RemoteSubjectAssembler) -
     with expect_raw(grpc.StatusCode.NOT_FOUND, "batch.job_id: unknown assembly job 'nope'"):
         post_raw(stub, raw_batch("nope", [4], seg(1, 24, 16, 2)))
     assert_unchanged(job)
+
+
+# -- pipelined posting (window > 1) ---------------------------------------------------------------------------------
+
+
+def test_window_pipelines_posts_and_assembles_the_same(open_ds, make_asm, images) -> None:
+    ds = open_ds(extr.SliceIndexing(0))
+    asm = make_asm(ds, window=4)
+    order = [int(i) for i in np.random.default_rng(5).permutation(len(ds))]
+    batches = [order[k : k + 7] for k in range(0, len(order), 7)]
+    for k, batch in enumerate(batches):
+        post_slices(asm, images, batch, last_batch=k == len(batches) - 1)
+        assert len(asm._inflight) <= 3  # at most window - 1 batches wait for their acknowledgement
+    assert not asm._inflight and asm.subjects_ready == {0, 1, 2}  # a last batch waits for every acknowledgement
+    for s in range(3):
+        assert np.array_equal(asm.get_assembled_subject(s), images[s])
+    assert asm.status().state == "completed"
+
+
+def test_window_reports_a_rejected_batch_and_keeps_the_later_ones(open_ds, make_asm, images) -> None:
+    ds = open_ds(extr.SliceIndexing(0))
+    asm = make_asm(ds, window=8)
+    post_slices(asm, images, [0, 1])
+    asm.add_batch(np.zeros((2, 5, 5, 2), np.float32), np.asarray([2, 3]))  # wrong shape: rejected by the server
+    post_slices(asm, images, [4, 5])
+    with expect(pw.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT, "sample 2", "expected (24, 16, 2)"):
+        asm.flush()
+    asm.flush()  # the batch after the rejected one was sent again and acknowledged
+    status = asm.status()
+    assert status.received == 4
+    assert [i for i in range(6) if i not in status.subjects[0].missing_sample_indices] == [0, 1, 4, 5]
+
+
+def test_window_must_be_positive(open_ds, client) -> None:
+    with pytest.raises(ValueError, match="window"):
+        client.assembler(open_ds(extr.SliceIndexing(0)), window=0)

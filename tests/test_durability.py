@@ -80,7 +80,8 @@ def _spans_subjects(batch: Sequence[int]) -> bool:
 
 def _post(assembler: pw.RemoteSubjectAssembler, indices: Sequence[int], offset: float = 0.0) -> Any:
     """Posts one batch and returns the server's acknowledgement (accepted and duplicate counts)."""
-    return assembler._post(assembler._requests(_batch(indices, offset), list(indices), False))
+    assembler._post(assembler._requests(_batch(indices, offset), list(indices), False), False)
+    return assembler._last_ack
 
 
 def _events(assembler: pw.RemoteSubjectAssembler, count: int) -> list[pw.AssemblyEvent]:
