@@ -8,6 +8,10 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== generated stubs"
 PYTHON=.venv/bin/python scripts/gen_protos.sh --check
 echo "== buf lint"
+if [ ! -x .tools/node_modules/.bin/buf ]; then
+  echo "buf is missing: scripts/setup.sh installs it from npm (install Node.js/npm first)" >&2
+  exit 1
+fi
 (cd protos && ../.tools/node_modules/.bin/buf lint)
 echo "== ruff"
 .venv/bin/ruff check .
