@@ -23,7 +23,7 @@ e. **time to first batch** (iterator created -> first batch) and **peak RSS** of
 
 Streaming patterns run for a time budget (several epochs if one is short, a new iterator per epoch), not a fixed
 epoch count. Throughput counts the bytes of the tensors delivered (images, labels, sample indices). MB = 10^6 bytes,
-GB = 10^9 bytes. Targets (issue 4) are ratios within the run; a missed target is reported, never an error.
+GB = 10^9 bytes. Targets are ratios within the run; a missed target is reported, never an error.
 
 Writes ``DIR/bench.json``, ``DIR/bench.png`` and ``DIR/bench.txt`` (the printed table); ``DIR/logs/`` holds the
 servers' stderr. Full mode generates 8 phantom subjects of 181x217x181 once (cached in ``$PATCHWIRE_HOME`` if set,
@@ -97,7 +97,7 @@ class Mode:
 FULL = Mode("full", 8, (181, 217, 181), 64, 10.0, 200_000, 1024, 5)
 SMOKE = Mode("smoke", 2, (24, 40, 36), 16, 0.3, 2_000, 64, 3)
 
-# Targets of issue 4, as (ratio or bound).
+# The performance targets, as (ratio or bound).
 #: Unacknowledged prediction batches patchwire's assembler may have in flight (RemoteSubjectAssembler window).
 ASSEMBLY_WINDOW = 8
 TARGET_VS_CEILING = 0.7
