@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import functools
 import itertools
 import json
 import os
@@ -49,7 +48,6 @@ import sys
 import tempfile
 import time
 import types
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,37 +107,10 @@ TARGET_TTFB_MS = 150.0
 TARGET_SERVER_RSS_MB = 400.0  # + the server's configured block cache
 
 
-# -- pymia (the same numpy-alias shim as tests/_pymia_oracle.py) ---------------------------------------------------
+# -- pymia: the tests' oracle module holds the one numpy-alias shim pymia 0.3.4 needs ------------------------------
 
-
-@functools.cache
-def load_pymia() -> types.SimpleNamespace:
-    """Returns ``pymia.data``'s ``extraction``, ``creation``, ``definition``, ``transformation``, ``assembler`` and
-    ``conversion`` modules (plus ``data`` itself), after restoring the NumPy aliases pymia 0.3.4 uses."""
-    for name, obj in (("float", float), ("int", int), ("object", object), ("bool", bool)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # NumPy < 1.24 warns when the deprecated aliases are touched
-            present = hasattr(np, name)
-        if not present:
-            setattr(np, name, obj)
-
-    import pymia.data
-    import pymia.data.assembler
-    import pymia.data.conversion
-    import pymia.data.creation
-    import pymia.data.definition
-    import pymia.data.extraction
-    import pymia.data.transformation
-
-    return types.SimpleNamespace(
-        data=pymia.data,
-        extraction=pymia.data.extraction,
-        creation=pymia.data.creation,
-        definition=pymia.data.definition,
-        transformation=pymia.data.transformation,
-        assembler=pymia.data.assembler,
-        conversion=pymia.data.conversion,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _pymia_oracle import load_pymia  # noqa: E402
 
 
 def load_pymia_torch() -> Any:
