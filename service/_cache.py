@@ -12,6 +12,7 @@ samples in place, but a sample that is only encoded for the wire needs no privat
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -38,7 +39,7 @@ class BlockCache:
         self.misses = 0
 
     def rows_per_block(self, shape: tuple[int, ...], itemsize: int) -> int:
-        row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+        row = math.prod(shape[1:]) * itemsize
         return max(1, self.block_bytes // max(row, 1))
 
     def read(self, key: Hashable, dataset: Any, expression: Any, copy: bool = True) -> Any:

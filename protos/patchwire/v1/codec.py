@@ -7,6 +7,7 @@ of at most :data:`CHUNK_BYTES` each, so no message grows with the sample size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -102,7 +103,7 @@ def tensor_to_array(
     dtype = dtype_from_proto(tensor.dtype)
     shape = tuple(tensor.shape)
     data = payload if tensor.chunked_nbytes else tensor.data
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if data is None or len(data) != expected:
         got = 0 if data is None else len(data)
         raise ValueError(f"tensor of shape {shape} and dtype {dtype} needs {expected} bytes, got {got}")
