@@ -26,6 +26,7 @@ __all__ = ["Journal", "JournalRecord", "fsync_path", "write_atomic"]
 _log = logging.getLogger(__name__)
 MAGIC = b"PWJ1"
 _U32 = struct.Struct("<I")
+_IOV_MAX = 1024  # Linux's limit on buffers per writev call
 
 
 @dataclass
@@ -55,15 +56,35 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
-def _encode(record: JournalRecord) -> bytes:
+def _encode(record: JournalRecord) -> list[bytes | memoryview]:
+    """A record as the buffers to write back to back: the arrays' own memory, never joined into one copy (the
+    journal is on the path of every acknowledged prediction)."""
     header: dict[str, Any] = {"indices": record.sample_indices, "entries": {}}
-    payload: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     for name, arrays in record.arrays.items():
         header["entries"][name] = [[list(a.shape), a.dtype.str] for a in arrays]
-        payload.extend(np.ascontiguousarray(a).tobytes() for a in arrays)
+        parts.extend(np.ascontiguousarray(a).reshape(-1).data.cast("B") for a in arrays)
     head = json.dumps(header, separators=(",", ":")).encode()
-    body = b"".join([MAGIC, _U32.pack(len(head)), head, *payload])
-    return body + _U32.pack(zlib.crc32(body))
+    start = b"".join([MAGIC, _U32.pack(len(head)), head])
+    crc = zlib.crc32(start)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return [start, *parts, _U32.pack(crc)]
+
+
+def _write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> None:
+    """``os.writev`` until every byte is written (at most IOV_MAX buffers a call; a short write continues)."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        if written <= 0:
+            raise OSError(f"writev wrote {written} bytes")
+        while written and pending:
+            if written >= len(pending[0]):
+                written -= len(pending.pop(0))
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
 
 
 def _read_one(f: BinaryIO) -> JournalRecord | None:
@@ -128,11 +149,13 @@ class Journal:
     def append(self, sample_indices: Sequence[int], arrays: Mapping[str, Sequence[np.ndarray]]) -> None:
         """Appends one record and fsyncs it (and, for a new file, its folder)."""
         new = not self.path.exists()
-        data = _encode(JournalRecord(list(sample_indices), {k: list(v) for k, v in arrays.items()}))
-        with open(self.path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        buffers = _encode(JournalRecord(list(sample_indices), {k: list(v) for k, v in arrays.items()}))
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _write_all(fd, buffers)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if new:
             fsync_path(self.path.parent)
 

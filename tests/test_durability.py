@@ -27,6 +27,7 @@ import patchwire.client as pw
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
 from patchwire.service import PatchwireServer, _assembly
+from patchwire.service import _journal as journal_module
 from patchwire.service._journal import Journal
 from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
 
@@ -464,3 +465,36 @@ def test_server_resident_memory_stays_near_the_budget(tmp_path: Path) -> None:
             assert (status.state, status.ready_subject_count) == ("completed", subjects)
             assert growth < budget_mib + allowance_mib
             np.testing.assert_array_equal(assembler.get_assembled_subject(subjects - 1)["p"], 1.0)
+
+
+def test_journal_records_survive_short_writes_and_many_buffers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record is written from the arrays' own memory with writev: more buffers than one call takes, and calls
+    that write only part of what they were given, still leave every record intact and in order."""
+    real_writev = journal_module.os.writev
+    calls: list[int] = []
+
+    def counting_writev(fd: int, buffers: Sequence[Any]) -> int:
+        calls.append(len(buffers))
+        return real_writev(fd, buffers)
+
+    def short_writev(fd: int, buffers: Sequence[Any]) -> int:
+        first = memoryview(buffers[0]).cast("B")
+        return real_writev(fd, [first[: max(1, len(first) // 3)]])  # a third of the first buffer only
+
+    journal = Journal(tmp_path / "j.journal")
+    many = {
+        "p": [np.full((2, 3), i, np.float32) for i in range(1500)],
+        "q": [np.arange(i % 5, dtype=np.int16) for i in range(1500)],
+    }
+    monkeypatch.setattr(journal_module.os, "writev", counting_writev)
+    journal.append(list(range(1500)), many)
+    assert len(calls) == 3 and max(calls) == 1024  # 3002 buffers
+    monkeypatch.setattr(journal_module.os, "writev", short_writev)
+    journal.append([7, 9], {"p": [np.ones((4, 4), np.float64), np.zeros((1,), np.uint8)], "q": [np.eye(2), np.eye(3)]})
+    monkeypatch.undo()
+    first, second = journal.records()
+    assert first.sample_indices == list(range(1500))
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(first.arrays["p"], many["p"], strict=True))
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(first.arrays["q"], many["q"], strict=True))
+    assert second.sample_indices == [7, 9]
+    assert second.arrays["p"][0].dtype == np.float64 and np.array_equal(second.arrays["q"][1], np.eye(3))
