@@ -43,60 +43,41 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def PostPredictions(self, request_iterator: Any, context: Any) -> AsyncIterator[apb.PostPredictionsResponse]:
-        number = 0
-        batch = None
-        assembler: codec.ChunkAssembler | None = None
-        async for raw in request_iterator:
-            data = codec.chunk_data(raw) if isinstance(raw, bytes) else None
-            if data is not None:  # a chunk, read straight from the wire bytes
-                if assembler is None:
-                    raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")
-                try:
-                    assembler.add(data)
-                except ValueError as exc:
-                    raise InvalidArgument(f"chunk: {exc}") from None
-                request = None
-            else:
-                try:
-                    request = apb.PostPredictionsRequest.FromString(raw) if isinstance(raw, bytes) else raw
-                except DecodeError:
-                    raise InvalidArgument("payload: not a PostPredictionsRequest message") from None
-            if request is None:
-                pass
-            elif request.WhichOneof("payload") == "batch":
-                if assembler is not None and not assembler.complete:
-                    raise InvalidArgument("batch: a new batch arrived before the previous batch's tensor chunks")
-                batch = request.batch
-                assembler = codec.ChunkAssembler(codec.batch_tensors(batch))
-            elif request.WhichOneof("payload") == "chunk":
-                if assembler is None:
-                    raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")
-                try:
-                    assembler.add(request.chunk.data)
-                except ValueError as exc:
-                    raise InvalidArgument(f"chunk: {exc}") from None
-            else:
-                raise InvalidArgument("payload: neither batch nor chunk is set")
-            if assembler is None or not assembler.complete or batch is None:
-                continue
-            job = self._store.get(batch.job_id, "batch.job_id")
+        # The next batch is received while the current one is journalled and applied (a reading task feeds a queue of
+        # one complete batch); batches are still posted one after another, in arrival order, each acknowledged only
+        # once it is durable.
+        batches: asyncio.Queue[tuple[Any, dict[str, list[Any]]] | BaseException | None] = asyncio.Queue(maxsize=1)
+
+        async def receive() -> None:
             try:
-                arrays = codec.batch_arrays(batch, assembler.payloads())
-            except (ValueError, TypeError) as exc:
-                raise InvalidArgument(f"batch.fields: {exc}") from None
-            result = await self._run(job.post, list(batch.sample_indices), arrays, batch.last_batch)
-            self._notify(job.id)
-            yield apb.PostPredictionsResponse(
-                batch_number=number,
-                accepted_samples=result.accepted,
-                duplicate_samples=result.duplicates,
-                ready_subjects=result.ready_subjects,
-                job=job.info(),
-            )
-            number += 1
-            batch, assembler = None, None
-        if assembler is not None:
-            raise InvalidArgument("the stream ended in the middle of a batch's tensor chunks")
+                async for item in _received_batches(request_iterator):
+                    await batches.put(item)
+                await batches.put(None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # handed to the responding side, which raises it as the call's status
+                await batches.put(exc)
+
+        reader = asyncio.ensure_future(receive())
+        try:
+            number = 0
+            while (item := await batches.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                batch, arrays = item
+                job = self._store.get(batch.job_id, "batch.job_id")
+                result = await self._run(job.post, list(batch.sample_indices), arrays, batch.last_batch)
+                self._notify(job.id)
+                yield apb.PostPredictionsResponse(
+                    batch_number=number,
+                    accepted_samples=result.accepted,
+                    duplicate_samples=result.duplicates,
+                    ready_subjects=result.ready_subjects,
+                    job=job.info(),
+                )
+                number += 1
+        finally:
+            reader.cancel()
 
     @translate_errors
     async def SubscribeEvents(self, request: Any, context: Any) -> AsyncIterator[apb.SubscribeEventsResponse]:
@@ -190,3 +171,50 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
 def _properties(job: Job, subject_index: int) -> ImagePropertiesValue:
     return ImagePropertiesValue.from_geometry(job.source.dataset.require_geometry(subject_index))
+
+
+async def _received_batches(request_iterator: Any) -> AsyncIterator[tuple[Any, dict[str, list[Any]]]]:
+    """The complete prediction batches of a PostPredictions stream: (batch message, arrays by field)."""
+    batch = None
+    assembler: codec.ChunkAssembler | None = None
+    async for raw in request_iterator:
+        data = codec.chunk_data(raw) if isinstance(raw, bytes) else None
+        if data is not None:  # a chunk, read straight from the wire bytes
+            if assembler is None:
+                raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")
+            try:
+                assembler.add(data)
+            except ValueError as exc:
+                raise InvalidArgument(f"chunk: {exc}") from None
+            request = None
+        else:
+            try:
+                request = apb.PostPredictionsRequest.FromString(raw) if isinstance(raw, bytes) else raw
+            except DecodeError:
+                raise InvalidArgument("payload: not a PostPredictionsRequest message") from None
+        if request is None:
+            pass
+        elif request.WhichOneof("payload") == "batch":
+            if assembler is not None and not assembler.complete:
+                raise InvalidArgument("batch: a new batch arrived before the previous batch's tensor chunks")
+            batch = request.batch
+            assembler = codec.ChunkAssembler(codec.batch_tensors(batch))
+        elif request.WhichOneof("payload") == "chunk":
+            if assembler is None:
+                raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")
+            try:
+                assembler.add(request.chunk.data)
+            except ValueError as exc:
+                raise InvalidArgument(f"chunk: {exc}") from None
+        else:
+            raise InvalidArgument("payload: neither batch nor chunk is set")
+        if assembler is None or not assembler.complete or batch is None:
+            continue
+        try:
+            arrays = codec.batch_arrays(batch, assembler.payloads())
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"batch.fields: {exc}") from None
+        yield batch, arrays
+        batch, assembler = None, None
+    if assembler is not None:
+        raise InvalidArgument("the stream ended in the middle of a batch's tensor chunks")
