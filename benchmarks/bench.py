@@ -8,7 +8,7 @@ Sections (each measured on the same generated pymia-format file, page cache warm
 
 a. **ceiling** — raw gRPC server streaming of 1 MiB ``bytes`` messages over loopback; the server
    (``benchmarks/ceiling_server.py``) runs in a subprocess, the client here, both with patchwire's process settings
-   (``tune_malloc()``, ``codec.channel_options()``).
+   (the allocator thresholds of ``patchwire.v1._malloc``, ``codec.channel_options()``).
 b. **patchwire** — ``patchwire serve`` in a subprocess; here ``PytorchStreamingDataset(ds, batch_size=16,
    shuffle=True, seed=0)`` in ``DataLoader(batch_size=None, num_workers=0)`` for axial slices, axis-2 slices and
    cubic patches, each with ``DataExtractor(categories=('images', 'labels'))``; twice: with the server's default
@@ -61,9 +61,9 @@ import torch.utils.data as torch_data
 import patchwire.client as pw
 from patchwire.client import extraction as pw_extr
 from patchwire.client.torch import PytorchStreamingDataset
-from patchwire.service._malloc import tune_malloc
 from patchwire.service._phantom import make_phantom_dataset
 from patchwire.v1 import codec
+from patchwire.v1._malloc import tune_client_process
 
 HERE = Path(__file__).resolve().parent
 BATCH_SIZE = 16
@@ -788,7 +788,7 @@ def _jsonable(report: dict[str, Any]) -> dict[str, Any]:
 def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
-    tune_malloc()
+    tune_client_process()  # what patchwire's client does on connecting; the raw ceiling client needs it too
     client_peak: dict[str, float | None] = {}
     report: dict[str, Any] = {
         "_mode": mode,

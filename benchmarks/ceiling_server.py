@@ -3,7 +3,7 @@
 One server-streaming method, ``/patchwire.bench.Ceiling/Stream``, with identity serialisers: the request is
 ``b"COUNT,SIZE"`` and the reply is COUNT messages of SIZE bytes (the same immutable ``bytes`` object each time, so
 the server does no per-message work beyond gRPC's own). It runs with the process settings ``patchwire serve`` uses:
-``tune_malloc()``, the message limits of ``codec.channel_options()``, ``grpc.aio`` on uvloop. Prints
+``tune_malloc(arena_max=2)``, the message limits of ``codec.channel_options()``, ``grpc.aio`` on uvloop. Prints
 ``ceiling listening on 127.0.0.1:PORT`` once it serves and stops on SIGTERM/SIGINT.
 
 Usage: ``python benchmarks/ceiling_server.py``
@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 import grpc
 import uvloop
 
-from patchwire.service._malloc import tune_malloc
 from patchwire.v1 import codec
+from patchwire.v1._malloc import tune_malloc
 
 SERVICE = "patchwire.bench.Ceiling"
 METHOD = f"/{SERVICE}/Stream"
@@ -48,7 +48,7 @@ async def _serve() -> None:
 
 
 def main() -> None:
-    tune_malloc()
+    tune_malloc(arena_max=2)
     uvloop.run(_serve())
 
 

@@ -24,6 +24,7 @@ from patchwire.v1 import (
     dataset_service_pb2,
     dataset_service_pb2_grpc,
 )
+from patchwire.v1._malloc import tune_client_process
 
 __all__ = ["Connection"]
 
@@ -89,6 +90,7 @@ class Connection:
             return
         with self._lock:
             if self._channel is None or self._pid != os.getpid():
+                tune_client_process()
                 self._channel = grpc.insecure_channel(self.address, options=codec.channel_options())
                 self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
                 self._assembly = assembly_service_pb2_grpc.AssemblyServiceStub(self._channel)

@@ -9,4 +9,4 @@ ln -s "$PWD/service" "$view/service"
 ln -s "$PWD/client" "$view/client"
 ln -s "$PWD/protos/patchwire/v1" "$view/v1"
 MYPYPATH=.tools/typecheck .venv/bin/mypy --namespace-packages --explicit-package-bases \
-  -p patchwire.service -p patchwire.client -p patchwire.v1.codec "$@"
+  -p patchwire.service -p patchwire.client -p patchwire.v1.codec -p patchwire.v1._malloc "$@"

@@ -100,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     from patchwire.service._errors import ServiceError
-    from patchwire.service._malloc import tune_malloc
     from patchwire.service._server import PatchwireServer, ServerConfig
+    from patchwire.v1._malloc import tune_malloc
 
     if args.phantom:
         from patchwire.service._phantom import ensure_phantom_dataset
@@ -115,7 +115,7 @@ async def _serve(args: argparse.Namespace) -> int:
     if duplicates:
         print(f"patchwire serve: dataset name given twice: {', '.join(duplicates)}", file=sys.stderr)
         return 2
-    tune_malloc()
+    tune_malloc(arena_max=2)
     config = ServerConfig(
         datasets=dict(args.dataset),
         host=args.host,
