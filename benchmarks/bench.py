@@ -98,6 +98,8 @@ SMOKE = Mode("smoke", 2, (24, 40, 36), 16, 0.3, 2_000, 64, 3)
 # The performance targets, as (ratio or bound).
 #: Unacknowledged prediction batches patchwire's assembler may have in flight (RemoteSubjectAssembler window).
 ASSEMBLY_WINDOW = 8
+#: Size of one durable append in the disk measurement: about one batch of 16 axial slice predictions.
+DISK_APPEND_BYTES = 4 << 20
 TARGET_VS_CEILING = 0.7
 TARGET_AXIAL_VS_PYMIA_W2 = 1.0
 TARGET_AXIS2_VS_PYMIA = 10.0
@@ -484,6 +486,26 @@ def prediction_batches(pymia_ds: Any, images: list[np.ndarray]) -> list[Predicti
     return out
 
 
+def bench_durable_writes(mode: Mode, work: Path) -> dict[str, Any]:
+    """Appends of ``DISK_APPEND_BYTES`` with an fsync after each, into the folder the assembly server's state lives
+    in: what acknowledging predictions durably can cost at most on this disk (one write and fsync per batch)."""
+    total = mode.ceiling_messages * CEILING_MESSAGE_BYTES // 4
+    block = bytes(range(256)) * (DISK_APPEND_BYTES // 256)
+    path = work / "durable-writes.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        start = time.perf_counter()
+        for _ in range(max(1, total // len(block))):
+            os.write(fd, block)
+            os.fsync(fd)
+        seconds = time.perf_counter() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+    written = max(1, total // len(block)) * len(block)
+    return {"append_bytes": len(block), "bytes": written, "seconds": seconds, "mb_per_s": written / seconds / MB}
+
+
 def bench_assembly(mode: Mode, data: Path, work: Path, logs: Path) -> tuple[dict[str, Any], dict[str, float | None]]:
     pm = load_pymia()
     p = mode.patch
@@ -688,6 +710,14 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{result['label']:<36} {name:<10} {r['subjects_per_s']:>10.2f} {r['mb_per_s']:>9.0f} "
                 f"{r['seconds']:>8.2f} {'yes' if r['verified'] else 'NO':>9}"
             )
+    disk = report["durable_writes"]
+    lines += [
+        f"assembly bounds: durable writes on this disk {disk['mb_per_s']:.0f} MB/s ({disk['append_bytes'] >> 20} MiB "
+        f"appends, fsync each); patchwire writes each prediction byte twice (journal, finished volume): <= "
+        f"{disk['mb_per_s'] / 2:.0f} MB/s;",
+        f"  posting and fetching back cross the wire twice: <= {c['bytes_per_s'] / 2 / MB:.0f} MB/s; pymia assembles "
+        "in memory, without I/O",
+    ]
     rss = report["rss"]
     lines.append("")
     lines.append("server peak RSS MB (VmHWM, reset per pattern):")
@@ -833,6 +863,8 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
         report["pymia"] = bench_pymia_streaming(mode, data)
         client_peak["pymia_streaming"] = peak_rss_mb()
 
+        report["durable_writes"] = bench_durable_writes(mode, work)
+        _progress(f"durable writes {report['durable_writes']['mb_per_s']:.0f} MB/s")
         reset_peak_rss()
         report["assembly"], assembly_rss = bench_assembly(mode, data, work, logs)
         client_peak["assembly"] = peak_rss_mb()

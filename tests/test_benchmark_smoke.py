@@ -49,6 +49,7 @@ def test_smoke_run_exits_zero_and_prints_the_table(smoke_run: tuple[subprocess.C
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "targets met" in proc.stdout
     assert "ceiling: raw gRPC streaming" in proc.stdout
+    assert "assembly bounds: durable writes on this disk" in proc.stdout
 
 
 @pytest.mark.slow
@@ -60,6 +61,7 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
     for key in ("cpu", "cores", "memory_gib", "python", "numpy", "torch", "grpcio"):
         assert report["machine"][key], key
     _positive(report["ceiling"]["gb_per_s"], "ceiling")
+    _positive(report["durable_writes"]["mb_per_s"], "durable writes")
 
     for pattern in PATTERNS:
         for section in ("patchwire", "patchwire_small_cache"):
