@@ -91,10 +91,20 @@ class Client:
         extractor: Extractor | None = None,
         transform: Any = None,
         subject_subset: Sequence[str] | None = None,
+        label_compression: str | None = "lz4",
     ) -> RemoteDatasource:
-        """pymia's ``PymiaDatasource(path, indexing_strategy, extractor, transform, subject_subset)``, served."""
+        """pymia's ``PymiaDatasource(path, indexing_strategy, extractor, transform, subject_subset)``, served.
+
+        ``label_compression``: 'lz4' (the default) has the server LZ4-compress integer and bool arrays (label maps,
+        masks) where that makes them smaller; they arrive decompressed, bit for bit. None sends them raw."""
         return RemoteDatasource(
-            Connection(self.address), dataset, indexing_strategy, extractor, transform, subject_subset
+            Connection(self.address),
+            dataset,
+            indexing_strategy,
+            extractor,
+            transform,
+            subject_subset,
+            label_compression=label_compression,
         )
 
     def assembler(

@@ -15,7 +15,7 @@ from patchwire.client._connection import Connection
 from patchwire.client._decoding import DecodedBatch, decode_stream
 from patchwire.client._errors import translate_rpc_errors
 from patchwire.client.transformation import split_transform
-from patchwire.v1 import dataset_service_pb2, spec_pb2
+from patchwire.v1 import codec, dataset_service_pb2, spec_pb2
 
 if TYPE_CHECKING:
     from patchwire.client.extraction import Extractor, IndexingStrategy
@@ -72,9 +72,12 @@ class RemoteDatasource:
         extractor: Extractor | None = None,
         transform: Any = None,
         subject_subset: Sequence[str] | None = None,
+        label_compression: str | None = "lz4",
     ) -> None:
         self._connection = connection
         self.dataset = dataset
+        self.label_compression = label_compression
+        self._compression = _compression(label_compression)
         self.indexing_strategy = indexing_strategy
         self.extractor = extractor
         self.transform = transform
@@ -128,7 +131,9 @@ class RemoteDatasource:
 
     def get_samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """``[ds[i] for i in indices]`` in one call."""
-        request = dataset_service_pb2.GetSamplesRequest(spec=self._spec, sample_indices=indices)
+        request = dataset_service_pb2.GetSamplesRequest(
+            spec=self._spec, sample_indices=indices, integer_compression=self._compression
+        )
         what = f"reading samples {list(indices)[:8]}{'...' if len(indices) > 8 else ''} of dataset {self.dataset!r}"
         out = []
         with translate_rpc_errors(what):
@@ -187,6 +192,7 @@ class RemoteDatasource:
             shard_count=shard_count,
             drop_last=drop_last,
             start_position=start_position,
+            integer_compression=self._compression,
         )
         call = self._connection.raw_stream(STREAM_BATCHES)(request)
         try:
@@ -254,6 +260,15 @@ class RemoteDatasource:
 
     def close(self) -> None:
         self._connection.close()
+
+
+def _compression(name: str | None) -> codec.Compression.ValueType:
+    """The wire codec for ``label_compression``: None (raw) or 'lz4'."""
+    if name is None:
+        return codec.Compression.COMPRESSION_UNSPECIFIED
+    if name == "lz4":
+        return codec.Compression.COMPRESSION_LZ4
+    raise ValueError(f"label_compression must be None or 'lz4', got {name!r}")
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

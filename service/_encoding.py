@@ -40,9 +40,9 @@ def _nested_strings(value: list[Any]) -> tensor_pb2.StringArray:
     return tensor_pb2.StringArray(values=value)
 
 
-def _value(value: Any, key: str, payloads: list[Any]) -> values_pb2.Value:
+def _value(value: Any, key: str, payloads: list[Any], compression: int) -> values_pb2.Value:
     if isinstance(value, np.ndarray) and value.dtype != object:
-        tensor, payload = codec.array_to_tensor(value)
+        tensor, payload = codec.array_to_tensor(value, compression=compression)
         if payload is not None:
             payloads.append(payload)
         return values_pb2.Value(tensor=tensor)
@@ -89,8 +89,14 @@ def _stackable(values: Sequence[Any]) -> bool:
     return all(isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values[1:])
 
 
-def encode_batch(samples: Sequence[dict[str, Any]], sample_indices: Sequence[int] = (), position: int = 0) -> Encoded:
-    """Encodes samples: arrays equal in shape and dtype across the batch are stacked into one tensor per key."""
+def encode_batch(
+    samples: Sequence[dict[str, Any]],
+    sample_indices: Sequence[int] = (),
+    position: int = 0,
+    compression: int = codec.Compression.COMPRESSION_UNSPECIFIED,
+) -> Encoded:
+    """Encodes samples: arrays equal in shape and dtype across the batch are stacked into one tensor per key;
+    ``compression`` applies to integer and bool tensors (``codec.stacked_to_tensor``)."""
     batch = dataset_service_pb2.Batch(sample_indices=sample_indices, position=position)
     payloads: list[Any] = []
     keys = list(samples[0]) if samples else []
@@ -106,12 +112,12 @@ def encode_batch(samples: Sequence[dict[str, Any]], sample_indices: Sequence[int
         field = batch.fields.add(key=key)
         if _stackable(values):
             arrays: list[np.ndarray] = values  # type: ignore[assignment]
-            tensor, parts = codec.stacked_to_tensor(arrays)
+            tensor, parts = codec.stacked_to_tensor(arrays, compression=compression)
             field.stacked.CopyFrom(tensor)
             if parts is not None:
                 payloads.append(parts)
         else:
             field.per_sample.SetInParent()
             for v in values:
-                field.per_sample.values.append(_value(v, key, payloads))
+                field.per_sample.values.append(_value(v, key, payloads, compression))
     return Encoded(batch, payloads)

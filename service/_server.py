@@ -103,11 +103,14 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
     @translate_errors
     async def GetSamples(self, request: Any, context: Any) -> AsyncIterator[dataset_service_pb2.GetSamplesResponse]:
+        compression = _compression(request.integer_compression)
         src = await self._run(self._cache.get, request.spec)
         indices = [int(i) for i in request.sample_indices]
         for i in indices:
             src.locate(i)
-        async for message in self._stream(src, indices, 1, dataset_service_pb2.GetSamplesResponse):
+        async for message in self._stream(
+            src, indices, 1, dataset_service_pb2.GetSamplesResponse, compression=compression
+        ):
             yield message
 
     @translate_errors
@@ -128,6 +131,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             raise InvalidArgument(f"shard_index: {request.shard_index} must be in [0, shard_count={shard_count})")
         if request.start_position < 0:
             raise InvalidArgument(f"start_position: must not be negative, got {request.start_position}")
+        compression = _compression(request.integer_compression)
         src = await self._run(self._cache.get, request.spec)
         if src.extractor is None:
             raise InvalidArgument("spec.extractor: streaming samples needs an extractor")
@@ -141,17 +145,24 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             request.batch_size,
             dataset_service_pb2.StreamBatchesResponse,
             first_position=request.start_position,
+            compression=compression,
         ):
             yield message
 
     async def _stream(
-        self, src: CompiledDatasource, indices: list[int], batch_size: int, response_type: Any, first_position: int = 0
+        self,
+        src: CompiledDatasource,
+        indices: list[int],
+        batch_size: int,
+        response_type: Any,
+        first_position: int = 0,
+        compression: int = codec.Compression.COMPRESSION_UNSPECIFIED,
     ) -> AsyncIterator[Any]:
         """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead."""
 
         def build(start: int, count: int) -> Encoded:
             chunk = indices[start : start + count]
-            return encode_batch([src.sample(i) for i in chunk], chunk, first_position + start)
+            return encode_batch([src.sample(i) for i in chunk], chunk, first_position + start, compression)
 
         start, per_message = 0, batch_size  # the first message holds one batch: a short time to first batch
         pending = asyncio.ensure_future(self._run(build, start, per_message)) if indices else None
@@ -176,6 +187,13 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
 def _identity(data: bytes) -> bytes:
     return data
+
+
+def _compression(value: int) -> int:
+    if value not in codec.Compression.values():
+        known = ", ".join(codec.Compression.keys())
+        raise InvalidArgument(f"integer_compression: unknown codec {value} (this server knows {known})")
+    return value
 
 
 def _handlers(servicer: Any, service_name: str) -> grpc.GenericRpcHandler:

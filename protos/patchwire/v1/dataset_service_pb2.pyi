@@ -371,6 +371,9 @@ class GetSamplesRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     SAMPLE_INDICES_FIELD_NUMBER: _builtins.int
+    INTEGER_COMPRESSION_FIELD_NUMBER: _builtins.int
+    integer_compression: _tensor_pb2.Compression.ValueType
+    """Compress tensors of integer or bool dtype (label maps, masks) with this codec where that makes them smaller."""
     @_builtins.property
     def spec(self) -> _spec_pb2.DatasourceSpec: ...
     @_builtins.property
@@ -380,10 +383,11 @@ class GetSamplesRequest(_message.Message):
         *,
         spec: _spec_pb2.DatasourceSpec | None = ...,
         sample_indices: _abc.Iterable[_builtins.int] | None = ...,
+        integer_compression: _tensor_pb2.Compression.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sample_indices", b"sample_indices", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["integer_compression", b"integer_compression", "sample_indices", b"sample_indices", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -474,6 +478,7 @@ class StreamBatchesRequest(_message.Message):
     SHARD_COUNT_FIELD_NUMBER: _builtins.int
     DROP_LAST_FIELD_NUMBER: _builtins.int
     START_POSITION_FIELD_NUMBER: _builtins.int
+    INTEGER_COMPRESSION_FIELD_NUMBER: _builtins.int
     batch_size: _builtins.int
     """Samples per batch handed to the consumer (pymia / DataLoader batch size). Several batches may share a message."""
     shuffle: _builtins.bool
@@ -488,6 +493,8 @@ class StreamBatchesRequest(_message.Message):
     """Drop a final batch smaller than batch_size."""
     start_position: _builtins.int
     """Skip this many samples of this consumer's order (resume)."""
+    integer_compression: _tensor_pb2.Compression.ValueType
+    """Compress tensors of integer or bool dtype (label maps, masks) with this codec where that makes them smaller."""
     @_builtins.property
     def spec(self) -> _spec_pb2.DatasourceSpec: ...
     def __init__(
@@ -502,10 +509,11 @@ class StreamBatchesRequest(_message.Message):
         shard_count: _builtins.int = ...,
         drop_last: _builtins.bool = ...,
         start_position: _builtins.int = ...,
+        integer_compression: _tensor_pb2.Compression.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "drop_last", b"drop_last", "epoch", b"epoch", "seed", b"seed", "shard_count", b"shard_count", "shard_index", b"shard_index", "shuffle", b"shuffle", "spec", b"spec", "start_position", b"start_position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "drop_last", b"drop_last", "epoch", b"epoch", "integer_compression", b"integer_compression", "seed", b"seed", "shard_count", b"shard_count", "shard_index", b"shard_index", "shuffle", b"shuffle", "spec", b"spec", "start_position", b"start_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19patchwire/v1/tensor.proto\x12\x0cpatchwire.v1\"d\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.patchwire.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x16\n\x0e\x63hunked_nbytes\x18\x04 \x01(\x03\"\x1b\n\x0bTensorChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\",\n\x0bStringArray\x12\x0e\n\x06values\x18\x01 \x03(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"<\n\x06Scalar\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x42\x06\n\x04kind*\xa8\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x05\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\t\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\n\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x0b\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19patchwire/v1/tensor.proto\x12\x0cpatchwire.v1\"\x94\x01\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.patchwire.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x16\n\x0e\x63hunked_nbytes\x18\x04 \x01(\x03\x12.\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x19.patchwire.v1.Compression\"\x1b\n\x0bTensorChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\",\n\x0bStringArray\x12\x0e\n\x06values\x18\x01 \x03(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"<\n\x06Scalar\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x42\x06\n\x04kind*\xa8\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x05\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\t\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\n\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x0b\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x0c*?\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'patchwire.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=283
-  _globals['_DATATYPE']._serialized_end=579
-  _globals['_TENSOR']._serialized_start=43
-  _globals['_TENSOR']._serialized_end=143
-  _globals['_TENSORCHUNK']._serialized_start=145
-  _globals['_TENSORCHUNK']._serialized_end=172
-  _globals['_STRINGARRAY']._serialized_start=174
-  _globals['_STRINGARRAY']._serialized_end=218
-  _globals['_SCALAR']._serialized_start=220
-  _globals['_SCALAR']._serialized_end=280
+  _globals['_DATATYPE']._serialized_start=332
+  _globals['_DATATYPE']._serialized_end=628
+  _globals['_COMPRESSION']._serialized_start=630
+  _globals['_COMPRESSION']._serialized_end=693
+  _globals['_TENSOR']._serialized_start=44
+  _globals['_TENSOR']._serialized_end=192
+  _globals['_TENSORCHUNK']._serialized_start=194
+  _globals['_TENSORCHUNK']._serialized_end=221
+  _globals['_STRINGARRAY']._serialized_start=223
+  _globals['_STRINGARRAY']._serialized_end=267
+  _globals['_SCALAR']._serialized_start=269
+  _globals['_SCALAR']._serialized_end=329
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,26 @@ DATA_TYPE_FLOAT32: DataType.ValueType  # 11
 DATA_TYPE_FLOAT64: DataType.ValueType  # 12
 Global___DataType: _TypeAlias = DataType  # noqa: Y015
 
+class _Compression:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CompressionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Compression.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPRESSION_UNSPECIFIED: _Compression.ValueType  # 0
+    """Not compressed: the raw element bytes."""
+    COMPRESSION_LZ4: _Compression.ValueType  # 1
+    """One LZ4 block (no frame, no size prefix) that decompresses to exactly the raw element bytes."""
+
+class Compression(_Compression, metaclass=_CompressionEnumTypeWrapper):
+    """How a tensor's bytes are compressed on the wire."""
+
+COMPRESSION_UNSPECIFIED: Compression.ValueType  # 0
+"""Not compressed: the raw element bytes."""
+COMPRESSION_LZ4: Compression.ValueType  # 1
+"""One LZ4 block (no frame, no size prefix) that decompresses to exactly the raw element bytes."""
+Global___Compression: _TypeAlias = Compression  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """An n-dimensional array as one raw blob with its dtype and shape beside it."""
@@ -67,12 +87,17 @@ class Tensor(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     CHUNKED_NBYTES_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     dtype: Global___DataType.ValueType
     data: _builtins.bytes
     """C-order, little-endian element bytes. Empty when the payload is sent in chunks (see chunked_nbytes)."""
     chunked_nbytes: _builtins.int
     """When non-zero, `data` is empty and this many bytes follow in TensorChunk messages on the same stream,
     in the order in which such tensors appear in the message that announced them.
+    """
+    compression: Global___Compression.ValueType
+    """When set, `data` (or the chunked payload, whose size chunked_nbytes then is) holds the element bytes compressed
+    with this codec; the raw size follows from dtype and shape.
     """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
@@ -83,10 +108,11 @@ class Tensor(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
         chunked_nbytes: _builtins.int = ...,
+        compression: Global___Compression.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunked_nbytes", b"chunked_nbytes", "data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunked_nbytes", b"chunked_nbytes", "compression", b"compression", "data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
