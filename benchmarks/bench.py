@@ -11,10 +11,10 @@ a. **ceiling** — raw gRPC server streaming of 1 MiB ``bytes`` messages over lo
    (the allocator thresholds of ``patchwire.v1._malloc``, ``codec.channel_options()``).
 b. **patchwire** — ``patchwire serve`` in a subprocess; here ``PytorchStreamingDataset(ds, batch_size=16,
    shuffle=True, seed=0)`` in ``DataLoader(batch_size=None, num_workers=0)`` for axial slices, axis-2 slices and
-   cubic patches, each with ``DataExtractor(categories=('images', 'labels'))``, the client's defaults (LZ4 label
-   maps); three times: with the server's default block cache (the dataset fits; the throughput targets use this run),
-   with ``--cache-mb`` (default half the dataset file, so the dataset is larger than the cache; the RSS target uses
-   this run), and with the default cache and ``label_compression=None`` (what LZ4 brings).
+   cubic patches, each with ``DataExtractor(categories=('images', 'labels'))`` and the client's defaults; three
+   times: with the server's default block cache (the dataset fits; the throughput targets use this run), with
+   ``--cache-mb`` (default half the dataset file, so the dataset is larger than the cache; the RSS target uses this
+   run), and with the default cache and ``label_compression='lz4'`` (what LZ4 label maps cost or bring here).
 c. **pymia** — ``PymiaDatasource`` + ``PytorchDatasetAdapter`` + ``DataLoader(batch_size=16, shuffle=True)`` (default
    collate) with ``num_workers`` 0 and 2, same patterns.
 d. **assembly** — every prediction (the images, float32, channel-last) of every subject, slice-wise along axis 0 and
@@ -697,7 +697,7 @@ def format_table(report: dict[str, Any]) -> str:
         rows = [
             ("patchwire", report["patchwire"][p.key]),
             ("patchwire small cache", report["patchwire_small_cache"][p.key]),
-            ("patchwire labels raw", report["patchwire_raw_labels"][p.key]),
+            ("patchwire lz4 labels", report["patchwire_lz4_labels"][p.key]),
         ]
         rows += [(f"pymia w={w}", report["pymia"][p.key][f"workers{w}"]) for w in (0, 2)]
         for name, r in rows:
@@ -765,7 +765,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     loaders: list[tuple[str, str, Callable[[str], dict[str, Any]]]] = [
         ("patchwire", "#1f77b4", lambda key: report["patchwire"][key]),
         (small, "#9ecae1", lambda key: report["patchwire_small_cache"][key]),
-        ("patchwire, labels raw", "#6baed6", lambda key: report["patchwire_raw_labels"][key]),
+        ("patchwire, lz4 labels", "#6baed6", lambda key: report["patchwire_lz4_labels"][key]),
         ("pymia w=0", "#ff7f0e", lambda key: report["pymia"][key]["workers0"]),
         ("pymia w=2", "#2ca02c", lambda key: report["pymia"][key]["workers2"]),
     ]
@@ -860,13 +860,13 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
 
         reset_peak_rss()
         report["patchwire"], stream_rss, reset_ok = bench_patchwire_streaming(
-            mode, data, work, logs, None, "default cache", "lz4"
+            mode, data, work, logs, None, "default cache", None
         )
         report["patchwire_small_cache"], small_rss, small_reset_ok = bench_patchwire_streaming(
-            mode, data, work, logs, cache_mib, "small cache", "lz4"
+            mode, data, work, logs, cache_mib, "small cache", None
         )
-        report["patchwire_raw_labels"], _, _ = bench_patchwire_streaming(
-            mode, data, work, logs, None, "raw labels", None
+        report["patchwire_lz4_labels"], _, _ = bench_patchwire_streaming(
+            mode, data, work, logs, None, "lz4 labels", "lz4"
         )
         client_peak["patchwire_streaming"] = peak_rss_mb()
 

@@ -91,12 +91,13 @@ class Client:
         extractor: Extractor | None = None,
         transform: Any = None,
         subject_subset: Sequence[str] | None = None,
-        label_compression: str | None = "lz4",
+        label_compression: str | None = None,
     ) -> RemoteDatasource:
         """pymia's ``PymiaDatasource(path, indexing_strategy, extractor, transform, subject_subset)``, served.
 
-        ``label_compression``: 'lz4' (the default) has the server LZ4-compress integer and bool arrays (label maps,
-        masks) where that makes them smaller; they arrive decompressed, bit for bit. None sends them raw."""
+        ``label_compression='lz4'`` has the server LZ4-compress integer and bool arrays (label maps, masks) where
+        that makes them smaller; they arrive decompressed, bit for bit. Worth it where the network, not the CPU, is
+        the limit (see the README); None (the default) sends them raw."""
         return RemoteDatasource(
             Connection(self.address),
             dataset,

@@ -72,7 +72,7 @@ class RemoteDatasource:
         extractor: Extractor | None = None,
         transform: Any = None,
         subject_subset: Sequence[str] | None = None,
-        label_compression: str | None = "lz4",
+        label_compression: str | None = None,
     ) -> None:
         self._connection = connection
         self.dataset = dataset

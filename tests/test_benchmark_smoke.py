@@ -64,7 +64,7 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
     _positive(report["durable_writes"]["mb_per_s"], "durable writes")
 
     for pattern in PATTERNS:
-        for section in ("patchwire", "patchwire_small_cache", "patchwire_raw_labels"):
+        for section in ("patchwire", "patchwire_small_cache", "patchwire_lz4_labels"):
             result = report[section][pattern]
             for metric in ("samples_per_s", "mb_per_s", "ttfb_ms", "server_peak_rss_mb"):
                 _positive(result[metric], f"{section} {pattern} {metric}")

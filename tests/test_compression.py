@@ -1,5 +1,5 @@
-"""LZ4 for label maps: integer and bool tensors travel compressed when the client asks (the client's default),
-everything else raw, and what arrives equals the file bit for bit."""
+"""LZ4 for label maps: integer and bool tensors travel compressed when the client asks, everything else raw, and
+what arrives equals the file bit for bit."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ _RUNS = np.repeat(np.random.default_rng(3).integers(0, 256, 1 << 21, dtype=np.ui
         (np.zeros((300, 300), np.uint8), True, False),  # inline once compressed
         (_RUNS, True, True),  # 16 MiB of runs: compressed, and still more than one chunk
         (np.zeros(1000, np.uint8), False, False),  # below MIN_COMPRESS_BYTES
-        (np.zeros((300, 300), np.float32), False, False),  # not an integer dtype
+        (np.zeros((300, 300), np.float32), False, True),  # not an integer dtype; above INLINE_MAX_BYTES
         (np.ones((100, 100), np.bool_), True, False),
         (np.zeros((300, 300), ">i4"), True, False),  # swapped to little-endian first
     ],
@@ -148,7 +148,7 @@ def test_codec_round_trips(array: np.ndarray, compressed: bool, chunked: bool) -
     assert (tensor.compression == LZ4) is compressed
     assert (payload is not None) is chunked
     if payload is not None:
-        assert tensor.chunked_nbytes < array.nbytes
+        assert (tensor.chunked_nbytes < array.nbytes) is compressed
         assembler = codec.ChunkAssembler([tensor])
         for message in codec.serialized_chunks(payload):
             data = codec.chunk_data(message)

