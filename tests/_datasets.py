@@ -67,3 +67,17 @@ def make_pymia_dataset(
             subject_files, load=pymia.creation.LoadDefault(), callback=pymia.creation.get_default_callbacks(writer)
         )
     return out
+
+
+def write_arrays_dataset(path: Path, subjects: list[dict[str, dict[str, np.ndarray]]]) -> Path:
+    """A pymia-format file written by patchwire's writer from arrays: subject ``S{i}`` gets ``subjects[i]``
+    (category -> entry name -> (z, y, x) array), unit spacing at the origin."""
+    from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
+
+    records = []
+    for i, categories in enumerate(subjects):
+        shape = next(iter(next(iter(categories.values())).values())).shape[:3]
+        geometry = ImageGeometry(shape[::-1], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        records.append(SubjectRecord(name=f"S{i}", categories=categories, geometry=geometry))
+    write_pymia_dataset(path, records)
+    return path

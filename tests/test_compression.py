@@ -14,9 +14,9 @@ import pytest
 import patchwire.client as pw
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
-from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
 from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
 
+from _datasets import write_arrays_dataset
 from _servers import server_in_thread
 
 SHAPE = (24, 64, 48)
@@ -37,19 +37,14 @@ def _blocky_labels(rng: np.random.Generator) -> np.ndarray:
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     rng = np.random.default_rng(5)
     subjects = [
-        SubjectRecord(
-            name=f"S{i}",
-            categories={
-                "images": {"T1": rng.normal(size=SHAPE).astype(np.float32)},
-                # subject 1's labels are noise: LZ4 cannot shrink them, so they must travel raw
-                "labels": {"GT": _blocky_labels(rng) if i == 0 else rng.integers(0, 256, SHAPE, dtype=np.uint8)},
-            },
-            geometry=ImageGeometry(SHAPE[::-1], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
-        )
+        {
+            "images": {"T1": rng.normal(size=SHAPE).astype(np.float32)},
+            # subject 1's labels are noise: LZ4 cannot shrink them, so they must travel raw
+            "labels": {"GT": _blocky_labels(rng) if i == 0 else rng.integers(0, 256, SHAPE, dtype=np.uint8)},
+        }
         for i in range(2)
     ]
-    path = tmp_path_factory.mktemp("labelled") / "labelled.h5"
-    write_pymia_dataset(path, subjects)
+    path = write_arrays_dataset(tmp_path_factory.mktemp("labelled") / "labelled.h5", subjects)
     with server_in_thread({"labelled": path}) as server:
         yield server.address, path
 

@@ -14,9 +14,9 @@ import pytest
 import patchwire.client as pw
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
-from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
 from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
 
+from _datasets import write_arrays_dataset
 from _servers import server_in_thread
 
 SHAPE = (40, 96, 80)  # one subject's images: 40*96*80*2*4 bytes = 2.4 MiB
@@ -27,18 +27,13 @@ N_PATCHES = 20 * 12 * 10  # patches of 2 x 8 x 8 per subject
 def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     rng = np.random.default_rng(11)
     subjects = [
-        SubjectRecord(
-            name=f"S{i}",
-            categories={
-                "images": {k: rng.normal(size=SHAPE).astype(np.float32) for k in ("T1", "T2")},
-                "labels": {"GT": rng.integers(0, 6, SHAPE, dtype=np.uint8)},
-            },
-            geometry=ImageGeometry(SHAPE[::-1], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
-        )
-        for i in range(2)
+        {
+            "images": {k: rng.normal(size=SHAPE).astype(np.float32) for k in ("T1", "T2")},
+            "labels": {"GT": rng.integers(0, 6, SHAPE, dtype=np.uint8)},
+        }
+        for _ in range(2)
     ]
-    path = tmp_path_factory.mktemp("big") / "big.h5"
-    write_pymia_dataset(path, subjects)
+    path = write_arrays_dataset(tmp_path_factory.mktemp("big") / "big.h5", subjects)
     with server_in_thread({"big": path}) as server:
         yield server.address, path
 
