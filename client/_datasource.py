@@ -14,6 +14,7 @@ from patchwire.client import definition as defs
 from patchwire.client._connection import Connection
 from patchwire.client._decoding import DecodedBatch, decode_stream
 from patchwire.client._errors import translate_rpc_errors
+from patchwire.client._prefetch import prefetched
 from patchwire.client.transformation import split_transform
 from patchwire.v1 import codec, dataset_service_pb2, spec_pb2
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["RemoteDatasource", "SubjectSamples"]
 
 ClientStep = Callable[[dict[str, Any]], Any]
+#: Decoded messages a stream keeps ready ahead of its consumer (see ``_prefetch``).
+PREFETCH_MESSAGES = 2
 GET_SAMPLES = "/patchwire.v1.DatasetService/GetSamples"
 DIRECT_EXTRACT = "/patchwire.v1.DatasetService/DirectExtract"
 STREAM_BATCHES = "/patchwire.v1.DatasetService/StreamBatches"
@@ -181,6 +184,7 @@ class RemoteDatasource:
         shard_count: int,
         drop_last: bool,
         start_position: int,
+        prefetch: int,
     ) -> Iterator[DecodedBatch]:
         request = dataset_service_pb2.StreamBatchesRequest(
             spec=self._spec,
@@ -195,9 +199,12 @@ class RemoteDatasource:
             integer_compression=self._compression,
         )
         call = self._connection.raw_stream(STREAM_BATCHES)(request)
+        decoded_messages = (
+            prefetched(lambda: decode_stream(call), prefetch, call.cancel) if prefetch > 0 else decode_stream(call)
+        )
         try:
             with translate_rpc_errors(f"streaming dataset {self.dataset!r}"):
-                for decoded in decode_stream(call):
+                for decoded in decoded_messages:
                     yield from decoded.split(batch_size)
         finally:
             call.cancel()
@@ -212,6 +219,7 @@ class RemoteDatasource:
         shard_count: int = 1,
         drop_last: bool = False,
         start_position: int = 0,
+        prefetch: int = PREFETCH_MESSAGES,
     ) -> Iterator[dict[str, Any]]:
         """Streams this consumer's share of an epoch as batches: dicts of stacked arrays (or lists where samples
         differ in shape or are not arrays) with ``sample_index`` as an int64 array.
@@ -220,10 +228,12 @@ class RemoteDatasource:
         ``shard_index`` of ``shard_count`` takes every ``shard_count``-th sample of that order, so the shards are
         disjoint and together cover the epoch once. ``start_position`` skips that many of this consumer's samples
         (resume). The server sends several batches per message when samples are small and streams big tensors in
-        chunks; the next message is prepared while this one is consumed.
+        chunks; the next message is prepared while this one is consumed. A thread receives and decodes up to
+        ``prefetch`` messages ahead of the consumer (0: decode on the consumer's thread), so a training step and the
+        stream overlap.
         """
         for decoded in self._stream(
-            batch_size, shuffle, seed, epoch, shard_index, shard_count, drop_last, start_position
+            batch_size, shuffle, seed, epoch, shard_index, shard_count, drop_last, start_position, prefetch
         ):
             if self._pickled or self._client_steps:
                 samples = [_finish(s, self._pickled, self._client_steps) for s in decoded.samples()]
@@ -241,9 +251,12 @@ class RemoteDatasource:
         shard_index: int = 0,
         shard_count: int = 1,
         start_position: int = 0,
+        prefetch: int = PREFETCH_MESSAGES,
     ) -> Iterator[dict[str, Any]]:
         """Streams samples one by one (as ``ds[i]`` returns them) in this consumer's order; see :meth:`batches`."""
-        for decoded in self._stream(64, shuffle, seed, epoch, shard_index, shard_count, False, start_position):
+        for decoded in self._stream(
+            64, shuffle, seed, epoch, shard_index, shard_count, False, start_position, prefetch
+        ):
             for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
                 sample = _finish(sample, self._pickled, self._client_steps)
                 sample[defs.KEY_SAMPLE_INDEX] = i

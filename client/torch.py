@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.utils.data as torch_data
 
-from patchwire.client._datasource import RemoteDatasource
+from patchwire.client._datasource import PREFETCH_MESSAGES, RemoteDatasource
 
 __all__ = ["PytorchDatasetAdapter", "PytorchStreamingDataset", "collate_batch"]
 
@@ -59,6 +59,7 @@ class PytorchStreamingDataset(torch_data.IterableDataset[dict[str, Any]]):
     The epoch's order depends on (``seed``, epoch) only; this process's share is shard ``shard_index`` of
     ``shard_count`` (e.g. the distributed rank and world size), and DataLoader workers split it further, so the
     number of workers, ranks or replicas changes which consumer gets a sample, never the epoch's contents.
+    ``prefetch``: messages decoded ahead by a background thread while the training step runs (0: none).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class PytorchStreamingDataset(torch_data.IterableDataset[dict[str, Any]]):
         drop_last: bool = False,
         shard_index: int = 0,
         shard_count: int = 1,
+        prefetch: int = PREFETCH_MESSAGES,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -82,6 +84,7 @@ class PytorchStreamingDataset(torch_data.IterableDataset[dict[str, Any]]):
         self.drop_last = drop_last
         self.shard_index = shard_index
         self.shard_count = shard_count
+        self.prefetch = prefetch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -97,7 +100,7 @@ class PytorchStreamingDataset(torch_data.IterableDataset[dict[str, Any]]):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         index, count = self._consumer()
         for batch in self.datasource.batches(
-            self.batch_size, self.shuffle, self.seed, self.epoch, index, count, self.drop_last
+            self.batch_size, self.shuffle, self.seed, self.epoch, index, count, self.drop_last, prefetch=self.prefetch
         ):
             yield collate_batch(batch)
 
