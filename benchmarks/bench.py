@@ -15,6 +15,8 @@ b. **patchwire** — ``patchwire serve`` in a subprocess; here ``PytorchStreamin
    times: with the server's default block cache (the dataset fits; the throughput targets use this run), with
    ``--cache-mb`` (default half the dataset file, so the dataset is larger than the cache; the RSS target uses this
    run), and with the default cache and ``label_compression='lz4'`` (what LZ4 label maps cost or bring here).
+   Then axial slices and patches once more with a stand-in training step after every batch (a sleep of about a
+   batch's receiving time), with the client's prefetch thread and without it.
 c. **pymia** — ``PymiaDatasource`` + ``PytorchDatasetAdapter`` + ``DataLoader(batch_size=16, shuffle=True)`` (default
    collate) with ``num_workers`` 0 and 2, same patterns.
 d. **assembly** — every prediction (the images, float32, channel-last) of every subject, slice-wise along axis 0 and
@@ -61,6 +63,7 @@ import torch.utils.data as torch_data
 
 import patchwire.client as pw
 from patchwire.client import extraction as pw_extr
+from patchwire.client._datasource import PREFETCH_MESSAGES
 from patchwire.client.torch import PytorchStreamingDataset
 from patchwire.service._phantom import make_phantom_dataset
 from patchwire.v1 import codec
@@ -99,6 +102,8 @@ SMOKE = Mode("smoke", 2, (24, 40, 36), 16, 0.3, 2_000, 64, 3)
 # The performance targets, as (ratio or bound).
 #: Unacknowledged prediction batches patchwire's assembler may have in flight (RemoteSubjectAssembler window).
 ASSEMBLY_WINDOW = 8
+#: Stand-in training steps per batch for the prefetch measurement, by pattern: about as long as receiving a batch.
+TRAINING_STEP_MS = {"axial": 4.0, "patches": 30.0}
 #: Size of one durable append in the disk measurement: about one batch of 16 axial slice predictions.
 DISK_APPEND_BYTES = 4 << 20
 TARGET_VS_CEILING = 0.7
@@ -356,8 +361,11 @@ def batch_payload(batch: dict[str, Any]) -> tuple[int, int]:
     return samples, nbytes
 
 
-def measure_loader(make_iterator: Callable[[int], Iterator[dict[str, Any]]], mode: Mode) -> dict[str, Any]:
-    """Consumes epochs (``make_iterator(epoch)``) until the budget or ``max_samples`` is reached."""
+def measure_loader(
+    make_iterator: Callable[[int], Iterator[dict[str, Any]]], mode: Mode, step_s: float = 0.0
+) -> dict[str, Any]:
+    """Consumes epochs (``make_iterator(epoch)``) until the budget or ``max_samples`` is reached; ``step_s``: a
+    stand-in for a training step after every batch (a sleep: it holds no GIL, as a step waiting on a GPU)."""
     samples = nbytes = batches = 0
     ttfb: list[float] = []
     start = time.perf_counter()
@@ -375,6 +383,8 @@ def measure_loader(make_iterator: Callable[[int], Iterator[dict[str, Any]]], mod
             samples += n
             nbytes += b
             batches += 1
+            if step_s:
+                time.sleep(step_s)
             if time.perf_counter() - start >= mode.budget_s or samples >= mode.max_samples:
                 done = True
                 break
@@ -430,6 +440,36 @@ def bench_patchwire_streaming(
                 ds.close()
                 _progress(f"patchwire ({tag}) {pattern.label}: {result['samples_per_s']:.0f} samples/s")
     return results, server_rss, reset_ok
+
+
+def bench_training_step(mode: Mode, data: Path, work: Path, logs: Path) -> dict[str, Any]:
+    """Streaming with a training step between batches (``TRAINING_STEP_MS`` per pattern), with the client's
+    prefetch thread (the default) and without it: how much of the step the stream hides."""
+    results: dict[str, Any] = {}
+    server = patchwire_server(data, work / "state-step", logs / "server-step.log")
+    with server as (_, address), pw.connect(address) as client:
+        for pattern in patterns(mode):
+            if pattern.key not in TRAINING_STEP_MS:
+                continue
+            step_ms = TRAINING_STEP_MS[pattern.key]
+            ds = client.datasource(DATASET, pattern.patchwire_indexing(), pw_extr.DataExtractor(CATEGORIES))
+            results[pattern.key] = {"step_ms": step_ms}
+            for prefetch in (PREFETCH_MESSAGES, 0):
+                stream = PytorchStreamingDataset(ds, batch_size=BATCH_SIZE, shuffle=True, seed=0, prefetch=prefetch)
+                loader = torch_data.DataLoader(stream, batch_size=None, num_workers=0)
+
+                def make_iterator(epoch: int, stream: Any = stream, loader: Any = loader) -> Iterator[Any]:
+                    stream.set_epoch(epoch)
+                    return iter(loader)
+
+                result = measure_loader(make_iterator, mode, step_ms / 1e3)
+                results[pattern.key][f"prefetch{prefetch}"] = result
+                _progress(
+                    f"patchwire {pattern.label}, {step_ms:g} ms step, prefetch {prefetch}: "
+                    f"{result['samples_per_s']:.0f} samples/s"
+                )
+            ds.close()
+    return results
 
 
 def bench_pymia_streaming(mode: Mode, data: Path) -> dict[str, Any]:
@@ -708,6 +748,16 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{'' if rss is None else f'{rss:.0f}':>14}"
             )
     lines.append("")
+    labels = {p.key: p.label for p in patterns(mode)}
+    header = f"{'with a training step (sleep) per batch':<40} {'step ms':>8} {'prefetch':>9} {'none':>9} {'gain':>7}"
+    lines += [header, "-" * len(header)]
+    for key, r in report["training_step"].items():
+        with_pf, without = r[f"prefetch{PREFETCH_MESSAGES}"]["samples_per_s"], r["prefetch0"]["samples_per_s"]
+        lines.append(
+            f"{labels[key] + ', samples/s':<40} {r['step_ms']:>8g} {with_pf:>9.0f} {without:>9.0f} "
+            f"{with_pf / without:>6.2f}x"
+        )
+    lines.append("")
     header = f"{'assembly':<36} {'assembler':<10} {'subjects/s':>10} {'MB/s':>9} {'seconds':>8} {'verified':>9}"
     lines += [header, "-" * len(header)]
     for result in report["assembly"].values():
@@ -868,6 +918,7 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
         report["patchwire_lz4_labels"], _, _ = bench_patchwire_streaming(
             mode, data, work, logs, None, "lz4 labels", "lz4"
         )
+        report["training_step"] = bench_training_step(mode, data, work, logs)
         client_peak["patchwire_streaming"] = peak_rss_mb()
 
         reset_peak_rss()

@@ -74,6 +74,12 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
                 _positive(result[metric], f"pymia {pattern} {workers} {metric}")
         _positive(report["ttfb"]["patchwire_ms"][pattern], f"ttfb {pattern}")
 
+    assert set(report["training_step"]) == {"axial", "patches"}
+    for pattern, result in report["training_step"].items():
+        _positive(result["step_ms"], f"training step {pattern}")
+        for run in ("prefetch2", "prefetch0"):
+            _positive(result[run]["samples_per_s"], f"training step {pattern} {run}")
+
     assert set(report["assembly"]) == {"slice", "patch"}
     for case, result in report["assembly"].items():
         for assembler in ("patchwire", "pymia"):
