@@ -769,8 +769,9 @@ def format_table(report: dict[str, Any]) -> str:
             )
     disk = report["durable_writes"]
     lines += [
-        f"assembly bounds: durable writes on this disk {disk['mb_per_s']:.0f} MB/s ({disk['append_bytes'] >> 20} MiB "
-        f"appends, fsync each); patchwire writes each prediction byte twice (journal, finished volume): <= "
+        f"assembly context: durable appends on this disk {disk['mb_per_s']:.0f} MB/s "
+        f"({disk['append_bytes'] >> 20} MiB, fsync each), and patchwire writes each prediction byte twice (journal, "
+        "finished volume): about "
         f"{disk['mb_per_s'] / 2:.0f} MB/s;",
         f"  posting and fetching back cross the wire twice: <= {c['bytes_per_s'] / 2 / MB:.0f} MB/s; pymia assembles "
         "in memory, without I/O",

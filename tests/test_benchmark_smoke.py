@@ -49,7 +49,7 @@ def test_smoke_run_exits_zero_and_prints_the_table(smoke_run: tuple[subprocess.C
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "targets met" in proc.stdout
     assert "ceiling: raw gRPC streaming" in proc.stdout
-    assert "assembly bounds: durable writes on this disk" in proc.stdout
+    assert "assembly context: durable appends on this disk" in proc.stdout
 
 
 @pytest.mark.slow
