@@ -2,7 +2,7 @@
 
 Without it, a consumer that trains between batches leaves the stream idle: receiving and decoding (copying chunks
 into the tensors' buffers) and the training step take turns. Measured on the benchmark's data (2 cores, batches of
-16): axial slices with a 4 ms step per batch 2,200 -> 3,500 samples/s, 64^3 patches with a 30 ms step 290 -> 380;
+16): axial slices with a 4 ms step per batch 2,200 -> 3,300 samples/s, 64^3 patches with a 30 ms step 280 -> 345;
 with no work at all between batches a few percent slower (one more thread handing over). gRPC's own flow-control
 window keeps the bytes coming meanwhile; this window bounds the decoded batches held in memory.
 """
