@@ -208,6 +208,7 @@ class RemoteDatasource:
                     yield from decoded.split(batch_size)
         finally:
             call.cancel()
+            decoded_messages.close()  # a consumer that stops early: the prefetch thread ends here, not at collection
 
     def batches(
         self,

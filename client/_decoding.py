@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +105,7 @@ def _decode_batch(batch: Any, payload_list: list[np.ndarray]) -> DecodedBatch:
     return DecodedBatch(list(batch.sample_indices), int(batch.position), columns, stacked)
 
 
-def decode_stream(responses: Iterable[Any]) -> Iterator[DecodedBatch]:
+def decode_stream(responses: Iterable[Any]) -> Generator[DecodedBatch, None, None]:
     """Decodes a GetSamples / DirectExtract / StreamBatches / FetchSubject response stream, batch by batch.
     Responses may be messages or their wire bytes (``Connection.raw_stream``): chunk bytes are copied straight
     into the tensor's buffer."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TypeVar
 
 __all__ = ["prefetched"]
@@ -21,7 +21,7 @@ _END = object()
 _POLL_S = 0.1
 
 
-def prefetched(make: Callable[[], Iterator[T]], depth: int, on_close: Callable[[], None]) -> Iterator[T]:
+def prefetched(make: Callable[[], Iterator[T]], depth: int, on_close: Callable[[], None]) -> Generator[T, None, None]:
     """Iterates ``make()`` in a background thread, at most ``depth`` items ahead, in order. An exception in the
     thread is raised here, at the position where it happened. Closing this iterator early calls ``on_close`` (which
     must make the source stop, e.g. cancel its call) and waits for the thread."""

@@ -3,8 +3,8 @@
 A tensor is one raw little-endian C-order ``bytes`` blob with its dtype and shape beside it. A tensor larger than
 :data:`INLINE_MAX_BYTES` is announced with ``chunked_nbytes`` and its payload follows in :class:`TensorChunk` messages
 of at most :data:`CHUNK_BYTES` each, so no message grows with the sample size (and chunk messages are written and
-read by hand, without protobuf's copies). Integer tensors (label maps) may
-travel LZ4-compressed when a client asks for it (``Tensor.compression``); the payload is then the compressed block.
+read by hand, without protobuf's copies). Integer tensors (label maps) may travel LZ4-compressed when a client asks
+for it (``Tensor.compression``); the payload is then the compressed block.
 """
 
 from __future__ import annotations
