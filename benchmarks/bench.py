@@ -611,11 +611,7 @@ def _assemble_patchwire(
             assembler.add_batch(batch.runs[0][1], batch.runs[0][0], last)
         else:  # border patches of another shape in the same batch: one message all the same
             assembler.add_samples({PREDICTION_KEY: batch.predictions}, batch.indices, last)
-        for subject in sorted(assembler.subjects_ready):
-            volume = assembler.get_assembled_subject(subject)
-            subjects += 1
-            if subject == 0:
-                kept[subject] = volume
+        subjects += _take_ready(assembler, kept)
     seconds = time.perf_counter() - start
     assembler.delete()
     return {"seconds": seconds, "subjects": subjects, "verified": _verify(kept, images)}
@@ -631,13 +627,19 @@ def _assemble_pymia(
     for n, batch in enumerate(batches):
         for r, (indices, stacked) in enumerate(batch.runs):
             assembler.add_batch(stacked, indices, n == len(batches) - 1 and r == len(batch.runs) - 1)
-        for subject in sorted(assembler.subjects_ready):
-            volume = assembler.get_assembled_subject(subject)
-            subjects += 1
-            if subject == 0:
-                kept[subject] = volume
+        subjects += _take_ready(assembler, kept)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "subjects": subjects, "verified": _verify(kept, images)}
+
+
+def _take_ready(assembler: Any, kept: dict[int, np.ndarray]) -> int:
+    """Fetches every subject the assembler (patchwire's or pymia's) reports ready; keeps subject 0 for checking."""
+    ready = sorted(assembler.subjects_ready)
+    for subject in ready:
+        volume = assembler.get_assembled_subject(subject)
+        if subject == 0:
+            kept[subject] = volume
+    return len(ready)
 
 
 def _verify(kept: dict[int, np.ndarray], images: list[np.ndarray]) -> bool:
