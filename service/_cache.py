@@ -5,7 +5,10 @@ read becomes one contiguous h5py read of the blocks it touches (missing ones onl
 memory. That turns
 the slow access patterns of contiguous HDF5 arrays into fast ones: an axis-2 slice of a (z, y, x, c) volume reads
 strided rows at ~0.1 GB/s from h5py, but its enclosing blocks at ~8 GB/s, and the next slices of that subject come
-from memory; a patch's blocks serve its neighbours. The least recently used blocks are evicted beyond
+from memory; a patch's blocks serve its neighbours. A cold sparse read (a patch whose missing blocks are many times its
+own size) is read directly from h5py for an array's first few such requests, so a first batch does not wait for
+whole slabs: measured on 16 cold 64^3 patches of 181x217x181x2 float32, 45 ms direct against 170 ms through the
+blocks. The blocks are filled from then on. The least recently used blocks are evicted beyond
 ``capacity_bytes``; a caller gets a copy unless it promises only to read (``copy=False``): transforms may modify
 samples in place, but a sample that is only encoded for the wire needs no private copy. Blocks are read-only.
 """
@@ -26,6 +29,13 @@ __all__ = ["BlockCache"]
 class BlockCache:
     #: Requests of slices along one later axis of an array before a copy with that axis first is built.
     MOVED_AFTER = 8
+    #: Cold sparse reads of an array served directly from h5py before its blocks are filled.
+    DIRECT_BEFORE_FILL = 4
+    #: A read is sparse when its missing blocks hold more than this many times its own bytes...
+    SPARSE_AMPLIFICATION = 8
+    #: ...and h5py reads it in at most this many contiguous runs (a strided axis-2 slice, one run per element pair,
+    #: is far slower read directly than through its blocks).
+    DIRECT_MAX_RUNS = 8192
 
     def __init__(self, capacity_bytes: int, block_bytes: int = 1 << 20) -> None:
         self.capacity_bytes = capacity_bytes
@@ -34,6 +44,7 @@ class BlockCache:
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()
         self._requests: dict[Hashable, int] = {}
+        self._direct: dict[Hashable, int] = {}
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -74,8 +85,10 @@ class BlockCache:
         b0, b1 = start // rows, (stop - 1) // rows
         if (b1 - b0 + 1) * self.block_bytes > self.capacity_bytes // 8:
             return None  # a read that would fill much of the cache by itself thrashes it: read directly
-        blocks = self._blocks_for(key, dataset, rows, b0, b1)
         rest = items[1:]
+        if self._read_directly(key, dataset, rows, b0, b1, stop - start, rest):
+            return None
+        blocks = self._blocks_for(key, dataset, rows, b0, b1)
         if not isinstance(first, slice):
             result = blocks[0][(start - b0 * rows, *rest)]
             return result.copy() if copy and isinstance(result, np.ndarray) else result
@@ -124,6 +137,32 @@ class BlockCache:
             return None
         result = moved[(index, *items[:axis], *items[axis + 1 :])]
         return result.copy() if copy and isinstance(result, np.ndarray) else result
+
+    def _read_directly(
+        self, key: Hashable, dataset: Any, rows: int, b0: int, b1: int, n_rows: int, rest: tuple[Any, ...]
+    ) -> bool:
+        """Whether this read is one of the array's first cold sparse reads, left to the caller (h5py directly)."""
+        shape = tuple(int(d) for d in dataset.shape)
+        extents = [n_rows]
+        for a, dim in enumerate(shape[1:], start=1):
+            item = rest[a - 1] if a - 1 < len(rest) else slice(None)
+            if isinstance(item, slice):
+                start, stop, _ = item.indices(dim)
+                extents.append(max(stop - start, 0))
+            else:
+                extents.append(1)
+        partial = [a for a in range(len(shape)) if extents[a] < shape[a]]
+        runs = math.prod(extents[: partial[-1]]) if partial else 1
+        wanted = math.prod(extents) * dataset.dtype.itemsize
+        row_bytes = math.prod(shape[1:]) * dataset.dtype.itemsize
+        with self._lock:
+            if self._direct.get(key, 0) >= self.DIRECT_BEFORE_FILL:
+                return False
+            missing = sum(1 for b in range(b0, b1 + 1) if (key, b) not in self._blocks)
+            if runs > self.DIRECT_MAX_RUNS or missing * rows * row_bytes <= self.SPARSE_AMPLIFICATION * wanted:
+                return False
+            self._direct[key] = self._direct.get(key, 0) + 1
+            return True
 
     def _blocks_for(self, key: Hashable, dataset: Any, rows: int, b0: int, b1: int) -> list[np.ndarray]:
         found: dict[int, np.ndarray] = {}

@@ -45,6 +45,7 @@ def expressions(draw: st.DrawFn) -> tuple[int | slice, ...]:
 def test_cached_reads_equal_h5py(h5: h5py.File, expr: tuple, block_rows: int, capacity_blocks: int) -> None:
     row_bytes = 9 * 7 * 2 * 4
     cache = BlockCache(capacity_blocks * block_rows * row_bytes, block_bytes=block_rows * row_bytes)
+    cache.DIRECT_BEFORE_FILL = 0  # the blocks' path (direct reads of cold sparse ones: below)
     expected = h5["x"][expr] if _nonempty(expr) else None
     for _ in range(2):  # cold, then (partly) warm
         got = cache.read("x", h5["x"], expr)
@@ -98,10 +99,29 @@ def test_capacity_evicts_least_recently_used(h5: h5py.File) -> None:
     assert cache.misses == before and cache.hits > 0
 
 
+def test_first_cold_sparse_reads_are_left_to_h5py_then_blocks_fill(h5: h5py.File) -> None:
+    row = 9 * 7 * 2 * 4
+    cache = BlockCache(1 << 20, block_bytes=4 * row)  # blocks of four rows
+    cache.DIRECT_BEFORE_FILL = 2
+    x = h5["x"]
+    patch = (slice(4, 8), slice(1, 3), slice(2, 4))  # 4 x 2 x 2 x 2 values; its block holds 4 x 9 x 7 x 2
+    assert cache.read("x", x, patch) is None and cache.read("x", x, patch) is None  # cold: read directly
+    got = cache.read("x", x, patch)  # from then on through the blocks
+    assert got is not None and np.array_equal(got, x[patch]) and cache.misses == 1
+    assert np.array_equal(cache.read("x", x, (slice(8, 12), slice(1, 3), slice(2, 4))), x[8:12, 1:3, 2:4])
+    fresh = BlockCache(1 << 20, block_bytes=4 * row)
+    fresh.DIRECT_BEFORE_FILL = 2
+    assert fresh.read("x", x, (5,)) is not None  # a whole row uses a quarter of its block: not sparse
+    assert fresh.read("x", x, (slice(4, 8), slice(1, 3), slice(2, 4))) is not None  # its block is cached now
+    fresh.DIRECT_MAX_RUNS = 3  # many short runs: h5py would read it slowly, the blocks serve it
+    assert fresh.read("x", x, (slice(12, 16), slice(1, 3), slice(2, 4))) is not None
+
+
 @pytest.mark.parametrize("axis", [1, 2, 3])
 def test_slices_along_later_axes_come_from_a_moved_copy(h5: h5py.File, axis: int) -> None:
     cache = BlockCache(1 << 20, block_bytes=4 << 10)
     cache.MOVED_AFTER = 2
+    cache.DIRECT_BEFORE_FILL = 0
     x = h5["x"]
     for i in range(SHAPE[axis]):
         expr = (slice(None),) * axis + (i,)
