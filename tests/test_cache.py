@@ -140,3 +140,33 @@ def test_slices_along_later_axes_come_from_a_moved_copy(h5: h5py.File, axis: int
     got = too_small.read("x", x, expr)  # ...is never moved (served from blocks, or read directly by the caller)
     assert got is None or np.array_equal(got, x[expr])
     assert not any(len(k) == 3 for k in too_small._blocks if isinstance(k, tuple))
+
+
+def test_grid_aligned_patches_come_from_a_tiled_copy(h5: h5py.File) -> None:
+    x = h5["x"]  # (23, 9, 7, 2)
+    cache = BlockCache(1 << 20, block_bytes=2 << 10)
+    cache.TILED_AFTER = 2
+    cache.DIRECT_BEFORE_FILL = 0
+    patch = (4, 3, 2)
+    for _ in range(2):
+        for i in range(23 // 4):
+            for j in range(9 // 3):
+                for k in range(7 // 2):
+                    expr = (slice(i * 4, i * 4 + 4), slice(j * 3, j * 3 + 3), slice(k * 2, k * 2 + 2))
+                    got = cache.read("x", x, expr, copy=(i + j) % 2 == 0)
+                    assert got is not None and got.shape == (*patch, 2) and np.array_equal(got, x[expr])
+                    if (i + j) % 2 == 0:
+                        got[...] = -1  # a private copy: the tiles stay intact
+    assert any(len(k) == 3 and k[1] == "tiled" for k in cache._blocks if isinstance(k, tuple))
+    tiled_reads = cache.hits
+    # border patches (smaller), unaligned regions and regions of another size are served from the row blocks
+    for expr in [(slice(20, 23), slice(6, 9), slice(6, 7)), (slice(1, 5), slice(0, 3), slice(0, 2)), (slice(0, 8),)]:
+        assert np.array_equal(cache.read("x", x, expr), x[expr])
+    assert np.array_equal(cache.read("x", x, (slice(0, 4), slice(0, 3))), x[0:4, 0:3])
+    assert cache.hits > tiled_reads
+    big = BlockCache(x.nbytes * 8, block_bytes=1 << 10)  # the array is above a sixteenth of the capacity...
+    big.TILED_AFTER = 0
+    big.DIRECT_BEFORE_FILL = 0
+    expr = (slice(0, 4), slice(0, 3), slice(0, 2))
+    assert np.array_equal(big.read("x", x, expr), x[expr])
+    assert not any(len(k) == 3 for k in big._blocks if isinstance(k, tuple))  # ...and is never tiled
