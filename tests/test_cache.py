@@ -40,12 +40,20 @@ def expressions(draw: st.DrawFn) -> tuple[int | slice, ...]:
     return tuple(_item(draw, SHAPE[a]) for a in range(n))
 
 
-@settings(deadline=None, max_examples=150)
-@given(expr=expressions(), block_rows=st.integers(1, 30), capacity_blocks=st.integers(0, 60))
-def test_cached_reads_equal_h5py(h5: h5py.File, expr: tuple, block_rows: int, capacity_blocks: int) -> None:
+@settings(deadline=None, max_examples=200)
+@given(
+    expr=expressions(),
+    block_rows=st.integers(1, 30),
+    capacity_blocks=st.integers(0, 60),
+    copies_after=st.sampled_from([0, 1 << 30]),
+)
+def test_cached_reads_equal_h5py(
+    h5: h5py.File, expr: tuple, block_rows: int, capacity_blocks: int, copies_after: int
+) -> None:
     row_bytes = 9 * 7 * 2 * 4
     cache = BlockCache(capacity_blocks * block_rows * row_bytes, block_bytes=block_rows * row_bytes)
     cache.DIRECT_BEFORE_FILL = 0  # the blocks' path (direct reads of cold sparse ones: below)
+    cache.TILED_AFTER = cache.MOVED_AFTER = copies_after  # tiled and moved copies from the first request, or never
     expected = h5["x"][expr] if _nonempty(expr) else None
     for _ in range(2):  # cold, then (partly) warm
         got = cache.read("x", h5["x"], expr)
