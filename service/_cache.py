@@ -35,6 +35,10 @@ class BlockCache:
     DIRECT_BEFORE_FILL = 4
     #: A read is sparse when its missing blocks hold more than this many times its own bytes...
     SPARSE_AMPLIFICATION = 8
+    #: Once blocks of an array have been evicted (its working set does not fit), every read whose missing blocks
+    #: hold more than this many times its own bytes is read directly: refilling blocks that are evicted again before
+    #: their other rows are used only multiplies the bytes read (an axial slice is a third of its block).
+    THRASH_AMPLIFICATION = 2
     #: ...and h5py reads it in at most this many contiguous runs (a strided axis-2 slice, one run per element pair,
     #: is far slower read directly than through its blocks).
     DIRECT_MAX_RUNS = 8192
@@ -47,6 +51,7 @@ class BlockCache:
         self._build_lock = threading.Lock()
         self._requests: dict[Hashable, int] = {}
         self._direct: dict[Hashable, int] = {}
+        self._evicted: set[Hashable] = set()
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -192,7 +197,8 @@ class BlockCache:
     def _read_directly(
         self, key: Hashable, dataset: Any, rows: int, b0: int, b1: int, n_rows: int, rest: tuple[Any, ...]
     ) -> bool:
-        """Whether this read is one of the array's first cold sparse reads, left to the caller (h5py directly)."""
+        """Whether this read is left to the caller (h5py directly): one of the array's first cold sparse reads, or
+        any read that would mostly refill evicted blocks."""
         shape = tuple(int(d) for d in dataset.shape)
         extents = [n_rows]
         for a, dim in enumerate(shape[1:], start=1):
@@ -207,12 +213,15 @@ class BlockCache:
         wanted = math.prod(extents) * dataset.dtype.itemsize
         row_bytes = math.prod(shape[1:]) * dataset.dtype.itemsize
         with self._lock:
-            if self._direct.get(key, 0) >= self.DIRECT_BEFORE_FILL:
+            thrashing = key in self._evicted
+            if not thrashing and self._direct.get(key, 0) >= self.DIRECT_BEFORE_FILL:
                 return False
             missing = sum(1 for b in range(b0, b1 + 1) if (key, b) not in self._blocks)
-            if runs > self.DIRECT_MAX_RUNS or missing * rows * row_bytes <= self.SPARSE_AMPLIFICATION * wanted:
+            limit = self.THRASH_AMPLIFICATION if thrashing else self.SPARSE_AMPLIFICATION
+            if runs > self.DIRECT_MAX_RUNS or missing * rows * row_bytes <= limit * wanted:
                 return False
-            self._direct[key] = self._direct.get(key, 0) + 1
+            if not thrashing:
+                self._direct[key] = self._direct.get(key, 0) + 1
             return True
 
     def _blocks_for(self, key: Hashable, dataset: Any, rows: int, b0: int, b1: int) -> list[np.ndarray]:
@@ -240,8 +249,10 @@ class BlockCache:
             self._blocks[key] = array
             self.nbytes += array.nbytes
             while self.nbytes > self.capacity_bytes and self._blocks:
-                _, old = self._blocks.popitem(last=False)
+                old_key, old = self._blocks.popitem(last=False)
                 self.nbytes -= old.nbytes
+                if isinstance(old_key, tuple) and len(old_key) == 2 and isinstance(old_key[1], int):
+                    self._evicted.add(old_key[0])  # a row block: that array no longer fits with the rest
 
     def clear(self) -> None:
         with self._lock:

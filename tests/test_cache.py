@@ -125,6 +125,22 @@ def test_first_cold_sparse_reads_are_left_to_h5py_then_blocks_fill(h5: h5py.File
     assert fresh.read("x", x, (slice(12, 16), slice(1, 3), slice(2, 4))) is not None
 
 
+def test_arrays_whose_blocks_were_evicted_read_partial_blocks_directly(h5: h5py.File) -> None:
+    row = 9 * 7 * 2 * 4
+    cache = BlockCache(8 * row, block_bytes=row)  # eight blocks of one row: the array's 23 rows do not fit
+    cache.DIRECT_BEFORE_FILL = 0
+    x = h5["x"]
+    for z in range(9):
+        assert np.array_equal(cache.read("x", x, (z, slice(0, 3))), x[z, 0:3])  # the ninth evicts the first
+    assert cache.read("x", x, (12, slice(0, 3))) is None  # a third of a block that would be refilled: directly
+    assert np.array_equal(cache.read("x", x, (12,)), x[12])  # a whole block's worth still goes through the cache
+    assert np.array_equal(cache.read("x", x, (8, slice(0, 3))), x[8, 0:3])  # and cached blocks keep serving
+    fits = BlockCache(64 * row, block_bytes=row)  # the same reads where the array fits
+    fits.DIRECT_BEFORE_FILL = 0
+    for z in (*range(9), 12):
+        assert np.array_equal(fits.read("x", x, (z, slice(0, 3))), x[z, 0:3])
+
+
 @pytest.mark.parametrize("axis", [1, 2, 3])
 def test_slices_along_later_axes_come_from_a_moved_copy(h5: h5py.File, axis: int) -> None:
     cache = BlockCache(1 << 20, block_bytes=4 << 10)
