@@ -31,6 +31,8 @@ class BlockCache:
     MOVED_AFTER = 8
     #: Requests of grid-aligned regions of one size (patches) of an array before a tiled copy is built.
     TILED_AFTER = 4
+    #: Most request counters kept for MOVED_AFTER and TILED_AFTER.
+    MAX_COUNTERS = 4096
     #: Cold sparse reads of an array served directly from h5py before its blocks are filled.
     DIRECT_BEFORE_FILL = 4
     #: A read is sparse when its missing blocks hold more than this many times its own bytes...
@@ -127,8 +129,7 @@ class BlockCache:
         with self._lock:
             moved = self._blocks.get(moved_key)
             if moved is None:
-                self._requests[moved_key] = self._requests.get(moved_key, 0) + 1
-                if self._requests[moved_key] < self.MOVED_AFTER:
+                if self._count_request(moved_key) < self.MOVED_AFTER:
                     return None
             else:
                 self._blocks.move_to_end(moved_key)
@@ -147,6 +148,14 @@ class BlockCache:
             return None
         result = moved[(index, *items[:axis], *items[axis + 1 :])]
         return result.copy() if copy and isinstance(result, np.ndarray) else result
+
+    def _count_request(self, key: Hashable) -> int:
+        """Counts a request towards building a copy (under ``_lock``). The counters are a heuristic: past
+        ``MAX_COUNTERS`` distinct ones (regions of ever new sizes) they start over rather than grow without bound."""
+        if key not in self._requests and len(self._requests) >= self.MAX_COUNTERS:
+            self._requests.clear()
+        self._requests[key] = self._requests.get(key, 0) + 1
+        return self._requests[key]
 
     def _tiled_read(self, key: Hashable, dataset: Any, items: tuple[Any, ...], copy: bool) -> Any:
         """Grid-aligned regions (patches: ``(z0:z0+pz, y0:y0+py, x0:x0+px)`` with every start a multiple of the
@@ -176,8 +185,7 @@ class BlockCache:
         with self._lock:
             tiles = self._blocks.get(tiled_key)
             if tiles is None:
-                self._requests[tiled_key] = self._requests.get(tiled_key, 0) + 1
-                if self._requests[tiled_key] <= self.TILED_AFTER:
+                if self._count_request(tiled_key) <= self.TILED_AFTER:
                     return None
             else:
                 self._blocks.move_to_end(tiled_key)

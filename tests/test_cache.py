@@ -188,6 +188,11 @@ def test_grid_aligned_patches_come_from_a_tiled_copy(h5: h5py.File) -> None:
         assert np.array_equal(cache.read("x", x, expr), x[expr])
     assert np.array_equal(cache.read("x", x, (slice(0, 4), slice(0, 3))), x[0:4, 0:3])
     assert cache.hits > tiled_reads
+    counted = BlockCache(1 << 20, block_bytes=2 << 10)
+    counted.MAX_COUNTERS = 3
+    for size in range(1, 8):  # regions of ever new sizes: the counters start over instead of growing
+        counted.read("x", x, (slice(0, size), slice(0, 1)))
+    assert len(counted._requests) <= 3
     big = BlockCache(x.nbytes * 8, block_bytes=1 << 10)  # the array is above a sixteenth of the capacity...
     big.TILED_AFTER = 0
     big.DIRECT_BEFORE_FILL = 0
