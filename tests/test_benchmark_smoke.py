@@ -66,11 +66,12 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
     for pattern in PATTERNS:
         for section in ("patchwire", "patchwire_small_cache", "patchwire_lz4_labels"):
             result = report[section][pattern]
-            for metric in ("samples_per_s", "mb_per_s", "ttfb_ms", "server_peak_rss_mb"):
+            for metric in ("samples_per_s", "mb_per_s", "ttfb_ms", "server_peak_rss_mb", "warmup_samples"):
                 _positive(result[metric], f"{section} {pattern} {metric}")
+            assert result["samples"] > 0, f"{section} {pattern}: nothing measured after the warm-up"
         for workers in ("workers0", "workers2"):
             result = report["pymia"][pattern][workers]
-            for metric in ("samples_per_s", "mb_per_s", "ttfb_ms"):
+            for metric in ("samples_per_s", "mb_per_s", "ttfb_ms", "warmup_samples"):
                 _positive(result[metric], f"pymia {pattern} {workers} {metric}")
         _positive(report["ttfb"]["patchwire_ms"][pattern], f"ttfb {pattern}")
 
