@@ -37,13 +37,14 @@ class BlockCache:
     DIRECT_BEFORE_FILL = 4
     #: A read is sparse when its missing blocks hold more than this many times its own bytes...
     SPARSE_AMPLIFICATION = 8
-    #: Once blocks of an array have been evicted (its working set does not fit), every read whose missing blocks
-    #: hold more than this many times its own bytes is read directly: refilling blocks that are evicted again before
-    #: their other rows are used only multiplies the bytes read (an axial slice is a third of its block).
-    THRASH_AMPLIFICATION = 2
     #: ...and h5py reads it in at most this many contiguous runs (a strided axis-2 slice, one run per element pair,
     #: is far slower read directly than through its blocks).
     DIRECT_MAX_RUNS = 8192
+    #: While blocks of an array are being evicted (one was, within the last cache-full of insertions: its working set
+    #: does not fit), every read whose missing blocks hold more than this many times its own bytes is read directly:
+    #: refilling blocks that are evicted again before their other rows are used only multiplies the bytes read (an
+    #: axial slice is a third of its block).
+    THRASH_AMPLIFICATION = 2
 
     def __init__(self, capacity_bytes: int, block_bytes: int = 1 << 20) -> None:
         self.capacity_bytes = capacity_bytes
@@ -53,7 +54,8 @@ class BlockCache:
         self._build_lock = threading.Lock()
         self._requests: dict[Hashable, int] = {}
         self._direct: dict[Hashable, int] = {}
-        self._evicted: set[Hashable] = set()
+        self._evicted: dict[Hashable, int] = {}  # array -> insertion count when one of its blocks was evicted
+        self._insertions = 0
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -221,7 +223,10 @@ class BlockCache:
         wanted = math.prod(extents) * dataset.dtype.itemsize
         row_bytes = math.prod(shape[1:]) * dataset.dtype.itemsize
         with self._lock:
-            thrashing = key in self._evicted
+            evicted_at = self._evicted.get(key)
+            thrashing = evicted_at is not None and self._insertions - evicted_at <= self.capacity_bytes // max(
+                self.block_bytes, 1
+            )
             if not thrashing and self._direct.get(key, 0) >= self.DIRECT_BEFORE_FILL:
                 return False
             missing = sum(1 for b in range(b0, b1 + 1) if (key, b) not in self._blocks)
@@ -256,11 +261,12 @@ class BlockCache:
                 return
             self._blocks[key] = array
             self.nbytes += array.nbytes
+            self._insertions += 1
             while self.nbytes > self.capacity_bytes and self._blocks:
                 old_key, old = self._blocks.popitem(last=False)
                 self.nbytes -= old.nbytes
                 if isinstance(old_key, tuple) and len(old_key) == 2 and isinstance(old_key[1], int):
-                    self._evicted.add(old_key[0])  # a row block: that array no longer fits with the rest
+                    self._evicted[old_key[0]] = self._insertions  # a row block: its array does not fit now
 
     def clear(self) -> None:
         with self._lock:

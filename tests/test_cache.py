@@ -135,6 +135,12 @@ def test_arrays_whose_blocks_were_evicted_read_partial_blocks_directly(h5: h5py.
     assert cache.read("x", x, (12, slice(0, 3))) is None  # a third of a block that would be refilled: directly
     assert np.array_equal(cache.read("x", x, (12,)), x[12])  # a whole block's worth still goes through the cache
     assert np.array_equal(cache.read("x", x, (8, slice(0, 3))), x[8, 0:3])  # and cached blocks keep serving
+    for z in range(8):  # another array takes the cache over (evicting x's last blocks)...
+        cache.read("y", x, (z,))
+    assert cache.read("x", x, (14, slice(0, 3))) is None
+    for z in range(8, 17):  # ...then more than a cache-full of insertions evict none of x's blocks...
+        cache.read("y", x, (z,))
+    assert cache.read("x", x, (14, slice(0, 3))) is not None  # ...and x's reads fill blocks again
     fits = BlockCache(64 * row, block_bytes=row)  # the same reads where the array fits
     fits.DIRECT_BEFORE_FILL = 0
     for z in (*range(9), 12):
