@@ -7,7 +7,10 @@ acknowledged as duplicates and never counted twice.
 Durability: every accepted batch is appended to its subject's journal and fsync'ed before it is acknowledged
 (``_journal``); job metadata, events and finished volumes are written atomically. On start the store reloads every
 job from ``state_dir`` and rebuilds partial volumes by replaying the journals, so a ``kill -9`` loses nothing
-that was acknowledged. A finished subject's volume is written to ``results/`` and its journal deleted.
+that was acknowledged. A subject is ready (state, event) as soon as its last sample is journalled; its volume is
+then made durable in ``results/`` by a background thread, and only after that is its journal deleted. A crash in
+between leaves a ready subject without a result but with a complete journal: recovery replays and finishes it
+again (without a second ready event). Fetching a subject waits for its volume.
 
 Memory: partial volumes live in memory-mapped files under ``state_dir``; a :class:`BufferPool` keeps at most
 ``budget`` bytes of them mapped (least recently used are unmapped, their pages stay on disk), so resident memory
@@ -32,6 +35,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,7 @@ import numpy as np
 
 from patchwire.service._blending import region_weights
 from patchwire.service._datasource import CompiledDatasource
-from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from patchwire.service._errors import FailedPrecondition, Internal, InvalidArgument, NotFound, OutOfRange
 from patchwire.service._journal import Journal, fsync_path, write_atomic
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import spec_pb2
@@ -133,6 +137,9 @@ class Subject:
     state: apb.SubjectState.ValueType = apb.SUBJECT_STATE_PENDING
     forced: bool = False
     mapped: dict[str, np.ndarray] | None = None
+    finished: threading.Event | None = None
+    """Set once the volume of a ready subject is durable in ``results/`` (None: nothing pending)."""
+    finish_error: str | None = None
 
     def __post_init__(self) -> None:
         self.received = np.zeros(self.expected, dtype=bool)
@@ -202,8 +209,11 @@ class Job:
         mode: str,
         pool: BufferPool,
         created_ms: int,
+        finisher: ThreadPoolExecutor | None = None,
     ) -> None:
         self.id = job_id
+        self.finisher = finisher
+        """Where finished subjects' volumes are made durable (None: in the posting thread)."""
         self.directory = directory
         self.spec = spec
         self.source = source
@@ -371,7 +381,53 @@ class Job:
         if subject.state == apb.SUBJECT_STATE_PENDING:
             subject.state = apb.SUBJECT_STATE_IN_PROGRESS
 
-    def _finish(self, subject: Subject, forced: bool) -> None:
+    def _finish(self, subject: Subject, forced: bool, background: bool = True) -> None:
+        """Makes a subject ready. A complete subject's journal holds every sample, so its volume is written in the
+        background (``finisher``) and the journal deleted only after that; a forced subject's journal does not,
+        so its volume is written first."""
+        if forced:
+            self._write_results(subject, forced=True)
+            subject.state = apb.SUBJECT_STATE_READY
+            subject.forced = True
+            self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)
+            self._drop_journal(subject)
+            return
+        subject.state = apb.SUBJECT_STATE_READY
+        subject.forced = False
+        if not any(e.type == apb.EVENT_TYPE_SUBJECT_READY and e.subject_index == subject.index for e in self.events):
+            self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)  # (a subject finished again on recovery has one)
+        subject.finished = threading.Event()
+        if background and self.finisher is not None:
+            self.finisher.submit(self._finish_volume, subject)
+        else:
+            self._finish_volume(subject)
+            if subject.finish_error is not None:
+                raise RuntimeError(subject.finish_error)
+
+    def _finish_volume(self, subject: Subject) -> None:
+        """Writes a ready subject's volume durably, then deletes its journal and buffers (sets ``finished``)."""
+        assert subject.finished is not None
+        try:
+            self._write_results(subject, forced=False)
+            with self.lock:
+                self._drop_journal(subject)
+        except Exception as exc:
+            if self.directory.exists():  # (a job deleted meanwhile takes its files with it: nothing to report)
+                _log.exception("job %s: writing the volume of subject %d failed", self.id, subject.index)
+                subject.finish_error = (
+                    f"writing the volume of subject {subject.index} of job {self.id!r} failed ({exc}); its journal "
+                    "is kept: a server restart finishes it again"
+                )
+            else:
+                subject.finish_error = f"job {self.id!r} was deleted"
+        finally:
+            subject.finished.set()
+
+    def _drop_journal(self, subject: Subject) -> None:
+        subject.journal.delete()
+        subject.delete_buffers()
+
+    def _write_results(self, subject: Subject, forced: bool) -> None:
         buffers = self.pool.buffers(subject)
         (self.directory / "results").mkdir(exist_ok=True)
         if forced:  # keep what had arrived: the status of a forced subject still lists its missing samples
@@ -392,11 +448,6 @@ class Job:
                 os.fsync(f.fileno())
             path.with_name(f".{path.name}.tmp").replace(path)
         fsync_path(path.parent)
-        subject.state = apb.SUBJECT_STATE_READY
-        subject.forced = forced
-        self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)
-        subject.journal.delete()
-        subject.delete_buffers()
 
     def _result(self, buffers: Mapping[str, np.ndarray], entry: EntrySpec) -> np.ndarray:
         """The mean of an average or Gaussian job's sums (overwrite buffers are results as they are)."""
@@ -449,6 +500,10 @@ class Job:
                 f"subject {subject_index} ({subject.name!r}) of job {self.id!r} is not ready: {subject.count} of "
                 f"{subject.expected} samples received ({apb.SubjectState.Name(subject.state)})"
             )
+        if subject.finished is not None:
+            subject.finished.wait()
+            if subject.finish_error is not None:
+                raise Internal(subject.finish_error)
         return {e.name: np.load(subject.result_path(e.name), mmap_mode="r") for e in self.entries}
 
     def info(self) -> apb.JobInfo:
@@ -486,6 +541,9 @@ class Job:
         return out
 
     def delete_files(self) -> None:
+        for subject in self.subjects.values():  # volumes being written would otherwise land in a removed folder
+            if subject.finished is not None:
+                subject.finished.wait()
         with self.lock:
             for subject in self.subjects.values():
                 self.pool.release(subject)
@@ -540,7 +598,7 @@ class Job:
                         {name: [arrays[k] for k in fresh] for name, arrays in record.arrays.items()},
                     )
             if subject.count == subject.expected and subject.expected > 0:
-                self._finish(subject, forced=False)
+                self._finish(subject, forced=False, background=False)
         self._check_completed()
 
 
@@ -567,6 +625,7 @@ class AssemblyStore:
         self.state_dir = state_dir
         self.resolve = resolve
         self.pool = BufferPool(memory_budget)
+        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchwire-finish")
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         (state_dir / "jobs").mkdir(parents=True, exist_ok=True)
@@ -586,6 +645,7 @@ class AssemblyStore:
                     meta["mode"],
                     self.pool,
                     int(meta["created_ms"]),
+                    self.finisher,
                 )
                 job.state = apb.JobState.ValueType(int(meta["state"]))
                 job.recover()
@@ -647,7 +707,7 @@ class AssemblyStore:
             directory = self.state_dir / "jobs" / job_id
             for sub in ("journals", "buffers", "results"):
                 (directory / sub).mkdir(parents=True, exist_ok=True)
-            job = Job(job_id, directory, spec, source, entries, mode, self.pool, int(time.time() * 1000))
+            job = Job(job_id, directory, spec, source, entries, mode, self.pool, int(time.time() * 1000), self.finisher)
             job.save_metadata()
             self.jobs[job_id] = job
         _log.info(
@@ -659,6 +719,10 @@ class AssemblyStore:
             mode,
         )
         return job
+
+    def close(self) -> None:
+        """Waits for the volumes being finished; the store is not used afterwards."""
+        self.finisher.shutdown(wait=True)
 
     def get(self, job_id: str, field: str = "job_id") -> Job:
         try:

@@ -24,6 +24,7 @@ import grpc
 
 __all__ = [
     "FailedPrecondition",
+    "Internal",
     "InvalidArgument",
     "NotFound",
     "OutOfRange",
@@ -54,6 +55,12 @@ class OutOfRange(ServiceError):
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Internal(ServiceError):
+    """The server could not do what it should have (e.g. a disk write failed); nothing the client did wrong."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -304,6 +304,7 @@ class PatchwireServer:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         if self._assembly is not None:
+            self._assembly.close()  # volumes of ready subjects being written: finish them (their journals stay)
             for job in self._assembly.jobs.values():
                 for subject in job.subjects.values():
                     self._assembly.pool.release(subject)  # unmap partial volumes (their journals are on disk)

@@ -310,6 +310,51 @@ def test_crash_inside_a_forced_finish(
         assert status(client) == final
 
 
+@pytest.mark.parametrize("failure", ["crash", "error"])
+def test_a_ready_subject_whose_volume_was_not_written_is_finished_on_restart(
+    tiny_h5: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """A subject is ready (acknowledged, event sent) once its last sample is journalled; its volume is written in the
+    background. If the server dies before that ("crash": the write never happens) or the write fails ("error": a
+    fetch reports it), the journal is still there and a restart finishes the subject again, with no second event."""
+    state = tmp_path / "state"
+    fsync_path = _assembly.fsync_path
+
+    def failing(path: Path) -> None:
+        if path.name == "results":  # making the subject's new result file durable
+            raise OSError(5, "Input/output error")
+        fsync_path(path)
+
+    with server_in_thread({"tiny": tiny_h5}, state_dir=state) as server, pw.connect(server.address) as client:
+        if failure == "crash":
+            monkeypatch.setattr(_assembly.Job, "_finish_volume", lambda self, subject: None)
+        else:
+            monkeypatch.setattr(_assembly, "fsync_path", failing)
+        ds = client.datasource("tiny", extr.SliceIndexing())
+        with client.assembler(ds, overlap="average", job_id=JOB, entries={ENTRY: CHANNELS}) as assembler:
+            for batch in FIRST:
+                assembler.add_batch(_batch(batch), batch)
+            assert assembler.subjects_ready == {0}
+            (event,) = _events(assembler, 1)
+            if failure == "error":
+                with pytest.raises(pw.ServerError, match=r"Input/output error.*journal is kept"):
+                    assembler.get_assembled_subject(0)
+        monkeypatch.undo()
+    assert _journal(state, 0).exists()  # (the result file may be in place: its folder was not made durable)
+    with server_in_thread({"tiny": tiny_h5}, state_dir=state) as server, pw.connect(server.address) as client:
+        ds = client.datasource("tiny", extr.SliceIndexing())
+        status = client.job_status(JOB)
+        assert [(s.state, s.received) for s in status.subjects] == [
+            ("ready", 20),
+            ("in_progress", 10),
+            ("in_progress", 5),
+        ]
+        with client.assembler(ds, overlap="average", job_id=JOB, entries={ENTRY: CHANNELS}) as assembler:
+            np.testing.assert_array_equal(assembler.get_assembled_subject(0)[ENTRY], _expected(0))
+            assert _events(assembler, status.last_event_sequence) == [event]  # the same event, not a second one
+    assert not _journal(state, 0).exists()
+
+
 # -- memory bound ---------------------------------------------------------------------------------------------------
 
 MEM_SUBJECTS = 10
@@ -385,9 +430,10 @@ def _post_all(
             most = max(most, status.resident_buffer_bytes)
         status = client.job_status(str(assembler.job_id), max_missing=0)
         assert (status.state, status.ready_subject_count) == ("completed", len(oracle.expected))
-        assert status.resident_buffer_bytes == 0 and pool.resident == 0
-        for s, expected in oracle.expected.items():
+        for s, expected in oracle.expected.items():  # (a fetch waits until the subject's volume is written)
             np.testing.assert_array_equal(assembler.get_assembled_subject(s)["p"], expected)
+        status = client.job_status(str(assembler.job_id), max_missing=0)
+        assert status.resident_buffer_bytes == 0 and pool.resident == 0  # written volumes are unmapped
     return most
 
 
