@@ -470,6 +470,7 @@ class Job:
     # -- other operations -----------------------------------------------------------------------------------------
 
     def abort(self) -> None:
+        self._wait_finished()  # an aborted job holds no buffers, also none of subjects finished just before
         with self.lock:
             if self.state != apb.JOB_STATE_ACTIVE:
                 raise FailedPrecondition(
@@ -540,10 +541,14 @@ class Job:
             )
         return out
 
-    def delete_files(self) -> None:
-        for subject in self.subjects.values():  # volumes being written would otherwise land in a removed folder
+    def _wait_finished(self) -> None:
+        """Waits until the volumes of ready subjects being written are (not under ``lock``: writing needs it)."""
+        for subject in list(self.subjects.values()):
             if subject.finished is not None:
                 subject.finished.wait()
+
+    def delete_files(self) -> None:
+        self._wait_finished()  # volumes being written would otherwise land in a removed folder
         with self.lock:
             for subject in self.subjects.values():
                 self.pool.release(subject)
