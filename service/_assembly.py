@@ -398,11 +398,14 @@ class Job:
             self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)  # (a subject finished again on recovery has one)
         subject.finished = threading.Event()
         if background and self.finisher is not None:
-            self.finisher.submit(self._finish_volume, subject)
-        else:
-            self._finish_volume(subject)
-            if subject.finish_error is not None:
-                raise RuntimeError(subject.finish_error)
+            try:
+                self.finisher.submit(self._finish_volume, subject)
+                return
+            except RuntimeError:  # the store is closing: write it here
+                pass
+        self._finish_volume(subject)
+        if subject.finish_error is not None:
+            raise RuntimeError(subject.finish_error)
 
     def _finish_volume(self, subject: Subject) -> None:
         """Writes a ready subject's volume durably, then deletes its journal and buffers (sets ``finished``)."""
