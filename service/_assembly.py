@@ -412,8 +412,8 @@ class Job:
         assert subject.finished is not None
         try:
             self._write_results(subject, forced=False)
-            with self.lock:
-                self._drop_journal(subject)
+            # not under the job's lock: nothing else touches a ready subject's files, and posts need not wait
+            self._drop_journal(subject)
         except Exception as exc:
             if self.directory.exists():  # (a job deleted meanwhile takes its files with it: nothing to report)
                 _log.exception("job %s: writing the volume of subject %d failed", self.id, subject.index)
