@@ -209,6 +209,16 @@ class BlockCache:
     ) -> bool:
         """Whether this read is left to the caller (h5py directly): one of the array's first cold sparse reads, or
         any read that would mostly refill evicted blocks."""
+        with self._lock:  # the common case first, cheaply: every block is cached
+            missing = sum(1 for b in range(b0, b1 + 1) if (key, b) not in self._blocks)
+            if not missing:
+                return False
+            evicted_at = self._evicted.get(key)
+            thrashing = evicted_at is not None and self._insertions - evicted_at <= self.capacity_bytes // max(
+                self.block_bytes, 1
+            )
+            if not thrashing and self._direct.get(key, 0) >= self.DIRECT_BEFORE_FILL:
+                return False
         shape = tuple(int(d) for d in dataset.shape)
         extents = [n_rows]
         for a, dim in enumerate(shape[1:], start=1):
@@ -222,20 +232,13 @@ class BlockCache:
         runs = math.prod(extents[: partial[-1]]) if partial else 1
         wanted = math.prod(extents) * dataset.dtype.itemsize
         row_bytes = math.prod(shape[1:]) * dataset.dtype.itemsize
-        with self._lock:
-            evicted_at = self._evicted.get(key)
-            thrashing = evicted_at is not None and self._insertions - evicted_at <= self.capacity_bytes // max(
-                self.block_bytes, 1
-            )
-            if not thrashing and self._direct.get(key, 0) >= self.DIRECT_BEFORE_FILL:
-                return False
-            missing = sum(1 for b in range(b0, b1 + 1) if (key, b) not in self._blocks)
-            limit = self.THRASH_AMPLIFICATION if thrashing else self.SPARSE_AMPLIFICATION
-            if runs > self.DIRECT_MAX_RUNS or missing * rows * row_bytes <= limit * wanted:
-                return False
-            if not thrashing:
+        limit = self.THRASH_AMPLIFICATION if thrashing else self.SPARSE_AMPLIFICATION
+        if runs > self.DIRECT_MAX_RUNS or missing * rows * row_bytes <= limit * wanted:
+            return False
+        if not thrashing:
+            with self._lock:
                 self._direct[key] = self._direct.get(key, 0) + 1
-            return True
+        return True
 
     def _blocks_for(self, key: Hashable, dataset: Any, rows: int, b0: int, b1: int) -> list[np.ndarray]:
         found: dict[int, np.ndarray] = {}
