@@ -140,7 +140,7 @@ class RemoteDatasource:
         what = f"reading samples {list(indices)[:8]}{'...' if len(indices) > 8 else ''} of dataset {self.dataset!r}"
         out = []
         with translate_rpc_errors(what):
-            for decoded in decode_stream(self._connection.raw_stream(GET_SAMPLES)(request)):
+            for decoded in decode_stream(self._connection.raw_stream(GET_SAMPLES)(request), self._connection.buffers):
                 for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
                     sample = _finish(sample, self._pickled, self._client_steps)
                     sample[defs.KEY_SAMPLE_INDEX] = i
@@ -199,8 +199,11 @@ class RemoteDatasource:
             integer_compression=self._compression,
         )
         call = self._connection.raw_stream(STREAM_BATCHES)(request)
+        pool = self._connection.buffers
         decoded_messages = (
-            prefetched(lambda: decode_stream(call), prefetch, call.cancel) if prefetch > 0 else decode_stream(call)
+            prefetched(lambda: decode_stream(call, pool), prefetch, call.cancel)
+            if prefetch > 0
+            else decode_stream(call, pool)
         )
         try:
             with translate_rpc_errors(f"streaming dataset {self.dataset!r}"):

@@ -105,10 +105,12 @@ def _decode_batch(batch: Any, payload_list: list[np.ndarray]) -> DecodedBatch:
     return DecodedBatch(list(batch.sample_indices), int(batch.position), columns, stacked)
 
 
-def decode_stream(responses: Iterable[Any]) -> Generator[DecodedBatch, None, None]:
+def decode_stream(
+    responses: Iterable[Any], pool: codec.BufferPool | None = None
+) -> Generator[DecodedBatch, None, None]:
     """Decodes a GetSamples / DirectExtract / StreamBatches / FetchSubject response stream, batch by batch.
     Responses may be messages or their wire bytes (``Connection.raw_stream``): chunk bytes are copied straight
-    into the tensor's buffer."""
+    into the tensor's buffer, taken from ``pool`` when given."""
     batch = None
     assembler: codec.ChunkAssembler | None = None
     for response in responses:
@@ -127,7 +129,7 @@ def decode_stream(responses: Iterable[Any]) -> Generator[DecodedBatch, None, Non
             if assembler is not None and not assembler.complete:
                 raise ValueError("a new batch arrived before the previous batch's tensor chunks were complete")
             batch = response.batch
-            assembler = codec.ChunkAssembler(codec.batch_tensors(batch))
+            assembler = codec.ChunkAssembler(codec.batch_tensors(batch), pool)
         else:
             if assembler is None:
                 raise ValueError("a tensor chunk arrived before any batch")

@@ -1,15 +1,17 @@
-"""The allocator thresholds that patchwire sets: in the server, and once in every client process."""
+"""The allocator thresholds that patchwire sets (in the server, and once in every client process), and the client's
+recycled payload buffers."""
 
 from __future__ import annotations
 
 import os
 import platform
 
+import numpy as np
 import pytest
 
 import patchwire.client as pw
 from patchwire.service import PatchwireServer
-from patchwire.v1 import _malloc
+from patchwire.v1 import _malloc, codec
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
@@ -40,3 +42,26 @@ def test_a_client_process_can_keep_its_allocator_as_it_is(
     with pw.connect(server.address) as client:
         assert client.describe("tiny").name == "tiny"
     assert calls == []
+
+
+def test_a_pooled_buffer_comes_back_only_when_its_last_view_is_gone() -> None:
+    pool = codec.BufferPool()
+    first = pool.take(1 << 20)
+    address = first.ctypes.data
+    view = first.view(np.float32).reshape(512, 512)[1:]  # a view of a view, as decoding and torch make them
+    del first
+    assert pool.take(1 << 20).ctypes.data != address  # the view still holds it
+    assert pool.recycled == 0
+    del view
+    again = pool.take(1 << 20)
+    assert again.ctypes.data == address and pool.recycled == 1
+    assert again.flags.writeable and again.nbytes == 1 << 20
+    assert pool.take(1 << 10).nbytes == 1 << 10  # other sizes get their own buffers
+
+
+def test_the_pool_keeps_at_most_max_bytes_of_free_buffers() -> None:
+    pool = codec.BufferPool(max_bytes=3 << 20)
+    taken = [pool.take(1 << 20) for _ in range(5)]
+    del taken
+    again = [pool.take(1 << 20) for _ in range(5)]
+    assert len(again) == 5 and pool.recycled == 3

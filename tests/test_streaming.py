@@ -100,3 +100,24 @@ def test_small_samples_are_grouped_into_batches_near_one_mib(big: tuple[str, Pat
         assert np.array_equal(batch[defs.KEY_IMAGES], cells[idx])
         seen += len(idx)
     assert seen == N_PATCHES
+
+
+def test_recycled_buffers_never_change_a_batch_that_is_still_held(big: tuple[str, Path]) -> None:
+    """Payload buffers are reused once their arrays are gone (no fresh pages per batch); a batch the caller keeps,
+    here as a torch tensor viewing the buffer, keeps its values while later batches arrive."""
+    torch = pytest.importorskip("torch")
+    address, path = big
+    with pw.connect(address) as client:
+        ds = client.datasource("big", extr.EmptyIndexing(), extr.DataExtractor(categories=(defs.KEY_IMAGES,)))
+        kept = []
+        for epoch in range(4):
+            for i, batch in enumerate(ds.batches(batch_size=1, shuffle=True, seed=3, epoch=epoch)):
+                images = torch.from_numpy(batch[defs.KEY_IMAGES])
+                if i == 0:
+                    kept.append((int(batch[defs.KEY_SAMPLE_INDEX][0]), images, images.clone()))
+                del batch, images
+        assert ds._connection.buffers.recycled > 0
+    with h5py.File(path, "r") as f:
+        for subject, held, at_arrival in kept:
+            assert torch.equal(held, at_arrival)
+            np.testing.assert_array_equal(held.numpy()[0], f[f"data/images/{subject}"][()])
