@@ -1,4 +1,4 @@
-"""The wire: big samples travel in chunks of at most 1 MiB, small samples are grouped into messages of whole
+"""The wire: big samples travel in chunks of at most CHUNK_BYTES (2 MiB), small samples are grouped into messages of whole
 batches near 1 MiB, and the decoded values equal the file's."""
 
 from __future__ import annotations

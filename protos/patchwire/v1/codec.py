@@ -48,8 +48,9 @@ __all__ = [
 DataType = tensor_pb2.DataType
 Compression = tensor_pb2.Compression
 
-#: Payload size of one TensorChunk.
-CHUNK_BYTES = 1 << 20
+#: Payload size of one TensorChunk. Measured against 1 MiB (three interleaved rounds, 2 cores): +6% axial slices,
+#: +17% 64^3 patches (fewer messages: less per-message work on both ends); 4 MiB gained less for patches, 8 MiB lost.
+CHUNK_BYTES = 2 << 20
 #: The largest tensor sent inline, inside its Batch message. An inline payload is copied by protobuf on both ends
 #: (into the message, when serialising, when parsing, out of it: 64 KiB keeps that cheap); larger payloads travel as
 #: chunk messages, copied once per end. Measured: axial slices with 40 KB label maps per sample streamed 14% faster
