@@ -1,5 +1,5 @@
-"""The wire: big samples travel in chunks of at most CHUNK_BYTES (2 MiB), small samples are grouped into messages of whole
-batches near 1 MiB, and the decoded values equal the file's."""
+"""The wire: big samples travel in chunks of at most CHUNK_BYTES (2 MiB), small samples are grouped into messages of
+whole batches, and the decoded values equal the file's."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import patchwire.client as pw
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
+from patchwire.service._server import MAX_SAMPLES_PER_MESSAGE
 from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
 
 from _datasets import write_arrays_dataset
@@ -63,7 +64,7 @@ def test_whole_volumes_are_chunked(big: tuple[str, Path]) -> None:
         assert np.array_equal(whole["labels"], f["data/labels/1"][()])
 
 
-def test_small_samples_are_grouped_into_batches_near_one_mib(big: tuple[str, Path]) -> None:
+def test_small_samples_are_grouped_into_messages_of_whole_batches(big: tuple[str, Path]) -> None:
     address, path = big
     spec = spec_pb2.DatasourceSpec(
         dataset="big",
@@ -76,15 +77,21 @@ def test_small_samples_are_grouped_into_batches_near_one_mib(big: tuple[str, Pat
     counts = [len(b.sample_indices) for b in batches]
     assert counts[0] == 16  # the first message holds one batch: a short time to first batch
     assert all(c % 16 == 0 for c in counts[:-1]) and max(counts) >= 512
-    # a batch message plus the chunks of its (stacked) tensors carry about TARGET_MESSAGE_BYTES
+    # a batch message plus the chunks of its (stacked) tensors: whole batches up to TARGET_MESSAGE_BYTES, at most
+    # MAX_SAMPLES_PER_MESSAGE samples
     sizes, current = [], 0
     for r in responses:
         if r.WhichOneof("payload") == "batch" and current:
             sizes.append(current)
             current = 0
         current += r.ByteSize()
-    assert all(size >= codec.TARGET_MESSAGE_BYTES // 2 for size in sizes[1:])
-    assert sum(counts) == N_PATCHES
+    sizes.append(current)
+    per_sample = sizes[0] / counts[0]
+    by_bytes = int(codec.TARGET_MESSAGE_BYTES // (per_sample * 16)) * 16
+    per_message = min(by_bytes, MAX_SAMPLES_PER_MESSAGE // 16 * 16)
+    assert counts[1:-1] == [per_message] * (len(counts) - 2)
+    assert 0 < counts[-1] <= per_message and sum(counts) == N_PATCHES
+    assert all(size <= 1.05 * codec.TARGET_MESSAGE_BYTES for size in sizes)
     assert max(r.ByteSize() for r in responses) <= codec.CHUNK_BYTES + 64
     ds = pw.connect(address).datasource(
         "big", extr.PatchWiseIndexing((2, 8, 8)), extr.DataExtractor(), subject_subset=["S1"]
