@@ -196,9 +196,9 @@ class BufferPool:
     A fresh multi-MiB buffer costs a page fault per page (the kernel zeroes it) on first touch, and glibc hands
     large buffers of a non-main thread's arena (the client's prefetch thread) back to the system when they are freed:
     patch batches (38 MB each) then spent about 10% of the client's CPU zeroing pages. A recycled buffer is already
-    mapped. Each buffer handed out is exported through its own small ctypes array, the object that numpy (and torch,
-    through numpy) keeps as the arrays' base, so its finalizer runs only when the last view is gone; buffers the
-    caller keeps are simply not recycled. At most ``max_bytes`` of free buffers are kept."""
+    mapped. Each buffer handed out is exported through its own small ctypes array, which every numpy view (and torch
+    tensor, through numpy) keeps alive through its base, so its finalizer runs only when the last view is gone;
+    buffers the caller keeps are simply not recycled. At most ``max_bytes`` of free buffers are kept."""
 
     def __init__(self, max_bytes: int = 128 << 20) -> None:
         self.max_bytes = max_bytes
