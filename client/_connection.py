@@ -41,8 +41,8 @@ class Connection:
         self._raw: dict[str, Any] = {}
         self._pid = -1
         self._lock = threading.Lock()
-        #: Payload buffers of this connection's streams, recycled across calls (epochs are one call each).
-        self.buffers = codec.BufferPool()
+        #: Payload buffers of this connection's streams: the process's pool, recycled across calls and connections.
+        self.buffers = codec.shared_pool()
         with _live_lock:
             _live.add(self)
 
@@ -125,7 +125,6 @@ class Connection:
         """In a forked child: drop the inherited channel without touching it."""
         self._channel, self._stub, self._assembly, self._pid = None, None, None, -1
         self._lock = threading.Lock()
-        self.buffers = codec.BufferPool()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"address": self.address}

@@ -11,7 +11,7 @@ import pytest
 
 import patchwire.client as pw
 from patchwire.service import PatchwireServer
-from patchwire.v1 import _malloc, codec
+from patchwire.v1 import _malloc, _pages, codec
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
@@ -65,3 +65,45 @@ def test_the_pool_keeps_at_most_max_bytes_of_free_buffers() -> None:
     del taken
     again = [pool.take(1 << 20) for _ in range(5)]
     assert len(again) == 5 and pool.recycled == 3
+
+
+def test_free_buffers_of_one_size_make_up_a_buffer_of_another() -> None:
+    """Pages move between sizes (batches of slices leave pages a batch of patches reuses), without copies."""
+    if not _pages.available():
+        pytest.skip("moving pages needs Linux mremap")
+    pool = codec.BufferPool()
+    a, b, c = (pool.take(1 << 20) for _ in range(3))
+    a[:], b[:], c[:] = 1, 2, 3
+    del a
+    del b
+    del c
+    assert pool.free_bytes == 3 << 20
+    big = pool.take(5 << 20)
+    assert pool.recycled == 1 and pool.recycled_bytes == 3 << 20 and pool.free_bytes == 0
+    # the recycled pages come first, moved as they were (the most recently freed first); the rest are fresh
+    assert [int(big[k << 20]) for k in range(3)] == [3, 2, 1]
+    big[:] = 7
+    assert int(big.sum()) == 7 * (5 << 20)
+    del big
+    assert pool.free_bytes == 5 << 20
+    again = pool.take((2 << 20) + 100)  # the smallest free piece that fits is split
+    assert again.nbytes == (2 << 20) + 100 and pool.recycled_bytes == (3 << 20) + (2 << 20) + _pages.PAGE
+    assert pool.free_bytes == (5 << 20) - (2 << 20) - _pages.PAGE
+
+
+def test_a_reserve_is_mapped_ahead_and_a_forked_child_starts_empty() -> None:
+    if not _pages.available():
+        pytest.skip("moving pages needs Linux mremap")
+    pool = codec.BufferPool(max_bytes=6 << 20)
+    pool.reserve(8 << 20)
+    assert pool.free_bytes == 6 << 20  # never beyond max_bytes
+    held = pool.take(4 << 20)
+    assert pool.recycled_bytes == 4 << 20
+    pid = os.fork()
+    if pid == 0:  # the child: inherited free pages are unmapped, a held buffer stays usable
+        pool._after_fork()
+        held[:] = 1
+        os._exit(0 if pool.free_bytes == 0 and int(held.sum()) == 4 << 20 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pool.free_bytes == 2 << 20
