@@ -41,10 +41,14 @@ class Connection:
         self._raw: dict[str, Any] = {}
         self._pid = -1
         self._lock = threading.Lock()
-        #: Payload buffers of this connection's streams: the process's pool, recycled across calls and connections.
-        self.buffers = codec.shared_pool()
         with _live_lock:
             _live.add(self)
+
+    @property
+    def buffers(self) -> codec.BufferPool:
+        """Payload buffers of this connection's streams: the process's pool, recycled across calls and connections
+        (made on first use: a client that never streams maps no reserve)."""
+        return codec.shared_pool()
 
     @property
     def channel(self) -> grpc.Channel:
