@@ -84,11 +84,18 @@ def test_free_buffers_of_one_size_make_up_a_buffer_of_another() -> None:
     assert [int(big[k << 20]) for k in range(3)] == [3, 2, 1]
     big[:] = 7
     assert int(big.sum()) == 7 * (5 << 20)
+    address = big.ctypes.data
     del big
     assert pool.free_bytes == 5 << 20
-    again = pool.take((2 << 20) + 100)  # the smallest free piece that fits is split
-    assert again.nbytes == (2 << 20) + 100 and pool.recycled_bytes == (3 << 20) + (2 << 20) + _pages.PAGE
+    again = pool.take((2 << 20) + 100)  # a free buffer that is large enough is used in place, its rest stays free
+    assert again.ctypes.data == address and again.nbytes == (2 << 20) + 100
+    assert pool.recycled_bytes == (3 << 20) + (2 << 20) + _pages.PAGE
     assert pool.free_bytes == (5 << 20) - (2 << 20) - _pages.PAGE
+    rest = pool.take((3 << 20) - _pages.PAGE)
+    assert rest.ctypes.data == address + (2 << 20) + _pages.PAGE and pool.free_bytes == 0
+    again[:] = 1
+    rest[:] = 2
+    assert int(again.sum()) == again.nbytes and int(rest.sum()) == 2 * rest.nbytes
 
 
 def test_a_reserve_is_mapped_ahead_and_a_forked_child_starts_empty() -> None:
@@ -107,3 +114,27 @@ def test_a_reserve_is_mapped_ahead_and_a_forked_child_starts_empty() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert pool.free_bytes == 2 << 20
+
+
+def test_buffers_of_mixed_sizes_never_share_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random takes and releases of mixed sizes (splitting and moving free pages all the time): every live buffer
+    keeps what was written into it, and the free pages stay within the bound."""
+    if not _pages.available():
+        pytest.skip("moving pages needs Linux mremap")
+    moves = []
+    real_move = _pages.move
+    monkeypatch.setattr(_pages, "move", lambda seg, dst: (moves.append(seg), real_move(seg, dst)))
+    rng = np.random.default_rng(0)
+    pool = codec.BufferPool(max_bytes=24 << 20)
+    live: dict[int, np.ndarray] = {}
+    for step in range(300):
+        if live and (len(live) >= 5 or rng.random() < 0.4):
+            del live[int(rng.choice(list(live)))]
+        else:
+            buf = pool.take(int(rng.integers(1 << 20, 7 << 20)))
+            buf[:] = step % 251
+            live[step % 251] = buf
+        for value, buf in live.items():
+            assert (buf[:: _pages.PAGE] == value).all() and buf[-1] == value
+        assert pool.free_bytes <= pool.max_bytes
+    assert pool.recycled > 100 and len(moves) > 50
