@@ -10,7 +10,11 @@ job from ``state_dir`` and rebuilds partial volumes by replaying the journals, s
 that was acknowledged. A subject is ready (state, event) as soon as its last sample is journalled; its volume is
 then made durable in ``results/`` by a background thread, and only after that is its journal deleted. A crash in
 between leaves a ready subject without a result but with a complete journal: recovery replays and finishes it
-again (without a second ready event). Fetching a subject waits for its volume.
+again (without a second ready event). Fetching a ready subject serves its buffers as they are (overwrite mode,
+where the buffer is the result) or waits for its volume (average modes).
+
+A store that is not ``durable`` (a server without a state folder, whose jobs end with it) writes no journals, no
+event log and no metadata, and fsyncs nothing: the same assembly, acknowledged once applied in memory.
 
 Memory: partial volumes live in memory-mapped files under ``state_dir``; a :class:`BufferPool` keeps at most
 ``budget`` bytes of them mapped (least recently used are unmapped, their pages stay on disk), so resident memory
@@ -210,8 +214,11 @@ class Job:
         pool: BufferPool,
         created_ms: int,
         finisher: ThreadPoolExecutor | None = None,
+        durable: bool = True,
     ) -> None:
         self.id = job_id
+        self.durable = durable
+        """Journal, fsync and log what recovery needs (False: nothing outlives the process, nothing is synced)."""
         self.finisher = finisher
         """Where finished subjects' volumes are made durable (None: in the posting thread)."""
         self.directory = directory
@@ -250,6 +257,8 @@ class Job:
         }
 
     def save_metadata(self) -> None:
+        if not self.durable:
+            return
         write_atomic(self.directory / "job.json", json.dumps(self._metadata(), indent=1).encode())
 
     def _emit(self, type_: apb.EventType.ValueType, subject: Subject | None = None) -> None:
@@ -260,10 +269,11 @@ class Job:
             subject.name if subject else "",
             int(time.time() * 1000),
         )
-        with open(self.directory / "events.jsonl", "a") as f:
-            f.write(json.dumps(event.__dict__) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if self.durable:
+            with open(self.directory / "events.jsonl", "a") as f:
+                f.write(json.dumps(event.__dict__) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         self.events.append(event)
 
     # -- posting --------------------------------------------------------------------------------------------------
@@ -324,8 +334,8 @@ class Job:
                 subject = self.subjects[s]
                 indices = [int(sample_indices[p]) for p in positions]
                 accepted = {e.name: [arrays[e.name][p] for p in positions] for e in self.entries}
-                # journalled exactly as posted (dtype included), so a replay applies what the live run applied
-                subject.journal.append(indices, accepted)
+                if self.durable:  # journalled exactly as posted (dtype included): a replay applies the same
+                    subject.journal.append(indices, accepted)
                 self._apply(subject, indices, accepted)
                 if subject.count == subject.expected:
                     self._finish(subject, forced=False)
@@ -433,7 +443,7 @@ class Job:
     def _write_results(self, subject: Subject, forced: bool) -> None:
         buffers = self.pool.buffers(subject)
         (self.directory / "results").mkdir(exist_ok=True)
-        if forced:  # keep what had arrived: the status of a forced subject still lists its missing samples
+        if forced and self.durable:  # recovery keeps what had arrived: a forced subject's status lists what is missing
             # written before the results, which are what makes a subject ready on recovery
             write_atomic(self.directory / "results" / f"{subject.index}.forced.npy", _npy(subject.received))
         for e in self.entries:
@@ -441,16 +451,19 @@ class Job:
             if self.mode == "overwrite":  # the buffer is the result: make it durable and rename it (no copy)
                 buffer = buffers[e.name]
                 assert isinstance(buffer, np.memmap)
-                buffer.flush()
-                fsync_path(subject._buffer_path(e.name))
+                if self.durable:
+                    buffer.flush()
+                    fsync_path(subject._buffer_path(e.name))
                 subject._buffer_path(e.name).replace(path)
                 continue
             with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
                 np.save(f, self._result(buffers, e))
-                f.flush()
-                os.fsync(f.fileno())
+                if self.durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             path.with_name(f".{path.name}.tmp").replace(path)
-        fsync_path(path.parent)
+        if self.durable:
+            fsync_path(path.parent)
 
     def _result(self, buffers: Mapping[str, np.ndarray], entry: EntrySpec) -> np.ndarray:
         """The mean of an average or Gaussian job's sums (overwrite buffers are results as they are)."""
@@ -504,10 +517,15 @@ class Job:
                 f"subject {subject_index} ({subject.name!r}) of job {self.id!r} is not ready: {subject.count} of "
                 f"{subject.expected} samples received ({apb.SubjectState.Name(subject.state)})"
             )
-        if subject.finished is not None:
+        if subject.finished is not None and not subject.finished.is_set():
+            mapped = subject.mapped  # (one read: the finisher or the pool may drop it meanwhile)
+            if self.mode == "overwrite" and mapped is not None and not subject.forced:
+                # complete and never written again: the buffers are the volume, also before it is durable (its
+                # journal is) and after the finisher renames their files (a mapping outlives a rename)
+                return {e.name: _read_only(mapped[e.name]) for e in self.entries}
             subject.finished.wait()
-            if subject.finish_error is not None:
-                raise Internal(subject.finish_error)
+        if subject.finish_error is not None:
+            raise Internal(subject.finish_error)
         return {e.name: np.load(subject.result_path(e.name), mmap_mode="r") for e in self.entries}
 
     def info(self) -> apb.JobInfo:
@@ -610,6 +628,12 @@ class Job:
         self._check_completed()
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view(np.ndarray)
+    view.flags.writeable = False
+    return view
+
+
 def _npy(array: np.ndarray) -> bytes:
     import io
 
@@ -628,9 +652,14 @@ class AssemblyStore:
     """Every job of a server, persisted under ``state_dir``."""
 
     def __init__(
-        self, state_dir: Path, resolve: Callable[[spec_pb2.DatasourceSpec], CompiledDatasource], memory_budget: int
+        self,
+        state_dir: Path,
+        resolve: Callable[[spec_pb2.DatasourceSpec], CompiledDatasource],
+        memory_budget: int,
+        durable: bool = True,
     ) -> None:
         self.state_dir = state_dir
+        self.durable = durable
         self.resolve = resolve
         self.pool = BufferPool(memory_budget)
         self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchwire-finish")
@@ -715,7 +744,18 @@ class AssemblyStore:
             directory = self.state_dir / "jobs" / job_id
             for sub in ("journals", "buffers", "results"):
                 (directory / sub).mkdir(parents=True, exist_ok=True)
-            job = Job(job_id, directory, spec, source, entries, mode, self.pool, int(time.time() * 1000), self.finisher)
+            job = Job(
+                job_id,
+                directory,
+                spec,
+                source,
+                entries,
+                mode,
+                self.pool,
+                int(time.time() * 1000),
+                self.finisher,
+                self.durable,
+            )
             job.save_metadata()
             self.jobs[job_id] = job
         _log.info(

@@ -260,8 +260,13 @@ class PatchwireServer:
             state_dir = cfg.state_dir
             if state_dir is None:
                 self._temp_state = state_dir = Path(tempfile.mkdtemp(prefix="patchwire-state-"))
-                _log.warning("no state folder given: assembly jobs live in %s and are lost at stop", state_dir)
-            self._assembly = AssemblyStore(Path(state_dir), cache.get, cfg.assembly_memory_bytes)
+                _log.warning(
+                    "no state folder given: assembly jobs live in %s, unjournalled, and are lost at stop", state_dir
+                )
+            # without a state folder nothing outlives the server: journalling and syncing would protect nothing
+            self._assembly = AssemblyStore(
+                Path(state_dir), cache.get, cfg.assembly_memory_bytes, durable=cfg.state_dir is not None
+            )
             await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
             server = grpc.aio.server(options=list(cfg.options))
             server.add_generic_rpc_handlers(

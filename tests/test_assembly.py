@@ -29,6 +29,7 @@ from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, codec, spec_pb2, tensor_pb2
 
 from _pymia_oracle import load_pymia
+from _servers import server_in_thread
 
 T = TypeVar("T")
 
@@ -39,6 +40,17 @@ IMAGES = extr.DataExtractor(categories=("images",))
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["state-dir", "no-state-dir"])
+def server(
+    request: pytest.FixtureRequest, tiny_h5: Path, vary_h5: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PatchwireServer]:
+    """Every test here runs against a server with a state folder (journalled and synced jobs) and one without (jobs
+    in memory): the assembly they give is the same."""
+    state = tmp_path_factory.mktemp("state") if request.param == "state-dir" else None
+    with server_in_thread({"tiny": tiny_h5, "vary": vary_h5}, state_dir=state) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

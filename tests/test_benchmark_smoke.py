@@ -49,7 +49,7 @@ def test_smoke_run_exits_zero_and_prints_the_table(smoke_run: tuple[subprocess.C
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "targets met" in proc.stdout
     assert "ceiling: raw gRPC streaming" in proc.stdout
-    assert "assembly context: durable appends on this disk" in proc.stdout
+    assert "assembly context: with a state dir every batch is journalled" in proc.stdout
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
 
     assert set(report["assembly"]) == {"slice", "patch"}
     for case, result in report["assembly"].items():
-        for assembler in ("patchwire", "pymia"):
+        for assembler in ("patchwire", "patchwire_in_memory", "pymia"):
             for metric in ("subjects_per_s", "mb_per_s"):
                 _positive(result[assembler][metric], f"assembly {case} {assembler} {metric}")
             assert result[assembler]["subjects"] == report["mode"]["subjects"]

@@ -4,7 +4,8 @@ Durability: a ``patchwire serve`` subprocess with ``--state-dir`` is killed with
 restarted on the same folder; everything acknowledged is back (received counts, subject states, events), posting
 continues, re-posted batches count as duplicates and are not applied twice, and the volumes come out exact. Torn
 journal tails, a lost subject-ready event and a torn event line, all made while the server is down, are repaired
-on restart.
+on restart. A ready subject is fetched without waiting for its volume to be synced; a server without a state folder
+journals and syncs nothing.
 
 Memory: partial volumes live in memory-mapped files and at most ``assembly_memory_bytes`` of them are mapped at once
 (a single subject larger than that is mapped alone), checked after every batch with all subjects in flight.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -355,6 +357,83 @@ def test_a_ready_subject_whose_volume_was_not_written_is_finished_on_restart(
     assert not _journal(state, 0).exists()
 
 
+def test_a_ready_subject_is_fetched_before_its_volume_is_durable(
+    tiny_h5: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overwrite mode: a ready subject's buffer is its volume and its journal already holds every sample, so a fetch
+    does not wait while the background thread syncs the volume; afterwards the volume is the result file."""
+    state = tmp_path / "state"
+    syncing, release = threading.Event(), threading.Event()
+    fsync_path = _assembly.fsync_path
+
+    def held(path: Path) -> None:
+        if path.parent.name == "buffers":  # the finished subject's volume being made durable
+            syncing.set()
+            assert release.wait(EXIT_TIMEOUT_S)
+        fsync_path(path)
+
+    monkeypatch.setattr(_assembly, "fsync_path", held)
+    try:
+        with server_in_thread({"tiny": tiny_h5}, state_dir=state) as server, pw.connect(server.address) as client:
+            ds = client.datasource("tiny", extr.SliceIndexing())
+            with client.assembler(ds, overlap="overwrite", job_id=JOB, entries={ENTRY: CHANNELS}) as assembler:
+                subject = list(range(SUBJECT_SAMPLES))
+                assembler.add_batch(_batch(subject), subject)
+                assert assembler.subjects_ready == {0}
+                assert syncing.wait(EXIT_TIMEOUT_S)
+                result = state / "jobs" / JOB / "results" / f"0.{ENTRY}.npy"
+                np.testing.assert_array_equal(assembler.get_assembled_subject(0)[ENTRY], _expected(0))
+                assert not result.exists() and _journal(state, 0).exists()  # fetched while still being synced
+                release.set()
+                assert server._assembly is not None
+                finished = server._assembly.get(JOB).subjects[0].finished
+                assert finished is not None and finished.wait(EXIT_TIMEOUT_S)
+                assert result.exists() and not _journal(state, 0).exists()
+                np.testing.assert_array_equal(assembler.get_assembled_subject(0)[ENTRY], _expected(0))
+    finally:
+        release.set()
+
+
+def test_without_a_state_folder_nothing_is_journalled_or_synced(tiny_h5: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs of a server without a state folder end with it, so it journals, logs and syncs nothing; the assembly,
+    status and events are the same (a forced subject included)."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("journalled or synced by a server without a state folder")
+
+    monkeypatch.setattr(_assembly.os, "fsync", forbidden)
+    monkeypatch.setattr(_assembly, "fsync_path", forbidden)
+    monkeypatch.setattr(_assembly, "write_atomic", forbidden)
+    monkeypatch.setattr(Journal, "append", forbidden)
+    with server_in_thread({"tiny": tiny_h5}) as server, pw.connect(server.address) as client:
+        ds = client.datasource("tiny", extr.SliceIndexing())
+        with client.assembler(ds, overlap="average", job_id=JOB, entries={ENTRY: CHANNELS}) as assembler:
+            for batch in FIRST:  # subject 0 whole, 1 half, 2 a quarter
+                assembler.add_batch(_batch(batch), batch)
+            assembler.add_batch(_batch(list(range(30, 40))), list(range(30, 40)), last_batch=True)
+            status = client.job_status(JOB, max_missing=100)
+            assert [(s.state, s.forced, s.received, s.missing_sample_indices[:1]) for s in status.subjects] == [
+                ("ready", False, 20, ()),
+                ("ready", False, 20, ()),
+                ("ready", True, 5, (45,)),
+            ]
+            assert [(e.type, e.subject_index) for e in _events(assembler, 4)] == [
+                ("subject_ready", 0),
+                ("subject_ready", 1),
+                ("subject_ready", 2),
+                ("job_completed", -1),
+            ]
+            for subject in (0, 1):
+                np.testing.assert_array_equal(assembler.get_assembled_subject(subject)[ENTRY], _expected(subject))
+            forced = assembler.get_assembled_subject(2)[ENTRY]
+            np.testing.assert_array_equal(forced[:5], _expected(2)[:5])
+            assert not forced[5:].any()  # never predicted: no weight, a zero mean
+            assert server._assembly is not None
+            files = {path.name for path in server._assembly.state_dir.rglob("*") if path.is_file()}
+            assert not {name for name in files if name.endswith(".journal")}
+            assert not files & {"job.json", "events.jsonl"}
+
+
 # -- memory bound ---------------------------------------------------------------------------------------------------
 
 MEM_SUBJECTS = 10
@@ -437,11 +516,13 @@ def _post_all(
     return most
 
 
-def test_resident_partial_volumes_stay_within_the_budget(many_h5: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("state_folder", [True, False], ids=["state-dir", "no-state-dir"])
+def test_resident_partial_volumes_stay_within_the_budget(many_h5: Path, tmp_path: Path, state_folder: bool) -> None:
     subject_bytes = _buffer_bytes(MEM_SHAPE, 1)
     budget = int(2.5 * subject_bytes)  # room for two subjects' partial volumes of ten in flight
+    state = tmp_path / "state" if state_folder else None
     with (
-        server_in_thread({"many": many_h5}, state_dir=tmp_path / "state", assembly_memory_bytes=budget) as server,
+        server_in_thread({"many": many_h5}, state_dir=state, assembly_memory_bytes=budget) as server,
         pw.connect(server.address) as client,
     ):
         # slices along all three axes: every voxel is covered three times, so the averages need the sums and
