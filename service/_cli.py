@@ -60,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         default=None,
-        help="folder for assembly jobs (journals, partial volumes, results); restarting with the same "
-        "folder recovers every job. Default: a temporary folder, removed at exit",
+        help="folder for assembly jobs (journals, partial volumes, results): every prediction batch is journalled "
+        "and fsync'ed before it is acknowledged, and restarting with the same folder recovers every job. Default: "
+        "jobs in memory (buffers in a temporary folder, removed at exit; nothing journalled or synced)",
     )
     serve.add_argument(
         "--assembly-memory",

@@ -147,6 +147,8 @@ def test_image_runtime_contract() -> None:
     [user] = _final("USER")
     assert user.split(":")[0] not in {"root", "0"}
     assert [json.loads(a) for a in _final("ENTRYPOINT")] == [["patchwire"]]
+    # a folder the unprivileged user owns, for --state-dir on a named volume (which takes its owner)
+    assert any("install -d -o 10001 -g 10001" in args and "/state" in args for args in _final("RUN"))
     assert [json.loads(a) for a in _final("CMD")] == [
         ["serve", "--host", "0.0.0.0", "--port", "50051", "--dataset", "phantom=/data/phantom-v1.h5"]
     ]
