@@ -199,7 +199,7 @@ def patchwire_server(
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``patchwire serve`` on a free port; ``cache_mib`` sets ``--cache-mb`` (the CLI's MB are MiB); no
     ``state_dir``: assembly jobs in memory."""
-    args = [sys.executable, "-m", "patchwire.service", "--log-level", "ERROR", "serve"]
+    args = [sys.executable, "-m", "patchwire.service", "--log-level", "WARNING", "serve"]
     args += ["--dataset", f"{DATASET}={data}", "--port", "0"]
     if state_dir is not None:
         args += ["--state-dir", str(state_dir)]
