@@ -81,6 +81,9 @@ class JobStatus:
     ready_subject_count: int
     last_event_sequence: int
     resident_buffer_bytes: int
+    journalled: bool
+    """True: acknowledged predictions are on disk and the job survives a server restart (a server with a state
+    folder); False: the job lives in the server's memory."""
     subjects: tuple[SubjectProgress, ...] = ()
 
 
@@ -110,6 +113,7 @@ def job_status(info: apb.JobInfo, subjects: Sequence[apb.SubjectStatus] = ()) ->
         info.ready_subject_count,
         info.last_event_sequence,
         info.resident_buffer_bytes,
+        info.journalled,
         tuple(
             SubjectProgress(
                 s.subject_index,

@@ -2,8 +2,11 @@
 
 Without ``--job``, one line per job::
 
-    JOB     DATASET  STATE   OVERLAP  SUBJECTS  SAMPLES  PROGRESS
-    brains  brains   active  average  1/4       412/724  [###########---------]  56%
+    JOB     DATASET  STATE   OVERLAP  KEPT     SUBJECTS  SAMPLES  PROGRESS
+    brains  brains   active  average  journal  1/4       412/724  [###########---------]  56%
+
+KEPT is ``journal`` for a job whose acknowledged predictions are on disk (it survives a server restart) and
+``memory`` for one that ends with the server (a server without a state folder).
 
 With ``--job``, the job's line and one line per subject (progress bar, received/expected, state, missing count).
 ``--watch`` redraws every ``--interval`` seconds until the job (or every job) is completed or aborted, or Ctrl-C;
@@ -48,17 +51,22 @@ def _job_row(job: JobStatus) -> list[str]:
         job.dataset,
         job.state,
         job.overlap,
+        _kept(job),
         f"{job.ready_subject_count}/{job.subject_count}",
         f"{job.received}/{job.expected}",
         _bar(job.received, job.expected),
     ]
 
 
+def _kept(job: JobStatus) -> str:
+    return "journal" if job.journalled else "memory"
+
+
 def format_jobs(jobs: Sequence[JobStatus], address: str) -> str:
     """The table of every job on the server at ``address``."""
     if not jobs:
         return f"no assembly jobs on {address}"
-    header = ["JOB", "DATASET", "STATE", "OVERLAP", "SUBJECTS", "SAMPLES", "PROGRESS"]
+    header = ["JOB", "DATASET", "STATE", "OVERLAP", "KEPT", "SUBJECTS", "SAMPLES", "PROGRESS"]
     return "\n".join(_table([header, *(_job_row(j) for j in jobs)]))
 
 
@@ -77,6 +85,7 @@ def format_job(job: JobStatus) -> str:
     """One job's line, then one line per subject."""
     head = (
         f"job {job.job_id} on {job.dataset}: {job.state}, overlap {job.overlap}, "
+        f"{'journalled' if job.journalled else 'in memory'}, "
         f"{job.ready_subject_count}/{job.subject_count} subjects ready, {job.received}/{job.expected} samples  "
         f"{_bar(job.received, job.expected)}"
     )

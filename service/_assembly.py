@@ -543,6 +543,7 @@ class Job:
             ready_subject_count=sum(s.state == apb.SUBJECT_STATE_READY for s in self.subjects.values()),
             last_event_sequence=len(self.events),
             resident_buffer_bytes=self.pool.resident_of(list(self.subjects.values())),
+            journalled=self.durable,
         )
 
     def subject_status(self, max_missing: int) -> list[apb.SubjectStatus]:

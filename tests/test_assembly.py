@@ -764,12 +764,16 @@ def test_a_subscriber_arriving_as_the_job_ends_still_gets_the_final_event(
 
 
 def test_status_through_a_job(
-    client: pw.Client, open_ds: Callable[..., pw.RemoteDatasource], make_asm: Callable[..., pw.RemoteSubjectAssembler]
+    server: PatchwireServer,
+    client: pw.Client,
+    open_ds: Callable[..., pw.RemoteDatasource],
+    make_asm: Callable[..., pw.RemoteSubjectAssembler],
 ) -> None:
     ds = open_ds(extr.SliceIndexing(), dataset="vary")  # subjects of 20, 22 and 24 slices: samples 0, 20, 42
     asm = make_asm(ds, dtype=np.uint8, entries={"label": 1})
     status = asm.status()
     assert (status.dataset, status.state, status.overlap) == ("vary", "active", "overwrite")
+    assert status.journalled == (server.config.state_dir is not None)
     assert (status.expected, status.received, status.subject_count, status.ready_subject_count) == (66, 0, 3, 0)
     assert (status.last_event_sequence, status.resident_buffer_bytes) == (0, 0)
     assert [(s.subject_index, s.subject, s.expected, s.received, s.missing, s.state) for s in status.subjects] == [

@@ -93,9 +93,19 @@ def test_table_lists_every_job_with_its_progress(server: PatchwireServer, partia
     result = _status(server.address)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["JOB", "DATASET", "STATE", "OVERLAP", "SUBJECTS", "SAMPLES", "PROGRESS"]
+    assert lines[0].split() == ["JOB", "DATASET", "STATE", "OVERLAP", "KEPT", "SUBJECTS", "SAMPLES", "PROGRESS"]
     (row,) = [line for line in lines if line.startswith(f"{partial} ")]
-    assert row.split() == [partial, "tiny", "active", "average", "1/3", "22/60", "[#######-------------]", "36%"]
+    assert row.split() == [
+        partial,
+        "tiny",
+        "active",
+        "average",
+        "journal",
+        "1/3",
+        "22/60",
+        "[#######-------------]",
+        "36%",
+    ]
     assert lines[0].index("PROGRESS") == row.index("[")  # columns line up
 
 
@@ -104,7 +114,8 @@ def test_job_lists_every_subject(server: PatchwireServer, partial: str) -> None:
     assert result.returncode == 0, result.stderr
     head, header, *subjects = result.stdout.splitlines()
     assert head == (
-        "job partial on tiny: active, overlap average, 1/3 subjects ready, 22/60 samples  [#######-------------]  36%"
+        "job partial on tiny: active, overlap average, journalled, 1/3 subjects ready, 22/60 samples  "
+        "[#######-------------]  36%"
     )
     assert header.split() == ["#", "SUBJECT", "PROGRESS", "SAMPLES", "STATE", "MISSING"]
     assert [line.split() for line in subjects] == [
@@ -131,14 +142,27 @@ def test_watch_ends_when_the_job_completes(server: PatchwireServer) -> None:
     assert "\x1b" not in out  # not a terminal: successive snapshots, no screen control
     snapshots = (first + out).split("\n\n")
     assert len(snapshots) >= 2
-    assert snapshots[0].startswith("job watched on tiny: active, overlap overwrite, 1/3 subjects ready, 30/60")
+    assert snapshots[0].startswith("job watched on tiny: active, overlap overwrite, journalled, 1/3 subjects ready")
     assert len(snapshots[0].splitlines()) == 5  # the job, a header, three subjects
     last = snapshots[-1].splitlines()
     assert last[0] == (
-        "job watched on tiny: completed, overlap overwrite, 3/3 subjects ready, 60/60 samples  "
+        "job watched on tiny: completed, overlap overwrite, journalled, 3/3 subjects ready, 60/60 samples  "
         "[####################] 100%"
     )
     assert [line.split()[4:] for line in last[2:]] == [["20/20", "ready", "0"]] * 3
+
+
+def test_jobs_of_a_server_without_a_state_folder_are_kept_in_memory(tiny_h5: Path) -> None:
+    with server_in_thread({"tiny": tiny_h5}) as srv:
+        client, assembler = _assembler(srv, "ephemeral")
+        with client, assembler:
+            _post(assembler, list(range(20)))
+            table = _status(srv.address)
+            job = _status(srv.address, "--job", "ephemeral")
+    assert table.returncode == 0 and job.returncode == 0, table.stderr + job.stderr
+    header, row = table.stdout.splitlines()
+    assert row.split()[header.split().index("KEPT")] == "memory"
+    assert job.stdout.startswith("job ephemeral on tiny: active, overlap overwrite, in memory, 1/3 subjects ready")
 
 
 def test_watch_of_every_job_ends_when_all_are_finished(tiny_h5: Path, tmp_path: Path) -> None:

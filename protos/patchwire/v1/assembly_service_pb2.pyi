@@ -174,6 +174,7 @@ class JobInfo(_message.Message):
     READY_SUBJECT_COUNT_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
     RESIDENT_BUFFER_BYTES_FIELD_NUMBER: _builtins.int
+    JOURNALLED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     dataset: _builtins.str
     state: Global___JobState.ValueType
@@ -186,6 +187,10 @@ class JobInfo(_message.Message):
     """Sequence number of the job's latest event (0: none yet)."""
     resident_buffer_bytes: _builtins.int
     """Bytes of partial-volume buffers currently mapped in memory for this job."""
+    journalled: _builtins.bool
+    """True: every acknowledged batch was journalled and fsync'ed, and the job survives a server restart (the server
+    has a state folder). False: the job lives in memory and ends with the server.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputEntry]: ...
     def __init__(
@@ -202,10 +207,11 @@ class JobInfo(_message.Message):
         ready_subject_count: _builtins.int = ...,
         last_event_sequence: _builtins.int = ...,
         resident_buffer_bytes: _builtins.int = ...,
+        journalled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "entries", b"entries", "expected_samples", b"expected_samples", "job_id", b"job_id", "last_event_sequence", b"last_event_sequence", "overlap_mode", b"overlap_mode", "ready_subject_count", b"ready_subject_count", "received_samples", b"received_samples", "resident_buffer_bytes", b"resident_buffer_bytes", "state", b"state", "subject_count", b"subject_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "entries", b"entries", "expected_samples", b"expected_samples", "job_id", b"job_id", "journalled", b"journalled", "last_event_sequence", b"last_event_sequence", "overlap_mode", b"overlap_mode", "ready_subject_count", b"ready_subject_count", "received_samples", b"received_samples", "resident_buffer_bytes", b"resident_buffer_bytes", "state", b"state", "subject_count", b"subject_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
