@@ -55,10 +55,14 @@ def available() -> bool:
     return _LIBC is not None
 
 
+def _error(what: str) -> OSError:
+    errno = ctypes.get_errno()
+    return OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
 def _check(result: int | None, what: str) -> int:
     if result is None or result == _FAILED:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+        raise _error(what)
     return result
 
 
@@ -85,5 +89,4 @@ def unmap(segment: Segment) -> None:
     assert _LIBC is not None
     address, length = segment
     if _LIBC.munmap(address, length) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"munmap of {length} bytes: {os.strerror(errno)}")
+        raise _error(f"munmap of {length} bytes")
