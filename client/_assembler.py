@@ -13,14 +13,22 @@ finishes every subject that received something, as in pymia. Volumes keep the dt
 float64). Overlapping predictions can be averaged or Gaussian-blended instead of overwritten. Batches are
 acknowledged only once durable on the server and re-posting a batch never counts it twice, so ``add_batch``
 retries transparently when the connection drops.
+
+On the server's host, predictions and assembled volumes skip the wire: they are copied through shared-memory
+segments (``shared_memory``, see :mod:`patchwire.v1.shared_memory`), and only the small messages that say where they
+lie travel over gRPC. The assembler finds out once, on first use, whether the server can open its segments (same host,
+same user, shared memory not turned off on the server) and uses the wire otherwise.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import queue
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +38,22 @@ import numpy as np
 
 from patchwire.client._connection import Connection
 from patchwire.client._datasource import RemoteDatasource
-from patchwire.client._decoding import decode_stream
-from patchwire.client._errors import ConnectionFailed, translate_rpc_errors
+from patchwire.client._decoding import DecodedBatch, decode_batch, decode_stream
+from patchwire.client._errors import ConnectionFailed, RpcError, translate_rpc_errors
 from patchwire.client.conversion import ImageProperties
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, values_pb2
+from patchwire.v1 import codec, shared_memory, values_pb2
 
 __all__ = ["AssemblyEvent", "JobStatus", "RemoteSubjectAssembler", "SubjectProgress"]
 
 _log = logging.getLogger(__name__)
 FETCH_SUBJECT = "/patchwire.v1.AssemblyService/FetchSubject"
 PREDICTION_KEY = "__prediction"  # pymia's key for a plain array prediction
+FETCH_SEGMENT_BYTES = 1 << 36
+"""Nominal size of the segment a subject is fetched into: sparse, it uses memory only where the server writes (a
+larger subject comes over the wire)."""
+SLOT_GRANULE = 1 << 20
+"""Posting slots are sized in multiples of this, so that batches a little larger than the first keep their segment."""
 _MODES = {
     "overwrite": apb.OVERLAP_MODE_OVERWRITE,
     "average": apb.OVERLAP_MODE_AVERAGE,
@@ -148,6 +161,100 @@ def _with_chunks(batch: apb.PredictionBatch, payloads: Sequence[memoryview]) -> 
     return out
 
 
+class _PostSlots:
+    """Where posted payloads lie for the server to read: ``window`` slots of one sealed segment, the n-th batch in slot
+    n % window. A slot is reused only once the batch before it in that slot is acknowledged: the assembler has at most
+    ``window - 1`` batches in flight when it posts the next."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.segment: shared_memory.Segment | None = None
+        self.slot_bytes = 0
+        self._posted = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.segment is not None and nbytes <= self.slot_bytes
+
+    def replace(self, nbytes: int) -> None:
+        """A new segment with slots of at least ``nbytes`` (call with no batch in flight)."""
+        self.close()
+        self.slot_bytes = -(-nbytes // SLOT_GRANULE) * SLOT_GRANULE
+        self.segment = shared_memory.Segment(self.window * self.slot_bytes, sealed=True, name="patchwire-post")
+
+    def place(self, batch: apb.PredictionBatch, payloads: Sequence[memoryview]) -> None:
+        """Copies ``payloads`` into the next slot and points ``batch`` at them."""
+        assert self.segment is not None
+        base = shared_memory.HEADER_BYTES + (self._posted % self.window) * self.slot_bytes
+        offsets, _ = shared_memory.layout([len(p) for p in payloads], base)
+        for offset, payload in zip(offsets, payloads, strict=True):
+            self.segment.view(offset, len(payload))[:] = np.frombuffer(payload, dtype=np.uint8)
+        batch.shared_memory.CopyFrom(self.segment.proto())
+        batch.shared_offsets.extend(offsets)
+        self._posted += 1
+
+    def close(self) -> None:
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+
+
+class _FetchSegments:
+    """The segments subjects are fetched into. A segment whose subject's arrays are all gone is used again: the
+    server then writes into pages this process already has, where fresh pages cost more than the copy itself on the
+    machines measured. At most ``keep`` unused segments are kept (each holds the pages of the largest subject fetched
+    into it) and at most ``lent`` are tracked while their arrays live (each keeps a descriptor open)."""
+
+    def __init__(self, keep: int = 2, lent: int = 8) -> None:
+        self._keep = keep
+        self._lent_max = lent
+        self._free: list[shared_memory.Segment] = []
+        self._lent = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def take(self) -> shared_memory.Segment:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return shared_memory.Segment(FETCH_SEGMENT_BYTES, sealed=False, name="patchwire-fetch")
+
+    def views(self, segment: shared_memory.Segment, offsets: Sequence[int], sizes: Sequence[int]) -> list[np.ndarray]:
+        """The payloads the server wrote into ``segment``, in a mapping of their own: the segment goes back to the
+        pool when the last array viewing it is gone (or is closed now if too many are out)."""
+        mapping = segment.map(max(o + n for o, n in zip(offsets, sizes, strict=True)))
+        with self._lock:
+            track = self._lent < self._lent_max
+            self._lent += track
+        if track:
+            weakref.finalize(mapping, self._returned, segment)
+        else:
+            segment.close()
+        return [np.frombuffer(mapping, dtype=np.uint8, count=n, offset=o) for o, n in zip(offsets, sizes, strict=True)]
+
+    def _returned(self, segment: shared_memory.Segment) -> None:
+        with self._lock:
+            self._lent -= 1
+            if not self._closed and len(self._free) < self._keep:
+                self._free.append(segment)
+                return
+        segment.close()
+
+    def give_back(self, segment: shared_memory.Segment) -> None:
+        """A segment taken but not lent out (the fetch failed or came over the wire)."""
+        with self._lock:
+            if not self._closed and len(self._free) < self._keep:
+                self._free.append(segment)
+                return
+        segment.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for segment in free:
+            segment.close()
+
+
 class _PostStream:
     """One PostPredictions stream: requests go through a queue, acknowledgements are read one per batch, in order."""
 
@@ -177,7 +284,9 @@ class RemoteSubjectAssembler:
     client restart. ``window``: how many batches may be unacknowledged at once. 1 (the default) makes ``add_batch``
     return only once its batch is durable and report a rejected batch on that very call; a larger window overlaps
     sending with the server's journalling, and ``subjects_ready`` then lags by up to ``window - 1`` batches
-    (``flush()``, a last batch and ``close()`` wait for every acknowledgement).
+    (``flush()``, a last batch and ``close()`` wait for every acknowledgement). ``shared_memory``: None (the
+    default) uses shared memory where the server can, True requires it (ValueError where it cannot be used, with
+    the reason), False always uses the wire.
     """
 
     def __init__(
@@ -190,6 +299,7 @@ class RemoteSubjectAssembler:
         entries: Mapping[str, int] | None = None,
         retries: int = 3,
         window: int = 1,
+        shared_memory: bool | None = None,
     ) -> None:
         if overlap not in _MODES:
             raise ValueError(f"overlap must be one of {', '.join(_MODES)}, got {overlap!r}")
@@ -208,6 +318,10 @@ class RemoteSubjectAssembler:
         self.window = window
         self._inflight: collections.deque[list[Request]] = collections.deque()
         self._last_ack: apb.PostPredictionsResponse | None = None
+        self.shared_memory = shared_memory
+        self._shared: bool | None = None if shared_memory is not False else False
+        self._slots = _PostSlots(window)
+        self._fetch_segments = _FetchSegments()
         if entries is not None:
             self._create({name: (int(c), self.dtype or np.dtype(np.float32)) for name, c in entries.items()})
 
@@ -233,6 +347,35 @@ class RemoteSubjectAssembler:
         if self.job_id is None:
             raise ValueError("the assembly job is created by the first add_batch (or pass entries=...)")
         return self.job_id
+
+    # -- shared memory --------------------------------------------------------------------------------------------
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        """Whether predictions and volumes go through shared memory (probed on first use)."""
+        if self._shared is None:
+            self._shared = self._probe_shared_memory()
+        return self._shared
+
+    def _probe_shared_memory(self) -> bool:
+        required = self.shared_memory is True
+        if not shared_memory.available():
+            if required:
+                raise ValueError("shared_memory=True: this client cannot make segments (it needs Linux)")
+            return False
+        segment = shared_memory.Segment(0, sealed=True, name="patchwire-probe")
+        try:
+            request = apb.ProbeSharedMemoryRequest(shared_memory=segment.proto(), for_posting=True)
+            with translate_rpc_errors("probing shared memory with the server"):
+                self._connection.assembly.ProbeSharedMemory(request)
+        except RpcError as exc:  # another host or user, turned off, or a server that predates it
+            if required:
+                raise ValueError(f"shared_memory=True, but the server cannot use it: {exc}") from None
+            _log.info("shared memory is not available (%s); predictions go over the wire", exc)
+            return False
+        finally:
+            segment.close()
+        return True
 
     # -- pymia's interface --------------------------------------------------------------------------------------
 
@@ -264,7 +407,18 @@ class RemoteSubjectAssembler:
             batch.fields.add(key=key, stacked=tensor)
             if payload is not None:
                 payloads.append(payload)
-        return _with_chunks(batch, payloads)
+        return self._with_payloads(batch, payloads)
+
+    def _with_payloads(self, batch: apb.PredictionBatch, payloads: Sequence[memoryview]) -> list[Request]:
+        """The requests that post ``batch``: its payloads copied into shared memory, or as chunks after it."""
+        if not payloads or not self.uses_shared_memory:
+            return _with_chunks(batch, payloads)
+        _, nbytes = shared_memory.layout([len(p) for p in payloads], 0)
+        if not self._slots.fits(nbytes):
+            self.flush()  # the old segment's slots may still be read for the batches in flight
+            self._slots.replace(nbytes)
+        self._slots.place(batch, payloads)
+        return [apb.PostPredictionsRequest(batch=batch)]
 
     def add_samples(
         self, predictions: Mapping[str, Sequence[np.ndarray]], sample_indices: Sequence[int], last_batch: bool = False
@@ -283,7 +437,7 @@ class RemoteSubjectAssembler:
                 field.per_sample.values.append(values_pb2.Value(tensor=tensor))
                 if payload is not None:
                     payloads.append(payload)
-        self._post(_with_chunks(batch, payloads), last_batch)
+        self._post(self._with_payloads(batch, payloads), last_batch)
 
     def _post(self, requests: list[Request], last_batch: bool) -> None:
         """Sends a batch; waits for acknowledgements while ``window`` batches are unacknowledged (all of them after
@@ -358,11 +512,45 @@ class RemoteSubjectAssembler:
     def fetch(self, subject_index: int) -> tuple[dict[str, np.ndarray], ImageProperties]:
         """Every entry of an assembled subject and the subject's image properties (the original geometry)."""
         request = apb.FetchSubjectRequest(job_id=self._job(), subject_index=int(subject_index))
-        with translate_rpc_errors(f"fetching subject {subject_index} of assembly job {self.job_id!r}"):
-            (decoded,) = list(decode_stream(self._connection.raw_stream(FETCH_SUBJECT)(request)))
+        what = f"fetching subject {subject_index} of assembly job {self.job_id!r}"
+        decoded = None
+        if self.uses_shared_memory:
+            try:
+                segment = self._fetch_segments.take()
+            except OSError as exc:  # e.g. a file-size limit below the nominal size
+                _log.info("cannot make a segment to fetch into (%s); fetching over the wire", exc)
+            else:
+                request.shared_memory.CopyFrom(segment.proto())
+                with translate_rpc_errors(what):
+                    decoded = self._fetched(self._connection.raw_stream(FETCH_SUBJECT)(request), segment)
+        if decoded is None:
+            request.ClearField("shared_memory")
+            with translate_rpc_errors(what):
+                (decoded,) = list(decode_stream(self._connection.raw_stream(FETCH_SUBJECT)(request)))
         sample = decoded.sample(0)
         properties = sample.pop("properties")
         return sample, properties
+
+    def _fetched(self, responses: Iterator[bytes], segment: shared_memory.Segment) -> DecodedBatch:
+        """A FetchSubject response stream whose payloads the server wrote into ``segment`` (or, where the subject
+        did not fit, sent as chunks after the batch). The segment is lent out with the arrays, or given back."""
+        try:
+            first = next(responses)
+            message = apb.FetchSubjectResponse.FromString(first)
+            if not message.shared_offsets:  # the subject did not fit: it came over the wire
+                (decoded,) = list(decode_stream(itertools.chain([first], responses)))
+                self._fetch_segments.give_back(segment)
+                return decoded
+            for _ in responses:  # nothing follows the batch: read the stream to its end
+                raise ConnectionFailed("the server sent chunks after a subject it wrote into shared memory")
+            sizes = [t.chunked_nbytes for t in codec.batch_tensors(message.batch) if t.chunked_nbytes]
+            offsets = list(message.shared_offsets)
+            if len(sizes) != len(offsets):
+                raise ConnectionFailed(f"the server gave {len(offsets)} offsets for {len(sizes)} payloads")
+        except BaseException:
+            self._fetch_segments.give_back(segment)
+            raise
+        return decode_batch(message.batch, self._fetch_segments.views(segment, offsets, sizes))
 
     def status(self, max_missing: int = 16) -> JobStatus:
         """Job and per-subject progress: expected, received, missing (the first ``max_missing`` indices), state."""
@@ -438,6 +626,8 @@ class RemoteSubjectAssembler:
             self.flush()
         finally:
             self._drop_stream()
+            self._slots.close()
+            self._fetch_segments.close()
         self._connection.close()
 
     def __enter__(self) -> RemoteSubjectAssembler:

@@ -116,10 +116,19 @@ class Client:
         job_id: str | None = None,
         entries: Mapping[str, int] | None = None,
         window: int = 1,
+        shared_memory: bool | None = None,
     ) -> RemoteSubjectAssembler:
-        """pymia's ``SubjectAssembler(datasource)``, assembling on the server (see RemoteSubjectAssembler)."""
+        """pymia's ``SubjectAssembler(datasource)``, assembling on the server (see RemoteSubjectAssembler; on the
+        server's host payloads go through shared memory unless ``shared_memory=False``)."""
         return RemoteSubjectAssembler(
-            Connection(self.address), datasource, overlap, dtype, job_id, entries, window=window
+            Connection(self.address),
+            datasource,
+            overlap,
+            dtype,
+            job_id,
+            entries,
+            window=window,
+            shared_memory=shared_memory,
         )
 
     def jobs(self) -> list[JobStatus]:

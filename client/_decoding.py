@@ -12,7 +12,7 @@ from patchwire.client.conversion import ImageProperties
 from patchwire.client.indexexpression import IndexExpression
 from patchwire.v1 import codec, dataset_service_pb2, tensor_pb2, values_pb2
 
-__all__ = ["DecodedBatch", "decode_stream", "decode_value"]
+__all__ = ["DecodedBatch", "decode_batch", "decode_stream", "decode_value"]
 
 
 @dataclass
@@ -91,7 +91,8 @@ def decode_value(value: values_pb2.Value, payloads: Iterator[np.ndarray]) -> Any
     return getattr(value, kind)
 
 
-def _decode_batch(batch: Any, payload_list: list[np.ndarray]) -> DecodedBatch:
+def decode_batch(batch: Any, payload_list: list[np.ndarray]) -> DecodedBatch:
+    """A Batch message with the payloads of its chunked tensors (in announcement order)."""
     payloads = iter(payload_list)
     columns: dict[str, Any] = {}
     stacked: set[str] = set()
@@ -121,7 +122,7 @@ def decode_stream(
                     raise ValueError("a tensor chunk arrived before any batch")
                 assembler.add(data)
                 if assembler.complete and batch is not None:
-                    yield _decode_batch(batch, assembler.payloads())
+                    yield decode_batch(batch, assembler.payloads())
                     batch, assembler = None, None
                 continue
             response = dataset_service_pb2.StreamBatchesResponse.FromString(response)  # same layout for all four
@@ -135,7 +136,7 @@ def decode_stream(
                 raise ValueError("a tensor chunk arrived before any batch")
             assembler.add(response.chunk.data)
         if assembler is not None and assembler.complete and batch is not None:
-            yield _decode_batch(batch, assembler.payloads())
+            yield decode_batch(batch, assembler.payloads())
             batch, assembler = None, None
     if assembler is not None:
         raise ValueError("the stream ended in the middle of a batch's tensor chunks")

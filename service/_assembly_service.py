@@ -11,22 +11,36 @@ from google.protobuf.message import DecodeError
 
 from patchwire.service._assembly import AssemblyStore, Job
 from patchwire.service._encoding import encode_batch
-from patchwire.service._errors import InvalidArgument, translate_errors
+from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
 from patchwire.service._export import export_subject
 from patchwire.service._extraction import ImagePropertiesValue
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec
+from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
 
 __all__ = ["AssemblyServicer"]
 
 T = TypeVar("T")
+MAX_STREAM_SEGMENTS = 4
+"""Shared-memory segments a prediction stream keeps open; a client that moves on to a new segment is done with its
+oldest."""
 
 
 class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
-    def __init__(self, store: AssemblyStore, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, store: AssemblyStore, executor: ThreadPoolExecutor, shared_memory: bool = True) -> None:
         self._store = store
         self._executor = executor
+        self._shared_memory = shared_memory
         self._waiters: dict[str, asyncio.Future[None]] = {}
+
+    def _open_segment(self, ref: apb.SharedMemory, for_posting: bool, field: str) -> shared_memory.OpenedSegment:
+        if not self._shared_memory:
+            raise FailedPrecondition(
+                f"{field}: shared memory is off on this server (--no-shared-memory): send payloads on the wire"
+            )
+        try:
+            return shared_memory.open_segment(ref, for_posting)
+        except shared_memory.SegmentError as exc:
+            raise FailedPrecondition(f"{field}: {exc}") from None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -48,9 +62,11 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         # once it is durable.
         batches: asyncio.Queue[tuple[Any, dict[str, list[Any]]] | BaseException | None] = asyncio.Queue(maxsize=1)
 
+        segments = _StreamSegments(self._open_segment)
+
         async def receive() -> None:
             try:
-                async for item in _received_batches(request_iterator):
+                async for item in _received_batches(request_iterator, segments):
                     await batches.put(item)
                 await batches.put(None)
             except asyncio.CancelledError:
@@ -78,6 +94,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
                 number += 1
         finally:
             reader.cancel()
+            segments.close()
 
     @translate_errors
     async def SubscribeEvents(self, request: Any, context: Any) -> AsyncIterator[apb.SubscribeEventsResponse]:
@@ -137,15 +154,44 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
     @translate_errors
     async def FetchSubject(self, request: Any, context: Any) -> AsyncIterator[apb.FetchSubjectResponse]:
         job = self._store.get(request.job_id)
+        segment = (
+            self._open_segment(request.shared_memory, False, "shared_memory")
+            if request.HasField("shared_memory")
+            else None
+        )
 
-        def encode() -> Any:
+        def encode() -> tuple[Any, list[int]]:
             sample: dict[str, Any] = {name: arr for name, arr in job.result(int(request.subject_index)).items()}
             sample["properties"] = _properties(job, int(request.subject_index))
-            return encode_batch([sample])
+            encoded = encode_batch([sample])
+            if segment is None:
+                return encoded, []
+            sizes = [t.chunked_nbytes for t in codec.batch_tensors(encoded.batch) if t.chunked_nbytes]
+            offsets, end = shared_memory.layout(sizes)
+            if end > segment.size:  # does not fit: the wire carries it
+                return encoded, []
+            for offset, payload in zip(offsets, encoded.payloads, strict=True):
+                segment.write(offset, payload if isinstance(payload, list) else [payload])
+            return encoded, offsets
 
-        encoded = await self._run(encode)
+        try:
+            encoded, offsets = await self._run(encode)
+        except shared_memory.SegmentError as exc:
+            raise FailedPrecondition(f"shared_memory: {exc}") from None
+        finally:
+            if segment is not None:
+                segment.close()
+        if offsets:
+            yield apb.FetchSubjectResponse(batch=encoded.batch, shared_offsets=offsets)
+            return
         for message in encoded.messages(apb.FetchSubjectResponse):
             yield message
+
+    @translate_errors
+    async def ProbeSharedMemory(self, request: Any, context: Any) -> apb.ProbeSharedMemoryResponse:
+        segment = self._open_segment(request.shared_memory, request.for_posting, "shared_memory")
+        segment.close()
+        return apb.ProbeSharedMemoryResponse(size=segment.size)
 
     @translate_errors
     async def ExportSubject(self, request: Any, context: Any) -> AsyncIterator[apb.ExportSubjectResponse]:
@@ -173,7 +219,45 @@ def _properties(job: Job, subject_index: int) -> ImagePropertiesValue:
     return ImagePropertiesValue.from_geometry(job.source.dataset.require_geometry(subject_index))
 
 
-async def _received_batches(request_iterator: Any) -> AsyncIterator[tuple[Any, dict[str, list[Any]]]]:
+class _StreamSegments:
+    """The shared-memory segments a prediction stream posts from, opened on first use, at most
+    MAX_STREAM_SEGMENTS."""
+
+    def __init__(self, open_segment: Callable[[apb.SharedMemory, bool, str], shared_memory.OpenedSegment]) -> None:
+        self._open = open_segment
+        self._segments: dict[tuple[str, bytes], shared_memory.OpenedSegment] = {}
+
+    def payloads(self, batch: apb.PredictionBatch) -> list[memoryview]:
+        """The chunked payloads of a batch whose tensors lie in shared memory."""
+        key = (batch.shared_memory.path, batch.shared_memory.token)
+        segment = self._segments.pop(key, None)
+        if segment is None:
+            segment = self._open(batch.shared_memory, True, "batch.shared_memory")
+            while len(self._segments) >= MAX_STREAM_SEGMENTS:
+                self._segments.pop(next(iter(self._segments))).close()
+        self._segments[key] = segment  # most recently used last
+        sizes = [t.chunked_nbytes for t in codec.batch_tensors(batch) if t.chunked_nbytes]
+        if len(sizes) != len(batch.shared_offsets):
+            raise InvalidArgument(
+                f"batch.shared_offsets: {len(batch.shared_offsets)} offsets for {len(sizes)} chunked tensors"
+            )
+        try:
+            return [
+                segment.read(offset, size, f"batch.shared_offsets[{k}]")
+                for k, (offset, size) in enumerate(zip(batch.shared_offsets, sizes, strict=True))
+            ]
+        except shared_memory.SegmentError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    def close(self) -> None:
+        for segment in self._segments.values():
+            segment.close()
+        self._segments.clear()
+
+
+async def _received_batches(
+    request_iterator: Any, segments: _StreamSegments
+) -> AsyncIterator[tuple[Any, dict[str, list[Any]]]]:
     """The complete prediction batches of a PostPredictions stream: (batch message, arrays by field)."""
     batch = None
     assembler: codec.ChunkAssembler | None = None
@@ -198,6 +282,17 @@ async def _received_batches(request_iterator: Any) -> AsyncIterator[tuple[Any, d
             if assembler is not None and not assembler.complete:
                 raise InvalidArgument("batch: a new batch arrived before the previous batch's tensor chunks")
             batch = request.batch
+            if batch.HasField("shared_memory"):  # complete as it is: its payloads lie in the client's segment
+                payloads: list[Any] = segments.payloads(batch)
+                try:
+                    arrays = codec.batch_arrays(batch, payloads)
+                except (ValueError, TypeError) as exc:
+                    raise InvalidArgument(f"batch.fields: {exc}") from None
+                yield batch, arrays
+                batch, assembler = None, None
+                continue
+            if batch.shared_offsets:
+                raise InvalidArgument("batch.shared_offsets: given without batch.shared_memory")
             assembler = codec.ChunkAssembler(codec.batch_tensors(batch))
         elif request.WhichOneof("payload") == "chunk":
             if assembler is None:

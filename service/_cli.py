@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         help="most MB of partial volumes kept in memory; the rest stay on disk (default 1024)",
     )
     serve.add_argument(
+        "--no-shared-memory",
+        dest="shared_memory",
+        action="store_false",
+        help="assembly clients on this host always use the wire (default: clients running as this user on this "
+        "host post and fetch predictions through shared memory)",
+    )
+    serve.add_argument(
         "--cache-mb",
         type=float,
         default=1024,
@@ -126,6 +133,7 @@ async def _serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         assembly_memory_bytes=int(args.assembly_memory * (1 << 20)),
         cache_bytes=int(args.cache_mb * (1 << 20)),
+        shared_memory=args.shared_memory,
     )
     server = PatchwireServer(config)
     try:

@@ -63,6 +63,9 @@ class ServerConfig:
     """Capacity of the block cache shared by all datasets and clients (0 disables it)."""
     assembly_memory_bytes: int = 1 << 30
     """Most bytes of partial-volume buffers kept mapped in memory; the rest stay on disk in ``state_dir``."""
+    shared_memory: bool = True
+    """Let assembly clients on this host, running as this server's user, post and fetch predictions through
+    shared-memory segments instead of the wire (:mod:`patchwire.v1.shared_memory`)."""
 
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
@@ -272,7 +275,9 @@ class PatchwireServer:
             server.add_generic_rpc_handlers(
                 (
                     _handlers(DatasetServicer(self._datasets, self._executor, cache), SERVICE_NAME),
-                    _handlers(AssemblyServicer(self._assembly, self._executor), ASSEMBLY_SERVICE_NAME),
+                    _handlers(
+                        AssemblyServicer(self._assembly, self._executor, cfg.shared_memory), ASSEMBLY_SERVICE_NAME
+                    ),
                 )
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

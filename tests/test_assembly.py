@@ -42,14 +42,16 @@ IMAGES = extr.DataExtractor(categories=("images",))
 # -- fixtures -------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["state-dir", "no-state-dir"])
+@pytest.fixture(scope="module", params=["state-dir", "no-state-dir", "no-shared-memory"])
 def server(
     request: pytest.FixtureRequest, tiny_h5: Path, vary_h5: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PatchwireServer]:
-    """Every test here runs against a server with a state folder (journalled and synced jobs) and one without (jobs
-    in memory): the assembly they give is the same."""
+    """Every test here runs against a server with a state folder (journalled and synced jobs), one without (jobs in
+    memory), and one that lets clients use only the wire (the other two let payloads go through shared memory, as
+    this test process is on their host): the assembly they give is the same."""
     state = tmp_path_factory.mktemp("state") if request.param == "state-dir" else None
-    with server_in_thread({"tiny": tiny_h5, "vary": vary_h5}, state_dir=state) as srv:
+    shared = request.param != "no-shared-memory"
+    with server_in_thread({"tiny": tiny_h5, "vary": vary_h5}, state_dir=state, shared_memory=shared) as srv:
         yield srv
 
 

@@ -133,6 +133,79 @@ EXPORT_FORMAT_HDF5: ExportFormat.ValueType  # 3
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 @_typing.final
+class SharedMemory(_message.Message):
+    """A client's shared-memory segment on the server's host: a memfd (memfd_create), named by the path under which the
+    server opens it, `/proc/<client pid>/fd/<fd>`, that begins with `token`. Payload offsets count from the start of
+    the segment. Segments posted from are sealed against shrinking (F_SEAL_SHRINK). The server never runs or trusts
+    anything in a segment: it copies element bytes out of it (posting) or into it (fetching).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    token: _builtins.bytes
+    """16 to 64 random bytes, the segment's first bytes: proof that the server opened the segment the client meant."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemory: _TypeAlias = SharedMemory  # noqa: Y015
+
+@_typing.final
+class ProbeSharedMemoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    FOR_POSTING_FIELD_NUMBER: _builtins.int
+    for_posting: _builtins.bool
+    """Also check that the segment is sealed against shrinking (required to post from it)."""
+    @_builtins.property
+    def shared_memory(self) -> Global___SharedMemory: ...
+    def __init__(
+        self,
+        *,
+        shared_memory: Global___SharedMemory | None = ...,
+        for_posting: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["for_posting", b"for_posting", "shared_memory", b"shared_memory"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeSharedMemoryRequest: _TypeAlias = ProbeSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class ProbeSharedMemoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """The segment's size in bytes."""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeSharedMemoryResponse: _TypeAlias = ProbeSharedMemoryResponse  # noqa: Y015
+
+@_typing.final
 class OutputEntry(_message.Message):
     """One assembled output array per subject: shape (z, y, x, channels)."""
 
@@ -326,6 +399,8 @@ class PredictionBatch(_message.Message):
     SAMPLE_INDICES_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
     LAST_BATCH_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    SHARED_OFFSETS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     last_batch: _builtins.bool
     """pymia's last_batch: after this batch, every subject that received something is finished."""
@@ -333,6 +408,15 @@ class PredictionBatch(_message.Message):
     def sample_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[_dataset_service_pb2.BatchField]: ...
+    @_builtins.property
+    def shared_memory(self) -> Global___SharedMemory:
+        """When set, the payloads of chunked tensors are not sent as TensorChunk messages but lie in this segment, at
+        `shared_offsets` (one per chunked tensor, in announcement order). The client leaves them unchanged until the
+        batch is acknowledged.
+        """
+
+    @_builtins.property
+    def shared_offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -340,10 +424,12 @@ class PredictionBatch(_message.Message):
         sample_indices: _abc.Iterable[_builtins.int] | None = ...,
         fields: _abc.Iterable[_dataset_service_pb2.BatchField] | None = ...,
         last_batch: _builtins.bool = ...,
+        shared_memory: Global___SharedMemory | None = ...,
+        shared_offsets: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "job_id", b"job_id", "last_batch", b"last_batch", "sample_indices", b"sample_indices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "job_id", b"job_id", "last_batch", b"last_batch", "sample_indices", b"sample_indices", "shared_memory", b"shared_memory", "shared_offsets", b"shared_offsets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -574,17 +660,25 @@ class FetchSubjectRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     SUBJECT_INDEX_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     subject_index: _builtins.int
+    @_builtins.property
+    def shared_memory(self) -> Global___SharedMemory:
+        """Optional: a segment to write the payloads of chunked tensors into instead of sending them as TensorChunk
+        messages. Used when the subject fits; the batch message's `shared_offsets` then say where each payload lies.
+        """
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         subject_index: _builtins.int = ...,
+        shared_memory: Global___SharedMemory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "subject_index", b"subject_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "shared_memory", b"shared_memory", "subject_index", b"subject_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -596,19 +690,27 @@ class FetchSubjectResponse(_message.Message):
 
     BATCH_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    SHARED_OFFSETS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def batch(self) -> _dataset_service_pb2.Batch: ...
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk: ...
+    @_builtins.property
+    def shared_offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With the batch, when its chunked payloads were written into the request's segment: their offsets, one per
+        chunked tensor in announcement order (no TensorChunk messages follow).
+        """
+
     def __init__(
         self,
         *,
         batch: _dataset_service_pb2.Batch | None = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
+        shared_offsets: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "payload", b"payload", "shared_offsets", b"shared_offsets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["batch", "chunk"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

@@ -85,6 +85,11 @@ class AssemblyServiceStub:
                 request_serializer=patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobRequest.SerializeToString,
                 response_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobResponse.FromString,
                 _registered_method=True)
+        self.ProbeSharedMemory = channel.unary_unary(
+                '/patchwire.v1.AssemblyService/ProbeSharedMemory',
+                request_serializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryRequest.SerializeToString,
+                response_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class AssemblyServiceServicer:
@@ -160,6 +165,15 @@ class AssemblyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProbeSharedMemory(self, request, context):
+        """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
+        first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
+        or fetch through shared memory and use the wire otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AssemblyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +221,11 @@ def add_AssemblyServiceServicer_to_server(servicer, server):
                     servicer.DeleteJob,
                     request_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobRequest.FromString,
                     response_serializer=patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobResponse.SerializeToString,
+            ),
+            'ProbeSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProbeSharedMemory,
+                    request_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryRequest.FromString,
+                    response_serializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -458,6 +477,33 @@ class AssemblyService:
             '/patchwire.v1.AssemblyService/DeleteJob',
             patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobRequest.SerializeToString,
             patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProbeSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/patchwire.v1.AssemblyService/ProbeSharedMemory',
+            patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryRequest.SerializeToString,
+            patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,11 @@ class AssemblyServiceStub:
     """Stops accepting predictions and frees partial volumes; finished subjects stay fetchable until deletion."""
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_assembly_service_pb2.DeleteJobRequest, _assembly_service_pb2.DeleteJobResponse]
     """Forgets the job and deletes everything it holds."""
+    ProbeSharedMemory: _grpc.UnaryUnaryMultiCallable[_assembly_service_pb2.ProbeSharedMemoryRequest, _assembly_service_pb2.ProbeSharedMemoryResponse]
+    """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
+    first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
+    or fetch through shared memory and use the wire otherwise.
+    """
 
 @_typing.type_check_only
 class AssemblyServiceAsyncStub(AssemblyServiceStub):
@@ -91,6 +96,11 @@ class AssemblyServiceAsyncStub(AssemblyServiceStub):
     """Stops accepting predictions and frees partial volumes; finished subjects stay fetchable until deletion."""
     DeleteJob: _aio.UnaryUnaryMultiCallable[_assembly_service_pb2.DeleteJobRequest, _assembly_service_pb2.DeleteJobResponse]  # type: ignore[assignment]
     """Forgets the job and deletes everything it holds."""
+    ProbeSharedMemory: _aio.UnaryUnaryMultiCallable[_assembly_service_pb2.ProbeSharedMemoryRequest, _assembly_service_pb2.ProbeSharedMemoryResponse]  # type: ignore[assignment]
+    """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
+    first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
+    or fetch through shared memory and use the wire otherwise.
+    """
 
 class AssemblyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Assembles predictions of indexed samples back into whole-subject volumes on the server.
@@ -174,5 +184,16 @@ class AssemblyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_assembly_service_pb2.DeleteJobResponse, _abc.Awaitable[_assembly_service_pb2.DeleteJobResponse]]:
         """Forgets the job and deletes everything it holds."""
+
+    @_abc_1.abstractmethod
+    def ProbeSharedMemory(
+        self,
+        request: _assembly_service_pb2.ProbeSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_assembly_service_pb2.ProbeSharedMemoryResponse, _abc.Awaitable[_assembly_service_pb2.ProbeSharedMemoryResponse]]:
+        """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
+        first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
+        or fetch through shared memory and use the wire otherwise.
+        """
 
 def add_AssemblyServiceServicer_to_server(servicer: AssemblyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

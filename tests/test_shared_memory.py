@@ -1,0 +1,393 @@
+"""Assembly through shared memory on the server's host: the same results as over the wire, the wire wherever shared
+memory cannot be used, precise errors for segments the server cannot use, and a server that keeps serving.
+
+The dataset here is larger than "tiny" (24x40x36 with two channels: a subject is 276 KB, a batch of eight slices
+92 KB), so that predictions and volumes are payloads and not inline bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+import patchwire.client as pw
+import patchwire.client._assembler as client_assembler
+from patchwire.client import extraction as extr
+from patchwire.service import PatchwireServer
+from patchwire.v1 import assembly_service_pb2 as apb
+from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
+
+from _datasets import make_pymia_dataset
+from _servers import server_in_thread
+
+SHAPE = (24, 40, 36)
+IMAGES = extr.DataExtractor(categories=("images",))
+RPC_TIMEOUT_S = 30
+
+pytestmark = pytest.mark.skipif(not shared_memory.available(), reason="shared memory needs Linux with memfd_create")
+
+
+@pytest.fixture(scope="module")
+def h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pymia_dataset(tmp_path_factory.mktemp("shm"), shape=SHAPE)
+
+
+@pytest.fixture(scope="module", params=["state-dir", "no-state-dir"])
+def server(request: pytest.FixtureRequest, h5: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    state = tmp_path_factory.mktemp("state") if request.param == "state-dir" else None
+    with server_in_thread({"big": h5}, state_dir=state) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: PatchwireServer) -> Iterator[pw.Client]:
+    with pw.connect(server.address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stub(server: PatchwireServer) -> Iterator[assembly_service_pb2_grpc.AssemblyServiceStub]:
+    with grpc.insecure_channel(server.address, options=codec.channel_options()) as channel:
+        yield assembly_service_pb2_grpc.AssemblyServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def images(client: pw.Client) -> list[np.ndarray]:
+    ds = client.datasource("big", extr.EmptyIndexing(), IMAGES)
+    try:
+        return [ds[s]["images"] for s in range(3)]
+    finally:
+        ds.close()
+
+
+@contextlib.contextmanager
+def assembler(client: pw.Client, indexing: extr.IndexingStrategy, **kwargs: Any) -> Iterator[Any]:
+    ds = client.datasource("big", indexing, IMAGES)
+    asm = client.assembler(ds, **kwargs)
+    try:
+        yield asm
+    finally:
+        asm.close()
+        if asm.job_id is not None:
+            with contextlib.suppress(pw.NotFoundError):
+                asm.delete()
+        ds.close()
+
+
+@pytest.fixture
+def no_wire_payloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test if the client sends a payload as chunks or reads one from chunks."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a payload went over the wire")
+
+    real = client_assembler._with_chunks
+
+    def posted(batch: apb.PredictionBatch, payloads: Any) -> Any:
+        if payloads:
+            refuse()
+        return real(batch, payloads)
+
+    monkeypatch.setattr(client_assembler, "_with_chunks", posted)
+    monkeypatch.setattr(client_assembler, "decode_stream", refuse)
+
+
+def post_all_slices(asm: Any, images: list[np.ndarray], batch: int = 8, **kwargs: Any) -> None:
+    order = np.arange(3 * SHAPE[0])
+    for start in range(0, len(order), batch):
+        indices = order[start : start + batch]
+        asm.add_batch(np.stack([images[i // SHAPE[0]][i % SHAPE[0]] for i in indices]), indices, **kwargs)
+    asm.flush()
+
+
+def segment_of(array: np.ndarray) -> Any:
+    """The object at the bottom of an array's base chain."""
+    base: Any = array
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+# -- through shared memory ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_predictions_and_volumes_travel_through_shared_memory(
+    client: pw.Client, images: list[np.ndarray], no_wire_payloads: None, window: int
+) -> None:
+    with assembler(client, extr.SliceIndexing(0), window=window) as asm:
+        post_all_slices(asm, images)
+        assert asm.uses_shared_memory
+        assert asm.subjects_ready == {0, 1, 2}
+        for s in range(3):
+            volume = asm.get_assembled_subject(s)
+            np.testing.assert_array_equal(volume, images[s])
+            assert isinstance(segment_of(volume), mmap.mmap)
+            volume[0, 0, 0, 0] = -1.0  # the user's own copy: writable, like pymia's
+        assert asm.status().received == 3 * SHAPE[0]
+
+
+def test_patches_of_two_shapes_and_averaged_overlaps_through_shared_memory(
+    client: pw.Client, images: list[np.ndarray], no_wire_payloads: None
+) -> None:
+    """Border patches (clamped) go per sample; each overlap mode gets the volume itself back (identity predictions
+    averaged are themselves)."""
+    indexing = extr.PatchWiseIndexing((16, 16, 16), ignore_incomplete=False)
+    grid = [
+        (slice(z, z + 16), slice(y, y + 16), slice(x, x + 16))
+        for z, y, x in itertools.product(range(0, SHAPE[0], 16), range(0, SHAPE[1], 16), range(0, SHAPE[2], 16))
+    ]  # C order, border patches clamped by numpy as by the server
+    regions = [(s, region) for s in range(3) for region in grid]
+    for overlap in ("overwrite", "average"):
+        with assembler(client, indexing, overlap=overlap, window=2) as asm:
+            for start in range(0, len(regions), 5):
+                indices = list(range(start, min(start + 5, len(regions))))
+                predictions = [images[regions[i][0]][regions[i][1]] for i in indices]
+                asm.add_samples({"__prediction": predictions}, indices)
+            asm.flush()
+            assert asm.uses_shared_memory
+            for s in range(3):
+                np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+
+
+def test_a_kept_volume_is_never_overwritten_by_later_fetches_and_dropped_ones_are_reused(
+    client: pw.Client, images: list[np.ndarray]
+) -> None:
+    with assembler(client, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        kept = asm.get_assembled_subject(0)
+        token = None
+        for _ in range(3):
+            for s in (1, 2):
+                volume = asm.get_assembled_subject(s)
+                np.testing.assert_array_equal(volume, images[s])
+                del volume
+                gc.collect()
+            free = asm._fetch_segments._free
+            assert free, "a fetched volume that is gone gives its segment back"
+            token = token or free[-1].token
+            assert free[-1].token == token, "the same segment serves fetch after fetch"
+        np.testing.assert_array_equal(kept, images[0])
+
+
+def test_a_growing_batch_moves_to_a_larger_segment(
+    client: pw.Client, images: list[np.ndarray], no_wire_payloads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_assembler, "SLOT_GRANULE", 64 << 10)
+    with assembler(client, extr.SliceIndexing(0), window=2) as asm:
+        sizes = [8, 8, 16, 40]  # 72 slices: every sample once; 92 KB up to 461 KB
+        start = 0
+        segments = set()
+        for size in sizes:
+            indices = np.arange(start, start + size)
+            asm.add_batch(np.stack([images[i // SHAPE[0]][i % SHAPE[0]] for i in indices]), indices)
+            start += size
+            assert asm._slots.segment is not None
+            segments.add(asm._slots.segment.token)
+        asm.flush()
+        assert len(segments) > 1
+        for s in range(3):
+            np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+
+
+# -- the wire where shared memory cannot be used --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wire_only_server(h5: Path) -> Iterator[Any]:
+    with server_in_thread({"big": h5}, shared_memory=False) as srv:
+        yield srv
+
+
+def test_a_server_without_shared_memory_gets_everything_over_the_wire(
+    wire_only_server: PatchwireServer, images: list[np.ndarray]
+) -> None:
+    with pw.connect(wire_only_server.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        assert not asm.uses_shared_memory
+        for s in range(3):
+            volume = asm.get_assembled_subject(s)
+            np.testing.assert_array_equal(volume, images[s])
+            assert not isinstance(segment_of(volume), mmap.mmap)
+
+
+def test_requiring_shared_memory_from_a_server_without_it_says_why(
+    wire_only_server: PatchwireServer, images: list[np.ndarray]
+) -> None:
+    with (
+        pw.connect(wire_only_server.address) as c,
+        assembler(c, extr.SliceIndexing(0), shared_memory=True) as asm,
+        pytest.raises(ValueError, match="shared memory is off on this server"),
+    ):
+        post_all_slices(asm, images)
+
+
+def test_shared_memory_false_keeps_to_the_wire(client: pw.Client, images: list[np.ndarray]) -> None:
+    with assembler(client, extr.SliceIndexing(0), shared_memory=False) as asm:
+        post_all_slices(asm, images)
+        assert not asm.uses_shared_memory
+        volume = asm.get_assembled_subject(1)
+        np.testing.assert_array_equal(volume, images[1])
+        assert not isinstance(segment_of(volume), mmap.mmap)
+
+
+def test_a_subject_larger_than_the_segment_comes_over_the_wire(
+    client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_assembler, "FETCH_SEGMENT_BYTES", 1024)
+    with assembler(client, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        assert asm.uses_shared_memory
+        volume = asm.get_assembled_subject(2)
+        np.testing.assert_array_equal(volume, images[2])
+        assert not isinstance(segment_of(volume), mmap.mmap)
+
+
+# -- segments the server cannot use ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def expect_raw(code: grpc.StatusCode, *fragments: str) -> Iterator[None]:
+    with pytest.raises(grpc.RpcError) as info:
+        yield
+    exc: Any = info.value
+    assert exc.code() == code, exc
+    for fragment in fragments:
+        assert fragment in exc.details(), f"{fragment!r} not in {exc.details()!r}"
+
+
+def probe(stub: Any, ref: apb.SharedMemory, for_posting: bool = True) -> apb.ProbeSharedMemoryResponse:
+    request = apb.ProbeSharedMemoryRequest(shared_memory=ref, for_posting=for_posting)
+    response: apb.ProbeSharedMemoryResponse = stub.ProbeSharedMemory(request, timeout=RPC_TIMEOUT_S)
+    return response
+
+
+def test_probing_a_usable_segment_gives_its_size(stub: Any) -> None:
+    segment = shared_memory.Segment(8192, sealed=True)
+    try:
+        assert probe(stub, segment.proto()).size == shared_memory.HEADER_BYTES + 8192
+    finally:
+        segment.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "fragments"),
+    [
+        (lambda seg: apb.SharedMemory(path="/etc/passwd", token=seg.token), ["is not a segment name"]),
+        (lambda seg: apb.SharedMemory(path="/proc/self/fd/0", token=seg.token), ["is not a segment name"]),
+        (lambda seg: apb.SharedMemory(path=seg.path, token=b"short"), ["token: must be 16 to 64 bytes"]),
+        (lambda seg: apb.SharedMemory(path=seg.path, token=os.urandom(32)), ["does not begin with the token"]),
+        (
+            lambda seg: apb.SharedMemory(path=f"/proc/{os.getpid()}/fd/999999", token=seg.token),
+            ["does not exist here", "another host"],
+        ),
+    ],
+    ids=["not-proc", "self", "short-token", "wrong-token", "no-such-fd"],
+)
+def test_a_segment_the_server_cannot_use_fails_precondition_with_the_reason(
+    stub: Any, make: Any, fragments: list[str]
+) -> None:
+    segment = shared_memory.Segment(4096, sealed=True)
+    try:
+        with expect_raw(grpc.StatusCode.FAILED_PRECONDITION, "shared_memory", *fragments):
+            probe(stub, make(segment))
+    finally:
+        segment.close()
+
+
+def test_only_memfd_segments_are_opened(stub: Any, tmp_path: Path) -> None:
+    path = tmp_path / "plain"
+    path.write_bytes(b"x" * 64)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with expect_raw(grpc.StatusCode.FAILED_PRECONDITION, "is not a memfd segment"):
+            probe(stub, apb.SharedMemory(path=f"/proc/{os.getpid()}/fd/{fd}", token=b"x" * 32))
+    finally:
+        os.close(fd)
+
+
+def test_posting_needs_a_segment_that_cannot_shrink(stub: Any) -> None:
+    segment = shared_memory.Segment(4096, sealed=False)
+    try:
+        probe(stub, segment.proto(), for_posting=False)  # fetching into it is fine
+        with expect_raw(grpc.StatusCode.FAILED_PRECONDITION, "not sealed against shrinking"):
+            probe(stub, segment.proto(), for_posting=True)
+    finally:
+        segment.close()
+
+
+def shared_batch(
+    segment: shared_memory.Segment, job_id: str, indices: list[int], prediction: np.ndarray
+) -> apb.PostPredictionsRequest:
+    """One batch whose payload lies in ``segment``, just after its header."""
+    tensor, payload = codec.array_to_tensor(np.ascontiguousarray(prediction))
+    assert payload is not None
+    segment.view(shared_memory.HEADER_BYTES, len(payload))[:] = np.frombuffer(payload, dtype=np.uint8)
+    batch = apb.PredictionBatch(job_id=job_id, sample_indices=indices, shared_memory=segment.proto())
+    batch.fields.add(key="__prediction", stacked=tensor)
+    batch.shared_offsets.append(shared_memory.HEADER_BYTES)
+    return apb.PostPredictionsRequest(batch=batch)
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "fragments"),
+    [
+        (lambda b: b.batch.shared_offsets.__setitem__(0, 1 << 40), grpc.StatusCode.INVALID_ARGUMENT, ["lie outside"]),
+        (lambda b: b.batch.shared_offsets.__setitem__(0, -8), grpc.StatusCode.INVALID_ARGUMENT, ["lie outside"]),
+        (lambda b: b.batch.shared_offsets.append(0), grpc.StatusCode.INVALID_ARGUMENT, ["2 offsets for 1"]),
+        (
+            lambda b: b.batch.ClearField("shared_memory"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["given without batch.shared_memory"],
+        ),
+        (
+            lambda b: b.batch.shared_memory.__setattr__("token", os.urandom(32)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            ["batch.shared_memory", "does not begin with the token"],
+        ),
+    ],
+    ids=["beyond-the-end", "negative", "offset-count", "no-segment", "wrong-token"],
+)
+def test_a_bad_shared_batch_is_refused_and_nothing_is_lost(
+    client: pw.Client, stub: Any, images: list[np.ndarray], change: Any, code: grpc.StatusCode, fragments: list[str]
+) -> None:
+    with assembler(client, extr.SliceIndexing(0), entries={"__prediction": 2}) as asm:
+        segment = shared_memory.Segment(1 << 20, sealed=True)
+        try:
+            good = shared_batch(segment, asm.job_id, list(range(8)), images[0][:8])
+            assert len(list(stub.PostPredictions(iter([good]), timeout=RPC_TIMEOUT_S))) == 1
+            bad = shared_batch(segment, asm.job_id, list(range(8, 16)), images[0][8:16])
+            change(bad)
+            with expect_raw(code, *fragments):
+                list(stub.PostPredictions(iter([bad]), timeout=RPC_TIMEOUT_S))
+            assert asm.status().received == 8, "the acknowledged batch is kept, the refused one not applied"
+            rest = shared_batch(segment, asm.job_id, list(range(8, 24)), images[0][8:24])
+            (ack,) = stub.PostPredictions(iter([rest]), timeout=RPC_TIMEOUT_S)
+            assert list(ack.ready_subjects) == [0]
+        finally:
+            segment.close()
+        np.testing.assert_array_equal(asm.get_assembled_subject(0), images[0])
+
+
+def test_a_fetch_into_a_segment_too_small_sends_chunks(client: pw.Client, stub: Any, images: list[np.ndarray]) -> None:
+    with assembler(client, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        segment = shared_memory.Segment(1024, sealed=False)
+        try:
+            request = apb.FetchSubjectRequest(job_id=asm.job_id, subject_index=1, shared_memory=segment.proto())
+            responses = list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
+        finally:
+            segment.close()
+        assert not responses[0].shared_offsets
+        assert [r.WhichOneof("payload") for r in responses[1:]] == ["chunk"] * (len(responses) - 1)
+        assert len(responses) > 1
