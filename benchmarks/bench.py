@@ -20,9 +20,11 @@ b. **patchwire** — ``patchwire serve`` in a subprocess; here ``PytorchStreamin
 c. **pymia** — ``PymiaDatasource`` + ``PytorchDatasetAdapter`` + ``DataLoader(batch_size=16, shuffle=True)`` (default
    collate) with ``num_workers`` 0 and 2, same patterns.
 d. **assembly** — every prediction (the images, float32, channel-last) of every subject, slice-wise along axis 0 and
-   patch-wise with ``ignore_incomplete=False``, through ``client.assembler`` vs pymia's ``SubjectAssembler``; twice
-   for patchwire: a server with ``--state-dir`` (every batch journalled and fsync'ed before its acknowledgement) and
-   one without (jobs in memory, like pymia's; the target uses this one).
+   patch-wise with ``ignore_incomplete=False``, through ``client.assembler`` vs pymia's ``SubjectAssembler``; three
+   times for patchwire: a server with ``--state-dir`` (every batch journalled and fsync'ed before its
+   acknowledgement) and one without (jobs in memory, like pymia's; the target uses this one), both as a client on
+   their host uses them by default (payloads through shared memory), and the one without over the wire
+   (``shared_memory=False``), as a client on another host would.
 e. **time to first batch** (iterator created -> first batch) and **peak RSS** of the server (``VmHWM`` of the
    subprocess, reset per pattern through ``/proc/PID/clear_refs``) and of this client process.
 
@@ -105,8 +107,13 @@ FULL = Mode("full", 8, (181, 217, 181), 64, 10.0, 2.0, 200_000, 1024, 5)
 SMOKE = Mode("smoke", 2, (24, 40, 36), 16, 0.3, 0.1, 2_000, 64, 3)
 
 # The performance targets, as (ratio or bound).
-#: patchwire's assembly servers: with a state folder (journalled, fsync'ed: durable) and without (in memory).
-ASSEMBLERS = ("patchwire", "patchwire_in_memory")
+#: patchwire's assembly runs: name -> (label, server, the assembler's shared_memory). Servers: "durable" has a state
+#: folder (journalled, fsync'ed), "in_memory" none (jobs in memory, like pymia's).
+ASSEMBLERS: dict[str, tuple[str, str, bool | None]] = {
+    "patchwire": ("patchwire, state dir", "durable", None),
+    "patchwire_in_memory": ("patchwire, in memory", "in_memory", None),
+    "patchwire_in_memory_wire": ("patchwire, in memory, wire", "in_memory", False),
+}
 #: Unacknowledged prediction batches patchwire's assembler may have in flight (RemoteSubjectAssembler window).
 ASSEMBLY_WINDOW = 8
 #: Stand-in training steps per batch for the prefetch measurement, by pattern: about as long as receiving a batch.
@@ -599,20 +606,20 @@ def bench_assembly(mode: Mode, data: Path, work: Path, logs: Path) -> tuple[dict
     durable = patchwire_server(data, work / "state-assembly", logs / "server-assembly.log")
     in_memory = patchwire_server(data, None, logs / "server-assembly-in-memory.log")
     with durable as durable_server, in_memory as memory_server:
-        servers = {ASSEMBLERS[0]: durable_server, ASSEMBLERS[1]: memory_server}
+        servers = {"durable": durable_server, "in_memory": memory_server}
         for key, label, pymia_indexing, pw_indexing in cases:
             pymia_ds = pm.extraction.PymiaDatasource(str(data), pymia_indexing, image_extractor)
             batches = prediction_batches(pymia_ds, images)
             total_bytes = sum(pred.nbytes for b in batches for pred in b.predictions)
             results[key] = {"label": label}
-            for name, (proc, address) in servers.items():
+            for name, (shown, server, shared) in ASSEMBLERS.items():
+                proc, address = servers[server]
                 with pw.connect(address) as client:
                     reset_peak_rss(proc.pid)
                     remote_ds = client.datasource(DATASET, pw_indexing, pw_extr.DataExtractor(("images",)))
-                    results[key][name] = _assemble_patchwire(client, remote_ds, batches, images)
-                    results[key][name]["server_peak_rss_mb"] = server_rss[
-                        key if name == ASSEMBLERS[0] else f"{key} in memory"
-                    ] = peak_rss_mb(proc.pid)
+                    results[key][name] = _assemble_patchwire(client, remote_ds, batches, images, shared)
+                    rss_key = f"{key} {shown.removeprefix('patchwire, ')}"
+                    results[key][name]["server_peak_rss_mb"] = server_rss[rss_key] = peak_rss_mb(proc.pid)
                     remote_ds.close()
             results[key]["pymia"] = _assemble_pymia(pm, pymia_ds, batches, images)
             pymia_ds.close_reader()
@@ -632,9 +639,13 @@ def bench_assembly(mode: Mode, data: Path, work: Path, logs: Path) -> tuple[dict
 
 
 def _assemble_patchwire(
-    client: pw.Client, remote_ds: pw.RemoteDatasource, batches: list[PredictionBatch], images: list[np.ndarray]
+    client: pw.Client,
+    remote_ds: pw.RemoteDatasource,
+    batches: list[PredictionBatch],
+    images: list[np.ndarray],
+    shared_memory: bool | None,
 ) -> dict[str, Any]:
-    assembler = client.assembler(remote_ds, window=ASSEMBLY_WINDOW)
+    assembler = client.assembler(remote_ds, window=ASSEMBLY_WINDOW, shared_memory=shared_memory)
     kept: dict[int, np.ndarray] = {}
     subjects = 0
     start = time.perf_counter()
@@ -646,8 +657,10 @@ def _assemble_patchwire(
             assembler.add_samples({PREDICTION_KEY: batch.predictions}, batch.indices, last)
         subjects += _take_ready(assembler, kept)
     seconds = time.perf_counter() - start
+    used = assembler.uses_shared_memory
     assembler.delete()
-    return {"seconds": seconds, "subjects": subjects, "verified": _verify(kept, images)}
+    assembler.close()
+    return {"seconds": seconds, "subjects": subjects, "verified": _verify(kept, images), "shared_memory": used}
 
 
 def _assemble_pymia(
@@ -795,16 +808,16 @@ def format_table(report: dict[str, Any]) -> str:
         )
     lines.append("")
     header = (
-        f"{'assembly':<36} {'assembler':<22} {'subjects/s':>10} {'MB/s':>9} {'seconds':>8} {'x pymia':>8} "
+        f"{'assembly':<36} {'assembler':<28} {'subjects/s':>10} {'MB/s':>9} {'seconds':>8} {'x pymia':>8} "
         f"{'verified':>9}"
     )
     lines += [header, "-" * len(header)]
-    names = {"patchwire": "patchwire, state dir", "patchwire_in_memory": "patchwire, in memory", "pymia": "pymia"}
+    names = {name: shown for name, (shown, _, _) in ASSEMBLERS.items()} | {"pymia": "pymia"}
     for result in report["assembly"].values():
         for name, shown in names.items():
             r = result[name]
             lines.append(
-                f"{result['label']:<36} {shown:<22} {r['subjects_per_s']:>10.2f} {r['mb_per_s']:>9.0f} "
+                f"{result['label']:<36} {shown:<28} {r['subjects_per_s']:>10.2f} {r['mb_per_s']:>9.0f} "
                 f"{r['seconds']:>8.2f} {r['subjects_per_s'] / result['pymia']['subjects_per_s']:>7.2f}x "
                 f"{'yes' if r['verified'] else 'NO':>9}"
             )
@@ -814,7 +827,8 @@ def format_table(report: dict[str, Any]) -> str:
         "  prediction byte is written twice (journal, finished volume): durable appends on this disk "
         f"{disk['mb_per_s']:.0f} MB/s ({disk['append_bytes'] >> 20} MiB,",
         f"  fsync each), so about {disk['mb_per_s'] / 2:.0f} MB/s; without one, jobs live in memory like pymia's.",
-        f"  Posting and fetching back cross the wire twice: <= {c['bytes_per_s'] / 2 / MB:.0f} MB/s",
+        "  On the server's host payloads go through shared memory (the first two patchwire rows). Over the wire",
+        f"  posting and fetching back cross it twice: <= {c['bytes_per_s'] / 2 / MB:.0f} MB/s",
     ]
     rss = report["rss"]
     lines.append("")
@@ -876,14 +890,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     ax = axes[1]
     cases = list(report["assembly"].values())
-    bars = [
-        ("patchwire", "patchwire, state dir", "#1f77b4"),
-        ("patchwire_in_memory", "patchwire, in memory", "#aec7e8"),
-        ("pymia", "pymia", "#ff7f0e"),
-    ]
+    colors = ["#1f77b4", "#aec7e8", "#9edae5"]
+    bars = [(name, shown, colors[j]) for j, (name, (shown, _, _)) in enumerate(ASSEMBLERS.items())]
+    bars.append(("pymia", "pymia", "#ff7f0e"))
+    width = 0.8 / len(bars)
     for j, (name, label, color) in enumerate(bars):
         values = [c[name]["mb_per_s"] for c in cases]
-        ax.bar([i + (j - 1) * 0.27 for i in range(len(cases))], values, 0.27, label=label, color=color)
+        offset = (j - (len(bars) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(cases))], values, width, label=label, color=color)
     ax.set_xticks(range(len(cases)), [c["label"] for c in cases], fontsize=8)
     ax.set_ylabel("MB/s of predictions")
     ax.set_title("assembly of whole subjects")

@@ -83,11 +83,13 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
 
     assert set(report["assembly"]) == {"slice", "patch"}
     for case, result in report["assembly"].items():
-        for assembler in ("patchwire", "patchwire_in_memory", "pymia"):
+        for assembler in ("patchwire", "patchwire_in_memory", "patchwire_in_memory_wire", "pymia"):
             for metric in ("subjects_per_s", "mb_per_s"):
                 _positive(result[assembler][metric], f"assembly {case} {assembler} {metric}")
             assert result[assembler]["subjects"] == report["mode"]["subjects"]
             assert result[assembler]["verified"], f"assembly {case} {assembler}: subject 0 differs from its images"
+        assert result["patchwire"]["shared_memory"] and result["patchwire_in_memory"]["shared_memory"]
+        assert not result["patchwire_in_memory_wire"]["shared_memory"]
 
     rss = report["rss"]
     _positive(rss["server_streaming_peak_mb"], "server streaming RSS")
