@@ -391,3 +391,65 @@ def test_a_fetch_into_a_segment_too_small_sends_chunks(client: pw.Client, stub: 
         assert not responses[0].shared_offsets
         assert [r.WhichOneof("payload") for r in responses[1:]] == ["chunk"] * (len(responses) - 1)
         assert len(responses) > 1
+
+
+# -- how the server writes what arrives -----------------------------------------------------------------------------
+
+
+def test_contiguous_regions_are_written_into_the_buffer_files_with_pwrite(
+    client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Axial slices are contiguous pieces of a subject's buffer file: the server writes them with pwrite (the size
+    threshold is lowered here: this dataset's slices are small) and the volumes are the same."""
+    import patchwire.service._assembly as server_assembly
+
+    monkeypatch.setattr(server_assembly, "_PWRITE_MIN_BYTES", 0)
+    written: list[int] = []
+    real = os.pwrite
+
+    def counting(fd: int, data: Any, offset: int) -> int:
+        if "/buffers/" in os.readlink(f"/proc/self/fd/{fd}"):
+            written.append(len(data))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", counting)
+    for shared in (True, False):
+        written.clear()
+        with assembler(client, extr.SliceIndexing(0), shared_memory=shared) as asm:
+            post_all_slices(asm, images)
+            assert sum(written) == sum(image.nbytes for image in images)
+            for s in range(3):
+                np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+
+
+def test_partial_volumes_written_with_pwrite_are_rebuilt_after_a_restart(
+    h5: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every slice but the last goes to a server with a state folder; a new server on that folder replays the
+    journals into fresh buffers (with pwrite too) and completes the job with the last slice."""
+    import patchwire.service._assembly as server_assembly
+
+    monkeypatch.setattr(server_assembly, "_PWRITE_MIN_BYTES", 0)
+    last = 3 * SHAPE[0] - 1
+    with server_in_thread({"big": h5}, state_dir=tmp_path) as srv, pw.connect(srv.address) as c:
+        ds = c.datasource("big", extr.EmptyIndexing(), IMAGES)
+        images = [ds[s]["images"] for s in range(3)]
+        ds.close()
+        ds = c.datasource("big", extr.SliceIndexing(0), IMAGES)
+        asm = c.assembler(ds, job_id="resumed")
+        for start in range(0, last, 8):
+            indices = np.arange(start, min(start + 8, last))
+            asm.add_batch(np.stack([images[i // SHAPE[0]][i % SHAPE[0]] for i in indices]), indices)
+        asm.close()
+        ds.close()
+    with server_in_thread({"big": h5}, state_dir=tmp_path) as srv, pw.connect(srv.address) as c:
+        ds = c.datasource("big", extr.SliceIndexing(0), IMAGES)
+        asm = c.assembler(ds, job_id="resumed", entries={"__prediction": 2})
+        try:
+            assert asm.status().received == last
+            asm.add_batch(images[2][-1:], [last])
+            for s in range(3):
+                np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+        finally:
+            asm.close()
+            ds.close()
