@@ -322,6 +322,7 @@ class RemoteSubjectAssembler:
         self._shared: bool | None = None if shared_memory is not False else False
         self._slots = _PostSlots(window)
         self._fetch_segments = _FetchSegments()
+        self._files_ok = True
         if entries is not None:
             self._create({name: (int(c), self.dtype or np.dtype(np.float32)) for name, c in entries.items()})
 
@@ -521,8 +522,14 @@ class RemoteSubjectAssembler:
                 _log.info("cannot make a segment to fetch into (%s); fetching over the wire", exc)
             else:
                 request.shared_memory.CopyFrom(segment.proto())
+                request.accept_files = self._files_ok
                 with translate_rpc_errors(what):
                     decoded = self._fetched(self._connection.raw_stream(FETCH_SUBJECT)(request), segment)
+                if decoded is None:  # the server's files could not be mapped here: into the segment, then
+                    self._files_ok = False
+                    request.accept_files = False
+                    with translate_rpc_errors(what):
+                        decoded = self._fetched(self._connection.raw_stream(FETCH_SUBJECT)(request), segment)
         if decoded is None:
             request.ClearField("shared_memory")
             with translate_rpc_errors(what):
@@ -531,12 +538,27 @@ class RemoteSubjectAssembler:
         properties = sample.pop("properties")
         return sample, properties
 
-    def _fetched(self, responses: Iterator[bytes], segment: shared_memory.Segment) -> DecodedBatch:
-        """A FetchSubject response stream whose payloads the server wrote into ``segment`` (or, where the subject
-        did not fit, sent as chunks after the batch). The segment is lent out with the arrays, or given back."""
+    def _fetched(self, responses: Iterator[bytes], segment: shared_memory.Segment) -> DecodedBatch | None:
+        """A FetchSubject response stream whose payloads the server wrote into ``segment``, or named as files to map,
+        or (where the subject did not fit) sent as chunks after the batch. The segment is lent out with the arrays,
+        or given back. None: the server's files could not be mapped here."""
         try:
             first = next(responses)
             message = apb.FetchSubjectResponse.FromString(first)
+            if message.shared_files:
+                for _ in responses:
+                    raise ConnectionFailed("the server sent chunks after a subject it named files for")
+                sizes = [t.chunked_nbytes for t in codec.batch_tensors(message.batch) if t.chunked_nbytes]
+                if len(sizes) != len(message.shared_files):
+                    raise ConnectionFailed(
+                        f"the server named {len(message.shared_files)} files for {len(sizes)} payloads"
+                    )
+                mapped = [shared_memory.map_file(f, n) for f, n in zip(message.shared_files, sizes, strict=True)]
+                payloads = [m for m in mapped if m is not None]
+                if len(payloads) < len(mapped):
+                    return None  # (the caller asks again, with the same segment)
+                self._fetch_segments.give_back(segment)
+                return decode_batch(message.batch, payloads)
             if not message.shared_offsets:  # the subject did not fit: it came over the wire
                 (decoded,) = list(decode_stream(itertools.chain([first], responses)))
                 self._fetch_segments.give_back(segment)

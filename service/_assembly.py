@@ -540,6 +540,20 @@ class Job:
             raise Internal(subject.finish_error)
         return {e.name: np.load(subject.result_path(e.name), mmap_mode="r") for e in self.entries}
 
+    def result_files(self, subject_index: int) -> dict[str, np.memmap] | None:
+        """The finished volume as memory-mapped result files, whose content never changes again; None while a
+        journalled subject's volume is still being made durable (its buffers hold it: see :meth:`result`). A job
+        without a state folder finishes a volume with a rename: that is waited for."""
+        subject = self.subject(subject_index)
+        self.result(subject_index)  # ready, and nothing failed so far (or raise)
+        if subject.finished is not None and not subject.finished.is_set():
+            if self.durable:
+                return None
+            subject.finished.wait()
+            if subject.finish_error is not None:
+                raise Internal(subject.finish_error)
+        return {e.name: np.load(subject.result_path(e.name), mmap_mode="r") for e in self.entries}
+
     def info(self) -> apb.JobInfo:
         return apb.JobInfo(
             job_id=self.id,

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from patchwire.service._assembly import AssemblyStore, Job
 from patchwire.service._encoding import encode_batch
-from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
+from patchwire.service._errors import FailedPrecondition, Internal, InvalidArgument, translate_errors
 from patchwire.service._export import export_subject
 from patchwire.service._extraction import ImagePropertiesValue
 from patchwire.v1 import assembly_service_pb2 as apb
@@ -160,29 +162,37 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
             else None
         )
 
-        def encode() -> tuple[Any, list[int]]:
-            sample: dict[str, Any] = {name: arr for name, arr in job.result(int(request.subject_index)).items()}
-            sample["properties"] = _properties(job, int(request.subject_index))
+        subject_index = int(request.subject_index)
+
+        def encode() -> tuple[Any, apb.FetchSubjectResponse | None]:
+            files = job.result_files(subject_index) if segment is not None and request.accept_files else None
+            arrays = files if files is not None else job.result(subject_index)
+            sample: dict[str, Any] = dict(arrays)
+            sample["properties"] = _properties(job, subject_index)
             encoded = encode_batch([sample])
             if segment is None:
-                return encoded, []
+                return encoded, None
+            if files is not None:
+                return encoded, apb.FetchSubjectResponse(
+                    batch=encoded.batch, shared_files=_shared_files(encoded, files)
+                )
             sizes = [t.chunked_nbytes for t in codec.batch_tensors(encoded.batch) if t.chunked_nbytes]
             offsets, end = shared_memory.layout(sizes)
             if end > segment.size:  # does not fit: the wire carries it
-                return encoded, []
+                return encoded, None
             for offset, payload in zip(offsets, encoded.payloads, strict=True):
                 segment.write(offset, payload if isinstance(payload, list) else [payload])
-            return encoded, offsets
+            return encoded, apb.FetchSubjectResponse(batch=encoded.batch, shared_offsets=offsets)
 
         try:
-            encoded, offsets = await self._run(encode)
+            encoded, shared = await self._run(encode)
         except shared_memory.SegmentError as exc:
             raise FailedPrecondition(f"shared_memory: {exc}") from None
         finally:
             if segment is not None:
                 segment.close()
-        if offsets:
-            yield apb.FetchSubjectResponse(batch=encoded.batch, shared_offsets=offsets)
+        if shared is not None:
+            yield shared
             return
         for message in encoded.messages(apb.FetchSubjectResponse):
             yield message
@@ -213,6 +223,21 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         await self._run(self._store.delete, request.job_id)
         self._notify(request.job_id)
         return apb.DeleteJobResponse()
+
+
+def _shared_files(encoded: Any, files: dict[str, np.memmap]) -> list[apb.SharedFile]:
+    """The result file of each chunked tensor of a fetched subject (each entry is one stacked tensor of one sample,
+    viewing its file)."""
+    out = []
+    for field in encoded.batch.fields:
+        if field.WhichOneof("value") == "stacked" and field.stacked.chunked_nbytes:
+            array = files[field.key]
+            assert array.filename is not None
+            st = os.stat(array.filename)
+            out.append(apb.SharedFile(path=str(array.filename), offset=array.offset, device=st.st_dev, inode=st.st_ino))
+    if len(out) != sum(1 for t in codec.batch_tensors(encoded.batch) if t.chunked_nbytes):
+        raise Internal("a fetched subject's payloads do not all come from its result files")
+    return out
 
 
 def _properties(job: Job, subject_index: int) -> ImagePropertiesValue:

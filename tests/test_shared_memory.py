@@ -164,6 +164,7 @@ def test_a_kept_volume_is_never_overwritten_by_later_fetches_and_dropped_ones_ar
     client: pw.Client, images: list[np.ndarray]
 ) -> None:
     with assembler(client, extr.SliceIndexing(0)) as asm:
+        asm._files_ok = False  # volumes are written into the client's segments (not mapped from the server's files)
         post_all_slices(asm, images)
         kept = asm.get_assembled_subject(0)
         token = None
@@ -198,6 +199,42 @@ def test_a_growing_batch_moves_to_a_larger_segment(
         assert len(segments) > 1
         for s in range(3):
             np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+
+
+def test_finished_volumes_are_mapped_from_the_servers_files_and_writes_stay_local(
+    server: PatchwireServer, client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mapped: list[str] = []
+    real = shared_memory.map_file
+
+    def spy(ref: apb.SharedFile, nbytes: int) -> Any:
+        mapped.append(ref.path)
+        return real(ref, nbytes)
+
+    monkeypatch.setattr(shared_memory, "map_file", spy)
+    with assembler(client, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        first = asm.get_assembled_subject(1)
+        first[...] = 0  # a private mapping: the server's file keeps the volume
+        np.testing.assert_array_equal(asm.get_assembled_subject(1), images[1])
+        if server.config.state_dir is None:  # (a journalled subject may still be being made durable: then copied)
+            assert len(mapped) == 2 and all("/results/" in path for path in mapped)
+            assert asm._files_ok
+
+
+def test_files_that_cannot_be_mapped_here_are_written_into_the_segment_instead(
+    server: PatchwireServer, client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared_memory, "map_file", lambda ref, nbytes: None)  # e.g. another mount namespace
+    with assembler(client, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        for s in range(3):
+            volume = asm.get_assembled_subject(s)
+            np.testing.assert_array_equal(volume, images[s])
+            assert isinstance(segment_of(volume), mmap.mmap)
+        assert asm.uses_shared_memory
+        if server.config.state_dir is None:
+            assert not asm._files_ok, "asked once, then no more"
 
 
 # -- the wire where shared memory cannot be used --------------------------------------------------------------------
@@ -246,6 +283,7 @@ def test_a_subject_larger_than_the_segment_comes_over_the_wire(
 ) -> None:
     monkeypatch.setattr(client_assembler, "FETCH_SEGMENT_BYTES", 1024)
     with assembler(client, extr.SliceIndexing(0)) as asm:
+        asm._files_ok = False  # (files would carry any size)
         post_all_slices(asm, images)
         assert asm.uses_shared_memory
         volume = asm.get_assembled_subject(2)

@@ -661,8 +661,13 @@ class FetchSubjectRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     SUBJECT_INDEX_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    ACCEPT_FILES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     subject_index: _builtins.int
+    accept_files: _builtins.bool
+    """With a usable shared_memory segment: the server may instead name the files that hold the finished volume, for
+    the client to map (see FetchSubjectResponse.shared_files).
+    """
     @_builtins.property
     def shared_memory(self) -> Global___SharedMemory:
         """Optional: a segment to write the payloads of chunked tensors into instead of sending them as TensorChunk
@@ -675,14 +680,49 @@ class FetchSubjectRequest(_message.Message):
         job_id: _builtins.str = ...,
         subject_index: _builtins.int = ...,
         shared_memory: Global___SharedMemory | None = ...,
+        accept_files: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "shared_memory", b"shared_memory", "subject_index", b"subject_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_files", b"accept_files", "job_id", b"job_id", "shared_memory", b"shared_memory", "subject_index", b"subject_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FetchSubjectRequest: _TypeAlias = FetchSubjectRequest  # noqa: Y015
+
+@_typing.final
+class SharedFile(_message.Message):
+    """A file of the server's that holds a payload: a client on the server's host maps it (privately: its writes never
+    reach the file) instead of receiving the bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    INODE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    offset: _builtins.int
+    """Where the payload starts in the file."""
+    device: _builtins.int
+    """The file's device and inode numbers: the client checks that it opened the file the server meant."""
+    inode: _builtins.int
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        device: _builtins.int = ...,
+        inode: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "inode", b"inode", "offset", b"offset", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedFile: _TypeAlias = SharedFile  # noqa: Y015
 
 @_typing.final
 class FetchSubjectResponse(_message.Message):
@@ -691,6 +731,7 @@ class FetchSubjectResponse(_message.Message):
     BATCH_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     SHARED_OFFSETS_FIELD_NUMBER: _builtins.int
+    SHARED_FILES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def batch(self) -> _dataset_service_pb2.Batch: ...
     @_builtins.property
@@ -701,16 +742,23 @@ class FetchSubjectResponse(_message.Message):
         chunked tensor in announcement order (no TensorChunk messages follow).
         """
 
+    @_builtins.property
+    def shared_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedFile]:
+        """With the batch, when the request accepted files: the file of each chunked tensor, in announcement order (no
+        TensorChunk messages follow, nothing was written into the segment).
+        """
+
     def __init__(
         self,
         *,
         batch: _dataset_service_pb2.Batch | None = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
         shared_offsets: _abc.Iterable[_builtins.int] | None = ...,
+        shared_files: _abc.Iterable[Global___SharedFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "payload", b"payload", "shared_offsets", b"shared_offsets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "payload", b"payload", "shared_files", b"shared_files", "shared_offsets", b"shared_offsets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["batch", "chunk"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

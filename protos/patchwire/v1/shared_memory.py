@@ -35,6 +35,7 @@ __all__ = [
     "SegmentError",
     "available",
     "layout",
+    "map_file",
     "open_segment",
 ]
 
@@ -154,6 +155,23 @@ class OpenedSegment:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def map_file(ref: apb.SharedFile, nbytes: int) -> np.ndarray | None:
+    """``nbytes`` of a server's file from ``ref.offset`` as a writable uint8 array of a private mapping (writes stay
+    in this process); None where the file cannot be opened here or is not the one the server meant."""
+    try:
+        fd = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (ref.device, ref.inode) or ref.offset < 0 or ref.offset + nbytes > st.st_size:
+            return None
+        mapping = mmap.mmap(fd, ref.offset + nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=ref.offset)
 
 
 def open_segment(ref: apb.SharedMemory, for_posting: bool) -> OpenedSegment:
