@@ -88,6 +88,7 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
                 _positive(result[assembler][metric], f"assembly {case} {assembler} {metric}")
             assert result[assembler]["subjects"] == report["mode"]["subjects"]
             assert result[assembler]["verified"], f"assembly {case} {assembler}: subject 0 differs from its images"
+            assert len(result[assembler]["runs_seconds"]) == report["mode"]["assembly_runs"]
         assert result["patchwire"]["shared_memory"] and result["patchwire_in_memory"]["shared_memory"]
         assert not result["patchwire_in_memory_wire"]["shared_memory"]
 
