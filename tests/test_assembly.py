@@ -28,8 +28,13 @@ from patchwire.service._blending import gaussian_weights
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, codec, spec_pb2, tensor_pb2
 
+import _assembly_fixtures
 from _pymia_oracle import load_pymia
 from _servers import server_in_thread
+
+client = _assembly_fixtures.client  # module-scoped fixtures on this module's server
+stub = _assembly_fixtures.stub
+expect_raw = _assembly_fixtures.expect_raw
 
 T = TypeVar("T")
 
@@ -53,20 +58,6 @@ def server(
     shared = request.param != "no-shared-memory"
     with server_in_thread({"tiny": tiny_h5, "vary": vary_h5}, state_dir=state, shared_memory=shared) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server: PatchwireServer) -> Iterator[pw.Client]:
-    """One client for the module (closing a channel that waited for readiness takes gRPC about 0.2 s)."""
-    with pw.connect(server.address) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def stub(server: PatchwireServer) -> Iterator[assembly_service_pb2_grpc.AssemblyServiceStub]:
-    """The generated stub, for requests the client never builds."""
-    with grpc.insecure_channel(server.address, options=codec.channel_options()) as channel:
-        yield assembly_service_pb2_grpc.AssemblyServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +119,6 @@ def expect(error: type[pw.RpcError], code: grpc.StatusCode, *fragments: str) -> 
     for fragment in fragments:
         assert fragment in str(exc), f"{fragment!r} not in {str(exc)!r}"
         assert fragment in exc.details, f"{fragment!r} not in the server's details {exc.details!r}"
-
-
-@contextlib.contextmanager
-def expect_raw(code: grpc.StatusCode, *fragments: str) -> Iterator[None]:
-    """The block (a raw stub call) fails with ``code`` and details holding every fragment."""
-    with pytest.raises(grpc.RpcError) as info:
-        yield
-    exc: Any = info.value
-    assert exc.code() == code, exc
-    for fragment in fragments:
-        assert fragment in exc.details(), f"{fragment!r} not in {exc.details()!r}"
 
 
 def region_shape(expression: Any, shape: Sequence[int] = SHAPE) -> tuple[int, ...]:

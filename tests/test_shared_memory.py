@@ -25,10 +25,15 @@ import patchwire.client._assembler as client_assembler
 from patchwire.client import extraction as extr
 from patchwire.service import PatchwireServer
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
+from patchwire.v1 import codec, shared_memory
 
+import _assembly_fixtures
 from _datasets import make_pymia_dataset
 from _servers import server_in_thread
+
+client = _assembly_fixtures.client  # module-scoped fixtures on this module's server
+stub = _assembly_fixtures.stub
+expect_raw = _assembly_fixtures.expect_raw
 
 SHAPE = (24, 40, 36)
 IMAGES = extr.DataExtractor(categories=("images",))
@@ -47,18 +52,6 @@ def server(request: pytest.FixtureRequest, h5: Path, tmp_path_factory: pytest.Te
     state = tmp_path_factory.mktemp("state") if request.param == "state-dir" else None
     with server_in_thread({"big": h5}, state_dir=state) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server: PatchwireServer) -> Iterator[pw.Client]:
-    with pw.connect(server.address) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def stub(server: PatchwireServer) -> Iterator[assembly_service_pb2_grpc.AssemblyServiceStub]:
-    with grpc.insecure_channel(server.address, options=codec.channel_options()) as channel:
-        yield assembly_service_pb2_grpc.AssemblyServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
@@ -292,16 +285,6 @@ def test_a_subject_larger_than_the_segment_comes_over_the_wire(
 
 
 # -- segments the server cannot use ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def expect_raw(code: grpc.StatusCode, *fragments: str) -> Iterator[None]:
-    with pytest.raises(grpc.RpcError) as info:
-        yield
-    exc: Any = info.value
-    assert exc.code() == code, exc
-    for fragment in fragments:
-        assert fragment in exc.details(), f"{fragment!r} not in {exc.details()!r}"
 
 
 def probe(stub: Any, ref: apb.SharedMemory, for_posting: bool = True) -> apb.ProbeSharedMemoryResponse:
