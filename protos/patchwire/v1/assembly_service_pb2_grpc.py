@@ -29,9 +29,10 @@ class AssemblyServiceStub:
     """Assembles predictions of indexed samples back into whole-subject volumes on the server.
 
     A job is bound to a datasource (dataset, indexing strategy, subject subset): it expects every sample index of
-    that datasource once. Clients post predictions in any order, from any number of streams; every acknowledged
-    batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash. A subject is ready when all its
-    sample indices have arrived.
+    that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
+    folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
+    without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
+    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
     """
 
     def __init__(self, channel):
@@ -96,9 +97,10 @@ class AssemblyServiceServicer:
     """Assembles predictions of indexed samples back into whole-subject volumes on the server.
 
     A job is bound to a datasource (dataset, indexing strategy, subject subset): it expects every sample index of
-    that datasource once. Clients post predictions in any order, from any number of streams; every acknowledged
-    batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash. A subject is ready when all its
-    sample indices have arrived.
+    that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
+    folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
+    without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
+    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
     """
 
     def CreateJob(self, request, context):
@@ -109,8 +111,8 @@ class AssemblyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PostPredictions(self, request_iterator, context):
-        """Posts prediction batches; each batch is acknowledged once it is durable. Re-posted sample indices are
-        acknowledged as duplicates and never counted twice.
+        """Posts prediction batches; each batch is acknowledged once it is applied (and durable, with a state folder).
+        Re-posted sample indices are acknowledged as duplicates and never counted twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,9 +241,10 @@ class AssemblyService:
     """Assembles predictions of indexed samples back into whole-subject volumes on the server.
 
     A job is bound to a datasource (dataset, indexing strategy, subject subset): it expects every sample index of
-    that datasource once. Clients post predictions in any order, from any number of streams; every acknowledged
-    batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash. A subject is ready when all its
-    sample indices have arrived.
+    that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
+    folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
+    without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
+    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
     """
 
     @staticmethod

@@ -30,9 +30,10 @@ class AssemblyServiceStub:
     """Assembles predictions of indexed samples back into whole-subject volumes on the server.
 
     A job is bound to a datasource (dataset, indexing strategy, subject subset): it expects every sample index of
-    that datasource once. Clients post predictions in any order, from any number of streams; every acknowledged
-    batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash. A subject is ready when all its
-    sample indices have arrived.
+    that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
+    folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
+    without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
+    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
     """
 
     @_typing.overload
@@ -42,8 +43,8 @@ class AssemblyServiceStub:
     CreateJob: _grpc.UnaryUnaryMultiCallable[_assembly_service_pb2.CreateJobRequest, _assembly_service_pb2.CreateJobResponse]
     """Creates a job (idempotent for the same job_id and parameters)."""
     PostPredictions: _grpc.StreamStreamMultiCallable[_assembly_service_pb2.PostPredictionsRequest, _assembly_service_pb2.PostPredictionsResponse]
-    """Posts prediction batches; each batch is acknowledged once it is durable. Re-posted sample indices are
-    acknowledged as duplicates and never counted twice.
+    """Posts prediction batches; each batch is acknowledged once it is applied (and durable, with a state folder).
+    Re-posted sample indices are acknowledged as duplicates and never counted twice.
     """
     SubscribeEvents: _grpc.UnaryStreamMultiCallable[_assembly_service_pb2.SubscribeEventsRequest, _assembly_service_pb2.SubscribeEventsResponse]
     """Streams the job's events from a sequence number: earlier events first, then new ones as they happen."""
@@ -70,17 +71,18 @@ class AssemblyServiceAsyncStub(AssemblyServiceStub):
     """Assembles predictions of indexed samples back into whole-subject volumes on the server.
 
     A job is bound to a datasource (dataset, indexing strategy, subject subset): it expects every sample index of
-    that datasource once. Clients post predictions in any order, from any number of streams; every acknowledged
-    batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash. A subject is ready when all its
-    sample indices have arrived.
+    that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
+    folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
+    without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
+    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateJob: _aio.UnaryUnaryMultiCallable[_assembly_service_pb2.CreateJobRequest, _assembly_service_pb2.CreateJobResponse]  # type: ignore[assignment]
     """Creates a job (idempotent for the same job_id and parameters)."""
     PostPredictions: _aio.StreamStreamMultiCallable[_assembly_service_pb2.PostPredictionsRequest, _assembly_service_pb2.PostPredictionsResponse]  # type: ignore[assignment]
-    """Posts prediction batches; each batch is acknowledged once it is durable. Re-posted sample indices are
-    acknowledged as duplicates and never counted twice.
+    """Posts prediction batches; each batch is acknowledged once it is applied (and durable, with a state folder).
+    Re-posted sample indices are acknowledged as duplicates and never counted twice.
     """
     SubscribeEvents: _aio.UnaryStreamMultiCallable[_assembly_service_pb2.SubscribeEventsRequest, _assembly_service_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
     """Streams the job's events from a sequence number: earlier events first, then new ones as they happen."""
@@ -106,9 +108,10 @@ class AssemblyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Assembles predictions of indexed samples back into whole-subject volumes on the server.
 
     A job is bound to a datasource (dataset, indexing strategy, subject subset): it expects every sample index of
-    that datasource once. Clients post predictions in any order, from any number of streams; every acknowledged
-    batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash. A subject is ready when all its
-    sample indices have arrived.
+    that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
+    folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
+    without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
+    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
     """
 
     @_abc_1.abstractmethod
@@ -125,8 +128,8 @@ class AssemblyServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_assembly_service_pb2.PostPredictionsRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_assembly_service_pb2.PostPredictionsResponse], _abc.AsyncIterator[_assembly_service_pb2.PostPredictionsResponse]]:
-        """Posts prediction batches; each batch is acknowledged once it is durable. Re-posted sample indices are
-        acknowledged as duplicates and never counted twice.
+        """Posts prediction batches; each batch is acknowledged once it is applied (and durable, with a state folder).
+        Re-posted sample indices are acknowledged as duplicates and never counted twice.
         """
 
     @_abc_1.abstractmethod
