@@ -29,7 +29,7 @@ from patchwire.v1 import codec, shared_memory
 
 import _assembly_fixtures
 from _datasets import make_pymia_dataset
-from _servers import server_in_thread
+from _servers import server_in_thread, server_subprocess
 
 client = _assembly_fixtures.client  # module-scoped fixtures on this module's server
 stub = _assembly_fixtures.stub
@@ -474,3 +474,28 @@ def test_partial_volumes_written_with_pwrite_are_rebuilt_after_a_restart(
         finally:
             asm.close()
             ds.close()
+
+
+# -- a server in another process ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "shared"),
+    [((), True), (("--state-dir", "{state}"), True), (("--no-shared-memory",), False)],
+    ids=["in-memory", "state-dir", "no-shared-memory"],
+)
+def test_a_server_in_another_process(h5: Path, tmp_path: Path, extra_args: tuple[str, ...], shared: bool) -> None:
+    """The segments cross a process boundary as they do in deployment: the server opens the client's descriptors
+    through /proc, and the client maps the server's result files; ``--no-shared-memory`` keeps it to the wire."""
+    args = tuple(a.format(state=tmp_path / "state") for a in extra_args)
+    with server_subprocess({"big": h5}, args) as address, pw.connect(address) as c:
+        ds = c.datasource("big", extr.EmptyIndexing(), IMAGES)
+        images = [ds[s]["images"] for s in range(3)]
+        ds.close()
+        with assembler(c, extr.SliceIndexing(0)) as asm:
+            post_all_slices(asm, images)
+            assert asm.uses_shared_memory is shared
+            for s in range(3):
+                volume = asm.get_assembled_subject(s)
+                np.testing.assert_array_equal(volume, images[s])
+                assert isinstance(segment_of(volume), mmap.mmap) is shared
