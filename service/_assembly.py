@@ -679,6 +679,8 @@ class _RegionWriter:
         offset = buffer.offset + start
         while len(data):
             written = os.pwrite(fd, data, offset)
+            if written <= 0:
+                raise OSError(f"writing the buffer of subject {self._subject.index} wrote nothing")
             data, offset = data[written:], offset + written
 
     def __enter__(self) -> _RegionWriter:
