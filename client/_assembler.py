@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -42,7 +43,7 @@ from patchwire.client._decoding import DecodedBatch, decode_batch, decode_stream
 from patchwire.client._errors import ConnectionFailed, RpcError, translate_rpc_errors
 from patchwire.client.conversion import ImageProperties
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, shared_memory, values_pb2
+from patchwire.v1 import codec, shared_memory, tensor_pb2, values_pb2
 
 __all__ = ["AssemblyEvent", "JobStatus", "RemoteSubjectAssembler", "SubjectProgress"]
 
@@ -154,10 +155,21 @@ def _as_numpy(value: Any) -> np.ndarray:
 Request = apb.PostPredictionsRequest | bytes  # chunk messages travel pre-serialised
 
 
-def _with_chunks(batch: apb.PredictionBatch, payloads: Sequence[memoryview]) -> list[Request]:
+def _tensor(array: np.ndarray) -> tuple[Any, np.ndarray | None]:
+    """The Tensor for a prediction and, when its bytes travel apart from it, the array itself: shared memory takes
+    it as it is (strided arrays included, copied once into the segment), the wire as a contiguous copy."""
+    if array.dtype.byteorder != ">" and array.nbytes > codec.INLINE_MAX_BYTES and array.dtype.kind in "biuf":
+        wire_dtype = codec.dtype_to_proto(array.dtype)
+        return tensor_pb2.Tensor(dtype=wire_dtype, shape=array.shape, chunked_nbytes=array.nbytes), array
+    tensor, payload = codec.array_to_tensor(array)
+    return tensor, None if payload is None else np.frombuffer(payload, dtype=np.uint8)
+
+
+def _with_chunks(batch: apb.PredictionBatch, payloads: Sequence[np.ndarray]) -> list[Request]:
     """The batch request, then its tensors' chunk messages as wire bytes (one copy of each payload)."""
     out: list[Request] = [apb.PostPredictionsRequest(batch=batch)]
-    out.extend(chunk for p in payloads for chunk in codec.serialized_chunks(p))
+    for p in payloads:
+        out.extend(codec.serialized_chunks(np.ascontiguousarray(p).reshape(-1).data.cast("B")))
     return out
 
 
@@ -176,25 +188,34 @@ class _PostSlots:
         return self.segment is not None and nbytes <= self.slot_bytes
 
     def replace(self, nbytes: int) -> None:
-        """A new segment with slots of at least ``nbytes`` (call with no batch in flight)."""
-        self.close()
-        self.slot_bytes = -(-nbytes // SLOT_GRANULE) * SLOT_GRANULE
-        self.segment = shared_memory.Segment(self.window * self.slot_bytes, sealed=True, name="patchwire-post")
+        """A segment with slots of at least ``nbytes`` (call with no batch in flight): the spare one of an earlier
+        assembler where it is large enough, else a new one."""
+        self.close(spare=True)
+        need = self.window * (-(-nbytes // SLOT_GRANULE) * SLOT_GRANULE)
+        self.segment = _SPARES.take_posting(need) or shared_memory.Segment(need, sealed=True, name="patchwire-post")
+        capacity = self.segment.size - shared_memory.HEADER_BYTES
+        self.slot_bytes = capacity // self.window // SLOT_GRANULE * SLOT_GRANULE
 
-    def place(self, batch: apb.PredictionBatch, payloads: Sequence[memoryview]) -> None:
+    def place(self, batch: apb.PredictionBatch, payloads: Sequence[np.ndarray]) -> None:
         """Copies ``payloads`` into the next slot and points ``batch`` at them."""
         assert self.segment is not None
         base = shared_memory.HEADER_BYTES + (self._posted % self.window) * self.slot_bytes
-        offsets, _ = shared_memory.layout([len(p) for p in payloads], base)
+        offsets, _ = shared_memory.layout([p.nbytes for p in payloads], base)
         for offset, payload in zip(offsets, payloads, strict=True):
-            self.segment.view(offset, len(payload))[:] = np.frombuffer(payload, dtype=np.uint8)
+            target = self.segment.view(offset, payload.nbytes).view(payload.dtype).reshape(payload.shape)
+            np.copyto(target, payload, casting="no")
         batch.shared_memory.CopyFrom(self.segment.proto())
         batch.shared_offsets.extend(offsets)
         self._posted += 1
 
-    def close(self) -> None:
+    def close(self, spare: bool) -> None:
+        """Closes the segment; ``spare``: keeps it for the next assembler instead (only with no batch in flight:
+        nothing reads its slots any more)."""
         if self.segment is not None:
-            self.segment.close()
+            if spare:
+                _SPARES.give_posting(self.segment)
+            else:
+                self.segment.close()
             self.segment = None
 
 
@@ -253,6 +274,57 @@ class _FetchSegments:
             free, self._free = self._free, []
         for segment in free:
             segment.close()
+
+
+class _Spares:
+    """Segments kept for later assemblers of this process: the posting segment of the last one closed (unless it is
+    over ``SPARE_POSTING_MAX`` bytes) and the segments subjects are fetched into. A new assembler then writes into
+    pages the process already has: fresh pages cost more than the copy itself on the machines measured. A forked
+    child starts with none of them (its parent's segments are shared memory with the parent)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._posting: shared_memory.Segment | None = None
+        self.fetching = _FetchSegments()
+
+    def take_posting(self, nbytes: int) -> shared_memory.Segment | None:
+        with self._lock:
+            spare = self._posting
+            if spare is None or spare.size - shared_memory.HEADER_BYTES < nbytes:
+                return None
+            self._posting = None
+            return spare
+
+    def give_posting(self, segment: shared_memory.Segment) -> None:
+        with self._lock:
+            keep = segment.size <= SPARE_POSTING_MAX and (self._posting is None or self._posting.size <= segment.size)
+            old, self._posting = (self._posting, segment) if keep else (segment, self._posting)
+        if old is not None:
+            old.close()
+
+    def forget(self) -> None:
+        """In a forked child: closes this process's copies of the parent's segments, keeps none of them. (The child
+        has one thread: locks another thread of the parent held at the fork are made anew, not waited for.)"""
+        self._lock = threading.Lock()
+        posting, self._posting = self._posting, None
+        fetching, self.fetching = self.fetching, _FetchSegments()
+        fetching._lock = threading.Lock()
+        fetching.close()
+        if posting is not None:
+            posting.close()
+
+
+SPARE_POSTING_MAX = 1 << 30
+"""A posting segment larger than this is closed with its assembler rather than kept for the next."""
+_SPARES = _Spares()
+
+
+def _forget_spares() -> None:
+    _SPARES.forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_spares)
 
 
 class _PostStream:
@@ -321,7 +393,7 @@ class RemoteSubjectAssembler:
         self.shared_memory = shared_memory
         self._shared: bool | None = None if shared_memory is not False else False
         self._slots = _PostSlots(window)
-        self._fetch_segments = _FetchSegments()
+        self._fetch_segments = _SPARES.fetching
         self._files_ok = True
         if entries is not None:
             self._create({name: (int(c), self.dtype or np.dtype(np.float32)) for name, c in entries.items()})
@@ -402,19 +474,19 @@ class RemoteSubjectAssembler:
 
     def _requests(self, arrays: Mapping[str, np.ndarray], indices: list[int], last_batch: bool) -> list[Request]:
         batch = apb.PredictionBatch(job_id=self._job(), sample_indices=indices, last_batch=last_batch)
-        payloads: list[memoryview] = []
+        payloads: list[np.ndarray] = []
         for key, arr in arrays.items():
-            tensor, payload = codec.array_to_tensor(arr)
+            tensor, payload = _tensor(arr)
             batch.fields.add(key=key, stacked=tensor)
             if payload is not None:
                 payloads.append(payload)
         return self._with_payloads(batch, payloads)
 
-    def _with_payloads(self, batch: apb.PredictionBatch, payloads: Sequence[memoryview]) -> list[Request]:
+    def _with_payloads(self, batch: apb.PredictionBatch, payloads: Sequence[np.ndarray]) -> list[Request]:
         """The requests that post ``batch``: its payloads copied into shared memory, or as chunks after it."""
         if not payloads or not self.uses_shared_memory:
             return _with_chunks(batch, payloads)
-        _, nbytes = shared_memory.layout([len(p) for p in payloads], 0)
+        _, nbytes = shared_memory.layout([p.nbytes for p in payloads], 0)
         if not self._slots.fits(nbytes):
             self.flush()  # the old segment's slots may still be read for the batches in flight
             self._slots.replace(nbytes)
@@ -428,13 +500,13 @@ class RemoteSubjectAssembler:
         if not self._created:
             self._create({k: (int(v[0].shape[-1]), self.dtype or v[0].dtype) for k, v in predictions.items()})
         batch = apb.PredictionBatch(job_id=self._job(), sample_indices=list(sample_indices), last_batch=last_batch)
-        payloads: list[memoryview] = []
+        payloads: list[np.ndarray] = []
         for key, values in predictions.items():
             field = batch.fields.add(key=key)
             field.per_sample.SetInParent()
             for v in values:
                 arr = _as_numpy(v)
-                tensor, payload = codec.array_to_tensor(arr if self.dtype is None else arr.astype(self.dtype))
+                tensor, payload = _tensor(arr if self.dtype is None else arr.astype(self.dtype, copy=False))
                 field.per_sample.values.append(values_pb2.Value(tensor=tensor))
                 if payload is not None:
                     payloads.append(payload)
@@ -648,8 +720,7 @@ class RemoteSubjectAssembler:
             self.flush()
         finally:
             self._drop_stream()
-            self._slots.close()
-            self._fetch_segments.close()
+            self._slots.close(spare=not self._inflight)
         self._connection.close()
 
     def __enter__(self) -> RemoteSubjectAssembler:

@@ -16,10 +16,11 @@ where the buffer is the result) or waits for its volume (average modes).
 A store that is not ``durable`` (a server without a state folder, whose jobs end with it) writes no journals, no
 event log and no metadata, and fsyncs nothing: the same assembly, acknowledged once applied in memory.
 
-Memory: partial volumes live in memory-mapped files under ``state_dir``; a :class:`BufferPool` keeps at most
-``budget`` bytes of them mapped (least recently used are unmapped, their pages stay on disk), so resident memory
-stays near the budget however many subjects are in flight. A single subject larger than the budget is mapped
-alone.
+Memory: partial volumes live in anonymous memory (transparent huge pages where the kernel offers them); a
+:class:`BufferPool` keeps at most ``budget`` bytes of them in memory and spills the least recently used to files
+under ``state_dir`` (read back when their subject gets predictions again), so resident memory stays near the budget
+however many subjects are in flight. A single subject larger than the budget is held alone. Buffers are derived
+state: the journals, not the spilled files, are what recovery reads.
 
 Overlap modes: overwrite (pymia's last write wins, in arrival order), average, and Gaussian-weighted average;
 the latter two keep a float sum per entry and a float32 weight per voxel and divide when the subject completes.
@@ -29,16 +30,19 @@ Sums are float32 (float64 when the entry's dtype is float64): pymia always assem
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,40 +93,98 @@ class Event:
 
 
 class BufferPool:
-    """Keeps at most ``budget`` bytes of partial-volume buffers mapped; unmaps the least recently used."""
+    """Keeps at most ``budget`` bytes of partial-volume buffers in memory; spills the least recently used to files.
+
+    The memory of buffers dropped while no array views them any more is kept for later subjects' buffers, within the
+    same budget (spare memory goes first when buffers need the room): writing into pages the process already has is
+    several times cheaper than into fresh ones on the machines measured, where first touches also varied 2-4x."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._open: OrderedDict[int, tuple[Subject, int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self.resident = 0
+        self._spare: list[mmap.mmap] = []
+        self.spare_bytes = 0
+
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype[Any], zero: bool = True) -> tuple[np.ndarray, mmap.mmap]:
+        """A buffer and the memory under it: spare memory of about its size, or new (call under the lock). Spare
+        memory holds what an earlier buffer left: it is zeroed unless ``zero`` is False (the caller overwrites every
+        byte before anything reads it)."""
+        count = int(np.prod(shape))
+        nbytes = max(count * dtype.itemsize, 1)
+        fits = [m for m in self._spare if nbytes <= len(m) <= nbytes + nbytes // 4]
+        if fits:
+            memory = min(fits, key=len)
+            self._spare.remove(memory)
+            self.spare_bytes -= len(memory)
+            if zero:
+                np.frombuffer(memory, dtype=np.uint8, count=nbytes)[:] = 0
+        else:
+            memory = _anonymous(nbytes)
+        return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape), memory
+
+    def _recycle(self, memories: list[mmap.mmap]) -> None:
+        """Keeps the memory of dropped buffers that nothing views any more, as far as the budget allows."""
+        while memories:
+            memory = memories.pop()
+            # referenced here and by the call's argument only: no array is left on it
+            if sys.getrefcount(memory) == 2 and self.resident + self.spare_bytes + len(memory) <= self.budget:
+                self._spare.append(memory)
+                self.spare_bytes += len(memory)
+
+    def _make_room(self, need: int) -> None:
+        while self._spare and self.resident + self.spare_bytes + need > self.budget:
+            self.spare_bytes -= len(self._spare.pop(0))
 
     def buffers(self, subject: Subject) -> dict[str, np.ndarray]:
-        with self._lock:
-            key = id(subject)
-            if key in self._open:
-                self._open.move_to_end(key)
-                assert subject.mapped is not None
-                return subject.mapped
-            need = subject.buffer_bytes()
-            while self._open and self.resident + need > self.budget:
-                _, (old, nbytes) = self._open.popitem(last=False)
-                old.unmap()
-                self.resident -= nbytes
-            mapped = subject.map()
-            self._open[key] = (subject, need)
-            self.resident += need
-            return mapped
+        """The subject's buffers, for reading (see :meth:`writing`)."""
+        with self.lock:
+            return self._buffers(subject)
 
-    def release(self, subject: Subject, flush: bool = True) -> None:
-        with self._lock:
+    @contextlib.contextmanager
+    def writing(self, subject: Subject) -> Iterator[dict[str, np.ndarray]]:
+        """The subject's buffers, kept in memory until the block ends: a spill meanwhile (for another job's subject,
+        from another thread) would lose what is written after it."""
+        with self.lock:
+            buffers = self._buffers(subject)
+            subject.writers += 1
+        try:
+            yield buffers
+        finally:
+            with self.lock:
+                subject.writers -= 1
+
+    def _buffers(self, subject: Subject) -> dict[str, np.ndarray]:
+        key = id(subject)
+        if key in self._open:
+            self._open.move_to_end(key)
+            assert subject.mapped is not None
+            return subject.mapped
+        need = subject.buffer_bytes()
+        self._make_room(need)
+        for old_key, (old, nbytes) in list(self._open.items()):  # least recently used first
+            if self.resident + need <= self.budget:
+                break
+            if not old.writers:
+                del self._open[old_key]
+                self.resident -= nbytes
+                self._recycle(old.unmap())
+        self._make_room(need)
+        mapped = subject.map(self.zeros)
+        self._open[key] = (subject, need)
+        self.resident += need
+        return mapped
+
+    def release(self, subject: Subject, spill: bool) -> None:
+        with self.lock:
             item = self._open.pop(id(subject), None)
             if item is not None:
-                subject.unmap(flush)
                 self.resident -= item[1]
+                self._recycle(subject.unmap(spill))
 
     def resident_of(self, subjects: Sequence[Subject]) -> int:
-        with self._lock:
+        with self.lock:
             ids = {id(s) for s in subjects}
             return sum(n for key, (_, n) in self._open.items() if key in ids)
 
@@ -141,6 +203,11 @@ class Subject:
     state: apb.SubjectState.ValueType = apb.SUBJECT_STATE_PENDING
     forced: bool = False
     mapped: dict[str, np.ndarray] | None = None
+    _memory: list[mmap.mmap] = field(default_factory=list, init=False, repr=False)
+    writers: int = field(default=0, init=False)
+    unzeroed: bool = field(default=False, init=False)
+    """The buffers may hold an earlier buffer's bytes where no sample has been written yet."""
+    """Threads writing into the buffers (which are not spilled meanwhile)."""
     finished: threading.Event | None = None
     """Set once the volume of a ready subject is durable in ``results/`` (None: nothing pending)."""
     finish_error: str | None = None
@@ -167,28 +234,41 @@ class Subject:
     def _buffer_path(self, key: str) -> Path:
         return self.job.directory / "buffers" / f"{self.index}.{key}.npy"
 
-    def map(self) -> dict[str, np.ndarray]:
-        """Maps the buffers, ``.npy`` files: an overwrite-mode buffer becomes the result file by a rename."""
+    def map(
+        self, zeros: Callable[[tuple[int, ...], np.dtype[Any], bool], tuple[np.ndarray, mmap.mmap]]
+    ) -> dict[str, np.ndarray]:
+        """The buffers in memory (from ``zeros``): zeros, or what a spill left in their files (removed once read).
+        Overwrite buffers whose samples cover every voxel are not zeroed first (:meth:`Job.covers`); ``unzeroed``
+        says so until a forced finish zeroes what no received sample covered."""
         out: dict[str, np.ndarray] = {}
+        self._memory = []
+        spilled = all(self._buffer_path(key).exists() for key in self.buffer_specs())
+        if not spilled:  # (a spilled buffer comes back as it was, zeroed or not)
+            self.unzeroed = self.job.mode == "overwrite" and self.job.covers(self)
+        zero = not spilled and not self.unzeroed
         for key, (shape, dtype) in self.buffer_specs().items():
+            out[key], memory = zeros(shape, dtype, zero)
+            self._memory.append(memory)
             path = self._buffer_path(key)
             if path.exists():
-                out[key] = np.load(path, mmap_mode="r+")
-            else:
-                out[key] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+                _read_npy(path, out[key])
+                path.unlink()
         self.mapped = out
         return out
 
-    def unmap(self, flush: bool = True) -> None:
+    def unmap(self, spill: bool = True) -> list[mmap.mmap]:
+        """Drops the buffers, first writing them to their files with ``spill``; returns the memory under them (freed
+        once no array views it, e.g. a volume being fetched)."""
         if self.mapped is not None:
-            if flush:
-                for arr in self.mapped.values():
-                    if isinstance(arr, np.memmap):
-                        arr.flush()
+            if spill:
+                for key, buffer in self.mapped.items():
+                    _write_npy(self._buffer_path(key), buffer, sync=False)
             self.mapped = None
+        memory, self._memory = self._memory, []
+        return memory
 
     def delete_buffers(self) -> None:
-        self.job.pool.release(self, flush=False)  # about to be deleted: writing the pages back is wasted
+        self.job.pool.release(self, spill=False)
         for key in self.buffer_specs():
             self._buffer_path(key).unlink(missing_ok=True)
 
@@ -219,6 +299,10 @@ class Job:
         self.id = job_id
         self.durable = durable
         """Journal, fsync and log what recovery needs (False: nothing outlives the process, nothing is synced)."""
+        self.keeps_volumes = not durable and mode == "overwrite"
+        """Finished volumes stay where they were assembled (in memory, or spilled to their buffer files beyond the
+        budget) instead of being written to ``results/``: a job that ends with the process needs no durable copy, and
+        an overwrite buffer already is the volume."""
         self.finisher = finisher
         """Where finished subjects' volumes are made durable (None: in the posting thread)."""
         self.directory = directory
@@ -239,6 +323,7 @@ class Job:
                 "(meta/image_props): assembly needs each subject's image size"
             )
         self.subjects: dict[int, Subject] = {}
+        self._coverage: dict[tuple[int, ...], bool] = {}
         for s, first, count in zip(source.subject_indices, source.starts, source.counts, strict=True):
             if count == 0:  # no sample (e.g. smaller than one patch): nothing to assemble, nothing to wait for
                 continue
@@ -277,6 +362,35 @@ class Job:
         self.events.append(event)
 
     # -- posting --------------------------------------------------------------------------------------------------
+
+    def covers(self, subject: Subject) -> bool:
+        """Whether the samples of a subject of this shape together cover every voxel (cached per shape; subjects of
+        more than ``_COVERAGE_MAX_SAMPLES`` samples, e.g. voxel-wise, are taken not to)."""
+        known = self._coverage.get(subject.shape)
+        if known is None:
+            known = subject.expected <= _COVERAGE_MAX_SAMPLES and bool(
+                self._covered(subject, range(subject.first_sample, subject.first_sample + subject.expected)).all()
+            )
+            self._coverage[subject.shape] = known
+        return known
+
+    def _covered(self, subject: Subject, samples: Iterable[int]) -> np.ndarray:
+        """The voxels of ``samples`` of ``subject`` (a bool volume with a channel axis of 1)."""
+        mask = np.zeros((*subject.shape, 1), dtype=bool)
+        for i in samples:
+            mask[self.source.locate(i)[1]] = True
+        return mask
+
+    def _zero_uncovered(self, subject: Subject) -> None:
+        """Zeroes the voxels that no received sample covers, in buffers that were not zeroed when they were made."""
+        if not subject.unzeroed:
+            return
+        received = np.flatnonzero(subject.received[: subject.expected]) + subject.first_sample
+        missing = ~self._covered(subject, received)[..., 0]
+        with self.pool.writing(subject) as buffers:
+            for buffer in buffers.values():
+                buffer[missing] = 0
+        subject.unzeroed = False
 
     def _region_shape(self, subject: Subject, expr: Any, entry: EntrySpec) -> tuple[int, ...]:
         return tuple(np.broadcast_to(np.empty((), np.uint8), (*subject.shape, entry.channels))[expr].shape)
@@ -365,10 +479,8 @@ class Job:
                 )
 
     def _apply(self, subject: Subject, indices: Sequence[int], arrays: Mapping[str, Sequence[np.ndarray]]) -> None:
-        buffers = self.pool.buffers(subject)
-        weight = buffers.get("__weight__")
-        with _RegionWriter(subject) as writer:
-            self._apply_to(subject, buffers, weight, writer, indices, arrays)
+        with self.pool.writing(subject) as buffers:
+            self._apply_to(subject, buffers, buffers.get("__weight__"), indices, arrays)
         subject.count += len(indices)
         if subject.state == apb.SUBJECT_STATE_PENDING:
             subject.state = apb.SUBJECT_STATE_IN_PROGRESS
@@ -378,7 +490,6 @@ class Job:
         subject: Subject,
         buffers: Mapping[str, np.ndarray],
         weight: np.ndarray | None,
-        writer: _RegionWriter,
         indices: Sequence[int],
         arrays: Mapping[str, Sequence[np.ndarray]],
     ) -> None:
@@ -396,7 +507,7 @@ class Job:
                 pred = arrays[e.name][k]
                 buf = buffers[e.name]
                 if self.mode == "overwrite":
-                    writer.write(e.name, buf, expr, pred)
+                    buf[expr] = pred
                 elif w is None:
                     buf[expr] = buf[expr] + pred
                 else:
@@ -407,6 +518,13 @@ class Job:
         """Makes a subject ready. A complete subject's journal holds every sample, so its volume is written in the
         background (``finisher``) and the journal deleted only after that; a forced subject's journal does not,
         so its volume is written first."""
+        if forced:
+            self._zero_uncovered(subject)
+        if self.keeps_volumes:  # nothing to write: the buffers are the volume
+            subject.state = apb.SUBJECT_STATE_READY
+            subject.forced = forced
+            self._emit(apb.EVENT_TYPE_SUBJECT_READY, subject)
+            return
         if forced:
             self._write_results(subject, forced=True)
             subject.state = apb.SUBJECT_STATE_READY
@@ -460,20 +578,10 @@ class Job:
             write_atomic(self.directory / "results" / f"{subject.index}.forced.npy", _npy(subject.received))
         for e in self.entries:
             path = subject.result_path(e.name)
-            if self.mode == "overwrite":  # the buffer is the result: make it durable and rename it (no copy)
-                buffer = buffers[e.name]
-                assert isinstance(buffer, np.memmap)
-                if self.durable:
-                    buffer.flush()
-                    fsync_path(subject._buffer_path(e.name))
-                subject._buffer_path(e.name).replace(path)
-                continue
-            with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
-                np.save(f, self._result(buffers, e))
-                if self.durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            path.with_name(f".{path.name}.tmp").replace(path)
+            volume = buffers[e.name] if self.mode == "overwrite" else self._result(buffers, e)
+            temporary = path.with_name(f".{path.name}.tmp")
+            _write_npy(temporary, volume, sync=self.durable)
+            temporary.replace(path)
         if self.durable:
             fsync_path(path.parent)
 
@@ -529,6 +637,8 @@ class Job:
                 f"subject {subject_index} ({subject.name!r}) of job {self.id!r} is not ready: {subject.count} of "
                 f"{subject.expected} samples received ({apb.SubjectState.Name(subject.state)})"
             )
+        if self.keeps_volumes:
+            return self._kept_volume(subject)
         if subject.finished is not None and not subject.finished.is_set():
             mapped = subject.mapped  # (one read: the finisher or the pool may drop it meanwhile)
             if self.mode == "overwrite" and mapped is not None and not subject.forced:
@@ -545,7 +655,10 @@ class Job:
         journalled subject's volume is still being made durable (its buffers hold it: see :meth:`result`). A job
         without a state folder finishes a volume with a rename: that is waited for."""
         subject = self.subject(subject_index)
-        self.result(subject_index)  # ready, and nothing failed so far (or raise)
+        volume = self.result(subject_index)  # ready, and nothing failed so far (or raise)
+        if self.keeps_volumes:  # in memory (None: the caller copies it) or spilled to files that never change again
+            files = {name: v for name, v in volume.items() if isinstance(v, np.memmap)}
+            return files if len(files) == len(volume) else None
         if subject.finished is not None and not subject.finished.is_set():
             if self.durable:
                 return None
@@ -553,6 +666,15 @@ class Job:
             if subject.finish_error is not None:
                 raise Internal(subject.finish_error)
         return {e.name: np.load(subject.result_path(e.name), mmap_mode="r") for e in self.entries}
+
+    def _kept_volume(self, subject: Subject) -> dict[str, np.ndarray]:
+        """A kept volume: read-only views of its buffers in memory, or its spilled buffer files mapped read-only.
+        (A ready subject's buffers are never read back into memory once spilled: its files stay as they are.)"""
+        with self.pool.lock:
+            mapped = subject.mapped
+            if mapped is not None:
+                return {e.name: _read_only(mapped[e.name]) for e in self.entries}
+            return {e.name: np.load(subject._buffer_path(e.name), mmap_mode="r") for e in self.entries}
 
     def info(self) -> apb.JobInfo:
         return apb.JobInfo(
@@ -599,7 +721,7 @@ class Job:
         self._wait_finished()  # volumes being written would otherwise land in a removed folder
         with self.lock:
             for subject in self.subjects.values():
-                self.pool.release(subject)
+                self.pool.release(subject, spill=False)
             shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- recovery -------------------------------------------------------------------------------------------------
@@ -655,45 +777,43 @@ class Job:
         self._check_completed()
 
 
-class _RegionWriter:
-    """Writes overwrite-mode predictions into a subject's buffers. A region that is one contiguous piece of its
-    buffer's file (an axial slice, a slab) is written with ``pwrite``: the kernel then fills whole pages straight from
-    the prediction, where a write through the mapping first zeroes every fresh page (twice the memory traffic, and a
-    page fault per page). Other regions (patches, later-axis slices) are copied through the mapping. The files are
-    opened per batch and closed after it (the buffers may be unmapped meanwhile; their files stay)."""
-
-    def __init__(self, subject: Subject) -> None:
-        self._subject = subject
-        self._fds: dict[str, int] = {}
-
-    def write(self, key: str, buffer: np.ndarray, expr: Any, prediction: np.ndarray) -> None:
-        region = buffer[expr]
-        if not (isinstance(buffer, np.memmap) and region.flags.c_contiguous and region.nbytes >= _PWRITE_MIN_BYTES):
-            region[...] = prediction
-            return
-        start = region.__array_interface__["data"][0] - buffer.__array_interface__["data"][0]
-        data = np.ascontiguousarray(prediction, dtype=buffer.dtype).reshape(-1).data.cast("B")
-        fd = self._fds.get(key)
-        if fd is None:
-            fd = self._fds[key] = os.open(self._subject._buffer_path(key), os.O_RDWR | os.O_CLOEXEC)
-        offset = buffer.offset + start
-        while len(data):
-            written = os.pwrite(fd, data, offset)
-            if written <= 0:
-                raise OSError(f"writing the buffer of subject {self._subject.index} wrote nothing")
-            data, offset = data[written:], offset + written
-
-    def __enter__(self) -> _RegionWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+_COVERAGE_MAX_SAMPLES = 1 << 16
+"""Subjects of more samples than this are zeroed before assembly rather than checked for coverage."""
 
 
-_PWRITE_MIN_BYTES = 64 << 10
-"""Regions smaller than this are copied through the mapping (a system call costs more than their page faults)."""
+def _anonymous(nbytes: int) -> mmap.mmap:
+    """Zeroed memory of its own, returned to the system once nothing references it. Huge pages (where the kernel
+    offers them for the asking) make a first write into a buffer several times cheaper than 4 KiB pages, and far
+    cheaper than into a memory-mapped file on disk, whose fresh pages are faulted in one by one: a 64^3 patch is
+    thousands of rows of a few hundred bytes, each in another page."""
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return memory
+
+
+def _write_npy(path: Path, array: np.ndarray, sync: bool) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _read_npy(path: Path, into: np.ndarray) -> None:
+    """Reads an ``.npy`` file written by :func:`_write_npy` into ``into`` (no mapping: no file pages in the RSS)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if (shape, fortran, dtype) != (into.shape, False, into.dtype):
+            raise Internal(f"{path} holds a {dtype}{shape} array, expected {into.dtype}{into.shape}")
+        view = into.reshape(-1).view(np.uint8).data
+        while len(view):
+            n = f.readinto(view)
+            if not n:
+                raise Internal(f"{path} ends {len(view)} bytes early")
+            view = view[n:]
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

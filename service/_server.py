@@ -317,7 +317,7 @@ class PatchwireServer:
             self._assembly.close()  # volumes of ready subjects being written: finish them (their journals stay)
             for job in self._assembly.jobs.values():
                 for subject in job.subjects.values():
-                    self._assembly.pool.release(subject)  # unmap partial volumes (their journals are on disk)
+                    self._assembly.pool.release(subject, spill=False)  # rebuilt from their journals
             self._assembly = None
         for ds in self._datasets.values():
             ds.close()

@@ -779,15 +779,18 @@ def test_status_through_a_job(
     assert (status.received, status.ready_subject_count, status.last_event_sequence) == (40, 1, 1)
     assert subject_states(status) == [("ready", 20, 0, False), ("in_progress", 20, 2, False), ("pending", 0, 24, False)]
     assert [s.missing_sample_indices for s in status.subjects] == [(), (40, 41), (42, 43, 44, 45)]
-    # subject 2's uint8 volume is mapped; subject 1's is freed once written to its result (in the background)
-    status = _eventually(lambda: asm.status(max_missing=4), lambda s: s.resident_buffer_bytes == 22 * 24 * 16)
+    # the second subject's uint8 volume is in memory; the first's is freed once written to its result (in the
+    # background), or, without a state folder, kept in memory as the finished volume
+    kept = server.config.state_dir is None
+    first = 20 * 24 * 16 if kept else 0
+    status = _eventually(lambda: asm.status(max_missing=4), lambda s: s.resident_buffer_bytes == first + 22 * 24 * 16)
     assert client.job_status(asm.job_id, max_missing=4) == status
     assert asm.job_id in {j.job_id for j in client.jobs()}
     post(range(40, 66))
     status = asm.status()
     assert (status.state, status.received, status.ready_subject_count) == ("completed", 66, 3)
     assert status.last_event_sequence == 4
-    _eventually(asm.status, lambda s: s.resident_buffer_bytes == 0)
+    _eventually(asm.status, lambda s: s.resident_buffer_bytes == (sum(VARY_SLICES) * 24 * 16 if kept else 0))
     assert subject_states(status) == [("ready", n, 0, False) for n in VARY_SLICES]
 
 
@@ -914,20 +917,24 @@ def test_hdf5_export_is_a_pymia_dataset(
 
 
 def test_abort_frees_unfinished_subjects_and_rejects_further_posts(
+    server: PatchwireServer,
     open_ds: Callable[..., pw.RemoteDatasource],
     make_asm: Callable[..., pw.RemoteSubjectAssembler],
     images: list[np.ndarray],
 ) -> None:
     asm = make_asm(open_ds(extr.SliceIndexing()))
     post_slices(asm, images, range(25))
-    # subject 1's partial float32 volume (subject 0's is unmapped once written, in the background)
-    _eventually(asm.status, lambda s: s.resident_buffer_bytes == 20 * 24 * 16 * 2 * 4)
+    # subject 1's partial float32 volume; subject 0's is unmapped once written, in the background (without a state
+    # folder it stays in memory: it is the finished volume)
+    subject_bytes = 20 * 24 * 16 * 2 * 4
+    kept = subject_bytes if server.config.state_dir is None else 0
+    _eventually(asm.status, lambda s: s.resident_buffer_bytes == kept + subject_bytes)
     status = asm.abort()
     assert (status.state, status.received, status.ready_subject_count, status.resident_buffer_bytes) == (
         "aborted",
         25,
         1,
-        0,
+        kept,
     )
     assert subject_states(asm.status()) == [
         ("ready", 20, 0, False),

@@ -361,18 +361,20 @@ def test_a_ready_subject_is_fetched_before_its_volume_is_durable(
     tiny_h5: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Overwrite mode: a ready subject's buffer is its volume and its journal already holds every sample, so a fetch
-    does not wait while the background thread syncs the volume; afterwards the volume is the result file."""
+    does not wait while the background thread writes and syncs the volume; afterwards the volume is the result
+    file."""
     state = tmp_path / "state"
     syncing, release = threading.Event(), threading.Event()
-    fsync_path = _assembly.fsync_path
+    write_npy = _assembly._write_npy
 
-    def held(path: Path) -> None:
-        if path.parent.name == "buffers":  # the finished subject's volume being made durable
+    def held(path: Path, array: np.ndarray, sync: bool) -> None:
+        if path.parent.name == "results":  # the finished subject's volume being made durable
+            assert sync
             syncing.set()
             assert release.wait(EXIT_TIMEOUT_S)
-        fsync_path(path)
+        write_npy(path, array, sync)
 
-    monkeypatch.setattr(_assembly, "fsync_path", held)
+    monkeypatch.setattr(_assembly, "_write_npy", held)
     try:
         with server_in_thread({"tiny": tiny_h5}, state_dir=state) as server, pw.connect(server.address) as client:
             ds = client.datasource("tiny", extr.SliceIndexing())
@@ -536,6 +538,56 @@ def test_resident_partial_volumes_stay_within_the_budget(many_h5: Path, tmp_path
         assert len(ds) == MEM_SUBJECTS * sum(MEM_SHAPE)
         most = _post_all(server, oracle, ds, client, budget, oracle.interleaved(batch_size=8, seed=1))
         assert most == 2 * subject_bytes  # the budget was used, and never more
+
+
+@pytest.mark.parametrize("state_folder", [True, False], ids=["state-dir", "no-state-dir"])
+def test_memory_of_finished_buffers_is_reused_zeroed(tiny_h5: Path, tmp_path: Path, state_folder: bool) -> None:
+    """A finished subject's buffer memory is kept (within the budget) for the next subject's buffers, and comes back
+    zeroed: a later job's forced subject shows zeros wherever nothing arrived, not the earlier job's values."""
+    state = tmp_path / "state" if state_folder else None
+    with server_in_thread({"tiny": tiny_h5}, state_dir=state) as server, pw.connect(server.address) as client:
+        assert server._assembly is not None
+        pool = server._assembly.pool
+        ds = client.datasource("tiny", extr.SliceIndexing())
+        subject = list(range(SUBJECT_SAMPLES))
+        with client.assembler(ds, job_id="first", entries={ENTRY: CHANNELS}) as assembler:
+            assembler.add_batch(_batch(subject, offset=5.0), subject)
+            np.testing.assert_array_equal(
+                assembler.get_assembled_subject(0)[ENTRY], np.stack(_batch(subject, 5.0)[ENTRY])
+            )
+            assembler.delete()
+        spare = pool.spare_bytes
+        assert spare >= SUBJECT_SAMPLES * int(np.prod(SLICE_SHAPE)) * CHANNELS * 4  # subject 0's buffer, kept
+        half = subject[: SUBJECT_SAMPLES // 2]
+        with client.assembler(ds, job_id="second", entries={ENTRY: CHANNELS}) as assembler:
+            assembler.add_batch(_batch(half), half)
+            assert pool.spare_bytes < spare  # the new buffer took the kept memory
+            assembler.add_batch(_batch([SUBJECT_SAMPLES]), [SUBJECT_SAMPLES], last_batch=True)
+            volume = assembler.get_assembled_subject(0)[ENTRY]
+            np.testing.assert_array_equal(volume[: len(half)], _expected(0)[: len(half)])
+            assert not volume[len(half) :].any()
+
+
+def test_reused_memory_is_zeroed_where_the_samples_leave_gaps(tiny_h5: Path) -> None:
+    """Buffers whose samples cover every voxel (slices) skip zeroing reused memory, as every byte is written before
+    the volume is read; buffers of samples with gaps (8^3 patches without the incomplete ones on a 20x24x16
+    subject) get it zeroed: the gaps show zeros, not an earlier job's values."""
+    with server_in_thread({"tiny": tiny_h5}) as server, pw.connect(server.address) as client:
+        assert server._assembly is not None
+        pool = server._assembly.pool
+        slices = client.datasource("tiny", extr.SliceIndexing())
+        subject = list(range(SUBJECT_SAMPLES))
+        with client.assembler(slices, entries={ENTRY: CHANNELS}) as assembler:
+            assembler.add_batch(_batch(subject, offset=5.0), subject)
+            assembler.delete()
+        spare = pool.spare_bytes
+        patches = client.datasource("tiny", extr.PatchWiseIndexing((8, 8, 8), ignore_incomplete=True))
+        count = len(patches) // 3  # 2 x 3 x 2 patches per subject
+        with client.assembler(patches, entries={ENTRY: CHANNELS}) as assembler:
+            assembler.add_batch({ENTRY: np.ones((count, 8, 8, 8, CHANNELS), np.float32)}, list(range(count)))
+            assert pool.spare_bytes < spare  # the memory of the slice job's buffer
+            volume = assembler.get_assembled_subject(0)[ENTRY]
+        assert (volume[:16] == 1).all() and not volume[16:].any()
 
 
 def test_a_subject_larger_than_the_budget_is_mapped_alone(many_h5: Path, tmp_path: Path) -> None:

@@ -77,6 +77,12 @@ def assembler(client: pw.Client, indexing: extr.IndexingStrategy, **kwargs: Any)
         ds.close()
 
 
+@pytest.fixture(autouse=True)
+def fresh_spares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no spare segments of earlier assemblers (the tests that check reuse make their own)."""
+    monkeypatch.setattr(client_assembler, "_SPARES", client_assembler._Spares())
+
+
 @pytest.fixture
 def no_wire_payloads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fails the test if the client sends a payload as chunks or reads one from chunks."""
@@ -174,10 +180,75 @@ def test_a_kept_volume_is_never_overwritten_by_later_fetches_and_dropped_ones_ar
         np.testing.assert_array_equal(kept, images[0])
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "wire"])
+def test_strided_predictions_are_posted_as_they_are(
+    client: pw.Client, images: list[np.ndarray], shared: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Predictions that are views with gaps (here every other channel of a wider array) go into the posting segment
+    with one strided copy, with no contiguous copy first; over the wire as a contiguous copy. The volumes are the
+    same."""
+    if shared:
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a large prediction was encoded through a contiguous copy")
+
+        monkeypatch.setattr(codec, "array_to_tensor", refuse)
+    with assembler(client, extr.SliceIndexing(0), shared_memory=shared) as asm:
+        for start in range(0, 3 * SHAPE[0], 8):
+            indices = np.arange(start, start + 8)
+            stacked = np.stack([images[i // SHAPE[0]][i % SHAPE[0]] for i in indices])
+            wide = np.zeros((*stacked.shape[:-1], 2 * stacked.shape[-1]), stacked.dtype)
+            wide[..., ::2] = stacked
+            strided = wide[..., ::2]
+            assert not strided.flags.c_contiguous
+            asm.add_batch(strided, indices)
+        asm.flush()
+        assert asm.uses_shared_memory == shared
+        for s in range(3):
+            np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+
+
+def test_a_later_assembler_posts_through_the_segment_of_an_earlier_one(
+    client: pw.Client, images: list[np.ndarray], no_wire_payloads: None
+) -> None:
+    """A closed assembler's posting segment (everything in it acknowledged) is kept for the next assembler of the
+    process, whose batches then land in pages the process already has."""
+    with assembler(client, extr.SliceIndexing(0)) as first:
+        post_all_slices(first, images)
+        assert first._slots.segment is not None
+        token = first._slots.segment.token
+    assert client_assembler._SPARES._posting is not None
+    with assembler(client, extr.SliceIndexing(0)) as second:
+        post_all_slices(second, images)
+        assert second._slots.segment is not None and second._slots.segment.token == token
+        for s in range(3):
+            np.testing.assert_array_equal(second.get_assembled_subject(s), images[s])
+
+
+def test_a_forked_child_keeps_none_of_the_parents_spare_segments(client: pw.Client, images: list[np.ndarray]) -> None:
+    """A forked child shares its parent's segments' pages: it must not post or fetch through them, so it starts
+    with no spares, and the parent keeps its own."""
+    with assembler(client, extr.SliceIndexing(0)) as asm:
+        asm._files_ok = False  # fetched into a segment, which comes back as a spare once the volume is gone
+        post_all_slices(asm, images)
+        np.testing.assert_array_equal(asm.get_assembled_subject(0), images[0])
+        gc.collect()
+    spares = client_assembler._SPARES
+    assert spares._posting is not None and spares.fetching._free
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit status only
+        child = client_assembler._SPARES
+        os._exit(0 if child._posting is None and not child.fetching._free else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert spares._posting is not None and spares.fetching._free
+
+
 def test_a_growing_batch_moves_to_a_larger_segment(
     client: pw.Client, images: list[np.ndarray], no_wire_payloads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(client_assembler, "SLOT_GRANULE", 64 << 10)
+    monkeypatch.setattr(client_assembler, "_SPARES", client_assembler._Spares())  # no spare segment to start from
     with assembler(client, extr.SliceIndexing(0), window=2) as asm:
         sizes = [8, 8, 16, 40]  # 72 slices: every sample once; 92 KB up to 461 KB
         start = 0
@@ -194,9 +265,18 @@ def test_a_growing_batch_moves_to_a_larger_segment(
             np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
 
 
+def _wait_until_written(server: PatchwireServer, asm: Any) -> None:
+    """Waits until the server's background thread has written every ready subject's volume to results/."""
+    assert server._assembly is not None
+    for subject in server._assembly.get(str(asm.job_id)).subjects.values():
+        assert subject.finished is None or subject.finished.wait(30)
+
+
 def test_finished_volumes_are_mapped_from_the_servers_files_and_writes_stay_local(
     server: PatchwireServer, client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With a state folder a finished volume is a result file, mapped privately; without one an overwrite volume
+    stays in the server's memory and is written into the client's segment."""
     mapped: list[str] = []
     real = shared_memory.map_file
 
@@ -207,12 +287,16 @@ def test_finished_volumes_are_mapped_from_the_servers_files_and_writes_stay_loca
     monkeypatch.setattr(shared_memory, "map_file", spy)
     with assembler(client, extr.SliceIndexing(0)) as asm:
         post_all_slices(asm, images)
+        _wait_until_written(server, asm)
         first = asm.get_assembled_subject(1)
-        first[...] = 0  # a private mapping: the server's file keeps the volume
+        first[...] = 0  # a private mapping or the client's own segment: the server keeps the volume
         np.testing.assert_array_equal(asm.get_assembled_subject(1), images[1])
-        if server.config.state_dir is None:  # (a journalled subject may still be being made durable: then copied)
+        if server.config.state_dir is not None:
             assert len(mapped) == 2 and all("/results/" in path for path in mapped)
             assert asm._files_ok
+        else:
+            assert mapped == []
+            assert isinstance(segment_of(first), mmap.mmap)
 
 
 def test_files_that_cannot_be_mapped_here_are_written_into_the_segment_instead(
@@ -221,13 +305,45 @@ def test_files_that_cannot_be_mapped_here_are_written_into_the_segment_instead(
     monkeypatch.setattr(shared_memory, "map_file", lambda ref, nbytes: None)  # e.g. another mount namespace
     with assembler(client, extr.SliceIndexing(0)) as asm:
         post_all_slices(asm, images)
+        _wait_until_written(server, asm)
         for s in range(3):
             volume = asm.get_assembled_subject(s)
             np.testing.assert_array_equal(volume, images[s])
             assert isinstance(segment_of(volume), mmap.mmap)
         assert asm.uses_shared_memory
-        if server.config.state_dir is None:
-            assert not asm._files_ok, "asked once, then no more"
+        # asked once, then no more (a server without a state folder kept these volumes in memory: no files)
+        assert asm._files_ok == (server.config.state_dir is None)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "wire"])
+def test_kept_volumes_spilled_beyond_the_budget_are_fetched_from_their_files(
+    h5: Path, images: list[np.ndarray], shared: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a state folder, finished overwrite volumes stay in memory within the assembly budget; older ones are
+    spilled to their buffer files, which a same-host client maps and any client can fetch."""
+    mapped: list[str] = []
+    real = shared_memory.map_file
+
+    def spy(ref: apb.SharedFile, nbytes: int) -> Any:
+        mapped.append(ref.path)
+        return real(ref, nbytes)
+
+    monkeypatch.setattr(shared_memory, "map_file", spy)
+    one_subject = images[0].nbytes
+    with (
+        server_in_thread({"big": h5}, assembly_memory_bytes=one_subject + one_subject // 2) as srv,
+        pw.connect(srv.address) as c,
+        assembler(c, extr.SliceIndexing(0), shared_memory=shared) as asm,
+    ):
+        post_all_slices(asm, images)
+        assert srv._assembly is not None
+        job = srv._assembly.get(str(asm.job_id))
+        assert [job.subjects[s].mapped is None for s in range(3)] == [True, True, False]
+        for s in (0, 2):
+            np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+        assert mapped == ([] if not shared else [mapped[0]])
+        if shared:
+            assert "/buffers/0." in mapped[0]
 
 
 # -- the wire where shared memory cannot be used --------------------------------------------------------------------
@@ -412,68 +528,6 @@ def test_a_fetch_into_a_segment_too_small_sends_chunks(client: pw.Client, stub: 
         assert not responses[0].shared_offsets
         assert [r.WhichOneof("payload") for r in responses[1:]] == ["chunk"] * (len(responses) - 1)
         assert len(responses) > 1
-
-
-# -- how the server writes what arrives -----------------------------------------------------------------------------
-
-
-def test_contiguous_regions_are_written_into_the_buffer_files_with_pwrite(
-    client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Axial slices are contiguous pieces of a subject's buffer file: the server writes them with pwrite (the size
-    threshold is lowered here: this dataset's slices are small) and the volumes are the same."""
-    import patchwire.service._assembly as server_assembly
-
-    monkeypatch.setattr(server_assembly, "_PWRITE_MIN_BYTES", 0)
-    written: list[int] = []
-    real = os.pwrite
-
-    def counting(fd: int, data: Any, offset: int) -> int:
-        if "/buffers/" in os.readlink(f"/proc/self/fd/{fd}"):
-            written.append(len(data))
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", counting)
-    for shared in (True, False):
-        written.clear()
-        with assembler(client, extr.SliceIndexing(0), shared_memory=shared) as asm:
-            post_all_slices(asm, images)
-            assert sum(written) == sum(image.nbytes for image in images)
-            for s in range(3):
-                np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
-
-
-def test_partial_volumes_written_with_pwrite_are_rebuilt_after_a_restart(
-    h5: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every slice but the last goes to a server with a state folder; a new server on that folder replays the
-    journals into fresh buffers (with pwrite too) and completes the job with the last slice."""
-    import patchwire.service._assembly as server_assembly
-
-    monkeypatch.setattr(server_assembly, "_PWRITE_MIN_BYTES", 0)
-    last = 3 * SHAPE[0] - 1
-    with server_in_thread({"big": h5}, state_dir=tmp_path) as srv, pw.connect(srv.address) as c:
-        ds = c.datasource("big", extr.EmptyIndexing(), IMAGES)
-        images = [ds[s]["images"] for s in range(3)]
-        ds.close()
-        ds = c.datasource("big", extr.SliceIndexing(0), IMAGES)
-        asm = c.assembler(ds, job_id="resumed")
-        for start in range(0, last, 8):
-            indices = np.arange(start, min(start + 8, last))
-            asm.add_batch(np.stack([images[i // SHAPE[0]][i % SHAPE[0]] for i in indices]), indices)
-        asm.close()
-        ds.close()
-    with server_in_thread({"big": h5}, state_dir=tmp_path) as srv, pw.connect(srv.address) as c:
-        ds = c.datasource("big", extr.SliceIndexing(0), IMAGES)
-        asm = c.assembler(ds, job_id="resumed", entries={"__prediction": 2})
-        try:
-            assert asm.status().received == last
-            asm.add_batch(images[2][-1:], [last])
-            for s in range(3):
-                np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
-        finally:
-            asm.close()
-            ds.close()
 
 
 # -- a server in another process ------------------------------------------------------------------------------------
