@@ -62,14 +62,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for assembly jobs (journals, partial volumes, results): every prediction batch is journalled "
         "and fsync'ed before it is acknowledged, and restarting with the same folder recovers every job. Default: "
-        "jobs in memory (buffers in a temporary folder, removed at exit; nothing journalled or synced)",
+        "jobs in memory (spilled to a temporary folder beyond --assembly-memory, removed at exit; nothing journalled "
+        "or synced)",
     )
     serve.add_argument(
         "--assembly-memory",
         type=float,
         default=1024,
         metavar="MB",
-        help="most MB of partial volumes kept in memory; the rest stay on disk (default 1024)",
+        help="most MB of assembly buffers in memory (partial volumes, memory kept for reuse and, without "
+        "--state-dir, finished volumes); the rest are spilled to disk (default 1024)",
     )
     serve.add_argument(
         "--no-shared-memory",

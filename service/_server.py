@@ -62,7 +62,7 @@ class ServerConfig:
     cache_bytes: int = 1 << 30
     """Capacity of the block cache shared by all datasets and clients (0 disables it)."""
     assembly_memory_bytes: int = 1 << 30
-    """Most bytes of partial-volume buffers kept mapped in memory; the rest stay on disk in ``state_dir``."""
+    """Most bytes of assembly buffers in memory (see ``_assembly.BufferPool``); the rest are spilled to files."""
     shared_memory: bool = True
     """Let assembly clients on this host, running as this server's user, post and fetch predictions through
     shared-memory segments instead of the wire (:mod:`patchwire.v1.shared_memory`)."""
