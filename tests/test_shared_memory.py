@@ -265,6 +265,20 @@ def test_a_growing_batch_moves_to_a_larger_segment(
             np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
 
 
+@pytest.fixture
+def mapped(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the server files the client maps (fetched volumes), in order."""
+    paths: list[str] = []
+    real = shared_memory.map_file
+
+    def spy(ref: apb.SharedFile, nbytes: int) -> Any:
+        paths.append(ref.path)
+        return real(ref, nbytes)
+
+    monkeypatch.setattr(shared_memory, "map_file", spy)
+    return paths
+
+
 def _wait_until_written(server: PatchwireServer, asm: Any) -> None:
     """Waits until the server's background thread has written every ready subject's volume to results/."""
     assert server._assembly is not None
@@ -273,18 +287,10 @@ def _wait_until_written(server: PatchwireServer, asm: Any) -> None:
 
 
 def test_finished_volumes_are_mapped_from_the_servers_files_and_writes_stay_local(
-    server: PatchwireServer, client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+    server: PatchwireServer, client: pw.Client, images: list[np.ndarray], mapped: list[str]
 ) -> None:
     """With a state folder a finished volume is a result file, mapped privately; without one an overwrite volume
     stays in the server's memory and is written into the client's segment."""
-    mapped: list[str] = []
-    real = shared_memory.map_file
-
-    def spy(ref: apb.SharedFile, nbytes: int) -> Any:
-        mapped.append(ref.path)
-        return real(ref, nbytes)
-
-    monkeypatch.setattr(shared_memory, "map_file", spy)
     with assembler(client, extr.SliceIndexing(0)) as asm:
         post_all_slices(asm, images)
         _wait_until_written(server, asm)
@@ -317,18 +323,10 @@ def test_files_that_cannot_be_mapped_here_are_written_into_the_segment_instead(
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "wire"])
 def test_kept_volumes_spilled_beyond_the_budget_are_fetched_from_their_files(
-    h5: Path, images: list[np.ndarray], shared: bool, monkeypatch: pytest.MonkeyPatch
+    h5: Path, images: list[np.ndarray], shared: bool, mapped: list[str]
 ) -> None:
     """Without a state folder, finished overwrite volumes stay in memory within the assembly budget; older ones are
     spilled to their buffer files, which a same-host client maps and any client can fetch."""
-    mapped: list[str] = []
-    real = shared_memory.map_file
-
-    def spy(ref: apb.SharedFile, nbytes: int) -> Any:
-        mapped.append(ref.path)
-        return real(ref, nbytes)
-
-    monkeypatch.setattr(shared_memory, "map_file", spy)
     one_subject = images[0].nbytes
     with (
         server_in_thread({"big": h5}, assembly_memory_bytes=one_subject + one_subject // 2) as srv,
