@@ -60,7 +60,12 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
 
     for key in ("cpu", "cores", "memory_gib", "python", "numpy", "torch", "grpcio"):
         assert report["machine"][key], key
-    _positive(report["ceiling"]["gb_per_s"], "ceiling")
+    ceiling = report["ceiling"]
+    _positive(ceiling["gb_per_s"], "ceiling")
+    _positive(ceiling["before_streaming_gb_per_s"], "ceiling before patchwire's streaming")
+    _positive(ceiling["after_streaming_gb_per_s"], "ceiling after patchwire's streaming")
+    assert len(ceiling["runs_gb_per_s"]) == 2 * report["mode"]["ceiling_runs"]
+    assert min(ceiling["runs_gb_per_s"]) <= ceiling["gb_per_s"] <= max(ceiling["runs_gb_per_s"])
     _positive(report["durable_writes"]["mb_per_s"], "durable writes")
 
     for pattern in PATTERNS:
