@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from patchwire.client._connection import Connection
@@ -50,6 +51,8 @@ __all__ = ["AssemblyEvent", "JobStatus", "RemoteSubjectAssembler", "SubjectProgr
 _log = logging.getLogger(__name__)
 FETCH_SUBJECT = "/patchwire.v1.AssemblyService/FetchSubject"
 PREDICTION_KEY = "__prediction"  # pymia's key for a plain array prediction
+RELEASE_TIMEOUT_S = 10.0
+"""How long giving back leases of the server's memory may take (best effort)."""
 FETCH_SEGMENT_BYTES = 1 << 36
 """Nominal size of the segment a subject is fetched into: sparse, it uses memory only where the server writes (a
 larger subject comes over the wire)."""
@@ -319,12 +322,46 @@ SPARE_POSTING_MAX = 1 << 30
 _SPARES = _Spares()
 
 
+class _Leases:
+    """Leases of a server's memory (``SharedFile.lease``: a volume fetched by mapping the server's memfd) whose
+    mappings are gone here, by server address, until they are given back (:meth:`RemoteSubjectAssembler.fetch`,
+    ``delete``, ``close``), so that the server may reuse that memory. A forked child inherits its parent's mappings
+    and may still read them: a mapping made before a fork never gives its lease back (the server then frees that
+    memory with the child's last mapping of it instead of reusing it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gone: dict[str, list[bytes]] = {}
+        self.generation = 0
+
+    def unmapped(self, address: str, lease: bytes, generation: int) -> None:
+        with self._lock:
+            if generation == self.generation:
+                self._gone.setdefault(address, []).append(lease)
+
+    def take(self, address: str) -> list[bytes]:
+        with self._lock:
+            return self._gone.pop(address, [])
+
+    def before_fork(self) -> None:
+        self.generation += 1
+
+    def forget(self) -> None:
+        """In a forked child: its parent gives back its own leases."""
+        self._lock = threading.Lock()
+        self._gone = {}
+
+
+_LEASES = _Leases()
+
+
 def _forget_spares() -> None:
     _SPARES.forget()
+    _LEASES.forget()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_spares)
+    os.register_at_fork(before=_LEASES.before_fork, after_in_child=_forget_spares)
 
 
 class _PostStream:
@@ -588,6 +625,7 @@ class RemoteSubjectAssembler:
         what = f"fetching subject {subject_index} of assembly job {self.job_id!r}"
         decoded = None
         if self.uses_shared_memory:
+            self._give_back_leases()
             try:
                 segment = self._fetch_segments.take()
             except OSError as exc:  # e.g. a file-size limit below the nominal size
@@ -625,7 +663,7 @@ class RemoteSubjectAssembler:
                     raise ConnectionFailed(
                         f"the server named {len(message.shared_files)} files for {len(sizes)} payloads"
                     )
-                mapped = [shared_memory.map_file(f, n) for f, n in zip(message.shared_files, sizes, strict=True)]
+                mapped = [self._map(f, n) for f, n in zip(message.shared_files, sizes, strict=True)]
                 payloads = [m for m in mapped if m is not None]
                 if len(payloads) < len(mapped):
                     return None  # (the caller asks again, with the same segment)
@@ -645,6 +683,31 @@ class RemoteSubjectAssembler:
             self._fetch_segments.give_back(segment)
             raise
         return decode_batch(message.batch, self._fetch_segments.views(segment, offsets, sizes))
+
+    def _map(self, ref: apb.SharedFile, nbytes: int) -> np.ndarray | None:
+        """A server's file mapped here; the lease of one that is the server's memory is given back once the mapping
+        is gone (at once where it could not be mapped)."""
+        array = shared_memory.map_file(ref, nbytes)
+        if ref.lease:
+            address, generation = self._connection.address, _LEASES.generation
+            if array is None:
+                _LEASES.unmapped(address, ref.lease, generation)
+            else:
+                weakref.finalize(shared_memory.mapping_of(array), _LEASES.unmapped, address, ref.lease, generation)
+        return array
+
+    def _give_back_leases(self) -> None:
+        """Tells the server which of its memory this process no longer maps (best effort: memory whose lease never
+        comes back is freed instead of reused)."""
+        leases = _LEASES.take(self._connection.address)
+        if not leases:
+            return
+        try:
+            self._connection.assembly.ReleaseSharedFiles(
+                apb.ReleaseSharedFilesRequest(leases=leases), timeout=RELEASE_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            _log.info("could not give back %d leases of the server's memory: %s", len(leases), exc)
 
     def status(self, max_missing: int = 16) -> JobStatus:
         """Job and per-subject progress: expected, received, missing (the first ``max_missing`` indices), state."""
@@ -709,6 +772,7 @@ class RemoteSubjectAssembler:
 
     def delete(self) -> None:
         """Deletes the job and everything the server holds for it."""
+        self._give_back_leases()
         with translate_rpc_errors(f"deleting assembly job {self.job_id!r}"):
             self._connection.assembly.DeleteJob(apb.DeleteJobRequest(job_id=self._job()))
         self._ready.clear()
@@ -721,6 +785,7 @@ class RemoteSubjectAssembler:
         finally:
             self._drop_stream()
             self._slots.close(spare=not self._inflight)
+            self._give_back_leases()
         self._connection.close()
 
     def __enter__(self) -> RemoteSubjectAssembler:

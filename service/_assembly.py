@@ -36,11 +36,13 @@ import logging
 import mmap
 import os
 import re
+import resource
 import shutil
 import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,11 +57,14 @@ from patchwire.service._datasource import CompiledDatasource
 from patchwire.service._errors import FailedPrecondition, Internal, InvalidArgument, NotFound, OutOfRange
 from patchwire.service._journal import Journal, fsync_path, write_atomic
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import spec_pb2
+from patchwire.v1 import shared_memory, spec_pb2
 
 __all__ = ["AssemblyStore", "EntrySpec", "Job", "PostResult"]
 
 _log = logging.getLogger(__name__)
+SHARED_VOLUME_MIN_BYTES = 4 << 20
+"""Kept volumes at least this large are assembled in memory that a client on the server's host can map (a memfd):
+fetching them copies nothing. Smaller ones are copied to the client (cheap; and each memfd holds two descriptors)."""
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MODES = {
     apb.OVERLAP_MODE_OVERWRITE: "overwrite",
@@ -92,50 +97,132 @@ class Event:
     time_unix_ms: int = 0
 
 
+class Memory(mmap.mmap):
+    """The memory under a buffer: anonymous (``fd`` None), or a memfd that a client on the server's host can map
+    through ``/proc/<pid>/fd/<fd>``; ``leases``: the leases of it that clients hold (:meth:`BufferPool.lend`)."""
+
+    fd: int | None = None
+    leases: set[bytes]
+
+
 class BufferPool:
     """Keeps at most ``budget`` bytes of partial-volume buffers in memory; spills the least recently used to files.
 
     The memory of buffers dropped while no array views them any more is kept for later subjects' buffers, within the
     same budget (spare memory goes first when buffers need the room): writing into pages the process already has is
-    several times cheaper than into fresh ones on the machines measured, where first touches also varied 2-4x."""
+    several times cheaper than into fresh ones on the machines measured, where first touches also varied 2-4x.
 
-    def __init__(self, budget: int) -> None:
+    With ``share``, kept volumes (:attr:`Job.keeps_volumes`) of at least ``SHARED_VOLUME_MIN_BYTES`` live in memfds
+    that a same-host client maps when it fetches them, under a lease (:meth:`lend`). Memory a client holds a lease of
+    is never reused: dropped, it is held (within the budget, least recently dropped given up first) until its leases
+    come back (:meth:`give_back`), and given up otherwise, its pages then living on in the clients' mappings."""
+
+    def __init__(self, budget: int, share: bool = False) -> None:
         self.budget = budget
+        self.share = share and hasattr(os, "memfd_create")
+        self.memfds = 0
+        """Memfds open (each holds two descriptors: at most a quarter of the process's limit is used for them)."""
+        self._memfds_max = _descriptor_limit() // 4
+        self._memfds_lock = threading.Lock()
         self._open: OrderedDict[int, tuple[Subject, int]] = OrderedDict()
         self.lock = threading.Lock()
         self.resident = 0
-        self._spare: list[mmap.mmap] = []
+        self._spare: list[Memory] = []
         self.spare_bytes = 0
+        self._held: list[Memory] = []
+        self.held_bytes = 0
+        self._leases: dict[bytes, Memory] = {}
 
-    def zeros(self, shape: tuple[int, ...], dtype: np.dtype[Any], zero: bool = True) -> tuple[np.ndarray, mmap.mmap]:
+    def zeros(
+        self, shape: tuple[int, ...], dtype: np.dtype[Any], zero: bool = True, shareable: bool = False
+    ) -> tuple[np.ndarray, Memory]:
         """A buffer and the memory under it: spare memory of about its size, or new (call under the lock). Spare
         memory holds what an earlier buffer left: it is zeroed unless ``zero`` is False (the caller overwrites every
-        byte before anything reads it)."""
+        byte before anything reads it). ``shareable``: a kept volume, for a memfd where the pool shares them."""
         count = int(np.prod(shape))
         nbytes = max(count * dtype.itemsize, 1)
-        fits = [m for m in self._spare if nbytes <= len(m) <= nbytes + nbytes // 4]
+        shareable = shareable and self.share and nbytes >= SHARED_VOLUME_MIN_BYTES
+        fits = [
+            m for m in self._spare if nbytes <= len(m) <= nbytes + nbytes // 4 and (m.fd is not None or not shareable)
+        ]
         if fits:
-            memory = min(fits, key=len)
+            memory = min(fits, key=lambda m: (len(m), m.fd is not None))
             self._spare.remove(memory)
             self.spare_bytes -= len(memory)
             if zero:
                 np.frombuffer(memory, dtype=np.uint8, count=nbytes)[:] = 0
+        elif shareable and self.memfds < self._memfds_max:
+            memory = _shareable(nbytes, self._memfd_closed)
+            with self._memfds_lock:
+                self.memfds += memory.fd is not None
         else:
             memory = _anonymous(nbytes)
         return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape), memory
 
-    def _recycle(self, memories: list[mmap.mmap]) -> None:
-        """Keeps the memory of dropped buffers that nothing views any more, as far as the budget allows."""
+    def _memfd_closed(self) -> None:
+        with self._memfds_lock:
+            self.memfds -= 1
+
+    def _recycle(self, memories: list[Memory]) -> None:
+        """Keeps the memory of dropped buffers that nothing views any more, as far as the budget allows; holds
+        memory that clients hold leases of."""
         while memories:
             memory = memories.pop()
+            if memory.leases:
+                if self.resident + self.spare_bytes + self.held_bytes + len(memory) <= self.budget:
+                    self._held.append(memory)
+                    self.held_bytes += len(memory)
+                else:
+                    self._give_up(memory)
             # referenced here and by the call's argument only: no array is left on it
-            if sys.getrefcount(memory) == 2 and self.resident + self.spare_bytes + len(memory) <= self.budget:
+            elif (
+                sys.getrefcount(memory) == 2
+                and self.resident + self.spare_bytes + self.held_bytes + len(memory) <= self.budget
+            ):
                 self._spare.append(memory)
                 self.spare_bytes += len(memory)
 
+    def _give_up(self, memory: Memory) -> None:
+        """Forgets leased memory: its leases come back to nothing, and it is freed with the last mapping of it."""
+        for token in memory.leases:
+            self._leases.pop(token, None)
+        memory.leases = set()
+
     def _make_room(self, need: int) -> None:
-        while self._spare and self.resident + self.spare_bytes + need > self.budget:
-            self.spare_bytes -= len(self._spare.pop(0))
+        while (self._spare or self._held) and self.resident + self.spare_bytes + self.held_bytes + need > self.budget:
+            if self._spare:
+                self.spare_bytes -= len(self._spare.pop(0))
+            else:
+                held = self._held.pop(0)
+                self.held_bytes -= len(held)
+                self._give_up(held)
+
+    def lend(self, memory: Memory) -> bytes:
+        """A new lease of ``memory`` for a client that maps it (call under the lock)."""
+        token = os.urandom(16)
+        memory.leases.add(token)
+        self._leases[token] = memory
+        return token
+
+    def give_back(self, tokens: Iterable[bytes]) -> int:
+        """Ends leases (unknown ones are ignored); memory held for them alone becomes spare. Returns how many were
+        outstanding."""
+        released = 0
+        freed: list[Memory] = []
+        with self.lock:
+            for token in tokens:
+                memory = self._leases.pop(token, None)
+                if memory is None:
+                    continue
+                released += 1
+                memory.leases.discard(token)
+                if not memory.leases and any(m is memory for m in self._held):
+                    self._held.remove(memory)
+                    self.held_bytes -= len(memory)
+                    freed.append(memory)
+            memory = None  # (the loop's reference: the recycling below counts what views each memory)
+            self._recycle(freed)
+        return released
 
     def buffers(self, subject: Subject) -> dict[str, np.ndarray]:
         """The subject's buffers, for reading (see :meth:`writing`)."""
@@ -203,7 +290,7 @@ class Subject:
     state: apb.SubjectState.ValueType = apb.SUBJECT_STATE_PENDING
     forced: bool = False
     mapped: dict[str, np.ndarray] | None = None
-    _memory: list[mmap.mmap] = field(default_factory=list, init=False, repr=False)
+    _memory: list[Memory] = field(default_factory=list, init=False, repr=False)
     writers: int = field(default=0, init=False)
     unzeroed: bool = field(default=False, init=False)
     """The buffers may hold an earlier buffer's bytes where no sample has been written yet."""
@@ -235,7 +322,7 @@ class Subject:
         return self.job.directory / "buffers" / f"{self.index}.{key}.npy"
 
     def map(
-        self, zeros: Callable[[tuple[int, ...], np.dtype[Any], bool], tuple[np.ndarray, mmap.mmap]]
+        self, zeros: Callable[[tuple[int, ...], np.dtype[Any], bool, bool], tuple[np.ndarray, Memory]]
     ) -> dict[str, np.ndarray]:
         """The buffers in memory (from ``zeros``): zeros, or what a spill left in their files (removed once read).
         Overwrite buffers whose samples cover every voxel are not zeroed first (:meth:`Job.covers`); ``unzeroed``
@@ -247,7 +334,7 @@ class Subject:
             self.unzeroed = self.job.mode == "overwrite" and self.job.covers(self)
         zero = not spilled and not self.unzeroed
         for key, (shape, dtype) in self.buffer_specs().items():
-            out[key], memory = zeros(shape, dtype, zero)
+            out[key], memory = zeros(shape, dtype, zero, self.job.keeps_volumes)
             self._memory.append(memory)
             path = self._buffer_path(key)
             if path.exists():
@@ -256,7 +343,7 @@ class Subject:
         self.mapped = out
         return out
 
-    def unmap(self, spill: bool = True) -> list[mmap.mmap]:
+    def unmap(self, spill: bool = True) -> list[Memory]:
         """Drops the buffers, first writing them to their files with ``spill``; returns the memory under them (freed
         once no array views it, e.g. a volume being fetched)."""
         if self.mapped is not None:
@@ -667,6 +754,34 @@ class Job:
                 raise Internal(subject.finish_error)
         return {e.name: np.load(subject.result_path(e.name), mmap_mode="r") for e in self.entries}
 
+    def lend_volume(self, subject_index: int) -> dict[str, apb.SharedFile] | None:
+        """A kept volume in memfds, each entry's named for a client on this host to map, under a lease that keeps
+        the memory from being reused until the client gives it back; None where the volume is elsewhere (spilled,
+        in anonymous memory, or not kept)."""
+        subject = self.subject(subject_index)
+        self.result(subject_index)  # ready, and nothing failed so far (or raise)
+        if not self.keeps_volumes:
+            return None
+        with self.pool.lock:
+            if subject.mapped is None:
+                return None
+            memories = dict(zip(subject.buffer_specs(), subject._memory, strict=True))
+            if not all(m.fd is not None for m in memories.values()):
+                return None
+            out = {}
+            for e in self.entries:
+                memory = memories[e.name]
+                assert memory.fd is not None
+                st = os.fstat(memory.fd)
+                out[e.name] = apb.SharedFile(
+                    path=f"/proc/{os.getpid()}/fd/{memory.fd}",
+                    offset=0,
+                    device=st.st_dev,
+                    inode=st.st_ino,
+                    lease=self.pool.lend(memory),
+                )
+            return out
+
     def _kept_volume(self, subject: Subject) -> dict[str, np.ndarray]:
         """A kept volume: read-only views of its buffers in memory, or its spilled buffer files mapped read-only.
         (A ready subject's buffers are never read back into memory once spilled: its files stay as they are.)"""
@@ -781,15 +896,48 @@ _COVERAGE_MAX_SAMPLES = 1 << 16
 """Subjects of more samples than this are zeroed before assembly rather than checked for coverage."""
 
 
-def _anonymous(nbytes: int) -> mmap.mmap:
+def _anonymous(nbytes: int) -> Memory:
     """Zeroed memory of its own, returned to the system once nothing references it. Huge pages (where the kernel
     offers them for the asking) make a first write into a buffer several times cheaper than 4 KiB pages, and far
     cheaper than into a memory-mapped file on disk, whose fresh pages are faulted in one by one: a 64^3 patch is
     thousands of rows of a few hundred bytes, each in another page."""
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory = Memory(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.leases = set()
     if hasattr(mmap, "MADV_HUGEPAGE"):
         memory.madvise(mmap.MADV_HUGEPAGE)
     return memory
+
+
+def _shareable(nbytes: int, closed: Callable[[], None]) -> Memory:
+    """Zeroed memory in a memfd of its own, which a client on this host can map; the memfd is closed with the memory
+    (then ``closed`` is called). Anonymous memory where no memfd can be made."""
+    try:
+        fd = os.memfd_create("patchwire-volume", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        _log.warning("assembling in anonymous memory, which fetching copies: no memfd (%s)", exc)
+        return _anonymous(nbytes)
+    try:
+        os.ftruncate(fd, nbytes)
+        # its size is fixed for good: no process that can open it can shrink the server's mapping under its writes
+        shared_memory.seal_size(fd)
+        memory = Memory(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    memory.fd = fd
+    memory.leases = set()
+    weakref.finalize(memory, _close_memfd, fd, closed)
+    return memory
+
+
+def _close_memfd(fd: int, closed: Callable[[], None]) -> None:
+    os.close(fd)
+    closed()
+
+
+def _descriptor_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
 
 
 def _write_npy(path: Path, array: np.ndarray, sync: bool) -> None:
@@ -845,11 +993,12 @@ class AssemblyStore:
         resolve: Callable[[spec_pb2.DatasourceSpec], CompiledDatasource],
         memory_budget: int,
         durable: bool = True,
+        share_volumes: bool = False,
     ) -> None:
         self.state_dir = state_dir
         self.durable = durable
         self.resolve = resolve
-        self.pool = BufferPool(memory_budget)
+        self.pool = BufferPool(memory_budget, share=share_volumes)
         self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchwire-finish")
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()

@@ -23,6 +23,8 @@ __all__ = ["AssemblyServicer"]
 
 T = TypeVar("T")
 MAX_STREAM_SEGMENTS = 4
+MAX_RELEASED_LEASES = 1 << 16
+"""Leases one ReleaseSharedFiles request may give back."""
 """Shared-memory segments a prediction stream keeps open; a client that moves on to a new segment is done with its
 oldest."""
 
@@ -165,16 +167,19 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         subject_index = int(request.subject_index)
 
         def encode() -> tuple[Any, apb.FetchSubjectResponse | None]:
-            files = job.result_files(subject_index) if segment is not None and request.accept_files else None
+            mappable = segment is not None and request.accept_files
+            lent = job.lend_volume(subject_index) if mappable else None  # the server's memory, under leases
+            files = job.result_files(subject_index) if mappable and lent is None else None
             arrays = files if files is not None else job.result(subject_index)
             sample: dict[str, Any] = dict(arrays)
             sample["properties"] = _properties(job, subject_index)
             encoded = encode_batch([sample])
             if segment is None:
                 return encoded, None
-            if files is not None:
+            named = lent if lent is not None else None if files is None else _file_refs(files)
+            if named is not None:
                 return encoded, apb.FetchSubjectResponse(
-                    batch=encoded.batch, shared_files=_shared_files(encoded, files)
+                    batch=encoded.batch, shared_files=_shared_files(encoded, named)
                 )
             sizes = [t.chunked_nbytes for t in codec.batch_tensors(encoded.batch) if t.chunked_nbytes]
             offsets, end = shared_memory.layout(sizes)
@@ -204,6 +209,18 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         return apb.ProbeSharedMemoryResponse(size=segment.size)
 
     @translate_errors
+    async def ReleaseSharedFiles(self, request: Any, context: Any) -> apb.ReleaseSharedFilesResponse:
+        if len(request.leases) > MAX_RELEASED_LEASES:
+            raise InvalidArgument(
+                f"leases: at most {MAX_RELEASED_LEASES} per request, got {len(request.leases)}: send them in parts"
+            )
+        for k, lease in enumerate(request.leases):
+            if not 1 <= len(lease) <= 64:
+                raise InvalidArgument(f"leases[{k}]: a lease is 1 to 64 bytes, got {len(lease)}")
+        released = await self._run(self._store.pool.give_back, list(request.leases))
+        return apb.ReleaseSharedFilesResponse(released=released)
+
+    @translate_errors
     async def ExportSubject(self, request: Any, context: Any) -> AsyncIterator[apb.ExportSubjectResponse]:
         job = self._store.get(request.job_id)
         name, data = await self._run(export_subject, job, int(request.subject_index), request.format, request.entry)
@@ -225,16 +242,24 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         return apb.DeleteJobResponse()
 
 
-def _shared_files(encoded: Any, files: dict[str, np.memmap]) -> list[apb.SharedFile]:
-    """The result file of each chunked tensor of a fetched subject (each entry is one stacked tensor of one sample,
-    viewing its file)."""
-    out = []
-    for field in encoded.batch.fields:
-        if field.WhichOneof("value") == "stacked" and field.stacked.chunked_nbytes:
-            array = files[field.key]
-            assert array.filename is not None
-            st = os.stat(array.filename)
-            out.append(apb.SharedFile(path=str(array.filename), offset=array.offset, device=st.st_dev, inode=st.st_ino))
+def _file_refs(files: dict[str, np.memmap]) -> dict[str, apb.SharedFile]:
+    """Each entry's result or spilled buffer file, which never changes again."""
+    out = {}
+    for key, array in files.items():
+        assert array.filename is not None
+        st = os.stat(array.filename)
+        out[key] = apb.SharedFile(path=str(array.filename), offset=array.offset, device=st.st_dev, inode=st.st_ino)
+    return out
+
+
+def _shared_files(encoded: Any, files: dict[str, apb.SharedFile]) -> list[apb.SharedFile]:
+    """The file of each chunked tensor of a fetched subject, in announcement order (each entry is one stacked
+    tensor of one sample)."""
+    out = [
+        files[field.key]
+        for field in encoded.batch.fields
+        if field.WhichOneof("value") == "stacked" and field.stacked.chunked_nbytes
+    ]
     if len(out) != sum(1 for t in codec.batch_tensors(encoded.batch) if t.chunked_nbytes):
         raise Internal("a fetched subject's payloads do not all come from its result files")
     return out

@@ -268,7 +268,11 @@ class PatchwireServer:
                 )
             # without a state folder nothing outlives the server: journalling and syncing would protect nothing
             self._assembly = AssemblyStore(
-                Path(state_dir), cache.get, cfg.assembly_memory_bytes, durable=cfg.state_dir is not None
+                Path(state_dir),
+                cache.get,
+                cfg.assembly_memory_bytes,
+                durable=cfg.state_dir is not None,
+                share_volumes=cfg.shared_memory,
             )
             await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
             server = grpc.aio.server(options=list(cfg.options))

@@ -12,6 +12,7 @@ import gc
 import itertools
 import mmap
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ import patchwire.client as pw
 import patchwire.client._assembler as client_assembler
 from patchwire.client import extraction as extr
 from patchwire.service import PatchwireServer
+from patchwire.service import _assembly as service_assembly
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, shared_memory
+from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
 
 import _assembly_fixtures
 from _datasets import make_pymia_dataset
@@ -344,6 +346,150 @@ def test_kept_volumes_spilled_beyond_the_budget_are_fetched_from_their_files(
             assert "/buffers/0." in mapped[0]
 
 
+# -- kept volumes mapped from the server's memory, under leases ------------------------------------------------------
+
+
+@pytest.fixture
+def share_small_volumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept volumes of any size live in memory the client maps (the server's default is 4 MiB and up)."""
+    monkeypatch.setattr(service_assembly, "SHARED_VOLUME_MIN_BYTES", 0)
+
+
+@pytest.fixture
+def in_memory(h5: Path, share_small_volumes: None) -> Iterator[PatchwireServer]:
+    with server_in_thread({"big": h5}) as srv:
+        yield srv
+
+
+def pool_of(server: PatchwireServer) -> Any:
+    assert server._assembly is not None
+    return server._assembly.pool
+
+
+def test_kept_volumes_are_mapped_from_the_servers_memory_and_given_back_for_reuse(
+    in_memory: PatchwireServer, images: list[np.ndarray], mapped: list[str]
+) -> None:
+    """Without a state folder a finished volume is mapped from the server's own memory (nothing copied); writes stay
+    in the client. The memory is lent: once the client's arrays are gone it gives the leases back, and the server
+    reuses that memory for later subjects."""
+    pool = pool_of(in_memory)
+    with pw.connect(in_memory.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        first = asm.get_assembled_subject(1)
+        assert mapped == [mapped[0]] and mapped[0].startswith(f"/proc/{os.getpid()}/fd/")  # (in-process server)
+        fd = os.open(mapped[0], os.O_RDWR)
+        try:  # sealed: a process that can open it still cannot take pages from under the server's writes
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        first[...] = 0  # a private mapping: the server's volume stays as it was
+        again = asm.get_assembled_subject(1)
+        np.testing.assert_array_equal(again, images[1])
+        lent = set(pool._leases)
+        assert len(lent) == 2
+        del first, again
+        gc.collect()
+        np.testing.assert_array_equal(asm.get_assembled_subject(2), images[2])  # (gives back the two leases first)
+        assert not lent & set(pool._leases)
+        spare_before = pool.spare_bytes
+        asm.delete()
+        assert pool.spare_bytes > spare_before and all(m.fd is not None for m in pool._spare)
+    with pw.connect(in_memory.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        assert pool.spare_bytes < spare_before + images[0].nbytes, "the next job assembles in the spare memory"
+        for s in range(3):
+            np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+
+
+@pytest.mark.parametrize("budget_subjects", [8, 1.5], ids=["held", "given-up"])
+def test_memory_a_client_still_maps_is_never_reused(
+    h5: Path, images: list[np.ndarray], share_small_volumes: None, budget_subjects: float
+) -> None:
+    """A volume the client still holds after its job is deleted keeps its content while later jobs assemble other
+    data: its memory is held for the lease (8 subjects' budget), or given up to the client's mapping when the budget
+    needs the room (1.5 subjects), never reused."""
+    budget = int(images[0].nbytes * budget_subjects)
+    with server_in_thread({"big": h5}, assembly_memory_bytes=budget) as srv, pw.connect(srv.address) as c:
+        pool = pool_of(srv)
+        with assembler(c, extr.SliceIndexing(0)) as asm:
+            post_all_slices(asm, images)
+            kept = asm.get_assembled_subject(2)  # (the last subject: in memory within any of the budgets)
+            asm.delete()
+        assert len(pool._leases) == 1 and pool.held_bytes == kept.nbytes  # dropped by the job, held for the lease
+        negated = [-image for image in images]
+        for _ in range(2):
+            with assembler(c, extr.SliceIndexing(0)) as asm:
+                post_all_slices(asm, negated)
+                for s in range(3):
+                    np.testing.assert_array_equal(asm.get_assembled_subject(s), negated[s])
+        np.testing.assert_array_equal(kept, images[2])
+        if budget_subjects == 8:
+            assert len(pool._leases) == 1 and pool.held_bytes == kept.nbytes
+        else:  # the later jobs needed the room: the memory went to the client's mapping alone
+            assert not pool._leases and pool.held_bytes == 0
+        del kept
+        gc.collect()
+        with assembler(c, extr.SliceIndexing(0)) as asm:
+            post_all_slices(asm, images)  # (any fetch or the close gives back what the client no longer maps)
+        assert pool.held_bytes == 0 and not pool._leases
+
+
+def test_a_forked_child_keeps_its_parents_volumes_from_being_reused(
+    in_memory: PatchwireServer, images: list[np.ndarray]
+) -> None:
+    """A forked child inherits the mappings of volumes fetched before the fork: their leases are never given back
+    (the server frees that memory instead of reusing it); volumes fetched after it are given back as usual."""
+    with pw.connect(in_memory.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        before = asm.get_assembled_subject(0)
+        pid = os.fork()
+        if pid == 0:  # the child: report by exit status only
+            ok = np.array_equal(before, images[0]) and not client_assembler._LEASES._gone
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        after = asm.get_assembled_subject(1)
+        del before, after
+        gc.collect()
+        gone = client_assembler._LEASES.take(in_memory.address)
+        assert len(gone) == 1, "only the lease of the volume fetched after the fork comes back"
+        assert pool_of(in_memory).give_back(gone) == 1
+
+
+def test_without_room_for_more_memfds_kept_volumes_are_copied_into_the_clients_segment(
+    in_memory: PatchwireServer, images: list[np.ndarray], mapped: list[str]
+) -> None:
+    """Each memfd holds two descriptors: a server uses at most a quarter of its descriptor limit for them and
+    assembles further volumes in anonymous memory, which a fetch copies."""
+    pool = pool_of(in_memory)
+    assert pool._memfds_max == resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
+    pool._memfds_max = 2
+    with pw.connect(in_memory.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        assert pool.memfds == 2
+        for s in range(3):
+            np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+    assert len(mapped) == 2, "the third volume was copied"
+
+
+def test_giving_back_unknown_leases_is_harmless_and_bad_ones_are_refused(
+    in_memory: PatchwireServer, images: list[np.ndarray]
+) -> None:
+    with grpc.insecure_channel(in_memory.address, options=codec.channel_options()) as channel:
+        stub = assembly_service_pb2_grpc.AssemblyServiceStub(channel)
+        request = apb.ReleaseSharedFilesRequest(leases=[os.urandom(16), os.urandom(64)])
+        assert stub.ReleaseSharedFiles(request, timeout=RPC_TIMEOUT_S).released == 0
+        with expect_raw(grpc.StatusCode.INVALID_ARGUMENT, "leases[1]", "1 to 64 bytes, got 0"):
+            stub.ReleaseSharedFiles(apb.ReleaseSharedFilesRequest(leases=[b"x", b""]), timeout=RPC_TIMEOUT_S)
+        too_many = apb.ReleaseSharedFilesRequest(leases=[b"x"] * 65537)
+        with expect_raw(grpc.StatusCode.INVALID_ARGUMENT, "at most 65536 per request, got 65537"):
+            stub.ReleaseSharedFiles(too_many, timeout=RPC_TIMEOUT_S)
+    with pw.connect(in_memory.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)  # the server kept serving
+        np.testing.assert_array_equal(asm.get_assembled_subject(0), images[0])
+
+
 # -- the wire where shared memory cannot be used --------------------------------------------------------------------
 
 
@@ -551,3 +697,36 @@ def test_a_server_in_another_process(h5: Path, tmp_path: Path, extra_args: tuple
                 volume = asm.get_assembled_subject(s)
                 np.testing.assert_array_equal(volume, images[s])
                 assert isinstance(segment_of(volume), mmap.mmap) is shared
+
+
+def test_a_volume_in_the_memory_of_a_server_in_another_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept volume of 4 MiB and more is mapped from the memfd of a ``patchwire serve`` process (through /proc, as
+    in deployment) and its lease comes back; the server then reuses that memory for the next job."""
+    shape = (64, 128, 64)  # x 2 channels of float32: 4 MiB, the server's smallest shared volume
+    h5 = make_pymia_dataset(tmp_path, subjects=1, shape=shape)
+    mapped: list[apb.SharedFile] = []
+    real = shared_memory.map_file
+
+    def spy(ref: apb.SharedFile, nbytes: int) -> Any:
+        mapped.append(ref)
+        return real(ref, nbytes)
+
+    monkeypatch.setattr(shared_memory, "map_file", spy)
+    with server_subprocess({"big": h5}) as address, pw.connect(address) as c:
+        ds = c.datasource("big", extr.EmptyIndexing(), IMAGES)
+        image = ds[0]["images"]
+        ds.close()
+        assert image.nbytes == service_assembly.SHARED_VOLUME_MIN_BYTES
+        for _ in range(2):
+            with assembler(c, extr.SliceIndexing(0)) as asm:
+                for start in range(0, shape[0], 16):
+                    asm.add_batch(image[start : start + 16], np.arange(start, start + 16))
+                asm.flush()
+                volume = asm.get_assembled_subject(0)
+                np.testing.assert_array_equal(volume, image)
+                assert mapped[-1].lease and mapped[-1].path.startswith("/proc/")
+                assert not mapped[-1].path.startswith(f"/proc/{os.getpid()}/")
+                del volume
+                gc.collect()
+            assert not client_assembler._LEASES.take(address), "the lease went back when the assembler closed"
+        assert len(mapped) == 2 and mapped[0].inode == mapped[1].inode, "the second job reused the first one's memfd"

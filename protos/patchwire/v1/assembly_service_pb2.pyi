@@ -206,6 +206,48 @@ class ProbeSharedMemoryResponse(_message.Message):
 Global___ProbeSharedMemoryResponse: _TypeAlias = ProbeSharedMemoryResponse  # noqa: Y015
 
 @_typing.final
+class ReleaseSharedFilesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """SharedFile.lease values, each at most 64 bytes; at most 65536 per request."""
+
+    def __init__(
+        self,
+        *,
+        leases: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseSharedFilesRequest: _TypeAlias = ReleaseSharedFilesRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseSharedFilesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.int
+    """How many of the leases were outstanding (and are now released)."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseSharedFilesResponse: _TypeAlias = ReleaseSharedFilesResponse  # noqa: Y015
+
+@_typing.final
 class OutputEntry(_message.Message):
     """One assembled output array per subject: shape (z, y, x, channels)."""
 
@@ -702,12 +744,18 @@ class SharedFile(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     INODE_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     offset: _builtins.int
     """Where the payload starts in the file."""
     device: _builtins.int
     """The file's device and inode numbers: the client checks that it opened the file the server meant."""
     inode: _builtins.int
+    lease: _builtins.bytes
+    """Set where the file is the server's own memory holding the volume (a memfd, named /proc/<pid>/fd/<fd>) rather
+    than a file that never changes: the server does not reuse that memory until the lease comes back through
+    ReleaseSharedFiles, which a client sends once its mapping is gone (at once if it could not map the file).
+    """
     def __init__(
         self,
         *,
@@ -715,10 +763,11 @@ class SharedFile(_message.Message):
         offset: _builtins.int = ...,
         device: _builtins.int = ...,
         inode: _builtins.int = ...,
+        lease: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "inode", b"inode", "offset", b"offset", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "inode", b"inode", "lease", b"lease", "offset", b"offset", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

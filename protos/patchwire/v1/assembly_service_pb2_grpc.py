@@ -91,6 +91,11 @@ class AssemblyServiceStub:
                 request_serializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryRequest.SerializeToString,
                 response_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.ReleaseSharedFiles = channel.unary_unary(
+                '/patchwire.v1.AssemblyService/ReleaseSharedFiles',
+                request_serializer=patchwire_dot_v1_dot_assembly__service__pb2.ReleaseSharedFilesRequest.SerializeToString,
+                response_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.ReleaseSharedFilesResponse.FromString,
+                _registered_method=True)
 
 
 class AssemblyServiceServicer:
@@ -176,6 +181,14 @@ class AssemblyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseSharedFiles(self, request, context):
+        """Gives back leases of the server's memory (SharedFile.lease) whose mappings the client no longer has, so that the
+        server may reuse that memory. Unknown or already released leases are ignored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AssemblyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +241,11 @@ def add_AssemblyServiceServicer_to_server(servicer, server):
                     servicer.ProbeSharedMemory,
                     request_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryRequest.FromString,
                     response_serializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryResponse.SerializeToString,
+            ),
+            'ReleaseSharedFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSharedFiles,
+                    request_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.ReleaseSharedFilesRequest.FromString,
+                    response_serializer=patchwire_dot_v1_dot_assembly__service__pb2.ReleaseSharedFilesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -507,6 +525,33 @@ class AssemblyService:
             '/patchwire.v1.AssemblyService/ProbeSharedMemory',
             patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryRequest.SerializeToString,
             patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSharedFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/patchwire.v1.AssemblyService/ReleaseSharedFiles',
+            patchwire_dot_v1_dot_assembly__service__pb2.ReleaseSharedFilesRequest.SerializeToString,
+            patchwire_dot_v1_dot_assembly__service__pb2.ReleaseSharedFilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

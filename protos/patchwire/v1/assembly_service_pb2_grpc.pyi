@@ -65,6 +65,10 @@ class AssemblyServiceStub:
     first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
     or fetch through shared memory and use the wire otherwise.
     """
+    ReleaseSharedFiles: _grpc.UnaryUnaryMultiCallable[_assembly_service_pb2.ReleaseSharedFilesRequest, _assembly_service_pb2.ReleaseSharedFilesResponse]
+    """Gives back leases of the server's memory (SharedFile.lease) whose mappings the client no longer has, so that the
+    server may reuse that memory. Unknown or already released leases are ignored.
+    """
 
 @_typing.type_check_only
 class AssemblyServiceAsyncStub(AssemblyServiceStub):
@@ -102,6 +106,10 @@ class AssemblyServiceAsyncStub(AssemblyServiceStub):
     """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
     first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
     or fetch through shared memory and use the wire otherwise.
+    """
+    ReleaseSharedFiles: _aio.UnaryUnaryMultiCallable[_assembly_service_pb2.ReleaseSharedFilesRequest, _assembly_service_pb2.ReleaseSharedFilesResponse]  # type: ignore[assignment]
+    """Gives back leases of the server's memory (SharedFile.lease) whose mappings the client no longer has, so that the
+    server may reuse that memory. Unknown or already released leases are ignored.
     """
 
 class AssemblyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,6 +205,16 @@ class AssemblyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
         first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
         or fetch through shared memory and use the wire otherwise.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseSharedFiles(
+        self,
+        request: _assembly_service_pb2.ReleaseSharedFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_assembly_service_pb2.ReleaseSharedFilesResponse, _abc.Awaitable[_assembly_service_pb2.ReleaseSharedFilesResponse]]:
+        """Gives back leases of the server's memory (SharedFile.lease) whose mappings the client no longer has, so that the
+        server may reuse that memory. Unknown or already released leases are ignored.
         """
 
 def add_AssemblyServiceServicer_to_server(servicer: AssemblyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,6 +22,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +74,12 @@ def layout(sizes: Sequence[int], start: int = HEADER_BYTES) -> tuple[list[int], 
     return offsets, end
 
 
+def seal_size(fd: int) -> None:
+    """Fixes a memfd's size for good (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL): no process that can open it can
+    take pages away from under another's mapping (where writing or reading would raise SIGBUS)."""
+    fcntl.fcntl(fd, _ADD_SEALS, _SEAL_SHRINK | _SEAL_GROW | _SEAL_SEAL)
+
+
 class Segment:
     """A client's segment of ``HEADER_BYTES + nbytes`` bytes, mapped read-write. ``sealed``: its size is fixed for
     good (F_SEAL_SHRINK and F_SEAL_GROW), as posting requires; unsealed segments may be sparse and huge, pages are
@@ -87,7 +94,7 @@ class Segment:
             os.ftruncate(self._fd, self.size)
             os.pwrite(self._fd, self.token, 0)
             if sealed:
-                fcntl.fcntl(self._fd, _ADD_SEALS, _SEAL_SHRINK | _SEAL_GROW | _SEAL_SEAL)
+                seal_size(self._fd)
         except BaseException:
             os.close(self._fd)
             raise
@@ -172,6 +179,14 @@ def map_file(ref: apb.SharedFile, nbytes: int) -> np.ndarray | None:
     finally:
         os.close(fd)
     return np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=ref.offset)
+
+
+def mapping_of(array: np.ndarray) -> mmap.mmap:
+    """The mapping under an array of :func:`map_file` (it lives as long as any array viewing it)."""
+    base: Any = array
+    while not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else base.base
+    return base
 
 
 def open_segment(ref: apb.SharedMemory, for_posting: bool) -> OpenedSegment:
