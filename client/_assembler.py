@@ -14,10 +14,11 @@ float64). Overlapping predictions can be averaged or Gaussian-blended instead of
 acknowledged only once durable on the server and re-posting a batch never counts it twice, so ``add_batch``
 retries transparently when the connection drops.
 
-On the server's host, predictions and assembled volumes skip the wire: they are copied through shared-memory
-segments (``shared_memory``, see :mod:`patchwire.v1.shared_memory`), and only the small messages that say where they
-lie travel over gRPC. The assembler finds out once, on first use, whether the server can open its segments (same host,
-same user, shared memory not turned off on the server) and uses the wire otherwise.
+On the server's host, predictions and assembled volumes skip the wire: predictions are copied through shared-memory
+segments (``shared_memory``, see :mod:`patchwire.v1.shared_memory`), finished volumes are mapped from where the server
+holds them (its files, or its memory lent until the arrays on it are gone), and only the small messages that say
+where they lie travel over gRPC. The assembler finds out once, on first use, whether the server can open its
+segments (same host, same user, shared memory not turned off on the server) and uses the wire otherwise.
 """
 
 from __future__ import annotations
@@ -330,7 +331,7 @@ class _Leases:
     memory with the child's last mapping of it instead of reusing it)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (a collection inside a locked block may unmap a volume: reentered)
         self._gone: dict[str, list[bytes]] = {}
         self.generation = 0
 
@@ -348,7 +349,7 @@ class _Leases:
 
     def forget(self) -> None:
         """In a forked child: its parent gives back its own leases."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._gone = {}
 
 

@@ -20,7 +20,10 @@ Memory: partial volumes live in anonymous memory (transparent huge pages where t
 :class:`BufferPool` keeps at most ``budget`` bytes of them in memory and spills the least recently used to files
 under ``state_dir`` (read back when their subject gets predictions again), so resident memory stays near the budget
 however many subjects are in flight. A single subject larger than the budget is held alone. Buffers are derived
-state: the journals, not the spilled files, are what recovery reads.
+state: the journals, not the spilled files, are what recovery reads. Volumes a store without a state folder keeps
+(``overwrite``) are assembled in memfds where the server shares memory, so that a client on its host maps a finished
+volume instead of receiving a copy (:meth:`Job.lend_volume`); such memory is reused only once every client that
+mapped it has given its lease back.
 
 Overlap modes: overwrite (pymia's last write wins, in arrival order), average, and Gaussian-weighted average;
 the latter two keep a float sum per entry and a float32 weight per voxel and divide when the subject completes.
@@ -123,7 +126,7 @@ class BufferPool:
         self.memfds = 0
         """Memfds open (each holds two descriptors: at most a quarter of the process's limit is used for them)."""
         self._memfds_max = _descriptor_limit() // 4
-        self._memfds_lock = threading.Lock()
+        self._memfds_lock = threading.RLock()  # (a collection inside a locked block may free a memfd: reentered)
         self._open: OrderedDict[int, tuple[Subject, int]] = OrderedDict()
         self.lock = threading.Lock()
         self.resident = 0

@@ -71,14 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         default=1024,
         metavar="MB",
         help="most MB of assembly buffers in memory (partial volumes, memory kept for reuse and, without "
-        "--state-dir, finished volumes); the rest are spilled to disk (default 1024)",
+        "--state-dir, finished volumes and memory clients still map); the rest are spilled to disk (default 1024)",
     )
     serve.add_argument(
         "--no-shared-memory",
         dest="shared_memory",
         action="store_false",
         help="assembly clients on this host always use the wire (default: clients running as this user on this "
-        "host post and fetch predictions through shared memory)",
+        "host post predictions through shared memory and map fetched volumes)",
     )
     serve.add_argument(
         "--cache-mb",

@@ -10,6 +10,10 @@ mapping (posting; only from a segment sealed against shrinking, so that the mapp
 the server), or into it with ``pwrite`` (fetching; a segment shrunk meanwhile turns into an error, never a crash).
 Nothing in a segment is ever interpreted beyond the byte ranges the messages name.
 
+The other way round, a server names files of its own for a client to map privately (:func:`map_file`): result files
+that never change, and, for volumes it keeps in memory, its own memfds (sealed against shrinking and growing), lent
+under a lease that the client gives back once its mapping is gone, before the server may reuse that memory.
+
 Where ``memfd_create`` is missing (not Linux), :func:`available` is False and clients use the wire.
 """
 
