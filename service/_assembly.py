@@ -57,8 +57,8 @@ import numpy as np
 
 from patchwire.service._blending import region_weights
 from patchwire.service._datasource import CompiledDatasource
-from patchwire.service._errors import FailedPrecondition, Internal, InvalidArgument, NotFound, OutOfRange
-from patchwire.service._journal import Journal, fsync_path, write_atomic
+from patchwire.service._errors import FailedPrecondition, Internal, InvalidArgument, NotFound, OutOfRange, bounded
+from patchwire.service._journal import Journal, confined, fsync_path, write_atomic
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import shared_memory, spec_pb2
 
@@ -68,7 +68,10 @@ _log = logging.getLogger(__name__)
 SHARED_VOLUME_MIN_BYTES = 4 << 20
 """Kept volumes at least this large are assembled in memory that a client on the server's host can map (a memfd):
 fetching them copies nothing. Smaller ones are copied to the client (cheap; and each memfd holds two descriptors)."""
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+"""Job ids name their folder under ``state_dir/jobs``: a letter or digit first (never ``.`` or ``..``), no ``/``."""
+_ENTRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+"""Entry names are part of buffer and result file names: no ``/``, no leading ``.``, at most 64 characters."""
 MODES = {
     apb.OVERLAP_MODE_OVERWRITE: "overwrite",
     apb.OVERLAP_MODE_AVERAGE: "average",
@@ -840,7 +843,8 @@ class Job:
         with self.lock:
             for subject in self.subjects.values():
                 self.pool.release(subject, spill=False)
-            shutil.rmtree(self.directory, ignore_errors=True)
+            # only ever a job's own folder, directly under the store's jobs folder
+            shutil.rmtree(confined(self.directory.parent, self.directory.name), ignore_errors=True)
 
     # -- recovery -------------------------------------------------------------------------------------------------
 
@@ -1048,8 +1052,11 @@ class AssemblyStore:
             raise InvalidArgument("entries: give at least one output entry (name, channels, dtype)")
         entries = []
         for k, e in enumerate(request.entries):
-            if not e.name:
-                raise InvalidArgument(f"entries[{k}].name: must not be empty")
+            if not _ENTRY_NAME.match(e.name):
+                raise InvalidArgument(
+                    f"entries[{k}].name: {bounded(e.name)} may use only letters, digits, '-', '_' and '.', not begin "
+                    "with '.' or '-', and have 1 to 64 characters"
+                )
             if e.channels <= 0:
                 raise InvalidArgument(f"entries[{k}].channels: must be positive, got {e.channels}")
             try:
@@ -1066,7 +1073,10 @@ class AssemblyStore:
         spec.ClearField("transform")
         job_id = request.job_id or uuid.uuid4().hex[:12]
         if not _JOB_ID.match(job_id):
-            raise InvalidArgument(f"job_id: {job_id!r} may use only letters, digits, '-', '_' and '.' (at most 128)")
+            raise InvalidArgument(
+                f"job_id: {bounded(job_id)} may use only letters, digits, '-', '_' and '.', must begin with a letter "
+                "or digit and have at most 128 characters"
+            )
         mode = MODES[request.overlap_mode]
         with self._lock:
             existing = self.jobs.get(job_id)
@@ -1081,7 +1091,10 @@ class AssemblyStore:
             source = self.resolve(spec)
             if source.length == 0:
                 raise InvalidArgument(f"spec: the datasource on {spec.dataset!r} has no samples: nothing to assemble")
-            directory = self.state_dir / "jobs" / job_id
+            try:
+                directory = confined(self.state_dir / "jobs", job_id)
+            except ValueError:
+                raise InvalidArgument(f"job_id: {bounded(job_id)} does not name a folder of its own") from None
             for sub in ("journals", "buffers", "results"):
                 (directory / sub).mkdir(parents=True, exist_ok=True)
             job = Job(
@@ -1116,8 +1129,7 @@ class AssemblyStore:
         try:
             return self.jobs[job_id]
         except KeyError:
-            known = ", ".join(sorted(self.jobs)) or "none"
-            raise NotFound(f"{field}: unknown assembly job {job_id!r} (jobs: {known})") from None
+            raise NotFound(f"{field}: unknown assembly job {bounded(job_id)}") from None
 
     def delete(self, job_id: str) -> None:
         with self._lock:

@@ -6,10 +6,16 @@
      ├── InvalidArgument         INVALID_ARGUMENT  (bad spec, parameter or payload)
      ├── NotFound                NOT_FOUND         (unknown dataset, subject, category, entry)
      ├── OutOfRange              OUT_OF_RANGE      (sample or subject index past the end)
-     └── FailedPrecondition      FAILED_PRECONDITION (the dataset cannot serve the request as it is)
+     ├── FailedPrecondition      FAILED_PRECONDITION (the dataset cannot serve the request as it is)
+     ├── Unauthenticated         UNAUTHENTICATED   (no credentials, or credentials nobody is configured with)
+     ├── PermissionDenied        PERMISSION_DENIED (the caller's roles or ownership do not allow it)
+     ├── ResourceExhausted       RESOURCE_EXHAUSTED (a configured limit: streams, jobs, bytes, disk)
+     └── Unavailable             UNAVAILABLE       (a dataset that cannot be served right now)
 
 Handlers raise these; :func:`translate_errors` turns them into ``context.abort`` calls, so that the server keeps
-serving and a client receives a status code plus a message that names the offending field.
+serving and a client receives a status code plus a message that names the offending field. Anything a client sent
+that appears in a message goes through :func:`bounded`, and messages are cut at ``MAX_MESSAGE_CHARS``: a request
+never makes a status or a log line larger than a few hundred bytes.
 """
 
 from __future__ import annotations
@@ -23,14 +29,39 @@ from typing import Any, TypeVar
 import grpc
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
     "NotFound",
     "OutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
     "ServiceError",
+    "Unauthenticated",
+    "Unavailable",
+    "bounded",
     "translate_errors",
 ]
+
+MAX_MESSAGE_CHARS = 1000
+"""Longest status message (and log line about a request) the server writes."""
+MAX_ECHO_CHARS = 80
+"""Longest piece of a client's request repeated in a message."""
+
+
+def bounded(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters with a note of the full length: how a client's own text is
+    repeated back to it or into a log."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _cut(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else f"{message[:MAX_MESSAGE_CHARS]}... (cut)"
+
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +88,22 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class Internal(ServiceError):
     """The server could not do what it should have (e.g. a disk write failed); nothing the client did wrong."""
 
@@ -67,11 +114,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
-    if isinstance(exc, ServiceError):
-        _log.info("%s: %s: %s", method, exc.code.name, exc)
-        await context.abort(exc.code, str(exc))
+    if isinstance(exc, ServiceError) and not isinstance(exc, Internal):
+        message = _cut(str(exc))
+        _log.warning("%s: %s: %s", method, exc.code.name, message)  # one bounded line: a client's doing, no traceback
+        await context.abort(exc.code, message)
     _log.exception("%s failed unexpectedly", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
+    await context.abort(grpc.StatusCode.INTERNAL, _cut(f"internal error in {method}: {type(exc).__name__}: {exc}"))
 
 
 def translate_errors(handler: F) -> F:

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["Journal", "JournalRecord", "fsync_path", "write_atomic"]
+__all__ = ["Journal", "JournalRecord", "confined", "fsync_path", "write_atomic"]
 
 _log = logging.getLogger(__name__)
 MAGIC = b"PWJ1"
@@ -34,6 +34,16 @@ class JournalRecord:
     sample_indices: list[int]
     arrays: dict[str, list[np.ndarray]]
     """Per output entry, one array per sample (in sample order)."""
+
+
+def confined(root: Path, name: str) -> Path:
+    """``root / name``, checked to be a direct child of ``root`` once both are resolved (symbolic links, ``..``):
+    a name that would reach anything else raises ValueError before anything is written or removed."""
+    base = root.resolve()
+    path = (base / name).resolve()
+    if path.parent != base or name in ("", ".", ".."):
+        raise ValueError(f"{name!r} does not name an entry of {root}")
+    return path
 
 
 def fsync_path(path: Path) -> None:

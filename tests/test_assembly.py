@@ -1094,8 +1094,8 @@ def test_bad_job_ids(
     open_ds: Callable[..., pw.RemoteDatasource], make_asm: Callable[..., pw.RemoteSubjectAssembler]
 ) -> None:
     ds = open_ds(extr.SliceIndexing())
-    for job_id in ("has space", "a/b", "x" * 129):
-        with expect(pw.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT, f"job_id: {job_id!r} may use only"):
+    for job_id in ("has space", "a/b", "x" * 129, "..", ".", ".hidden", "-flag"):
+        with expect(pw.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT, "job_id: ", "may use only"):
             make_asm(ds, job_id=job_id, entries={"seg": 1})
 
 
