@@ -1176,7 +1176,7 @@ BAD_CREATE = {
     "no-entries": (apb.CreateJobRequest(spec=_SPEC, overlap_mode=apb.OVERLAP_MODE_AVERAGE), "entries: give at least"),
     "empty-name": (
         apb.CreateJobRequest(spec=_SPEC, entries=[_entry("")], overlap_mode=apb.OVERLAP_MODE_AVERAGE),
-        "entries[0].name: must not be empty",
+        "entries[0].name: '' may use only",
     ),
     "no-channels": (
         apb.CreateJobRequest(spec=_SPEC, entries=[_entry(channels=0)], overlap_mode=apb.OVERLAP_MODE_AVERAGE),
