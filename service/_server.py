@@ -268,6 +268,9 @@ class PatchwireServer:
 
     async def start(self) -> PatchwireServer:
         cfg = self.config
+        warning = exposed_without_tls(cfg.host, cfg.tls_cert is not None)
+        if warning is not None:
+            _log.warning("%s", warning)
         try:
             self.cache = BlockCache(cfg.cache_bytes)
             for name, path in cfg.datasets.items():
@@ -314,9 +317,6 @@ class PatchwireServer:
                 self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", credentials)
             else:
                 self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-            warning = exposed_without_tls(cfg.host, cfg.tls_cert is not None)
-            if warning is not None:
-                _log.warning("%s", warning)
             if auth is not None and cfg.tls_cert is None:
                 _log.warning("authentication without TLS: bearer tokens cross the network in clear")
             await server.start()
