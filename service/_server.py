@@ -272,6 +272,15 @@ class PatchwireServer:
         if warning is not None:
             _log.warning("%s", warning)
         try:
+            # credentials first: a bad key or auth file fails before any dataset is opened
+            if (cfg.tls_cert is None) != (cfg.tls_key is None) or (cfg.tls_client_ca and cfg.tls_cert is None):
+                raise ValueError("TLS needs both a certificate and its key (a client CA only with them)")
+            auth = load_auth_config(cfg.auth_config) if cfg.auth_config is not None else None
+            tls = (
+                server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                if cfg.tls_cert is not None and cfg.tls_key is not None
+                else None
+            )
             self.cache = BlockCache(cfg.cache_bytes)
             for name, path in cfg.datasets.items():
                 self._datasets[name] = Dataset(name, path, self.cache)
@@ -292,9 +301,6 @@ class PatchwireServer:
                 share_volumes=cfg.shared_memory,
             )
             await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
-            auth = load_auth_config(cfg.auth_config) if cfg.auth_config is not None else None
-            if (cfg.tls_cert is None) != (cfg.tls_key is None) or (cfg.tls_client_ca and cfg.tls_cert is None):
-                raise ValueError("TLS needs both a certificate and its key (a client CA only with them)")
             server = grpc.aio.server(
                 options=list(cfg.options), interceptors=[ReflectionGate(auth)] if auth is not None else None
             )
@@ -312,12 +318,11 @@ class PatchwireServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, ASSEMBLY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-            if cfg.tls_cert is not None and cfg.tls_key is not None:
-                credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-                self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", credentials)
+            if tls is not None:
+                self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", tls)
             else:
                 self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-            if auth is not None and cfg.tls_cert is None:
+            if auth is not None and tls is None:
                 _log.warning("authentication without TLS: bearer tokens cross the network in clear")
             await server.start()
         except BaseException:  # a dataset that does not open, a port that is taken: free what was opened

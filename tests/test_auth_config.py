@@ -205,3 +205,15 @@ def test_serve_refuses_half_a_tls_configuration(tmp_path: Path, capsys: pytest.C
     h5.write_bytes(b"")
     assert main(["serve", "--dataset", f"x={h5}", "--tls-cert", str(h5)]) == 2
     assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_unusable_auth_config_before_opening_datasets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.h5"  # would fail too, but only after the auth config
+    broken.write_bytes(b"not hdf5")
+    config = tmp_path / "auth.toml"
+    config.write_text('[[identity]]\nname = "a"\nroles = ["superuser"]\ntoken = "0123456789abcdefgh"\n')
+    assert main(["serve", "--port", "0", "--dataset", f"x={broken}", "--auth-config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "identity[0].roles" in err and "not in pymia format" not in err
