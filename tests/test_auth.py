@@ -186,7 +186,7 @@ def test_roles(tls_server: PatchwireServer, certs: Certs) -> None:
 
 
 def _job_as(server: PatchwireServer, certs: Certs, owner: str, job_id: str) -> None:
-    """Creates ``job_id`` as ``owner`` and posts subject 0 whole (ready)."""
+    """Creates ``job_id`` (slices of tiny, one float32 entry) as ``owner``."""
     with _connect(server, certs, "admin") as admin:
         spec = admin.datasource("tiny", extr.SliceIndexing())._spec
     with _channel(server, certs, token=TOKENS[owner]) as channel:
@@ -309,10 +309,10 @@ def test_mutual_tls_identifies_by_certificate_and_refuses_clients_without_one(ce
         cert = {"client_certificate": certs.path("client.crt"), "client_key": certs.path("client.key")}
         with pw.connect(server.address, root_certificates=certs.ca, **cert) as robot:
             assert robot.datasets() == ["tiny"]
-            _job_as_robot = robot.assembler(
+            assembler = robot.assembler(
                 robot.datasource("tiny", extr.SliceIndexing()), job_id="robots", entries={"seg": 1}
             )
-            _job_as_robot.close()
+            assembler.close()
             assert [j.job_id for j in robot.jobs()] == ["robots"]
         # a token with a certificate: the token decides who calls (bob does not see robot's job)
         with pw.connect(server.address, token=TOKENS["bob"], root_certificates=certs.ca, **cert) as bob:
