@@ -14,13 +14,16 @@ Framework adapters live in :mod:`patchwire.client.torch` and :mod:`patchwire.cli
 
 from patchwire.client._assembler import AssemblyEvent, JobStatus, RemoteSubjectAssembler, SubjectProgress
 from patchwire.client._client import ArrayInfo, Client, DatasetInfo, SubjectInfo, connect
+from patchwire.client._credentials import Credentials
 from patchwire.client._datasource import RemoteDatasource, SubjectSamples
 from patchwire.client._errors import (
+    AuthenticationError,
     ConnectionFailed,
     InvalidArgumentError,
     NotFoundError,
     OutOfRangeError,
     PatchwireError,
+    PermissionDeniedError,
     RpcError,
     ServerError,
 )
@@ -28,14 +31,17 @@ from patchwire.client._errors import (
 __all__ = [
     "ArrayInfo",
     "AssemblyEvent",
+    "AuthenticationError",
     "Client",
     "ConnectionFailed",
+    "Credentials",
     "DatasetInfo",
     "InvalidArgumentError",
     "JobStatus",
     "NotFoundError",
     "OutOfRangeError",
     "PatchwireError",
+    "PermissionDeniedError",
     "RemoteDatasource",
     "RemoteSubjectAssembler",
     "RpcError",

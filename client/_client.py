@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from patchwire.client._assembler import JobStatus, RemoteSubjectAssembler, job_status
 from patchwire.client._connection import Connection
+from patchwire.client._credentials import Credentials, PathOrBytes
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client._errors import translate_rpc_errors
 from patchwire.client.conversion import ImageProperties
@@ -53,9 +54,9 @@ class DatasetInfo:
 class Client:
     """A connection to one patchwire server. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
-        self._connection = Connection(address)
+        self._connection = Connection(address, credentials)
 
     def datasets(self) -> list[str]:
         """Names of the datasets the server serves."""
@@ -99,7 +100,7 @@ class Client:
         that makes them smaller; they arrive decompressed, bit for bit. Worth it where the network, not the CPU, is
         the limit (see the README); None (the default) sends them raw."""
         return RemoteDatasource(
-            Connection(self.address),
+            self._connection.reopened(),
             dataset,
             indexing_strategy,
             extractor,
@@ -121,7 +122,7 @@ class Client:
         """pymia's ``SubjectAssembler(datasource)``, assembling on the server (see RemoteSubjectAssembler; on the
         server's host payloads go through shared memory unless ``shared_memory=False``)."""
         return RemoteSubjectAssembler(
-            Connection(self.address),
+            self._connection.reopened(),
             datasource,
             overlap,
             dtype,
@@ -158,9 +159,30 @@ class Client:
         return f"Client({self.address!r})"
 
 
-def connect(address: str, timeout: float = 10.0) -> Client:
-    """Connects to the patchwire server at ``address`` (HOST:PORT), waiting up to ``timeout`` seconds for it."""
-    client = Client(address)
+def connect(
+    address: str,
+    timeout: float = 10.0,
+    *,
+    token: str | None = None,
+    root_certificates: PathOrBytes | None = None,
+    client_certificate: PathOrBytes | None = None,
+    client_key: PathOrBytes | None = None,
+    tls: bool = False,
+    credentials: Credentials | None = None,
+) -> Client:
+    """Connects to the patchwire server at ``address`` (HOST:PORT), waiting up to ``timeout`` seconds for it.
+
+    TLS is used when ``root_certificates`` (the CA to trust, a path or PEM bytes) or a client certificate is given,
+    or ``tls=True`` (the system's CAs); ``client_certificate`` and ``client_key`` answer a server that requires
+    mutual TLS; ``token`` is sent as a bearer token on every call (TLS only). Or pass one ready ``credentials``.
+    Datasources, streaming datasets and assemblers made from the client, and DataLoader workers they are pickled
+    into, use the same credentials. An unknown token or certificate raises AuthenticationError; a client
+    certificate the server does not accept fails the TLS handshake (ConnectionFailed)."""
+    if credentials is None:
+        credentials = Credentials.make(token, root_certificates, client_certificate, client_key, tls)
+    elif token or root_certificates or client_certificate or client_key or tls:
+        raise ValueError("give either credentials or token/root_certificates/client_certificate/client_key/tls")
+    client = Client(address, credentials)
     try:
         client._connection.wait_ready(timeout)
     except BaseException:

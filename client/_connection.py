@@ -3,7 +3,7 @@
 gRPC's state is invalid in a forked child while the parent holds a live channel (calls fail with "Wrong file
 descriptor generation"). torch DataLoader workers are forked, so every patchwire object that talks to a server
 keeps its channel in a :class:`Connection`: the channel is closed right before any fork and reopened on first use
-in whichever process uses it next. Pickling a Connection keeps only the address.
+in whichever process uses it next. Pickling a Connection keeps only the address and its credentials.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 
 import grpc
 
-from patchwire.client._errors import ConnectionFailed
+from patchwire.client._credentials import Credentials
+from patchwire.client._errors import ConnectionFailed, from_grpc
 from patchwire.v1 import (
     assembly_service_pb2,
     assembly_service_pb2_grpc,
@@ -33,8 +34,10 @@ _live_lock = threading.Lock()
 
 
 class Connection:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
         self.address = address
+        self.credentials = credentials or Credentials()
+        """TLS and identification for every channel this connection opens."""
         self._channel: grpc.Channel | None = None
         self._stub: dataset_service_pb2_grpc.DatasetServiceStub | None = None
         self._assembly: assembly_service_pb2_grpc.AssemblyServiceStub | None = None
@@ -97,7 +100,7 @@ class Connection:
         with self._lock:
             if self._channel is None or self._pid != os.getpid():
                 tune_client_process()
-                self._channel = grpc.insecure_channel(self.address, options=codec.channel_options())
+                self._channel = self.credentials.channel(self.address, codec.channel_options())
                 self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
                 self._assembly = assembly_service_pb2_grpc.AssemblyServiceStub(self._channel)
                 self._raw = {}
@@ -107,7 +110,8 @@ class Connection:
         """Waits until the server answers (a ListDatasets call that waits for the channel to connect).
 
         Unlike ``grpc.channel_ready_future`` this starts no polling thread, which would still be inside gRPC
-        when a DataLoader forks its workers.
+        when a DataLoader forks its workers. A server that refuses the call for want of a role (PERMISSION_DENIED)
+        has answered: the connection is ready for what the caller may do.
         """
         try:
             self.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest(), timeout=timeout, wait_for_ready=True)
@@ -116,7 +120,9 @@ class Connection:
                 raise ConnectionFailed(
                     f"no patchwire server answered at {self.address} within {timeout:g} s ({exc.code().name})"
                 ) from None
-            raise
+            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                return
+            raise from_grpc(exc, f"connecting to {self.address}") from exc
 
     def close(self) -> None:
         """Closes the channel (idempotent); the next use opens a new one."""
@@ -130,11 +136,15 @@ class Connection:
         self._channel, self._stub, self._assembly, self._pid = None, None, None, -1
         self._lock = threading.Lock()
 
+    def reopened(self) -> Connection:
+        """A new connection to the same server with the same credentials."""
+        return Connection(self.address, self.credentials)
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"address": self.address}
+        return {"address": self.address, "credentials": self.credentials}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["address"])  # type: ignore[misc]
+        self.__init__(state["address"], state.get("credentials"))  # type: ignore[misc]
 
 
 def _identity(data: bytes) -> bytes:

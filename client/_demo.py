@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from patchwire.client._credentials import Credentials
 
 __all__ = ["DemoSummary", "run_demo", "run_seed_pipeline"]
 
@@ -82,7 +85,12 @@ def _phantom_server() -> Iterator[str]:
 
 
 def run_seed_pipeline(
-    address: str, dataset: str, batch_size: int = 2, workers: int = 0, progress: bool = True
+    address: str,
+    dataset: str,
+    batch_size: int = 2,
+    workers: int = 0,
+    progress: bool = True,
+    credentials: Credentials | None = None,
 ) -> DemoSummary:
     """The seed example, with the datasource and the assembler on the server."""
     import torch
@@ -96,7 +104,7 @@ def run_seed_pipeline(
     from patchwire.client import transformation as tfm
     from patchwire.client.torch import PytorchDatasetAdapter
 
-    client = pw.connect(address)
+    client = pw.connect(address, credentials=credentials)
     extractor = extr.DataExtractor(categories=(defs.KEY_IMAGES,))
     transform = tfm.Permute(permutation=(2, 0, 1), entries=(defs.KEY_IMAGES,))
     datasource = client.datasource(dataset, extr.SliceIndexing(), extractor, transform)
@@ -179,6 +187,11 @@ def _evaluate(
 def run_demo(args: argparse.Namespace) -> int:
     import patchwire.client as pw
 
+    try:
+        credentials = Credentials.from_args(args, os.environ)
+    except (OSError, ValueError) as exc:
+        print(f"patchwire demo: credentials: {exc}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         address = args.address
         if address is None:
@@ -189,7 +202,12 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"server {address}, dataset {args.dataset!r}", flush=True)
         try:
             summary = run_seed_pipeline(
-                address, args.dataset, args.batch_size, args.workers, progress=not args.no_progress
+                address,
+                args.dataset,
+                args.batch_size,
+                args.workers,
+                progress=not args.no_progress,
+                credentials=credentials if args.address is not None else None,
             )
         except pw.PatchwireError as exc:
             print(f"patchwire demo: {exc}", file=sys.stderr)

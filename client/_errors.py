@@ -8,6 +8,8 @@
           ├── InvalidArgumentError (ValueError)    INVALID_ARGUMENT, FAILED_PRECONDITION
           ├── NotFoundError (LookupError)          NOT_FOUND
           ├── OutOfRangeError (IndexError)         OUT_OF_RANGE (so ``for s in datasource`` ends as in pymia)
+          ├── AuthenticationError                  UNAUTHENTICATED (no, wrong or unknown token or certificate)
+          ├── PermissionDeniedError (PermissionError)  PERMISSION_DENIED (a role the identity lacks; another's job)
           └── ServerError                          INTERNAL and anything else
 
 Every expected failure reaches the user as one of these, with the server's message, never as a raw gRPC error.
@@ -21,11 +23,13 @@ from collections.abc import Iterator
 import grpc
 
 __all__ = [
+    "AuthenticationError",
     "ConnectionFailed",
     "InvalidArgumentError",
     "NotFoundError",
     "OutOfRangeError",
     "PatchwireError",
+    "PermissionDeniedError",
     "RpcError",
     "ServerError",
     "translate_rpc_errors",
@@ -61,6 +65,14 @@ class OutOfRangeError(RpcError, IndexError):
     """An index lies past the end."""
 
 
+class AuthenticationError(RpcError):
+    """The server does not know the caller: no credentials, or a token or certificate it is not configured with."""
+
+
+class PermissionDeniedError(RpcError, PermissionError):
+    """The caller's identity lacks the role a call needs, or the assembly job belongs to another identity."""
+
+
 class ServerError(RpcError):
     """The server failed unexpectedly."""
 
@@ -70,6 +82,8 @@ _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -17,6 +17,7 @@ output reads the same in a terminal, a log file or a pipe.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from typing import TextIO
 
 from patchwire.client._assembler import JobStatus, SubjectProgress
 from patchwire.client._client import Client, connect
+from patchwire.client._credentials import Credentials
 from patchwire.client._errors import PatchwireError
 
 __all__ = ["format_job", "format_jobs", "run_status"]
@@ -109,9 +111,14 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     if args.interval <= 0:
         print(f"patchwire status: --interval must be positive, got {args.interval:g}", file=err)
         return 2
+    try:
+        credentials = Credentials.from_args(args, os.environ)
+    except (OSError, ValueError) as exc:
+        print(f"patchwire status: credentials: {exc}", file=err)
+        return 2
     redraw = args.watch and out.isatty()
     try:
-        with connect(args.address, timeout=args.timeout) as client:
+        with connect(args.address, timeout=args.timeout, credentials=credentials) as client:
             first = True
             while True:
                 text, finished = _snapshot(client, args.job)

@@ -55,9 +55,18 @@ from typing import Any
 
 import numpy as np
 
+from patchwire.service._auth import ANONYMOUS, Identity
 from patchwire.service._blending import region_weights
 from patchwire.service._datasource import CompiledDatasource
-from patchwire.service._errors import FailedPrecondition, Internal, InvalidArgument, NotFound, OutOfRange, bounded
+from patchwire.service._errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    bounded,
+)
 from patchwire.service._journal import Journal, confined, fsync_path, write_atomic
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import shared_memory, spec_pb2
@@ -388,8 +397,12 @@ class Job:
         created_ms: int,
         finisher: ThreadPoolExecutor | None = None,
         durable: bool = True,
+        owner: str | None = ANONYMOUS.name,
     ) -> None:
         self.id = job_id
+        self.owner = owner
+        """Name of the identity that created the job: it and administrators may use it. None (a job recovered from
+        a state folder written before jobs had owners): administrators only."""
         self.durable = durable
         """Journal, fsync and log what recovery needs (False: nothing outlives the process, nothing is synced)."""
         self.keeps_volumes = not durable and mode == "overwrite"
@@ -432,6 +445,7 @@ class Job:
             "mode": self.mode,
             "state": int(self.state),
             "created_ms": self.created_ms,
+            "owner": self.owner,
         }
 
     def save_metadata(self) -> None:
@@ -1027,6 +1041,7 @@ class AssemblyStore:
                     self.pool,
                     int(meta["created_ms"]),
                     self.finisher,
+                    owner=meta.get("owner"),
                 )
                 job.state = apb.JobState.ValueType(int(meta["state"]))
                 job.recover()
@@ -1041,7 +1056,10 @@ class AssemblyStore:
                 len(job.subjects),
             )
 
-    def create(self, request: apb.CreateJobRequest) -> Job:
+    def create(self, request: apb.CreateJobRequest, identity: Identity = ANONYMOUS) -> Job:
+        """Creates the job ``request`` describes, owned by ``identity``; the same request again returns the job
+        (to its owner or an administrator: a job id another identity holds is PERMISSION_DENIED, whatever the
+        parameters, so that neither the job nor its parameters are revealed)."""
         if not request.HasField("spec"):
             raise InvalidArgument("spec: the datasource whose predictions to assemble is required")
         if request.overlap_mode not in MODES:
@@ -1081,6 +1099,8 @@ class AssemblyStore:
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
+                if not identity.owns(existing.owner):
+                    raise PermissionDenied(f"job_id: {bounded(job_id)} is taken: choose another id")
                 if (
                     existing.spec.SerializeToString(deterministic=True) == spec.SerializeToString(deterministic=True)
                     and existing.entries == entries
@@ -1108,16 +1128,18 @@ class AssemblyStore:
                 int(time.time() * 1000),
                 self.finisher,
                 self.durable,
+                identity.name,
             )
             job.save_metadata()
             self.jobs[job_id] = job
         _log.info(
-            "created assembly job %s on %r (%d subjects, %d samples, %s)",
+            "created assembly job %s on %r (%d subjects, %d samples, %s) for %s",
             job_id,
             spec.dataset,
             len(job.subjects),
             source.length,
             mode,
+            identity.name,
         )
         return job
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,8 +13,16 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from patchwire.service._assembly import AssemblyStore, Job
+from patchwire.service._auth import current_identity
 from patchwire.service._encoding import encode_batch
-from patchwire.service._errors import FailedPrecondition, Internal, InvalidArgument, translate_errors
+from patchwire.service._errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    bounded,
+    translate_errors,
+)
 from patchwire.service._export import export_subject
 from patchwire.service._extraction import ImagePropertiesValue
 from patchwire.v1 import assembly_service_pb2 as apb
@@ -21,6 +30,7 @@ from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
 
 __all__ = ["AssemblyServicer"]
 
+_log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_STREAM_SEGMENTS = 4
 MAX_RELEASED_LEASES = 1 << 16
@@ -49,6 +59,14 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def _job(self, job_id: str, field: str = "job_id") -> Job:
+        """The job ``job_id`` if the caller may use it: its owner or an administrator (PERMISSION_DENIED for anyone
+        else; NOT_FOUND for an unknown id)."""
+        job = self._store.get(job_id, field)
+        if not current_identity().owns(job.owner):
+            raise PermissionDenied(f"{field}: assembly job {bounded(job_id)} belongs to another identity")
+        return job
+
     def _notify(self, job_id: str) -> None:
         waiter = self._waiters.pop(job_id, None)
         if waiter is not None and not waiter.done():
@@ -56,7 +74,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def CreateJob(self, request: Any, context: Any) -> apb.CreateJobResponse:
-        job = await self._run(self._store.create, request)
+        job = await self._run(self._store.create, request, current_identity())
         return apb.CreateJobResponse(job=job.info())
 
     @translate_errors
@@ -85,7 +103,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
                 if isinstance(item, BaseException):
                     raise item
                 batch, arrays = item
-                job = self._store.get(batch.job_id, "batch.job_id")
+                job = self._job(batch.job_id, "batch.job_id")
                 result = await self._run(job.post, list(batch.sample_indices), arrays, batch.last_batch)
                 self._notify(job.id)
                 yield apb.PostPredictionsResponse(
@@ -102,7 +120,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def SubscribeEvents(self, request: Any, context: Any) -> AsyncIterator[apb.SubscribeEventsResponse]:
-        job = self._store.get(request.job_id)
+        job = self._job(request.job_id)
         if request.from_sequence < 0:
             raise InvalidArgument(f"from_sequence: must not be negative, got {request.from_sequence}")
         sequence = max(int(request.from_sequence), 1)
@@ -141,7 +159,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def GetJobStatus(self, request: Any, context: Any) -> apb.GetJobStatusResponse:
-        job = self._store.get(request.job_id)
+        job = self._job(request.job_id)
         if request.max_missing < 0:
             raise InvalidArgument(f"max_missing: must not be negative, got {request.max_missing}")
 
@@ -153,11 +171,14 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def ListJobs(self, request: Any, context: Any) -> apb.ListJobsResponse:
-        return apb.ListJobsResponse(jobs=[job.info() for job in list(self._store.jobs.values())])
+        identity = current_identity()
+        return apb.ListJobsResponse(
+            jobs=[job.info() for job in list(self._store.jobs.values()) if identity.owns(job.owner)]
+        )
 
     @translate_errors
     async def FetchSubject(self, request: Any, context: Any) -> AsyncIterator[apb.FetchSubjectResponse]:
-        job = self._store.get(request.job_id)
+        job = self._job(request.job_id)
         segment = (
             self._open_segment(request.shared_memory, False, "shared_memory")
             if request.HasField("shared_memory")
@@ -222,7 +243,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def ExportSubject(self, request: Any, context: Any) -> AsyncIterator[apb.ExportSubjectResponse]:
-        job = self._store.get(request.job_id)
+        job = self._job(request.job_id)
         name, data = await self._run(export_subject, job, int(request.subject_index), request.format, request.entry)
         yield apb.ExportSubjectResponse(file=apb.ExportedFile(file_name=name, size=len(data)))
         for piece in codec.chunks(data):
@@ -230,14 +251,17 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def AbortJob(self, request: Any, context: Any) -> apb.AbortJobResponse:
-        job = self._store.get(request.job_id)
+        job = self._job(request.job_id)
         await self._run(job.abort)
+        _log.info("assembly job %s aborted by %s", job.id, current_identity().name)
         self._notify(job.id)
         return apb.AbortJobResponse(job=job.info())
 
     @translate_errors
     async def DeleteJob(self, request: Any, context: Any) -> apb.DeleteJobResponse:
+        self._job(request.job_id)
         await self._run(self._store.delete, request.job_id)
+        _log.info("assembly job %s deleted by %s", request.job_id, current_identity().name)
         self._notify(request.job_id)
         return apb.DeleteJobResponse()
 

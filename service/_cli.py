@@ -1,5 +1,5 @@
 """The ``patchwire`` command: ``serve`` runs a server; ``status`` shows its assembly jobs' progress; ``demo`` runs
-the seed pipeline end to end.
+the seed pipeline end to end; ``certs`` writes a self-signed development set of certificates and tokens.
 
 ``status`` and ``demo`` live in the client package and are imported only when asked for, so a server-only install
 (no torch) serves without them.
@@ -29,6 +29,21 @@ def _dataset_arg(text: str) -> tuple[str, Path]:
     if not p.is_file():
         raise argparse.ArgumentTypeError(f"dataset {name!r}: no such file {path!r}")
     return name, p
+
+
+def _credential_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command that calls a server: its TLS trust, client certificate and bearer token."""
+    group = parser.add_argument_group("credentials")
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the bearer token to send (default: the PATCHWIRE_TOKEN environment variable, if set)",
+    )
+    group.add_argument("--ca-cert", type=Path, metavar="PEM", help="CA to trust for the server's certificate: use TLS")
+    group.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs (without --ca-cert)")
+    group.add_argument("--client-cert", type=Path, metavar="PEM", help="client certificate for mutual TLS")
+    group.add_argument("--client-key", type=Path, metavar="PEM", help="private key of --client-cert")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +102,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="block cache shared by all datasets and clients, in MB (default 1024; 0 disables)",
     )
+    security = serve.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain: serve TLS only")
+    security.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="CA that signs client certificates: every client must present one (mutual TLS)",
+    )
+    security.add_argument(
+        "--auth-config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of identities (tokens, certificate subjects, roles): every call then needs credentials "
+        "(default: no authentication, every caller may do everything)",
+    )
 
     status = sub.add_parser("status", help="show the progress of a server's assembly jobs")
     status.add_argument("address", help="the server, HOST:PORT")
@@ -98,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for the server (default 5)"
     )
+    _credential_args(status)
 
     demo = sub.add_parser("demo", help="run the seed pipeline against a server on a built-in phantom dataset")
     demo.add_argument("--address", help="use this running server (HOST:PORT) instead of starting one")
@@ -105,12 +137,28 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=2)
     demo.add_argument("--workers", type=int, default=0, help="torch DataLoader workers")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _credential_args(demo)
+
+    certs = sub.add_parser(
+        "certs",
+        help="write a self-signed development CA, server and client certificates, and an auth config with tokens",
+    )
+    certs.add_argument("directory", type=Path, help="folder to write them to (made if missing)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name or address the server certificate is valid for (repeat; localhost, 127.0.0.1 and ::1 "
+        "always are)",
+    )
     return parser
 
 
 async def _serve(args: argparse.Namespace) -> int:
     from patchwire.service._errors import ServiceError
     from patchwire.service._server import PatchwireServer, ServerConfig
+    from patchwire.service._tls import exposed_without_tls
     from patchwire.v1._malloc import tune_malloc
 
     if args.phantom:
@@ -125,6 +173,12 @@ async def _serve(args: argparse.Namespace) -> int:
     if duplicates:
         print(f"patchwire serve: dataset name given twice: {', '.join(duplicates)}", file=sys.stderr)
         return 2
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and args.tls_cert is None):
+        print("patchwire serve: --tls-cert and --tls-key go together (--tls-client-ca needs them)", file=sys.stderr)
+        return 2
+    warning = exposed_without_tls(args.host, args.tls_cert is not None)
+    if warning is not None:
+        print(f"patchwire serve: WARNING: {warning}", file=sys.stderr, flush=True)
     tune_malloc(arena_max=2)
     config = ServerConfig(
         datasets=dict(args.dataset),
@@ -136,11 +190,16 @@ async def _serve(args: argparse.Namespace) -> int:
         assembly_memory_bytes=int(args.assembly_memory * (1 << 20)),
         cache_bytes=int(args.cache_mb * (1 << 20)),
         shared_memory=args.shared_memory,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_config=args.auth_config,
     )
     server = PatchwireServer(config)
     try:
         await server.start()
-    except (ServiceError, RuntimeError) as exc:  # a dataset that does not open; a port that cannot be bound
+    except (ServiceError, RuntimeError, ValueError, OSError) as exc:
+        # a dataset that does not open; a port that cannot be bound; an unusable auth config or certificate
         print(f"patchwire serve: {exc}", file=sys.stderr)
         return 1
     stop = asyncio.Event()
@@ -177,4 +236,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         return run_demo(args)
+    if args.command == "certs":
+        return _certs(args)
     return 2
+
+
+def _certs(args: argparse.Namespace) -> int:
+    try:
+        from patchwire.service._certs import make_dev_certs
+    except ImportError as exc:
+        print(f"patchwire certs needs the server extra: pip install 'patchwire[server]' ({exc})", file=sys.stderr)
+        return 2
+    try:
+        made = make_dev_certs(args.directory, args.host)
+    except OSError as exc:
+        print(f"patchwire certs: {exc}", file=sys.stderr)
+        return 1
+    d = made.directory
+    print(f"wrote a development CA, server and client certificates, auth.toml and tokens to {d}")
+    print(
+        f"  serve:  patchwire serve --tls-cert {d / 'server.crt'} --tls-key {d / 'server.key'} "
+        f"--auth-config {d / 'auth.toml'} [--tls-client-ca {d / 'ca.crt'}] ..."
+    )
+    print(f"  status: patchwire status HOST:PORT --ca-cert {d / 'ca.crt'} --token-file {d / 'admin.token'}")
+    return 0

@@ -20,12 +20,14 @@ from grpc_reflection.v1alpha import reflection
 
 from patchwire.service._assembly import AssemblyStore
 from patchwire.service._assembly_service import AssemblyServicer
+from patchwire.service._auth import Authenticator, ReflectionGate, guarded, load_auth_config
 from patchwire.service._cache import BlockCache
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
 from patchwire.service._encoding import Encoded, encode_batch, properties_to_proto
 from patchwire.service._errors import InvalidArgument, translate_errors
 from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.service._tls import exposed_without_tls, server_credentials
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
 
@@ -66,6 +68,17 @@ class ServerConfig:
     shared_memory: bool = True
     """Let assembly clients on this host, running as this server's user, post and fetch predictions through
     shared-memory segments instead of the wire (:mod:`patchwire.v1.shared_memory`)."""
+    tls_cert: Path | None = None
+    """PEM certificate chain the server presents; with ``tls_key``, the port speaks TLS only. None: plaintext."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA certificate(s) client certificates must chain to: with it every client must present one (mutual
+    TLS), and the certificate's subject can identify the caller (see ``auth_config``)."""
+    auth_config: Path | None = None
+    """TOML file of identities, their roles and credentials (``patchwire.service._auth``): every call of
+    DatasetService and AssemblyService then needs a known bearer token or client certificate. None: no
+    authentication, every caller is ``anonymous`` with every role."""
 
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
@@ -199,9 +212,10 @@ def _compression(value: int) -> int:
     return value
 
 
-def _handlers(servicer: Any, service_name: str) -> grpc.GenericRpcHandler:
+def _handlers(servicer: Any, service_name: str, auth: Authenticator | None = None) -> grpc.GenericRpcHandler:
     """The servicer's methods as gRPC handlers whose responses may be pre-serialised bytes (see
-    ``codec.passthrough_serializer``): like the generated ``add_*Servicer_to_server``, with that one difference."""
+    ``codec.passthrough_serializer``): like the generated ``add_*Servicer_to_server``, with that one difference.
+    With ``auth`` each method first passes the authentication and role gate (``_auth.guarded``)."""
     service = descriptor_pool.Default().FindServiceByName(service_name)
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -211,7 +225,7 @@ def _handlers(servicer: Any, service_name: str) -> grpc.GenericRpcHandler:
     }
     handlers = {
         m.name: make[(m.client_streaming, m.server_streaming)](
-            getattr(servicer, m.name),
+            guarded(getattr(servicer, m.name), f"/{service_name}/{m.name}", auth),
             # streamed requests arrive as wire bytes: chunk messages are then read without protobuf's copy
             request_deserializer=_identity
             if m.client_streaming
@@ -254,7 +268,19 @@ class PatchwireServer:
 
     async def start(self) -> PatchwireServer:
         cfg = self.config
+        warning = exposed_without_tls(cfg.host, cfg.tls_cert is not None)
+        if warning is not None:
+            _log.warning("%s", warning)
         try:
+            # credentials first: a bad key or auth file fails before any dataset is opened
+            if (cfg.tls_cert is None) != (cfg.tls_key is None) or (cfg.tls_client_ca and cfg.tls_cert is None):
+                raise ValueError("TLS needs both a certificate and its key (a client CA only with them)")
+            auth = load_auth_config(cfg.auth_config) if cfg.auth_config is not None else None
+            tls = (
+                server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                if cfg.tls_cert is not None and cfg.tls_key is not None
+                else None
+            )
             self.cache = BlockCache(cfg.cache_bytes)
             for name, path in cfg.datasets.items():
                 self._datasets[name] = Dataset(name, path, self.cache)
@@ -275,12 +301,16 @@ class PatchwireServer:
                 share_volumes=cfg.shared_memory,
             )
             await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
-            server = grpc.aio.server(options=list(cfg.options))
+            server = grpc.aio.server(
+                options=list(cfg.options), interceptors=[ReflectionGate(auth)] if auth is not None else None
+            )
             server.add_generic_rpc_handlers(
                 (
-                    _handlers(DatasetServicer(self._datasets, self._executor, cache), SERVICE_NAME),
+                    _handlers(DatasetServicer(self._datasets, self._executor, cache), SERVICE_NAME, auth),
                     _handlers(
-                        AssemblyServicer(self._assembly, self._executor, cfg.shared_memory), ASSEMBLY_SERVICE_NAME
+                        AssemblyServicer(self._assembly, self._executor, cfg.shared_memory),
+                        ASSEMBLY_SERVICE_NAME,
+                        auth,
                     ),
                 )
             )
@@ -288,14 +318,26 @@ class PatchwireServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, ASSEMBLY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            if tls is not None:
+                self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", tls)
+            else:
+                self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            if auth is not None and tls is None:
+                _log.warning("authentication without TLS: bearer tokens cross the network in clear")
             await server.start()
         except BaseException:  # a dataset that does not open, a port that is taken: free what was opened
             self._release()
             raise
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        _log.info("patchwire serving %s on %s:%s", ", ".join(self._datasets) or "no datasets", cfg.host, self.port)
+        _log.info(
+            "patchwire serving %s on %s:%s (%s, %s)",
+            ", ".join(self._datasets) or "no datasets",
+            cfg.host,
+            self.port,
+            "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
+            "authentication on" if auth is not None else "no authentication",
+        )
         return self
 
     async def _set_health(self, status: int) -> None:

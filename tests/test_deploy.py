@@ -115,7 +115,17 @@ def test_compose_config_resolves(tmp_path: Path) -> None:
     assert service["restart"] == "unless-stopped"
     # No test command: the engine keeps the image's grpc.health.v1 HEALTHCHECK and takes only the timing from here.
     assert "test" not in service["healthcheck"]
-    assert service.get("command") is None, "compose should keep the image's CMD by default"
+    # TLS and tokens on, from secrets mounted under /run/secrets; the health check trusts the same CA
+    command = service["command"]
+    flags = dict(zip(command[1::2], command[2::2], strict=False))
+    assert command[0] == "serve" and flags["--host"] == "0.0.0.0"
+    assert flags["--tls-cert"] == "/run/secrets/server.crt" and flags["--tls-key"] == "/run/secrets/server.key"
+    assert flags["--auth-config"] == "/run/secrets/auth.toml"
+    mounted = {s["target"] for s in service["secrets"]}
+    assert mounted == {f"/run/secrets/{n}" for n in ("server.crt", "server.key", "ca.crt", "auth.toml")}
+    assert service["environment"]["PATCHWIRE_HEALTH_CA"] == "/run/secrets/ca.crt"
+    secrets = _compose_config(tmp_path)["secrets"]
+    assert {Path(v["file"]).parent for v in secrets.values()} == {REPO / "docker" / "secrets"}
 
 
 def test_compose_data_dir_comes_from_environment(tmp_path: Path) -> None:
@@ -194,6 +204,42 @@ def test_healthcheck_command_follows_health_service(
         timeout=60,
     )
     assert proc.returncode == exit_code, proc.stderr
+
+
+def test_healthcheck_command_speaks_tls_when_given_a_ca(tmp_path: Path) -> None:
+    from patchwire.service._certs import make_dev_certs
+
+    certs = make_dev_certs(tmp_path / "certs")
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    with futures.ThreadPoolExecutor(max_workers=2) as pool:
+        server = grpc.server(pool)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        credentials = grpc.ssl_server_credentials(
+            [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
+            root_certificates=certs.ca_cert.read_bytes(),
+            require_client_auth=True,
+        )
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        server.start()
+        try:
+            target = {"PATCHWIRE_HEALTH_TARGET": f"127.0.0.1:{port}"}
+            mtls = {
+                "PATCHWIRE_HEALTH_CA": str(certs.ca_cert),
+                "PATCHWIRE_HEALTH_CERT": str(certs.client_cert),
+                "PATCHWIRE_HEALTH_KEY": str(certs.client_key),
+            }
+            for extra, exit_code in (({}, 1), ({"PATCHWIRE_HEALTH_CA": str(certs.ca_cert)}, 1), (mtls, 0)):
+                proc = subprocess.run(
+                    _healthcheck_argv(),
+                    capture_output=True,
+                    text=True,
+                    env=_clean_env(tmp_path, **target, **extra),
+                    timeout=60,
+                )
+                assert proc.returncode == exit_code, (extra, proc.stderr)
+        finally:
+            server.stop(None).wait()
 
 
 def test_healthcheck_command_fails_without_server(tmp_path: Path) -> None:
