@@ -12,10 +12,12 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from patchwire.service._assembly import AssemblyStore, Job
+from patchwire.service._auth import current_identity
 from patchwire.service._encoding import encode_batch
 from patchwire.service._errors import FailedPrecondition, Internal, InvalidArgument, translate_errors
 from patchwire.service._export import export_subject
 from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.service._limits import check_announced
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
 
@@ -56,7 +58,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def CreateJob(self, request: Any, context: Any) -> apb.CreateJobResponse:
-        job = await self._run(self._store.create, request)
+        job = await self._run(self._store.create, request, current_identity().name)
         return apb.CreateJobResponse(job=job.info())
 
     @translate_errors
@@ -70,7 +72,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
         async def receive() -> None:
             try:
-                async for item in _received_batches(request_iterator, segments):
+                async for item in _received_batches(request_iterator, segments, self._store):
                     await batches.put(item)
                 await batches.put(None)
             except asyncio.CancelledError:
@@ -306,9 +308,11 @@ class _StreamSegments:
 
 
 async def _received_batches(
-    request_iterator: Any, segments: _StreamSegments
+    request_iterator: Any, segments: _StreamSegments, store: AssemblyStore
 ) -> AsyncIterator[tuple[Any, dict[str, list[Any]]]]:
-    """The complete prediction batches of a PostPredictions stream: (batch message, arrays by field)."""
+    """The complete prediction batches of a PostPredictions stream: (batch message, arrays by field). Before
+    anything a batch announces is allocated or read, its job must exist and its announced sizes must lie within the
+    store's limits (``check_announced``)."""
     batch = None
     assembler: codec.ChunkAssembler | None = None
     async for raw in request_iterator:
@@ -332,6 +336,8 @@ async def _received_batches(
             if assembler is not None and not assembler.complete:
                 raise InvalidArgument("batch: a new batch arrived before the previous batch's tensor chunks")
             batch = request.batch
+            store.get(batch.job_id, "batch.job_id")  # NOT_FOUND before a byte is allocated for it
+            check_announced(batch, store.limits)
             if batch.HasField("shared_memory"):  # complete as it is: its payloads lie in the client's segment
                 payloads: list[Any] = segments.payloads(batch)
                 try:

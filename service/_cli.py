@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
         help="block cache shared by all datasets and clients, in MB (default 1024; 0 disables)",
     )
 
+    from patchwire.service._limits import add_limit_flags
+
+    add_limit_flags(serve)
+
     status = sub.add_parser("status", help="show the progress of a server's assembly jobs")
     status.add_argument("address", help="the server, HOST:PORT")
     status.add_argument("--job", "-j", help="one job, with a line per subject (default: a table of every job)")
@@ -110,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     from patchwire.service._errors import ServiceError
+    from patchwire.service._limits import limits_from_args
     from patchwire.service._server import PatchwireServer, ServerConfig
     from patchwire.v1._malloc import tune_malloc
 
@@ -136,6 +141,7 @@ async def _serve(args: argparse.Namespace) -> int:
         assembly_memory_bytes=int(args.assembly_memory * (1 << 20)),
         cache_bytes=int(args.cache_mb * (1 << 20)),
         shared_memory=args.shared_memory,
+        limits=limits_from_args(args),
     )
     server = PatchwireServer(config)
     try:
