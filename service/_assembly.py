@@ -708,9 +708,9 @@ class Job:
             subject.finished.set()
 
     def _drop_journal(self, subject: Subject) -> None:
+        self._settle(subject, subject.result_bytes())  # (refunded first: whoever sees the journal gone sees it)
         subject.journal.delete()
         subject.delete_buffers()
-        self._settle(subject, subject.result_bytes())
 
     def _write_results(self, subject: Subject, forced: bool) -> None:
         buffers = self.pool.buffers(subject)
