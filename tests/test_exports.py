@@ -73,6 +73,7 @@ EXPECTED = {
         "DatasetServicer",
         "FailedPrecondition",
         "InvalidArgument",
+        "Limits",
         "NotFound",
         "OutOfRange",
         "PatchwireServer",

@@ -540,6 +540,8 @@ def test_memory_comes_back_after_a_burst_of_refused_requests(tiny_h5: Path) -> N
                 attacks[k % len(attacks)]()
             codes.add(info.value.code())  # type: ignore[attr-defined]
         assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
+        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "2000 indices", "limit of 1000", "--max-indices"):
+            attacks[2]()  # the flags took effect
         assert indices_of(get_samples(dstub, spec(SLICES), [0])) == [0]
         after = _rss_kb(proc.pid)
         assert after <= before * 1.1, f"RSS {before} kB before 200 refused requests, {after} kB after"
