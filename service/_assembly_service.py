@@ -349,7 +349,10 @@ async def _received_batches(
                 continue
             if batch.shared_offsets:
                 raise InvalidArgument("batch.shared_offsets: given without batch.shared_memory")
-            assembler = codec.ChunkAssembler(codec.batch_tensors(batch))
+            try:  # (check_announced refused anything larger already)
+                assembler = codec.ChunkAssembler(codec.batch_tensors(batch), max_bytes=store.limits.max_post_bytes)
+            except ValueError as exc:
+                raise InvalidArgument(f"batch.fields: {exc}") from None
         elif request.WhichOneof("payload") == "chunk":
             if assembler is None:
                 raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")

@@ -409,10 +409,11 @@ def test_a_post_to_a_missing_job_allocates_nothing(limited: Any, astub: Any) -> 
             grpc.StatusCode.INVALID_ARGUMENT,
             "needs 1536 bytes, but announces",
         ),
+        ([announced("j", [1, 24, 16, 1], -5)], grpc.StatusCode.INVALID_ARGUMENT, "needs 1536 bytes, but announces -5"),
         ([announced("j", [1, 24, 16, 1], 1536), chunk(1537)], grpc.StatusCode.INVALID_ARGUMENT, "overruns"),
         ([announced("j", [1, 24, 16, 1], 1536), chunk(1000)], grpc.StatusCode.INVALID_ARGUMENT, "in the middle"),
     ],
-    ids=["too-large", "size-mismatch", "more-bytes", "fewer-bytes"],
+    ids=["too-large", "size-mismatch", "negative-size", "more-bytes", "fewer-bytes"],
 )
 def test_announced_sizes(
     astub: Any, requests: list[apb.PostPredictionsRequest], code: grpc.StatusCode, fragment: str
@@ -423,6 +424,18 @@ def test_announced_sizes(
     assert post(astub, "j", [0])[0].accepted_samples == 1
     status = astub.GetJobStatus(apb.GetJobStatusRequest(job_id="j"), timeout=RPC_TIMEOUT_S)
     assert status.job.received_samples == 1
+
+
+def test_a_chunk_assembler_refuses_large_announcements_before_allocating() -> None:
+    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[1 << 40], chunked_nbytes=1 << 40)
+    with pytest.raises(ValueError, match="announce 1099511627776 payload bytes, more than the 1024 allowed"):
+        codec.ChunkAssembler([tensor], max_bytes=1024)
+    small = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[4], chunked_nbytes=4)
+    assembler = codec.ChunkAssembler([small], max_bytes=4)
+    with pytest.raises(ValueError, match="overruns"):
+        assembler.add(bytes(5))
+    assembler.add(bytes(range(4)))
+    assert assembler.complete and assembler.payloads()[0].tolist() == [0, 1, 2, 3]
 
 
 # -- jobs -------------------------------------------------------------------------------------------------------------
