@@ -364,21 +364,29 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             flag,
             dest=f"limit_{name}",
-            type=float if unit != 1 else int,
+            type=_positive(float if unit != 1 else int),
             default=default / unit if unit != 1 else default,
             metavar="MB" if unit != 1 else "N",
             help=f"{docs.get(name, '')} (default {default / unit:g})",
         )
 
 
-def limits_from_args(args: argparse.Namespace) -> Limits:
-    values = {}
-    for name, (flag, unit) in _FLAGS.items():
-        value = getattr(args, f"limit_{name}")
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if value <= 0:
-            raise SystemExit(f"patchwire serve: {flag} must be positive, got {value:g}")
-        values[name] = int(value * unit)
-    return Limits(**values)
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """The :class:`Limits` of parsed ``patchwire serve`` flags (MB flags converted to bytes)."""
+    return Limits(**{name: max(1, int(getattr(args, f"limit_{name}") * unit)) for name, (_, unit) in _FLAGS.items()})
 
 
 def _field_docs() -> dict[str, str]:

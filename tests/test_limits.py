@@ -506,6 +506,19 @@ def test_disk_quota_per_job_in_total_and_after_restart(tiny_h5: Path, tmp_path: 
         assert status.job.received_samples == 2
 
 
+def test_serve_flags() -> None:
+    from patchwire.service._cli import _parser
+    from patchwire.service._limits import limits_from_args
+
+    args = _parser().parse_args(["serve", "--max-calls", "7", "--max-post-mb", "0.5", "--max-spec-depth", "3"])
+    limits = limits_from_args(args)
+    assert (limits.max_calls, limits.max_post_bytes, limits.max_spec_depth) == (7, 1 << 19, 3)
+    assert limits.max_jobs == Limits().max_jobs
+    for bad in (["--max-calls", "0"], ["--max-disk-mb", "-1"], ["--max-jobs", "x"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["serve", *bad])
+
+
 # -- memory after a burst of refused requests -------------------------------------------------------------------------
 
 
