@@ -7,12 +7,14 @@ Run it with ``patchwire serve --dataset NAME=PATH.h5``, or embed it::
 """
 
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ServiceError
+from patchwire.service._limits import Limits
 from patchwire.service._server import DatasetServicer, PatchwireServer, ServerConfig
 
 __all__ = [
     "DatasetServicer",
     "FailedPrecondition",
     "InvalidArgument",
+    "Limits",
     "NotFound",
     "OutOfRange",
     "PatchwireServer",

@@ -67,7 +67,8 @@ from patchwire.service._errors import (
     PermissionDenied,
     bounded,
 )
-from patchwire.service._journal import Journal, confined, fsync_path, write_atomic
+from patchwire.service._journal import Journal, confined, fsync_path, record_bytes, write_atomic
+from patchwire.service._limits import DiskQuota, Limits, exhausted
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import shared_memory, spec_pb2
 
@@ -313,6 +314,9 @@ class Subject:
     finished: threading.Event | None = None
     """Set once the volume of a ready subject is durable in ``results/`` (None: nothing pending)."""
     finish_error: str | None = None
+    disk: int = field(default=0, init=False)
+    """Bytes charged to the job's disk quota for this subject: its journal, and room for its results and spilled
+    buffers from its first prediction on; only the results once its journal and buffers are deleted."""
 
     def __post_init__(self) -> None:
         self.received = np.zeros(self.expected, dtype=bool)
@@ -377,6 +381,14 @@ class Subject:
     def result_path(self, entry: str) -> Path:
         return self.job.directory / "results" / f"{self.index}.{entry}.npy"
 
+    def result_bytes(self) -> int:
+        """Bytes of the subject's result files (an upper bound: the ``.npy`` header is taken as 128 bytes)."""
+        return sum(int(np.prod(self.shape)) * e.channels * e.dtype.itemsize + 128 for e in self.job.entries)
+
+    def room_bytes(self) -> int:
+        """Disk a subject may take besides its journal: results, and buffers spilled meanwhile."""
+        return self.result_bytes() + self.buffer_bytes() + 128 * len(self.buffer_specs())
+
     def missing(self, limit: int) -> list[int]:
         local = np.flatnonzero(~self.received[: self.expected])[:limit]
         return [int(i) + self.first_sample for i in local]
@@ -384,6 +396,9 @@ class Subject:
 
 class Job:
     """One assembly job. Mutations run under ``lock`` (from executor threads); events notify asyncio waiters."""
+
+    quota: DiskQuota | None = None
+    """Where the job's state-folder bytes are charged before they are written (None: not accounted)."""
 
     def __init__(
         self,
@@ -551,8 +566,10 @@ class Job:
                 seen.add(i)
                 new.setdefault(s, []).append(pos)
             ready: list[int] = []
+            charges = self._charge(sample_indices, arrays, new)  # refused here, before anything is journalled
             for s, positions in new.items():
                 subject = self.subjects[s]
+                subject.disk += charges[s]
                 indices = [int(sample_indices[p]) for p in positions]
                 accepted = {e.name: [arrays[e.name][p] for p in positions] for e in self.entries}
                 if self.durable:  # journalled exactly as posted (dtype included): a replay applies the same
@@ -569,6 +586,34 @@ class Job:
             if ready:
                 self._check_completed()
             return PostResult(sum(len(p) for p in new.values()), duplicates, ready)
+
+    def _charge(
+        self,
+        sample_indices: Sequence[int],
+        arrays: Mapping[str, Sequence[np.ndarray]],
+        new: Mapping[int, list[int]],
+    ) -> dict[int, int]:
+        """Charges the disk a batch's new predictions may take (journal records, and room for the results and
+        spilled buffers of subjects that get their first prediction) to the quota; the charge per subject."""
+        charges: dict[int, int] = {}
+        for s, positions in new.items():
+            subject = self.subjects[s]
+            nbytes = subject.room_bytes() if subject.disk == 0 else 0
+            if self.durable:
+                nbytes += record_bytes(
+                    [sample_indices[p] for p in positions],
+                    {e.name: [arrays[e.name][p] for p in positions] for e in self.entries},
+                )
+            charges[s] = nbytes
+        if self.quota is not None:
+            self.quota.charge(self.id, sum(charges.values()), f"a batch for job {self.id!r}")
+        return charges
+
+    def _settle(self, subject: Subject, kept: int) -> None:
+        """Refunds what a subject no longer holds on disk, keeping ``kept`` bytes charged."""
+        if self.quota is not None and subject.disk > kept:
+            self.quota.refund(self.id, subject.disk - kept)
+        subject.disk = min(subject.disk, kept)
 
     def _check_accepting(self, sample_indices: Sequence[int]) -> None:
         if self.state == apb.JOB_STATE_ABORTED:
@@ -674,6 +719,7 @@ class Job:
             subject.finished.set()
 
     def _drop_journal(self, subject: Subject) -> None:
+        self._settle(subject, subject.result_bytes())  # (refunded first: whoever sees the journal gone sees it)
         subject.journal.delete()
         subject.delete_buffers()
 
@@ -726,6 +772,7 @@ class Job:
                     subject.state = apb.SUBJECT_STATE_ABORTED
                     subject.journal.delete()
                     subject.delete_buffers()
+                    self._settle(subject, 0)
             self._emit(apb.EVENT_TYPE_JOB_ABORTED)
 
     def subject(self, subject_index: int, field: str = "subject_index") -> Subject:
@@ -911,6 +958,20 @@ class Job:
             if subject.count == subject.expected and subject.expected > 0:
                 self._finish(subject, forced=False, background=False)
         self._check_completed()
+        self._recount_disk()
+
+    def _recount_disk(self) -> None:
+        """Charges what the job holds on disk after recovery: results of ready subjects, journals (and room for
+        results and spills) of subjects in progress."""
+        for subject in self.subjects.values():
+            if subject.state == apb.SUBJECT_STATE_READY:
+                paths = [subject.result_path(e.name) for e in self.entries]
+                subject.disk = sum(p.stat().st_size for p in paths if p.exists())
+            elif subject.state == apb.SUBJECT_STATE_IN_PROGRESS:
+                journal = subject.journal.path.stat().st_size if subject.journal.path.exists() else 0
+                subject.disk = journal + subject.room_bytes()
+            if self.quota is not None:
+                self.quota.force(self.id, subject.disk)
 
 
 _COVERAGE_MAX_SAMPLES = 1 << 16
@@ -1015,8 +1076,12 @@ class AssemblyStore:
         memory_budget: int,
         durable: bool = True,
         share_volumes: bool = False,
+        limits: Limits | None = None,
     ) -> None:
         self.state_dir = state_dir
+        self.limits = limits if limits is not None else Limits()
+        self.quota = DiskQuota(self.limits)
+        """Bytes the jobs hold in ``state_dir``, charged before they are written."""
         self.durable = durable
         self.resolve = resolve
         self.pool = BufferPool(memory_budget, share=share_volumes)
@@ -1043,10 +1108,12 @@ class AssemblyStore:
                     self.finisher,
                     owner=meta.get("owner"),
                 )
+                job.quota = self.quota
                 job.state = apb.JobState.ValueType(int(meta["state"]))
                 job.recover()
             except Exception:
                 _log.exception("could not recover assembly job in %s; its files are kept", meta_path.parent)
+                self.quota.drop(str(meta_path.parent.name))
                 continue
             self.jobs[job.id] = job
             _log.info(
@@ -1057,9 +1124,9 @@ class AssemblyStore:
             )
 
     def create(self, request: apb.CreateJobRequest, identity: Identity = ANONYMOUS) -> Job:
-        """Creates the job ``request`` describes, owned by ``identity``; the same request again returns the job
-        (to its owner or an administrator: a job id another identity holds is PERMISSION_DENIED, whatever the
-        parameters, so that neither the job nor its parameters are revealed)."""
+        """Creates the job ``request`` describes, owned by ``identity``, within the job limits; the same request
+        again returns the job (to its owner or an administrator: a job id another identity holds is
+        PERMISSION_DENIED, whatever the parameters, so that neither the job nor its parameters are revealed)."""
         if not request.HasField("spec"):
             raise InvalidArgument("spec: the datasource whose predictions to assemble is required")
         if request.overlap_mode not in MODES:
@@ -1108,6 +1175,7 @@ class AssemblyStore:
                 ):
                     return existing
                 raise FailedPrecondition(f"job_id: job {job_id!r} already exists with other parameters")
+            self._admit(identity.name)
             source = self.resolve(spec)
             if source.length == 0:
                 raise InvalidArgument(f"spec: the datasource on {spec.dataset!r} has no samples: nothing to assemble")
@@ -1130,6 +1198,7 @@ class AssemblyStore:
                 self.durable,
                 identity.name,
             )
+            job.quota = self.quota
             job.save_metadata()
             self.jobs[job_id] = job
         _log.info(
@@ -1142,6 +1211,21 @@ class AssemblyStore:
             identity.name,
         )
         return job
+
+    def _admit(self, owner: str) -> None:
+        """Refuses a new job beyond the job limits (under ``_lock``)."""
+        lim = self.limits
+        owned = sum(1 for job in self.jobs.values() if job.owner == owner)
+        if owned >= lim.max_jobs_per_identity:
+            raise exhausted(
+                f"jobs: {bounded(owner)} already holds {owned} assembly jobs (delete finished ones)",
+                lim.max_jobs_per_identity,
+                "--max-jobs-per-identity",
+            )
+        if len(self.jobs) >= lim.max_jobs:
+            raise exhausted(
+                f"jobs: the server already holds {len(self.jobs)} assembly jobs", lim.max_jobs, "--max-jobs"
+            )
 
     def close(self) -> None:
         """Waits for the volumes being finished; the store is not used afterwards."""
@@ -1158,3 +1242,4 @@ class AssemblyStore:
             job = self.get(job_id)
             del self.jobs[job_id]
         job.delete_files()
+        self.quota.drop(job_id)  # its folder is gone: every byte it held is given back

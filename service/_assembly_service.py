@@ -25,6 +25,7 @@ from patchwire.service._errors import (
 )
 from patchwire.service._export import export_subject
 from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.service._limits import check_announced
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
 
@@ -88,7 +89,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
         async def receive() -> None:
             try:
-                async for item in _received_batches(request_iterator, segments):
+                async for item in _received_batches(request_iterator, segments, self._store, self._job):
                     await batches.put(item)
                 await batches.put(None)
             except asyncio.CancelledError:
@@ -330,9 +331,11 @@ class _StreamSegments:
 
 
 async def _received_batches(
-    request_iterator: Any, segments: _StreamSegments
+    request_iterator: Any, segments: _StreamSegments, store: AssemblyStore, job_of: Callable[[str, str], Job]
 ) -> AsyncIterator[tuple[Any, dict[str, list[Any]]]]:
-    """The complete prediction batches of a PostPredictions stream: (batch message, arrays by field)."""
+    """The complete prediction batches of a PostPredictions stream: (batch message, arrays by field). Before
+    anything a batch announces is allocated or read, its job must exist and be the caller's (``job_of``) and its
+    announced sizes must lie within the store's limits (``check_announced``)."""
     batch = None
     assembler: codec.ChunkAssembler | None = None
     async for raw in request_iterator:
@@ -356,6 +359,8 @@ async def _received_batches(
             if assembler is not None and not assembler.complete:
                 raise InvalidArgument("batch: a new batch arrived before the previous batch's tensor chunks")
             batch = request.batch
+            job_of(batch.job_id, "batch.job_id")  # NOT_FOUND or PERMISSION_DENIED before a byte is allocated for it
+            check_announced(batch, store.limits)
             if batch.HasField("shared_memory"):  # complete as it is: its payloads lie in the client's segment
                 payloads: list[Any] = segments.payloads(batch)
                 try:
@@ -367,7 +372,10 @@ async def _received_batches(
                 continue
             if batch.shared_offsets:
                 raise InvalidArgument("batch.shared_offsets: given without batch.shared_memory")
-            assembler = codec.ChunkAssembler(codec.batch_tensors(batch))
+            try:  # (check_announced refused anything larger already)
+                assembler = codec.ChunkAssembler(codec.batch_tensors(batch), max_bytes=store.limits.max_post_bytes)
+            except ValueError as exc:
+                raise InvalidArgument(f"batch.fields: {exc}") from None
         elif request.WhichOneof("payload") == "chunk":
             if assembler is None:
                 raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")

@@ -119,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
         "(default: no authentication, every caller may do everything)",
     )
 
+    from patchwire.service._limits import add_limit_flags
+
+    add_limit_flags(serve)
+
     status = sub.add_parser("status", help="show the progress of a server's assembly jobs")
     status.add_argument("address", help="the server, HOST:PORT")
     status.add_argument("--job", "-j", help="one job, with a line per subject (default: a table of every job)")
@@ -157,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     from patchwire.service._errors import ServiceError
+    from patchwire.service._limits import limits_from_args
     from patchwire.service._server import PatchwireServer, ServerConfig
     from patchwire.service._tls import exposed_without_tls
     from patchwire.v1._malloc import tune_malloc
@@ -194,6 +199,7 @@ async def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_config=args.auth_config,
+        limits=limits_from_args(args),
     )
     server = PatchwireServer(config)
     try:

@@ -14,6 +14,7 @@ from patchwire.service._catalog import Dataset
 from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange
 from patchwire.service._extraction import Extractor, Params, compile_extractor
 from patchwire.service._indexing import Expression, compile_indexing, expression_from_proto
+from patchwire.service._limits import Limits, check_spec
 from patchwire.service._transforms import Transform, compile_transform
 from patchwire.v1 import spec_pb2
 
@@ -23,14 +24,18 @@ __all__ = ["CompiledDatasource", "DatasourceCache", "direct_extract"]
 class CompiledDatasource:
     """Samples of one dataset under one indexing strategy, extractor, transform and subject subset."""
 
-    def __init__(self, dataset: Dataset, spec: spec_pb2.DatasourceSpec) -> None:
+    def __init__(self, dataset: Dataset, spec: spec_pb2.DatasourceSpec, max_sample_bytes: int | None = None) -> None:
         self.dataset = dataset
         self.indexing = compile_indexing(spec.indexing_strategy if spec.HasField("indexing_strategy") else None)
         self.extractor: Extractor | None = (
-            compile_extractor(spec.extractor, dataset, "spec.extractor") if spec.HasField("extractor") else None
+            compile_extractor(spec.extractor, dataset, "spec.extractor", max_sample_bytes)
+            if spec.HasField("extractor")
+            else None
         )
         self.transform: Transform | None = (
-            compile_transform(spec.transform, "spec.transform") if spec.HasField("transform") else None
+            compile_transform(spec.transform, "spec.transform", max_sample_bytes)
+            if spec.HasField("transform")
+            else None
         )
         subset: set[str] | None = None
         if spec.HasField("subject_subset"):
@@ -81,18 +86,25 @@ class CompiledDatasource:
             extracted = self.transform(extracted)
         return extracted
 
-    def order(self, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
-        """The epoch's sample order: identity, or a permutation derived from (seed, epoch) alone."""
+    def order(self, shuffle: bool, seed: int, epoch: int) -> range | np.ndarray:
+        """The epoch's sample order: identity (a ``range``: nothing materialised), or a permutation (an int64 array)
+        derived from (seed, epoch) alone."""
         if not shuffle:
-            return np.arange(self.length, dtype=np.int64)
+            return range(self.length)
         return np.random.default_rng([int(seed), int(epoch)]).permutation(self.length)
 
 
-def direct_extract(dataset: Dataset, msg: spec_pb2.DirectExtraction) -> dict[str, Any]:
+def direct_extract(
+    dataset: Dataset, msg: spec_pb2.DirectExtraction, max_sample_bytes: int | None = None
+) -> dict[str, Any]:
     if not msg.HasField("extractor"):
         raise InvalidArgument("extraction.extractor: direct extraction needs an extractor")
-    extractor = compile_extractor(msg.extractor, dataset, "extraction.extractor")
-    transform = compile_transform(msg.transform, "extraction.transform") if msg.HasField("transform") else None
+    extractor = compile_extractor(msg.extractor, dataset, "extraction.extractor", max_sample_bytes)
+    transform = (
+        compile_transform(msg.transform, "extraction.transform", max_sample_bytes)
+        if msg.HasField("transform")
+        else None
+    )
     s = dataset.check_subject(int(msg.subject_index), "extraction.subject_index")
     expr: Expression = slice(None)
     if msg.HasField("index_expression"):
@@ -108,8 +120,9 @@ def direct_extract(dataset: Dataset, msg: spec_pb2.DirectExtraction) -> dict[str
 class DatasourceCache:
     """Compiled datasources keyed by their serialised spec (bounded LRU): specs are compiled once, not per call."""
 
-    def __init__(self, datasets: Mapping[str, Dataset], capacity: int = 64) -> None:
+    def __init__(self, datasets: Mapping[str, Dataset], capacity: int = 64, limits: Limits | None = None) -> None:
         self._datasets = datasets
+        self.limits = limits if limits is not None else Limits()
         self._capacity = capacity
         self._items: OrderedDict[bytes, CompiledDatasource] = OrderedDict()
         self._lock = threading.Lock()
@@ -128,7 +141,8 @@ class DatasourceCache:
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit
-        compiled = CompiledDatasource(self.dataset(spec.dataset, "spec.dataset"), spec)
+        check_spec(spec, self.limits)  # before anything is compiled: depth, repeated fields, target shapes
+        compiled = CompiledDatasource(self.dataset(spec.dataset, "spec.dataset"), spec, self.limits.max_sample_bytes)
         with self._lock:
             self._items[key] = compiled
             while len(self._items) > self._capacity:

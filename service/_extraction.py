@@ -9,6 +9,7 @@ is reported before any sample is read.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from patchwire.service import _pymia_format as fmt
 from patchwire.service._catalog import Dataset, SubjectGeometry, to_str
 from patchwire.service._errors import InvalidArgument, NotFound
 from patchwire.service._indexing import WHOLE, Expression
+from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2
 
 __all__ = [
@@ -200,7 +202,7 @@ class _Pad(Extractor):
     whole-array expression (EmptyIndexing) pads the leading ``len(padding)`` axes instead of failing.
     """
 
-    def __init__(self, padding: list[tuple[int, int]], inner: Extractor) -> None:
+    def __init__(self, padding: list[tuple[int, int]], inner: Extractor, max_bytes: int | None = None) -> None:
         categories = inner.data_categories()
         if categories is None:
             raise InvalidArgument(
@@ -209,6 +211,7 @@ class _Pad(Extractor):
             )
         self.padding = padding
         self.inner = inner
+        self.max_bytes = max_bytes
         self.categories = tuple(categories)
 
     def data_categories(self) -> Sequence[str]:
@@ -241,6 +244,8 @@ class _Pad(Extractor):
         for cat in self.categories:
             data = extracted[cat]
             full_shape = padded_shape + data.shape[len(padded_shape) :]
+            if self.max_bytes is not None:
+                check_sample_bytes(math.prod(full_shape) * data.dtype.itemsize, self.max_bytes, f"padded {cat!r}")
             if full_shape != data.shape:
                 out = np.zeros(full_shape, dtype=data.dtype)
                 out[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape, strict=False))] = data
@@ -251,8 +256,11 @@ def _selection(msg: spec_pb2.StringList | None, has: bool) -> list[str] | None:
     return list(msg.values) if has and msg is not None else None
 
 
-def compile_extractor(msg: spec_pb2.Extractor, dataset: Dataset, field: str = "extractor") -> Extractor:
-    """Compiles an extractor spec, checking categories and entry names against ``dataset``."""
+def compile_extractor(
+    msg: spec_pb2.Extractor, dataset: Dataset, field: str = "extractor", max_bytes: int | None = None
+) -> Extractor:
+    """Compiles an extractor spec, checking categories and entry names against ``dataset``; ``max_bytes`` bounds
+    what PadDataExtractor may pad a category to."""
     kind = msg.WhichOneof("extractor")
     if kind is None:
         raise InvalidArgument(f"{field}: no extractor is set")
@@ -260,7 +268,7 @@ def compile_extractor(msg: spec_pb2.Extractor, dataset: Dataset, field: str = "e
     where = f"{field}.{kind}"
     if kind == "compose":
         return _Compose(
-            [compile_extractor(e, dataset, f"{where}.extractors[{i}]") for i, e in enumerate(sub.extractors)]
+            [compile_extractor(e, dataset, f"{where}.extractors[{i}]", max_bytes) for i, e in enumerate(sub.extractors)]
         )
     if kind == "data":
         for cat in sub.categories:
@@ -310,5 +318,5 @@ def compile_extractor(msg: spec_pb2.Extractor, dataset: Dataset, field: str = "e
             padding.append((int(p.before), int(p.after)))
         if not sub.HasField("extractor"):
             raise InvalidArgument(f"{where}.extractor: the extractor whose data to pad is missing")
-        return _Pad(padding, compile_extractor(sub.extractor, dataset, f"{where}.extractor"))
+        return _Pad(padding, compile_extractor(sub.extractor, dataset, f"{where}.extractor", max_bytes), max_bytes)
     raise InvalidArgument(f"{field}: unknown extractor {kind!r}")

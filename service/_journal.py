@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["Journal", "JournalRecord", "confined", "fsync_path", "write_atomic"]
+__all__ = ["Journal", "JournalRecord", "confined", "fsync_path", "record_bytes", "write_atomic"]
 
 _log = logging.getLogger(__name__)
 MAGIC = b"PWJ1"
@@ -66,15 +66,27 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def _head(record: JournalRecord) -> bytes:
+    header: dict[str, Any] = {"indices": record.sample_indices, "entries": {}}
+    for name, arrays in record.arrays.items():
+        header["entries"][name] = [[list(a.shape), a.dtype.str] for a in arrays]
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def record_bytes(sample_indices: Sequence[int], arrays: Mapping[str, Sequence[np.ndarray]]) -> int:
+    """How many bytes :meth:`Journal.append` would add for this record (accounted before it is written)."""
+    record = JournalRecord([int(i) for i in sample_indices], {k: list(v) for k, v in arrays.items()})
+    payload = sum(a.nbytes for values in record.arrays.values() for a in values)
+    return len(MAGIC) + _U32.size + len(_head(record)) + payload + _U32.size
+
+
 def _encode(record: JournalRecord) -> list[bytes | memoryview]:
     """A record as the buffers to write back to back: the arrays' own memory, never joined into one copy (the
     journal is on the path of every acknowledged prediction)."""
-    header: dict[str, Any] = {"indices": record.sample_indices, "entries": {}}
     parts: list[bytes | memoryview] = []
-    for name, arrays in record.arrays.items():
-        header["entries"][name] = [[list(a.shape), a.dtype.str] for a in arrays]
+    for arrays in record.arrays.values():
         parts.extend(np.ascontiguousarray(a).reshape(-1).data.cast("B") for a in arrays)
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _head(record)
     start = b"".join([MAGIC, _U32.pack(len(head)), head])
     crc = zlib.crc32(start)
     for part in parts:

@@ -7,6 +7,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -27,6 +29,7 @@ from patchwire.service._datasource import CompiledDatasource, DatasourceCache, d
 from patchwire.service._encoding import Encoded, encode_batch, properties_to_proto
 from patchwire.service._errors import InvalidArgument, translate_errors
 from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.service._limits import CallLimiter, Limits, check_sample_bytes, check_spec, exhausted
 from patchwire.service._tls import exposed_without_tls, server_credentials
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
@@ -79,15 +82,24 @@ class ServerConfig:
     """TOML file of identities, their roles and credentials (``patchwire.service._auth``): every call of
     DatasetService and AssemblyService then needs a known bearer token or client certificate. None: no
     authentication, every caller is ``anonymous`` with every role."""
+    limits: Limits = field(default_factory=Limits)
+    """What one request, identity or job may make the server hold (:mod:`patchwire.service._limits`)."""
 
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     def __init__(
-        self, datasets: Mapping[str, Dataset], executor: ThreadPoolExecutor, cache: DatasourceCache | None = None
+        self,
+        datasets: Mapping[str, Dataset],
+        executor: ThreadPoolExecutor,
+        cache: DatasourceCache | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._datasets = datasets
-        self._cache = cache if cache is not None else DatasourceCache(datasets)
+        self._limits = limits if limits is not None else Limits()
+        self._cache = cache if cache is not None else DatasourceCache(datasets, limits=self._limits)
         self._executor = executor
+        self.samples_built = 0
+        """Samples read and transformed for GetSamples and StreamBatches so far (how much work calls cost)."""
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -120,10 +132,21 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     @translate_errors
     async def GetSamples(self, request: Any, context: Any) -> AsyncIterator[dataset_service_pb2.GetSamplesResponse]:
         compression = _compression(request.integer_compression)
+        if len(request.sample_indices) > self._limits.max_indices:
+            raise exhausted(
+                f"sample_indices: {len(request.sample_indices)} indices in one request",
+                self._limits.max_indices,
+                "--max-indices",
+            )
         src = await self._run(self._cache.get, request.spec)
-        indices = [int(i) for i in request.sample_indices]
-        for i in indices:
-            src.locate(i)
+
+        def validated() -> list[int]:  # in the executor: the loop never walks a request's indices
+            indices = [int(i) for i in request.sample_indices]
+            for i in indices:
+                src.locate(i)
+            return indices
+
+        indices = await self._run(validated)
         async for message in self._stream(
             src, indices, 1, dataset_service_pb2.GetSamplesResponse, compression=compression
         ):
@@ -132,7 +155,14 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     @translate_errors
     async def DirectExtract(self, request: Any, context: Any) -> AsyncIterator[Any]:
         ds = self._cache.dataset(request.extraction.dataset, "extraction.dataset")
-        encoded = await self._run(lambda: encode_batch([direct_extract(ds, request.extraction)]))
+        check_spec(request.extraction, self._limits, "extraction")
+
+        def extract() -> Encoded:
+            sample = direct_extract(ds, request.extraction, self._limits.max_sample_bytes)
+            check_sample_bytes(_sample_bytes(sample), self._limits.max_sample_bytes)
+            return encode_batch([sample])
+
+        encoded = await self._run(extract)
         for message in encoded.messages(dataset_service_pb2.DirectExtractResponse):
             yield message
 
@@ -141,6 +171,10 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         shard_count = request.shard_count or 1
         if request.batch_size <= 0:
             raise InvalidArgument(f"batch_size: must be positive, got {request.batch_size}")
+        if request.batch_size > self._limits.max_batch_size:
+            raise exhausted(
+                f"batch_size: {request.batch_size} samples", self._limits.max_batch_size, "--max-batch-size"
+            )
         if shard_count < 0:
             raise InvalidArgument(f"shard_count: must be positive, got {shard_count}")
         if not 0 <= request.shard_index < shard_count:
@@ -151,13 +185,16 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         src = await self._run(self._cache.get, request.spec)
         if src.extractor is None:
             raise InvalidArgument("spec.extractor: streaming samples needs an extractor")
-        order = src.order(request.shuffle, request.seed, request.epoch)[request.shard_index :: shard_count]
-        if request.drop_last:
-            order = order[: len(order) - len(order) % request.batch_size]
-        order = order[request.start_position :]
+
+        def ordered() -> range | np.ndarray:  # in the executor; a range (never a list) when nothing is shuffled
+            order = src.order(request.shuffle, request.seed, request.epoch)[request.shard_index :: shard_count]
+            if request.drop_last:
+                order = order[: len(order) - len(order) % request.batch_size]
+            return order[request.start_position :]
+
         async for message in self._stream(
             src,
-            order.tolist(),
+            await self._run(ordered),
             request.batch_size,
             dataset_service_pb2.StreamBatchesResponse,
             first_position=request.start_position,
@@ -168,23 +205,46 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     async def _stream(
         self,
         src: CompiledDatasource,
-        indices: list[int],
+        indices: Sequence[int] | np.ndarray,
         batch_size: int,
         response_type: Any,
         first_position: int = 0,
         compression: int = codec.Compression.COMPRESSION_UNSPECIFIED,
     ) -> AsyncIterator[Any]:
-        """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead."""
+        """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead.
+        Messages are built in the executor, which stops within one sample once the call ends (``stopped``); a
+        sample over ``max_sample_bytes`` or a message over ``max_batch_bytes`` ends the call with
+        RESOURCE_EXHAUSTED."""
+        stopped = threading.Event()
+        limits = self._limits
 
-        def build(start: int, count: int) -> Encoded:
-            chunk = indices[start : start + count]
-            return encode_batch([src.sample(i) for i in chunk], chunk, first_position + start, compression)
+        def build(start: int, count: int) -> Encoded | None:
+            chunk = [int(i) for i in indices[start : start + count]]
+            samples, nbytes = [], 0
+            for i in chunk:
+                if stopped.is_set():
+                    return None
+                sample = src.sample(i)
+                self.samples_built += 1
+                size = _sample_bytes(sample)
+                check_sample_bytes(size, limits.max_sample_bytes, f"sample {i}")
+                nbytes += size
+                if nbytes > limits.max_batch_bytes:
+                    raise exhausted(
+                        f"batch: samples from position {first_position + start} hold over {nbytes} bytes",
+                        limits.max_batch_bytes / (1 << 20),
+                        "--max-batch-mb",
+                        " MB",
+                    )
+                samples.append(sample)
+            return encode_batch(samples, chunk, first_position + start, compression)
 
         start, per_message = 0, batch_size  # the first message holds one batch: a short time to first batch
-        pending = asyncio.ensure_future(self._run(build, start, per_message)) if indices else None
+        pending = asyncio.ensure_future(self._run(build, start, per_message)) if len(indices) else None
         try:
             while pending is not None:
                 encoded = await pending
+                assert encoded is not None  # (None only once stopped)
                 count = len(encoded.batch.sample_indices)
                 start += count
                 pending = None
@@ -197,8 +257,14 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 for message in encoded.messages(response_type):
                     yield message
         finally:
+            stopped.set()
             if pending is not None:
                 pending.cancel()
+
+
+def _sample_bytes(sample: Mapping[str, Any]) -> int:
+    """The array bytes of a sample (what its encoding grows with)."""
+    return sum(v.nbytes for v in sample.values() if isinstance(v, np.ndarray | np.generic))
 
 
 def _identity(data: bytes) -> bytes:
@@ -212,10 +278,13 @@ def _compression(value: int) -> int:
     return value
 
 
-def _handlers(servicer: Any, service_name: str, auth: Authenticator | None = None) -> grpc.GenericRpcHandler:
+def _handlers(
+    servicer: Any, service_name: str, auth: Authenticator | None = None, limiter: CallLimiter | None = None
+) -> grpc.GenericRpcHandler:
     """The servicer's methods as gRPC handlers whose responses may be pre-serialised bytes (see
     ``codec.passthrough_serializer``): like the generated ``add_*Servicer_to_server``, with that one difference.
-    With ``auth`` each method first passes the authentication and role gate (``_auth.guarded``)."""
+    With ``auth`` each method first passes the authentication and role gate (``_auth.guarded``), then, with
+    ``limiter``, the limits on concurrent calls (``_limits.CallLimiter``), which count by the identity the gate set."""
     service = descriptor_pool.Default().FindServiceByName(service_name)
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -225,7 +294,11 @@ def _handlers(servicer: Any, service_name: str, auth: Authenticator | None = Non
     }
     handlers = {
         m.name: make[(m.client_streaming, m.server_streaming)](
-            guarded(getattr(servicer, m.name), f"/{service_name}/{m.name}", auth),
+            guarded(
+                getattr(servicer, m.name) if limiter is None else limiter.guard(getattr(servicer, m.name)),
+                f"/{service_name}/{m.name}",
+                auth,
+            ),
             # streamed requests arrive as wire bytes: chunk messages are then read without protobuf's copy
             request_deserializer=_identity
             if m.client_streaming
@@ -265,6 +338,9 @@ class PatchwireServer:
         self.cache: BlockCache | None = None
         self._temp_state: Path | None = None
         self.port: int | None = None
+        self.calls = CallLimiter(config.limits)
+        self.servicer: DatasetServicer | None = None
+        """The calls and streams open now, per identity (see :class:`CallLimiter`)."""
 
     async def start(self) -> PatchwireServer:
         cfg = self.config
@@ -285,7 +361,7 @@ class PatchwireServer:
             for name, path in cfg.datasets.items():
                 self._datasets[name] = Dataset(name, path, self.cache)
             self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
-            cache = DatasourceCache(self._datasets)
+            cache = DatasourceCache(self._datasets, limits=cfg.limits)
             state_dir = cfg.state_dir
             if state_dir is None:
                 self._temp_state = state_dir = Path(tempfile.mkdtemp(prefix="patchwire-state-"))
@@ -299,18 +375,21 @@ class PatchwireServer:
                 cfg.assembly_memory_bytes,
                 durable=cfg.state_dir is not None,
                 share_volumes=cfg.shared_memory,
+                limits=cfg.limits,
             )
             await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
+            self.servicer = DatasetServicer(self._datasets, self._executor, cache, cfg.limits)
             server = grpc.aio.server(
                 options=list(cfg.options), interceptors=[ReflectionGate(auth)] if auth is not None else None
             )
             server.add_generic_rpc_handlers(
                 (
-                    _handlers(DatasetServicer(self._datasets, self._executor, cache), SERVICE_NAME, auth),
+                    _handlers(self.servicer, SERVICE_NAME, auth, self.calls),
                     _handlers(
                         AssemblyServicer(self._assembly, self._executor, cfg.shared_memory),
                         ASSEMBLY_SERVICE_NAME,
                         auth,
+                        self.calls,
                     ),
                 )
             )

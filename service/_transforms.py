@@ -6,12 +6,14 @@ for the Python values the user wrote; results are bit-identical to pymia 0.3.4's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from patchwire.service._errors import InvalidArgument
+from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2, tensor_pb2
 
 __all__ = ["Transform", "compile_transform"]
@@ -102,7 +104,9 @@ def _relabel(changes: list[tuple[Any, Any]]) -> EntryFn:
     return fn
 
 
-def _size_correction(shape: list[int | None], pad_value: Any, entries: Sequence[str]) -> Transform:
+def _size_correction(
+    shape: list[int | None], pad_value: Any, entries: Sequence[str], max_bytes: int | None = None
+) -> Transform:
     def apply(sample: Sample) -> Sample:
         for entry in entries:
             if entry not in sample:
@@ -110,6 +114,12 @@ def _size_correction(shape: list[int | None], pad_value: Any, entries: Sequence[
             arr = _check_ndarray(sample[entry])
             if len(shape) > arr.ndim:
                 raise ValueError(f"Shape dimension needs to be less or equal to {arr.ndim}")
+            if max_bytes is not None:  # the corrected size, before anything is padded
+                final = [
+                    n if size is None else size
+                    for n, size in zip(arr.shape, [*shape, *[None] * arr.ndim], strict=False)
+                ]
+                check_sample_bytes(math.prod(final) * arr.dtype.itemsize, max_bytes, f"entry {entry!r}")
             for idx, size in enumerate(shape):
                 if size is None or size == arr.shape[idx]:
                     continue
@@ -178,7 +188,8 @@ def _labelled(name: str, transform: Transform) -> Transform:
     return apply
 
 
-def compile_transform(msg: spec_pb2.Transform, field: str = "transform") -> Transform:
+def compile_transform(msg: spec_pb2.Transform, field: str = "transform", max_bytes: int | None = None) -> Transform:
+    """A transform spec compiled; ``max_bytes`` bounds what SizeCorrection may pad an entry to."""
     kind = msg.WhichOneof("transform")
     if kind is None:
         raise InvalidArgument(f"{field}: no transform is set")
@@ -186,7 +197,9 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform") -> Tran
     where = f"{field}.{kind}"
     entries = tuple(getattr(sub, "entries", ()))
     if kind == "compose":
-        return _compose([compile_transform(t, f"{where}.transforms[{i}]") for i, t in enumerate(sub.transforms)])
+        return _compose(
+            [compile_transform(t, f"{where}.transforms[{i}]", max_bytes) for i, t in enumerate(sub.transforms)]
+        )
     if kind == "permute":
         perm = tuple(int(p) for p in sub.permutation)
         if sorted(perm) != list(range(len(perm))):
@@ -229,7 +242,7 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform") -> Tran
         shape = [int(d.size) if d.HasField("size") else None for d in sub.shape]
         if any(s is not None and s < 0 for s in shape):
             raise InvalidArgument(f"{where}.shape: sizes must not be negative, got {shape}")
-        t = _size_correction(shape, _scalar(sub.pad_value, f"{where}.pad_value", default=0), entries)
+        t = _size_correction(shape, _scalar(sub.pad_value, f"{where}.pad_value", default=0), entries, max_bytes)
     elif kind == "mask":
         if not sub.mask_key:
             raise InvalidArgument(f"{where}.mask_key: name the sample entry that holds the mask")

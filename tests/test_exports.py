@@ -76,6 +76,7 @@ EXPECTED = {
         "DatasetServicer",
         "FailedPrecondition",
         "InvalidArgument",
+        "Limits",
         "NotFound",
         "OutOfRange",
         "PatchwireServer",

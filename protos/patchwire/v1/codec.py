@@ -372,10 +372,17 @@ os.register_at_fork(after_in_child=_reset_shared_pool_in_child)
 
 class ChunkAssembler:
     """Collects TensorChunk payloads for the tensors a message announced, in announcement order, into buffers of
-    ``pool`` (fresh ones without)."""
+    ``pool`` (fresh ones without). With ``max_bytes``, announcements of more bytes in all are refused (ValueError)
+    before anything is allocated. Payloads must fill their announced sizes exactly: :meth:`add` refuses a chunk that
+    overruns one, and a new announcement or the end of a stream finds an incomplete one."""
 
-    def __init__(self, tensors: Sequence[tensor_pb2.Tensor], pool: BufferPool | None = None) -> None:
+    def __init__(
+        self, tensors: Sequence[tensor_pb2.Tensor], pool: BufferPool | None = None, max_bytes: int | None = None
+    ) -> None:
         self._pending = [t for t in tensors if t.chunked_nbytes]
+        announced = sum(int(t.chunked_nbytes) for t in self._pending)
+        if max_bytes is not None and announced > max_bytes:
+            raise ValueError(f"tensors announce {announced} payload bytes, more than the {max_bytes} allowed")
         # numpy buffers: no zero-filling (bytearray(n) writes every byte once before the chunks do)
         self._buffers = [
             pool.take(t.chunked_nbytes) if pool is not None else np.empty(t.chunked_nbytes, dtype=np.uint8)
