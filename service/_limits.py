@@ -30,7 +30,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from patchwire.service._auth import current_identity
+from patchwire.service._auth import ANONYMOUS, current_identity
 from patchwire.service._errors import InvalidArgument, ResourceExhausted, bounded
 from patchwire.v1 import codec
 
@@ -110,9 +110,11 @@ class CallLimiter:
 
     def _enter(self) -> str:
         # runs on the event loop only: no lock needed
-        name = current_identity().name
+        identity = current_identity()
+        name = identity.name
         lim = self.limits
-        if self._open[name] >= lim.max_calls_per_identity:
+        # without authentication every caller is ANONYMOUS: only the total limit applies
+        if identity is not ANONYMOUS and self._open[name] >= lim.max_calls_per_identity:
             raise exhausted(
                 f"concurrent calls: {bounded(name)} already has {self._open[name]} calls or streams open",
                 lim.max_calls_per_identity,

@@ -76,9 +76,38 @@ def refused(code: grpc.StatusCode, *fragments: str) -> Iterator[None]:
         assert fragment in exc.details(), f"{fragment!r} not in {exc.details()!r}"
 
 
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call (a plaintext loopback channel: the client library sends
+    tokens over TLS only, raw stubs do as they are told)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), *self._metadata))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+
 @contextlib.contextmanager
-def stubs(address: str) -> Iterator[tuple[Any, Any]]:
-    with grpc.insecure_channel(address, options=codec.channel_options()) as channel:
+def stubs(address: str, token: str | None = None) -> Iterator[tuple[Any, Any]]:
+    with grpc.insecure_channel(address, options=codec.channel_options()) as plain:
+        channel = plain if token is None else grpc.intercept_channel(plain, _Bearer(token))
         yield (
             dataset_service_pb2_grpc.DatasetServiceStub(channel),
             assembly_service_pb2_grpc.AssemblyServiceStub(channel),
@@ -251,15 +280,43 @@ def open_streams(astub: Any, count: int) -> Iterator[None]:
             assert list(call) == []
 
 
-def test_concurrent_calls_per_identity(limited: Any, astub: Any, dstub: Any) -> None:
+ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def identified(tiny_h5: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A server with LIMITS and two identities, alice and bob, who may read and write."""
+    config = tmp_path_factory.mktemp("auth") / "auth.toml"
+    config.write_text(
+        "".join(
+            f'[[identity]]\nname = "{name}"\nroles = ["read", "write"]\ntoken = "{token}"\n'
+            for name, token in (("alice", ALICE), ("bob", BOB))
+        )
+    )
+    with threaded_server({"tiny": tiny_h5}, limits=LIMITS, auth_config=config) as handle:
+        yield handle
+
+
+def test_concurrent_calls_per_identity(identified: Any) -> None:
+    calls = identified.server.calls
+    address = identified.server.address
+    with stubs(address, ALICE) as (alice_d, alice_a), stubs(address, BOB) as (bob_d, _):
+        with open_streams(alice_a, 3):
+            eventually(lambda: calls.total, lambda n: n == 3)
+            with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "concurrent calls", "'alice'", "--max-calls-per-identity"):
+                get_samples(alice_d, spec(SLICES), [0])
+            assert calls.total == 3  # the refused call is not counted
+            assert indices_of(get_samples(bob_d, spec(SLICES), [0])) == [0]  # another identity is not held back
+        eventually(lambda: calls.total, lambda n: n == 0)
+        assert indices_of(get_samples(alice_d, spec(SLICES), [0, 1])) == [0, 1]
+
+
+def test_without_authentication_only_the_total_counts(limited: Any, astub: Any, dstub: Any) -> None:
     calls = limited.server.calls
-    with open_streams(astub, 3):
+    with open_streams(astub, 3):  # max_calls_per_identity=3, but nobody is identified
         eventually(lambda: calls.total, lambda n: n == 3)
-        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "concurrent calls", "'anonymous'", "--max-calls-per-identity"):
-            get_samples(dstub, spec(SLICES), [0])
-        assert calls.total == 3  # the refused call is not counted
+        assert indices_of(get_samples(dstub, spec(SLICES), [0])) == [0]
     eventually(lambda: calls.total, lambda n: n == 0)
-    assert indices_of(get_samples(dstub, spec(SLICES), [0, 1])) == [0, 1]  # one batch message of two small samples
 
 
 def test_concurrent_calls_in_total(tiny_h5: Path) -> None:
@@ -441,16 +498,22 @@ def test_a_chunk_assembler_refuses_large_announcements_before_allocating() -> No
 # -- jobs -------------------------------------------------------------------------------------------------------------
 
 
-def test_jobs_per_identity_and_in_total(astub: Any) -> None:
-    slice_job(astub, "a")
-    slice_job(astub, "b")
-    slice_job(astub, "a")  # the same job again: nothing new
-    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "'anonymous' already holds 2 assembly jobs", "--max-jobs-per"):
-        slice_job(astub, "c")
-    astub.DeleteJob(apb.DeleteJobRequest(job_id="a"), timeout=RPC_TIMEOUT_S)
-    slice_job(astub, "c")
-    assert post(astub, "c", [0, 1])[0].accepted_samples == 2
-    assert sorted(j.job_id for j in astub.ListJobs(apb.ListJobsRequest(), timeout=RPC_TIMEOUT_S).jobs) == ["b", "c"]
+def test_jobs_per_identity(identified: Any) -> None:
+    address = identified.server.address
+    with stubs(address, ALICE) as (_, alice), stubs(address, BOB) as (_, bob):
+        slice_job(alice, "a")
+        slice_job(alice, "b")
+        slice_job(alice, "a")  # the same job again: nothing new
+        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "'alice' already holds 2 assembly jobs", "--max-jobs-per"):
+            slice_job(alice, "c")
+        slice_job(bob, "d")  # bob's own count
+        alice.DeleteJob(apb.DeleteJobRequest(job_id="a"), timeout=RPC_TIMEOUT_S)
+        slice_job(alice, "c")
+        assert post(alice, "c", [0, 1])[0].accepted_samples == 2
+        assert sorted(j.job_id for j in alice.ListJobs(apb.ListJobsRequest(), timeout=RPC_TIMEOUT_S).jobs) == ["b", "c"]
+        for job_id in ("b", "c"):
+            alice.DeleteJob(apb.DeleteJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+        bob.DeleteJob(apb.DeleteJobRequest(job_id="d"), timeout=RPC_TIMEOUT_S)
 
 
 def test_jobs_in_total(tiny_h5: Path) -> None:
