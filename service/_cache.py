@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -275,6 +275,22 @@ class BlockCache:
         with self._lock:
             self._blocks.clear()
             self.nbytes = 0
+
+    def discard(self, where: Callable[[Hashable], bool]) -> int:
+        """Drops every block and copy of the arrays whose key ``where`` accepts (a dataset whose file changed), and
+        what was counted about them; returns the bytes freed."""
+        freed = 0
+        with self._lock:
+            for key in [k for k in self._blocks if isinstance(k, tuple) and where(k[0])]:
+                freed += self._blocks.pop(key).nbytes
+            self.nbytes -= freed
+            # the counters of copies are keyed (array key, "moved" or "tiled", ...)
+            for key in [k for k in self._requests if isinstance(k, tuple) and where(k[0])]:
+                del self._requests[key]
+            for counters in (self._direct, self._evicted):  # array key -> count
+                for array_key in [k for k in counters if where(k)]:
+                    del counters[array_key]
+        return freed
 
 
 # The copies below are built from slabs of rows read one after another into the new array, never from a whole-array

@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="block cache shared by all datasets and clients, in MB (default 1024; 0 disables)",
     )
+    serve.add_argument(
+        "--verify",
+        action="store_true",
+        help="checksum every stored block of every dataset at start (reading each file once) and check each block "
+        "read from disk before it is cached or served; a dataset whose block fails is no longer served",
+    )
 
     status = sub.add_parser("status", help="show the progress of a server's assembly jobs")
     status.add_argument("address", help="the server, HOST:PORT")
@@ -136,11 +142,12 @@ async def _serve(args: argparse.Namespace) -> int:
         assembly_memory_bytes=int(args.assembly_memory * (1 << 20)),
         cache_bytes=int(args.cache_mb * (1 << 20)),
         shared_memory=args.shared_memory,
+        verify=args.verify,
     )
     server = PatchwireServer(config)
     try:
         await server.start()
-    except (ServiceError, RuntimeError) as exc:  # a dataset that does not open; a port that cannot be bound
+    except (ServiceError, RuntimeError) as exc:  # no dataset that can be served; a port that cannot be bound
         print(f"patchwire serve: {exc}", file=sys.stderr)
         return 1
     stop = asyncio.Event()

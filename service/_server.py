@@ -24,17 +24,24 @@ from patchwire.service._cache import BlockCache
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
 from patchwire.service._encoding import Encoded, encode_batch, properties_to_proto
-from patchwire.service._errors import InvalidArgument, translate_errors
+from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
 from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.service._served import ServedDataset
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
 
-__all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig"]
+__all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig", "dataset_health_name"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE_NAME = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
 ASSEMBLY_SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AssemblyService"].full_name
+
+
+def dataset_health_name(dataset: str) -> str:
+    """The health service name of one dataset: SERVING while the server serves it, NOT_SERVING while it cannot."""
+    return f"{SERVICE_NAME}/{dataset}"
+
 
 #: Most samples in one message (bounds per-message overhead and latency for tiny samples such as voxels).
 MAX_SAMPLES_PER_MESSAGE = 4096
@@ -66,11 +73,18 @@ class ServerConfig:
     shared_memory: bool = True
     """Let assembly clients on this host, running as this server's user, post and fetch predictions through
     shared-memory segments instead of the wire (:mod:`patchwire.v1.shared_memory`)."""
+    verify: bool = False
+    """Take a CRC-32 of every stored block of every dataset's arrays at open (reading each file once) and check every
+    block read from disk against it before it is cached or served; a mismatch stops serving that dataset
+    (:mod:`patchwire.service._integrity`)."""
 
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     def __init__(
-        self, datasets: Mapping[str, Dataset], executor: ThreadPoolExecutor, cache: DatasourceCache | None = None
+        self,
+        datasets: Mapping[str, ServedDataset],
+        executor: ThreadPoolExecutor,
+        cache: DatasourceCache | None = None,
     ) -> None:
         self._datasets = datasets
         self._cache = cache if cache is not None else DatasourceCache(datasets)
@@ -81,12 +95,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
     @translate_errors
     async def ListDatasets(self, request: Any, context: Any) -> dataset_service_pb2.ListDatasetsResponse:
-        return dataset_service_pb2.ListDatasetsResponse(
-            datasets=[
-                dataset_service_pb2.DatasetSummary(name=name, subject_count=len(ds.subjects), categories=ds.categories)
-                for name, ds in self._datasets.items()
-            ]
-        )
+        return await self._run(_summaries, self._datasets)
 
     @translate_errors
     async def DescribeDataset(self, request: Any, context: Any) -> dataset_service_pb2.DescribeDatasetResponse:
@@ -119,7 +128,9 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     @translate_errors
     async def DirectExtract(self, request: Any, context: Any) -> AsyncIterator[Any]:
         ds = self._cache.dataset(request.extraction.dataset, "extraction.dataset")
-        encoded = await self._run(lambda: encode_batch([direct_extract(ds, request.extraction)]))
+        encoded = await self._run(
+            self._cache.consistent, ds, lambda: encode_batch([direct_extract(ds, request.extraction)])
+        )
         for message in encoded.messages(dataset_service_pb2.DirectExtractResponse):
             yield message
 
@@ -165,7 +176,10 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
         def build(start: int, count: int) -> Encoded:
             chunk = indices[start : start + count]
-            return encode_batch([src.sample(i) for i in chunk], chunk, first_position + start, compression)
+            return self._cache.consistent(
+                src.dataset,
+                lambda: encode_batch([src.sample(i) for i in chunk], chunk, first_position + start, compression),
+            )
 
         start, per_message = 0, batch_size  # the first message holds one batch: a short time to first batch
         pending = asyncio.ensure_future(self._run(build, start, per_message)) if indices else None
@@ -223,6 +237,19 @@ def _handlers(servicer: Any, service_name: str) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service_name, handlers)
 
 
+def _summaries(datasets: Mapping[str, ServedDataset]) -> dataset_service_pb2.ListDatasetsResponse:
+    out = dataset_service_pb2.ListDatasetsResponse()
+    for name, served in datasets.items():
+        served.refresh()  # a file that changed is opened again (or found unusable) before it is listed
+        try:
+            ds = served.current()
+        except FailedPrecondition:
+            out.datasets.add(name=name, unavailable=True, unavailable_reason=served.reason or "unavailable")
+            continue
+        out.datasets.add(name=name, subject_count=len(ds.subjects), categories=ds.categories)
+    return out
+
+
 def _describe(ds: Dataset) -> dataset_service_pb2.DescribeDatasetResponse:
     out = dataset_service_pb2.DescribeDatasetResponse(name=ds.name)
     for cat in ds.categories:
@@ -246,7 +273,7 @@ class PatchwireServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._executor: ThreadPoolExecutor | None = None
-        self._datasets: dict[str, Dataset] = {}
+        self._datasets: dict[str, ServedDataset] = {}
         self._assembly: AssemblyStore | None = None
         self.cache: BlockCache | None = None
         self._temp_state: Path | None = None
@@ -257,7 +284,10 @@ class PatchwireServer:
         try:
             self.cache = BlockCache(cfg.cache_bytes)
             for name, path in cfg.datasets.items():
-                self._datasets[name] = Dataset(name, path, self.cache)
+                self._datasets[name] = ServedDataset(name, path, self.cache, cfg.verify)
+            if cfg.datasets and not any(ds.available for ds in self._datasets.values()):
+                reasons = "; ".join(ds.reason or name for name, ds in self._datasets.items())
+                raise FailedPrecondition(f"{reasons} (no dataset can be served)")
             self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
             cache = DatasourceCache(self._datasets)
             state_dir = cfg.state_dir
@@ -295,12 +325,32 @@ class PatchwireServer:
             raise
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        _log.info("patchwire serving %s on %s:%s", ", ".join(self._datasets) or "no datasets", cfg.host, self.port)
+        loop = asyncio.get_running_loop()
+
+        def follow(*_: object) -> None:  # changes are noticed on reading threads: health follows on the loop
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._set_dataset_health()))
+
+        for served in self._datasets.values():
+            served.listeners.append(follow)
+        served_names = [name for name, ds in self._datasets.items() if ds.available]
+        _log.info("patchwire serving %s on %s:%s", ", ".join(served_names) or "no datasets", cfg.host, self.port)
         return self
 
     async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME, ASSEMBLY_SERVICE_NAME):
-            await self._health.set(name, status)
+        """``""`` and DatasetService follow ``status`` while at least one dataset can be served (NOT_SERVING once
+        none can); ``DatasetService/<name>`` says whether each dataset is served."""
+        await self._health.set(ASSEMBLY_SERVICE_NAME, status)
+        await self._set_dataset_health(status)
+
+    async def _set_dataset_health(self, status: int = health_pb2.HealthCheckResponse.SERVING) -> None:
+        if self._server is None and status == health_pb2.HealthCheckResponse.SERVING:
+            return  # stopped meanwhile
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name, served in self._datasets.items():
+            await self._health.set(dataset_health_name(name), status if served.available else not_serving)
+        anything = (not self._datasets) or any(ds.available for ds in self._datasets.values())
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status if anything else not_serving)
 
     async def stop(self, grace: float | None = None) -> None:
         """Flips health to NOT_SERVING, lets running calls finish for ``grace`` seconds, frees everything.
