@@ -101,7 +101,8 @@ def validate_layout(f: h5py.File, file_size: int) -> None:
             array = _dataset(f, loc)
             shape = tuple(int(v) for v in array.shape)
             if shapes is not None and tuple(int(v) for v in shapes[i]) != shape:
-                raise LayoutError(f"{loc} has shape {shape} but {shapes_loc}[{i}] says {tuple(shapes[i])}")
+                recorded = tuple(int(v) for v in shapes[i])
+                raise LayoutError(f"{loc} has shape {shape} but {shapes_loc}[{i}] says {recorded}")
             if n_names is not None and shape and shape[-1] != n_names:
                 raise LayoutError(f"{loc} has {shape[-1]} channels but {names_loc} names {n_names} entries")
             _check_extent(array, loc, file_size)

@@ -18,6 +18,7 @@ checksum makes the dataset unavailable the same way (until its file changes).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +47,7 @@ class ServedDataset:
         """The file as last looked at when it was opened or found unusable."""
         self._generation = 0
         self.reason: str | None = None
-        """Why the dataset is not served (None while it is)."""
+        """Why the dataset is not served (None while it is), for the server's log and its operator."""
         self.listeners: list[Callable[[ServedDataset, Dataset | None], None]] = []
         """Called (on the thread that noticed) after a version is retired or the dataset's availability changes, with
         the retired version (or None)."""
@@ -57,6 +58,14 @@ class ServedDataset:
     def available(self) -> bool:
         return self._version is not None
 
+    @property
+    def public_reason(self) -> str | None:
+        """``reason`` as clients see it (statuses, the catalog): the file named by its base name only, so a
+        client learns nothing of the server's folders."""
+        if self.reason is None:
+            return None
+        return self.reason.replace(str(self.path.parent) + os.sep, "").replace(str(self.path), self.path.name)
+
     def _open(self) -> None:
         """Opens the file as a new version, or records why it cannot be served (under ``_lock``)."""
         self._generation += 1
@@ -64,7 +73,7 @@ class ServedDataset:
             before = FileIdentity.of(self.path)
         except OSError as exc:
             self._identity = None
-            self._unavailable(f"dataset {self.name!r}: cannot open {self.path}: {exc.strerror or exc}")
+            self._unavailable(f"cannot open {self.path}: {exc.strerror or exc}")
             return
         try:
             version = Dataset(
@@ -77,8 +86,7 @@ class ServedDataset:
             )
         except Exception as exc:
             self._identity = before
-            reason = str(exc) if isinstance(exc, FailedPrecondition) else f"dataset {self.name!r}: {exc}"
-            self._unavailable(reason)
+            self._unavailable(str(exc).removeprefix(f"dataset {self.name!r}: "))
             return
         try:
             after = FileIdentity.of(self.path)
@@ -87,7 +95,7 @@ class ServedDataset:
         if after != before:  # written while it was being opened: what was read may be of either file
             version.close()
             self._identity = after
-            self._unavailable(f"dataset {self.name!r}: {self.path} changed while it was being opened")
+            self._unavailable(f"{self.path} changed while it was being opened")
             return
         self._identity = before
         self._version = version
@@ -125,7 +133,7 @@ class ServedDataset:
         """The version to serve a new call from, after a look at the file; FailedPrecondition if there is none."""
         version = self._look()
         if version is None:
-            raise FailedPrecondition(f"dataset {self.name!r} is unavailable: {self.reason}")
+            raise FailedPrecondition(f"dataset {self.name!r} is unavailable: {self.public_reason}")
         return version
 
     def confirm(self, version: Dataset) -> None:
@@ -133,7 +141,7 @@ class ServedDataset:
         building a message, so a change during a read never reaches the client."""
         if self._look() is not version:
             if self._version is None:
-                raise FailedPrecondition(f"dataset {self.name!r} is unavailable: {self.reason}")
+                raise FailedPrecondition(f"dataset {self.name!r} is unavailable: {self.public_reason}")
             raise FailedPrecondition(
                 f"dataset {self.name!r} changed on disk during this call: it now serves the file's new contents; "
                 "open the datasource again"
@@ -149,7 +157,7 @@ class ServedDataset:
             if self._version is not version:
                 return
             version.close()
-            self._unavailable(reason)
+            self._unavailable(reason.removeprefix(f"dataset {self.name!r}: "))
         self._notify(version)
 
     def _notify(self, retired: Dataset | None) -> None:

@@ -244,7 +244,7 @@ def _summaries(datasets: Mapping[str, ServedDataset]) -> dataset_service_pb2.Lis
         try:
             ds = served.current()
         except FailedPrecondition:
-            out.datasets.add(name=name, unavailable=True, unavailable_reason=served.reason or "unavailable")
+            out.datasets.add(name=name, unavailable=True, unavailable_reason=served.public_reason or "unavailable")
             continue
         out.datasets.add(name=name, subject_count=len(ds.subjects), categories=ds.categories)
     return out
@@ -286,7 +286,7 @@ class PatchwireServer:
             for name, path in cfg.datasets.items():
                 self._datasets[name] = ServedDataset(name, path, self.cache, cfg.verify)
             if cfg.datasets and not any(ds.available for ds in self._datasets.values()):
-                reasons = "; ".join(ds.reason or name for name, ds in self._datasets.items())
+                reasons = "; ".join(f"dataset {name!r}: {ds.reason}" for name, ds in self._datasets.items())
                 raise FailedPrecondition(f"{reasons} (no dataset can be served)")
             self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
             cache = DatasourceCache(self._datasets)

@@ -228,7 +228,7 @@ def test_no_dataset_that_can_be_served_stops_the_start_and_leaks_nothing(tiny_h5
         del dst["data/images/1"]  # opens, but fails validation after other arrays were looked at
     open_files = h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)
     server = PatchwireServer(ServerConfig(datasets={"bad": bad, "inconsistent": inconsistent}, port=0))
-    with pytest.raises(FailedPrecondition, match="dataset 'bad': cannot open.*no dataset can be served"):
+    with pytest.raises(FailedPrecondition, match=r"dataset 'bad': cannot open.*no dataset can be served"):
         asyncio.run(server.start())
     assert h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE) == open_files
     asyncio.run(server.stop())  # nothing to stop: a no-op
