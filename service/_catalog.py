@@ -248,7 +248,9 @@ class Dataset:
             try:
                 data = None
                 if self._cache is not None and isinstance(expression, tuple):
-                    data = self._cache.read((self.name, self.generation, location), h, expression, copy)
+                    data = self._cache.read(
+                        (self.name, self.generation, location), h, expression, copy, h.checksums is not None
+                    )
                 if data is None:
                     data = h[expression]
             except IndexError as exc:  # h5py's message names the index and the valid range

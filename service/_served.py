@@ -39,6 +39,7 @@ class ServedDataset:
     def __init__(self, name: str, path: str | Path, cache: BlockCache | None = None, verify: bool = False) -> None:
         self.name = name
         self.path = Path(path)
+        self._path_str = str(self.path)  # os.stat of a str skips os.fspath
         self.verify = verify
         self._cache = cache
         self._lock = threading.RLock()
@@ -109,7 +110,7 @@ class ServedDataset:
     def _look(self) -> Dataset | None:
         """Compares the file with the identity it was opened (or failed) with; on a change, opens it again."""
         try:
-            now: FileIdentity | None = FileIdentity.of(self.path)
+            now: FileIdentity | None = FileIdentity.of(self._path_str)
         except OSError:
             now = None
         if now == self._identity:
