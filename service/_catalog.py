@@ -19,7 +19,7 @@ import numpy as np
 from patchwire.service import _pymia_format as fmt
 from patchwire.service._cache import BlockCache
 from patchwire.service._errors import FailedPrecondition, NotFound, OutOfRange, ServiceError
-from patchwire.service._integrity import ChecksumMismatch, Checksums, FileIdentity, LayoutError, validate_layout
+from patchwire.service._integrity import ChecksumMismatch, Checksums, LayoutError, validate_layout
 
 __all__ = ["Dataset", "Entry", "SubjectGeometry", "to_str"]
 
@@ -94,8 +94,6 @@ class Dataset:
         """Which version of the file this is (a file opened again gets the next number); part of the cache keys."""
         self.retired = False
         self._on_corrupt = on_corrupt
-        self.identity = FileIdentity.of(self.path) if self.path.exists() else None
-        """The file as it was when it was opened (taken before opening: a change during the open shows)."""
         try:
             self._file = h5py.File(self.path, "r", libver="latest")
         except (OSError, FileNotFoundError) as exc:

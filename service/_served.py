@@ -43,9 +43,9 @@ class ServedDataset:
         self.verify = verify
         self._cache = cache
         self._lock = threading.RLock()
-        self._version: Dataset | None = None
-        self._identity: FileIdentity | None = None
-        """The file as last looked at when it was opened or found unusable."""
+        self._state: tuple[FileIdentity | None, Dataset | None] = (None, None)
+        """(the file as it was when it was opened or found unusable, the open version or None), replaced as one:
+        a thread that sees the new identity never sees the old version."""
         self._generation = 0
         self.reason: str | None = None
         """Why the dataset is not served (None while it is), for the server's log and its operator."""
@@ -57,7 +57,7 @@ class ServedDataset:
 
     @property
     def available(self) -> bool:
-        return self._version is not None
+        return self._state[1] is not None
 
     @property
     def public_reason(self) -> str | None:
@@ -73,8 +73,7 @@ class ServedDataset:
         try:
             before = FileIdentity.of(self.path)
         except OSError as exc:
-            self._identity = None
-            self._unavailable(f"cannot open {self.path}: {exc.strerror or exc}")
+            self._unavailable(None, f"cannot open {self.path}: {exc.strerror or exc}")
             return
         try:
             version = Dataset(
@@ -86,8 +85,7 @@ class ServedDataset:
                 on_corrupt=self._corrupt,
             )
         except Exception as exc:
-            self._identity = before
-            self._unavailable(str(exc).removeprefix(f"dataset {self.name!r}: "))
+            self._unavailable(before, str(exc).removeprefix(f"dataset {self.name!r}: "))
             return
         try:
             after = FileIdentity.of(self.path)
@@ -95,16 +93,14 @@ class ServedDataset:
             after = None
         if after != before:  # written while it was being opened: what was read may be of either file
             version.close()
-            self._identity = after
-            self._unavailable(f"{self.path} changed while it was being opened")
+            self._unavailable(after, f"{self.path} changed while it was being opened")
             return
-        self._identity = before
-        self._version = version
         self.reason = None
+        self._state = (before, version)
 
-    def _unavailable(self, reason: str) -> None:
-        self._version = None
+    def _unavailable(self, identity: FileIdentity | None, reason: str) -> None:
         self.reason = reason
+        self._state = (identity, None)
         _log.error("dataset %r is not served: %s", self.name, reason)
 
     def _look(self) -> Dataset | None:
@@ -113,18 +109,19 @@ class ServedDataset:
             now: FileIdentity | None = FileIdentity.of(self._path_str)
         except OSError:
             now = None
-        if now == self._identity:
-            return self._version
+        identity, version = self._state
+        if now == identity:
+            return version
         with self._lock:
-            if now == self._identity:  # handled by another thread meanwhile
-                return self._version
-            old = self._version
-            changes = self._identity.changes(now) if self._identity and now else "the file is gone or reappeared"
+            identity, old = self._state
+            if now == identity:  # handled by another thread meanwhile
+                return old
+            changes = identity.changes(now) if identity and now else "the file is gone or reappeared"
             _log.warning("dataset %r: %s changed on disk (%s): opening it again", self.name, self.path, changes)
             if old is not None:
                 old.close()
             self._open()
-            version = self._version
+            version = self._state[1]
             if version is not None:
                 _log.info("dataset %r: serving the new contents of %s", self.name, self.path)
         self._notify(old)
@@ -141,7 +138,7 @@ class ServedDataset:
         """Raises FailedPrecondition unless ``version`` is still what the file holds: called before and after
         building a message, so a change during a read never reaches the client."""
         if self._look() is not version:
-            if self._version is None:
+            if self._state[1] is None:
                 raise FailedPrecondition(f"dataset {self.name!r} is unavailable: {self.public_reason}")
             raise FailedPrecondition(
                 f"dataset {self.name!r} changed on disk during this call: it now serves the file's new contents; "
@@ -155,10 +152,11 @@ class ServedDataset:
     def _corrupt(self, version: Dataset, reason: str) -> None:
         """A block of ``version`` failed its checksum: stop serving the dataset until its file changes."""
         with self._lock:
-            if self._version is not version:
+            identity, current = self._state
+            if current is not version:
                 return
             version.close()
-            self._unavailable(reason.removeprefix(f"dataset {self.name!r}: "))
+            self._unavailable(identity, reason.removeprefix(f"dataset {self.name!r}: "))
         self._notify(version)
 
     def _notify(self, retired: Dataset | None) -> None:
@@ -170,7 +168,8 @@ class ServedDataset:
 
     def close(self) -> None:
         with self._lock:
-            if self._version is not None:
-                self._version.close()
-            self._version = None
+            identity, version = self._state
+            if version is not None:
+                version.close()
             self.reason = "the server stopped"
+            self._state = (identity, None)
