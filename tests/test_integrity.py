@@ -24,6 +24,7 @@ from patchwire.service._cache import BlockCache
 from patchwire.service._integrity import ChecksumMismatch, Checksums
 from patchwire.service._served import ServedDataset
 from patchwire.service._server import SERVICE_NAME, dataset_health_name
+from patchwire.v1 import codec
 
 from _datasets import write_arrays_dataset
 from _servers import serve_process, threaded_server
@@ -195,6 +196,31 @@ def test_a_file_truncated_under_a_running_server_is_never_served(
         assert _health(address, "") == SERVING
         server_cache = handle.server.cache  # type: ignore[attr-defined]
         assert not [k for k in server_cache._blocks if k[0][0] == "copy"]  # nothing of the old file kept
+
+
+def test_a_stream_cut_by_a_truncation_sends_only_intact_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(codec, "TARGET_MESSAGE_BYTES", 1)  # one batch per message: the epoch is 400 messages
+    path = tmp_path / "big.h5"
+    rng = np.random.default_rng(3)
+    write_arrays_dataset(path, [{"images": {"T1": rng.normal(size=(400, 128, 128)).astype(np.float32)}}])
+    expected = _slices(path)  # 64 KiB each, 25 MiB in all: more than a stream keeps in flight
+    with threaded_server({"big": path}) as handle, pw.connect(handle.server.address) as client:
+        ds = client.datasource("big", extr.SliceIndexing(), extr.DataExtractor(("images",)))
+        received = 0
+        try:
+            with pytest.raises(pw.InvalidArgumentError, match="dataset 'big'") as raised:
+                for batch in ds.batches(batch_size=1, shuffle=True, seed=1):
+                    if received == 0:
+                        os.truncate(path, path.stat().st_size // 2)
+                    for index, image in zip(batch["sample_index"], batch["images"], strict=True):
+                        np.testing.assert_array_equal(image, expected[index])  # built before the change: intact
+                        received += 1
+        finally:
+            ds.close()
+        assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert 0 < received < len(expected)
 
 
 def test_a_file_replaced_by_another_dataset_is_reopened_and_no_stale_block_served(tmp_path: Path) -> None:
