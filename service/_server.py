@@ -100,7 +100,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     @translate_errors
     async def DescribeDataset(self, request: Any, context: Any) -> dataset_service_pb2.DescribeDatasetResponse:
         ds = self._cache.dataset(request.dataset)
-        return await self._run(_describe, ds)
+        return await self._run(self._cache.consistent, ds, lambda: _describe(ds))
 
     @translate_errors
     async def OpenDatasource(self, request: Any, context: Any) -> dataset_service_pb2.OpenDatasourceResponse:
