@@ -81,10 +81,7 @@ class ServerConfig:
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     def __init__(
-        self,
-        datasets: Mapping[str, ServedDataset],
-        executor: ThreadPoolExecutor,
-        cache: DatasourceCache | None = None,
+        self, datasets: Mapping[str, ServedDataset], executor: ThreadPoolExecutor, cache: DatasourceCache | None = None
     ) -> None:
         self._datasets = datasets
         self._cache = cache if cache is not None else DatasourceCache(datasets)
