@@ -205,11 +205,11 @@ def subprocess_server(args: list[str], banner: str, log: Path) -> Iterator[tuple
 
 @contextlib.contextmanager
 def patchwire_server(
-    data: Path, state_dir: Path | None, log: Path, cache_mib: float | None = None
+    data: Path, state_dir: Path | None, log: Path, cache_mib: float | None = None, extra: tuple[str, ...] = ()
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``patchwire serve`` on a free port; ``cache_mib`` sets ``--cache-mb`` (the CLI's MB are MiB); no
-    ``state_dir``: assembly jobs in memory."""
-    args = [sys.executable, "-m", "patchwire.service", "--log-level", "WARNING", "serve"]
+    ``state_dir``: assembly jobs in memory; ``extra``: more arguments (``--verify``)."""
+    args = [sys.executable, "-m", "patchwire.service", "--log-level", "WARNING", "serve", *extra]
     args += ["--dataset", f"{DATASET}={data}", "--port", "0"]
     if state_dir is not None:
         args += ["--state-dir", str(state_dir)]
@@ -486,6 +486,36 @@ def bench_patchwire_streaming(
                 ds.close()
                 _progress(f"patchwire ({tag}) {pattern.label}: {result['samples_per_s']:.0f} samples/s")
     return results, server_rss, reset_ok
+
+
+def bench_verify(mode: Mode, data: Path, work: Path, logs: Path, cache_mib: float) -> dict[str, Any]:
+    """Axial slices without and with ``patchwire serve --verify`` (a CRC-32 of every stored block taken at start,
+    every block read from disk checked before it is cached or served), with the default block cache (blocks are read
+    once) and the small one (read again and again); ``server_start_s``: process start to listening (``--verify``
+    reads the whole file first)."""
+    axial = patterns(mode)[0]
+    results: dict[str, Any] = {}
+    for cache_key, cache in (("default_cache", None), ("small_cache", cache_mib)):
+        for verify in (False, True):
+            key = f"{cache_key}_verify" if verify else cache_key
+            started = time.perf_counter()
+            server = patchwire_server(
+                data, work / f"state-{key}", logs / f"server-{key}.log", cache, ("--verify",) if verify else ()
+            )
+            with server as (_, address), pw.connect(address) as client:
+                start_s = time.perf_counter() - started
+                ds = client.datasource(DATASET, axial.patchwire_indexing(), pw_extr.DataExtractor(CATEGORIES))
+                stream = PytorchStreamingDataset(ds, batch_size=BATCH_SIZE, shuffle=True, seed=0)
+                loader = torch_data.DataLoader(stream, batch_size=None, num_workers=0)
+
+                def make_iterator(epoch: int, stream: Any = stream, loader: Any = loader) -> Iterator[Any]:
+                    stream.set_epoch(epoch)
+                    return iter(loader)
+
+                results[key] = measure_loader(make_iterator, mode) | {"server_start_s": start_s}
+                ds.close()
+            _progress(f"patchwire {axial.label}, {key}: {results[key]['samples_per_s']:.0f} samples/s")
+    return results
 
 
 def bench_training_step(mode: Mode, data: Path, work: Path, logs: Path) -> dict[str, Any]:
@@ -829,6 +859,16 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{'' if rss is None else f'{rss:.0f}':>14}"
             )
     lines.append("")
+    header = f"{'axial slices, patchwire serve --verify':<40} {'plain':>9} {'verify':>9} {'ratio':>7} {'start s':>13}"
+    lines += [header, "-" * len(header)]
+    for cache_key, shown in (("default_cache", "default cache"), ("small_cache", "small cache")):
+        plain, verified = report["verify"][cache_key], report["verify"][f"{cache_key}_verify"]
+        lines.append(
+            f"{shown + ', samples/s':<40} {plain['samples_per_s']:>9.0f} {verified['samples_per_s']:>9.0f} "
+            f"{verified['samples_per_s'] / plain['samples_per_s']:>6.2f}x "
+            f"{plain['server_start_s']:>6.2f}/{verified['server_start_s']:<6.2f}"
+        )
+    lines.append("")
     labels = {p.key: p.label for p in patterns(mode)}
     header = f"{'with a training step (sleep) per batch':<40} {'step ms':>8} {'prefetch':>9} {'none':>9} {'gain':>7}"
     lines += [header, "-" * len(header)]
@@ -1013,6 +1053,7 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
             mode, data, work, logs, None, "lz4 labels", "lz4"
         )
         report["training_step"] = bench_training_step(mode, data, work, logs)
+        report["verify"] = bench_verify(mode, data, work, logs, cache_mib)
         client_peak["patchwire_streaming"] = peak_rss_mb()
         report["ceiling"] = pooled_ceiling(mode, ceiling_before, bench_ceiling(mode, logs))
         _progress(f"ceiling again {report['ceiling']['after_streaming_gb_per_s']:.2f} GB/s")

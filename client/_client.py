@@ -59,10 +59,17 @@ class Client:
         self._connection = Connection(address, credentials)
 
     def datasets(self) -> list[str]:
-        """Names of the datasets the server serves."""
+        """Names of the datasets the server serves (see :meth:`unavailable_datasets` for those it cannot)."""
         with translate_rpc_errors("listing datasets"):
             response = self._connection.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest())
-        return [d.name for d in response.datasets]
+        return [d.name for d in response.datasets if not d.unavailable]
+
+    def unavailable_datasets(self) -> dict[str, str]:
+        """Datasets the server knows but cannot serve, each with the reason (a file that does not open or is not a
+        consistent pymia dataset, one that changed into such a file, a block that failed its checksum)."""
+        with translate_rpc_errors("listing datasets"):
+            response = self._connection.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest())
+        return {d.name: d.unavailable_reason for d in response.datasets if d.unavailable}
 
     def describe(self, dataset: str) -> DatasetInfo:
         """Subjects (in file order), categories, entry names, array shapes and dtypes, image properties."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -64,11 +64,13 @@ class BlockCache:
         row = math.prod(shape[1:]) * itemsize
         return max(1, self.block_bytes // max(row, 1))
 
-    def read(self, key: Hashable, dataset: Any, expression: Any, copy: bool = True) -> Any:
+    def read(self, key: Hashable, dataset: Any, expression: Any, copy: bool = True, whole_blocks: bool = False) -> Any:
         """``dataset[expression]`` through the cache, or None when the request is not cacheable (the caller then
         reads it directly): non-numeric data, negative or stepped indices, empty or out-of-range first axes, and reads
         whose blocks would take more than an eighth of the capacity.
-        ``copy=False`` may return a read-only view of a cached block, for callers that only read the sample."""
+        ``copy=False`` may return a read-only view of a cached block, for callers that only read the sample.
+        ``whole_blocks``: the caller's direct reads read whole blocks anyway (verification checks whole blocks), so
+        sparse reads are not left to it: its blocks are kept instead."""
         if self.capacity_bytes <= 0 or dataset.ndim == 0 or dataset.dtype.kind not in "biuf":
             return None
         items = expression if isinstance(expression, tuple) else (expression,)
@@ -100,7 +102,7 @@ class BlockCache:
         if (b1 - b0 + 1) * self.block_bytes > self.capacity_bytes // 8:
             return None  # a read that would fill much of the cache by itself thrashes it: read directly
         rest = items[1:]
-        if self._read_directly(key, dataset, rows, b0, b1, stop - start, rest):
+        if not whole_blocks and self._read_directly(key, dataset, rows, b0, b1, stop - start, rest):
             return None
         blocks = self._blocks_for(key, dataset, rows, b0, b1)
         if not isinstance(first, slice):
@@ -275,6 +277,22 @@ class BlockCache:
         with self._lock:
             self._blocks.clear()
             self.nbytes = 0
+
+    def discard(self, where: Callable[[Hashable], bool]) -> int:
+        """Drops every block and copy of the arrays whose key ``where`` accepts (a dataset whose file changed), and
+        what was counted about them; returns the bytes freed."""
+        freed = 0
+        with self._lock:
+            for key in [k for k in self._blocks if isinstance(k, tuple) and where(k[0])]:
+                freed += self._blocks.pop(key).nbytes
+            self.nbytes -= freed
+            # the counters of copies are keyed (array key, "moved" or "tiled", ...)
+            for key in [k for k in self._requests if isinstance(k, tuple) and where(k[0])]:
+                del self._requests[key]
+            for counters in (self._direct, self._evicted):  # array key -> count
+                for array_key in [k for k in counters if where(k)]:
+                    del counters[array_key]
+        return freed
 
 
 # The copies below are built from slabs of rows read one after another into the new array, never from a whole-array

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import numpy as np
 
 from patchwire.service import _pymia_format as fmt
 from patchwire.service._cache import BlockCache
-from patchwire.service._errors import FailedPrecondition, NotFound, OutOfRange
+from patchwire.service._errors import FailedPrecondition, NotFound, OutOfRange, ServiceError
+from patchwire.service._integrity import ChecksumMismatch, Checksums, LayoutError, validate_layout
 
 __all__ = ["Dataset", "Entry", "SubjectGeometry", "to_str"]
 
@@ -52,35 +54,75 @@ class Entry:
     ``nbytes`` by asking HDF5 each time (several microseconds each, behind its global lock), which showed up as a
     tenth of a streaming server's Python time when asked per sample."""
 
-    __slots__ = ("dtype", "h5", "nbytes", "ndim", "shape")
+    __slots__ = ("checksums", "dtype", "h5", "location", "nbytes", "ndim", "shape")
 
-    def __init__(self, h5: h5py.Dataset) -> None:
+    def __init__(self, h5: h5py.Dataset, location: str = "", checksums: Checksums | None = None) -> None:
         self.h5 = h5
+        self.location = location
+        self.checksums = checksums if checksums is not None and checksums.covers(location) else None
+        """Set in verification mode: every read from disk is checked against these (whole blocks at a time)."""
         self.shape: tuple[int, ...] = tuple(int(v) for v in h5.shape)
         self.ndim = len(self.shape)
         self.dtype: np.dtype[Any] = h5.dtype
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def __getitem__(self, expression: Any) -> Any:
+        if self.checksums is not None:
+            return self.checksums.read(self.location, self.h5, self.shape, expression)
         return self.h5[expression]
 
 
 class Dataset:
-    """One served dataset: metadata read at open, data handles opened lazily and kept."""
+    """One opened version of a served dataset: metadata read and checked at open, data handles opened lazily and
+    kept. A file that changes on disk is opened again as a new version (:mod:`patchwire.service._served`); the old
+    one is retired, and a read from it fails with FAILED_PRECONDITION instead of returning data of either file."""
 
-    def __init__(self, name: str, path: str | Path, cache: BlockCache | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        path: str | Path,
+        cache: BlockCache | None = None,
+        *,
+        generation: int = 0,
+        verify: bool = False,
+        on_corrupt: Callable[[Dataset, str], None] | None = None,
+    ) -> None:
         self.name = name
         self._cache = cache
         self.path = Path(path)
+        self.generation = generation
+        """Which version of the file this is (a file opened again gets the next number); part of the cache keys."""
+        self.retired = False
+        self._on_corrupt = on_corrupt
         try:
             self._file = h5py.File(self.path, "r", libver="latest")
         except (OSError, FileNotFoundError) as exc:
             raise FailedPrecondition(f"dataset {name!r}: cannot open {self.path}: {exc}") from exc
+        try:
+            self._load(verify)
+        except BaseException:
+            self._file.close()
+            raise
+        _log.info(
+            "opened dataset %r (%s): %d subjects, categories %s%s",
+            name,
+            self.path,
+            len(self.subjects),
+            self.categories,
+            f", {self.checksums.nbytes} bytes checksummed" if self.checksums is not None else "",
+        )
+
+    def _load(self, verify: bool) -> None:
+        name = self.name
         self._lock = threading.Lock()
         self._handles: dict[str, Entry] = {}
         f = self._file
         if fmt.LOC_SUBJECT not in f:
             raise FailedPrecondition(f"dataset {name!r}: {self.path} is not in pymia format (no {fmt.LOC_SUBJECT})")
+        try:
+            validate_layout(f, self.path.stat().st_size)
+        except (LayoutError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise FailedPrecondition(f"dataset {name!r}: {self.path} is not a consistent pymia dataset: {exc}") from exc
         self.subjects: list[str] = [to_str(s) for s in f[fmt.LOC_SUBJECT][()].tolist()]
         data_group = f.get("data")
         self.categories: list[str] = list(data_group.keys()) if data_group is not None else []
@@ -109,9 +151,14 @@ class Dataset:
                 )
                 for i in range(len(self.subjects))
             ]
-        _log.info(
-            "opened dataset %r (%s): %d subjects, categories %s", name, self.path, len(self.subjects), self.categories
-        )
+        self.checksums: Checksums | None = None
+        if verify:
+            block_bytes = self._cache.block_bytes if self._cache is not None else 1 << 20
+            self.checksums = Checksums(BlockCache(0, block_bytes).rows_per_block)
+            for cat in self.categories:
+                for s in range(len(self.subjects)):
+                    loc = self.data_location(cat, s)
+                    self.checksums.take(loc, f[loc])
 
     # -- lookups with precise errors ------------------------------------------------------------------------------
 
@@ -165,11 +212,28 @@ class Dataset:
                 if h is None:
                     if location not in self._file:
                         raise NotFound(f"dataset {self.name!r} has no entry {location!r}")
-                    h = self._handles[location] = Entry(self._file[location])
+                    h = self._handles[location] = Entry(self._file[location], location, self.checksums)
         return h
 
     def read(self, location: str, expression: Any = None, copy: bool = True) -> Any:
-        """pymia's Hdf5Reader.read: the whole entry, or ``entry[expression]``; string arrays become lists."""
+        """pymia's Hdf5Reader.read: the whole entry, or ``entry[expression]``; string arrays become lists.
+
+        Raises FailedPrecondition when this version was retired (its file changed) or a block fails its checksum."""
+        try:
+            return self._read(location, expression, copy)
+        except ChecksumMismatch as exc:
+            reason = f"dataset {self.name!r}: {exc}"
+            if self._on_corrupt is not None:
+                self._on_corrupt(self, reason)
+            raise ChecksumMismatch(reason) from None
+        except ServiceError:
+            raise
+        except Exception as exc:
+            if self.retired:  # closed under the read: the file changed
+                raise FailedPrecondition(f"dataset {self.name!r} changed on disk during this call; retry") from exc
+            raise
+
+    def _read(self, location: str, expression: Any, copy: bool) -> Any:
         h = self.handle(location)
         if expression is None:
             data = h[()]
@@ -182,7 +246,9 @@ class Dataset:
             try:
                 data = None
                 if self._cache is not None and isinstance(expression, tuple):
-                    data = self._cache.read((self.name, location), h, expression, copy)
+                    data = self._cache.read(
+                        (self.name, self.generation, location), h, expression, copy, h.checksums is not None
+                    )
                 if data is None:
                     data = h[expression]
             except IndexError as exc:  # h5py's message names the index and the valid range
@@ -209,6 +275,10 @@ class Dataset:
         return out
 
     def close(self) -> None:
+        """Retires this version: closes the file and drops its blocks from the cache. Idempotent."""
+        self.retired = True
         with self._lock:
             self._handles.clear()
             self._file.close()
+        if self._cache is not None:
+            self._cache.discard(lambda key: isinstance(key, tuple) and key[:2] == (self.name, self.generation))

@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="block cache shared by all datasets and clients, in MB (default 1024; 0 disables)",
     )
+    serve.add_argument(
+        "--verify",
+        action="store_true",
+        help="checksum every stored block of every dataset at start (reading each file once) and check each block "
+        "read from disk before it is cached or served; a dataset whose block fails is no longer served",
+    )
     security = serve.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain: serve TLS only")
     security.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
@@ -200,12 +206,13 @@ async def _serve(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         auth_config=args.auth_config,
         limits=limits_from_args(args),
+        verify=args.verify,
     )
     server = PatchwireServer(config)
     try:
         await server.start()
     except (ServiceError, RuntimeError, ValueError, OSError) as exc:
-        # a dataset that does not open; a port that cannot be bound; an unusable auth config or certificate
+        # no dataset that can be served; a port that cannot be bound; an unusable auth config or certificate
         print(f"patchwire serve: {exc}", file=sys.stderr)
         return 1
     stop = asyncio.Event()

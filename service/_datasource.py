@@ -5,8 +5,8 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -18,7 +18,12 @@ from patchwire.service._limits import Limits, check_spec
 from patchwire.service._transforms import Transform, compile_transform
 from patchwire.v1 import spec_pb2
 
+if TYPE_CHECKING:
+    from patchwire.service._served import ServedDataset
+
 __all__ = ["CompiledDatasource", "DatasourceCache", "direct_extract"]
+
+T = TypeVar("T")
 
 
 class CompiledDatasource:
@@ -118,31 +123,59 @@ def direct_extract(
 
 
 class DatasourceCache:
-    """Compiled datasources keyed by their serialised spec (bounded LRU): specs are compiled once, not per call."""
+    """Compiled datasources keyed by their serialised spec (bounded LRU): specs are compiled once, not per call.
 
-    def __init__(self, datasets: Mapping[str, Dataset], capacity: int = 64, limits: Limits | None = None) -> None:
+    A compiled datasource belongs to one version of its dataset's file: when the file changes, those of the old
+    version are forgotten and the next call compiles its spec against the new one (subjects, shapes and entry names
+    may differ)."""
+
+    def __init__(self, datasets: Mapping[str, ServedDataset], capacity: int = 64, limits: Limits | None = None) -> None:
         self._datasets = datasets
         self.limits = limits if limits is not None else Limits()
         self._capacity = capacity
         self._items: OrderedDict[bytes, CompiledDatasource] = OrderedDict()
         self._lock = threading.Lock()
+        for served in datasets.values():
+            served.listeners.append(self._forget)
+
+    def _forget(self, served: ServedDataset, retired: Dataset | None) -> None:
+        with self._lock:
+            for key in [k for k, src in self._items.items() if src.dataset.name == served.name]:
+                del self._items[key]
 
     def dataset(self, name: str, field: str = "dataset") -> Dataset:
+        """The version of dataset ``name`` to serve a call from: NotFound for a name the server does not know,
+        FailedPrecondition with the reason for a dataset it cannot serve."""
         try:
-            return self._datasets[name]
+            served = self._datasets[name]
         except KeyError:
-            served = ", ".join(sorted(self._datasets)) or "none"
-            raise NotFound(f"{field}: unknown dataset {name!r} (served: {served})") from None
+            known = ", ".join(sorted(self._datasets)) or "none"
+            raise NotFound(f"{field}: unknown dataset {name!r} (served: {known})") from None
+        return served.current()
+
+    def consistent(self, version: Dataset, build: Callable[[], T]) -> T:
+        """``build()``, with the dataset's file checked before and after it: FailedPrecondition instead of a result
+        read from a file that changed (or from a retired version), and instead of an error that the change caused."""
+        served = self._datasets[version.name]
+        served.confirm(version)
+        try:
+            result = build()
+        except Exception:
+            served.confirm(version)
+            raise
+        served.confirm(version)
+        return result
 
     def get(self, spec: spec_pb2.DatasourceSpec) -> CompiledDatasource:
+        dataset = self.dataset(spec.dataset, "spec.dataset")
         key = spec.SerializeToString(deterministic=True)
         with self._lock:
             hit = self._items.get(key)
-            if hit is not None:
+            if hit is not None and hit.dataset is dataset:
                 self._items.move_to_end(key)
                 return hit
         check_spec(spec, self.limits)  # before anything is compiled: depth, repeated fields, target shapes
-        compiled = CompiledDatasource(self.dataset(spec.dataset, "spec.dataset"), spec, self.limits.max_sample_bytes)
+        compiled = CompiledDatasource(dataset, spec, self.limits.max_sample_bytes)
         with self._lock:
             self._items[key] = compiled
             while len(self._items) > self._capacity:

@@ -27,19 +27,26 @@ from patchwire.service._cache import BlockCache
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
 from patchwire.service._encoding import Encoded, encode_batch, properties_to_proto
-from patchwire.service._errors import InvalidArgument, translate_errors
+from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
 from patchwire.service._extraction import ImagePropertiesValue
 from patchwire.service._limits import CallLimiter, Limits, check_sample_bytes, check_spec, exhausted
+from patchwire.service._served import ServedDataset
 from patchwire.service._tls import exposed_without_tls, server_credentials
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
 
-__all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig"]
+__all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig", "dataset_health_name"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE_NAME = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
 ASSEMBLY_SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AssemblyService"].full_name
+
+
+def dataset_health_name(dataset: str) -> str:
+    """The health service name of one dataset: SERVING while the server serves it, NOT_SERVING while it cannot."""
+    return f"{SERVICE_NAME}/{dataset}"
+
 
 #: Most samples in one message (bounds per-message overhead and latency for tiny samples such as voxels).
 MAX_SAMPLES_PER_MESSAGE = 4096
@@ -84,12 +91,16 @@ class ServerConfig:
     authentication, every caller is ``anonymous`` with every role."""
     limits: Limits = field(default_factory=Limits)
     """What one request, identity or job may make the server hold (:mod:`patchwire.service._limits`)."""
+    verify: bool = False
+    """Take a CRC-32 of every stored block of every dataset's arrays at open (reading each file once) and check every
+    block read from disk against it before it is cached or served; a mismatch stops serving that dataset
+    (:mod:`patchwire.service._integrity`)."""
 
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     def __init__(
         self,
-        datasets: Mapping[str, Dataset],
+        datasets: Mapping[str, ServedDataset],
         executor: ThreadPoolExecutor,
         cache: DatasourceCache | None = None,
         limits: Limits | None = None,
@@ -106,17 +117,12 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
     @translate_errors
     async def ListDatasets(self, request: Any, context: Any) -> dataset_service_pb2.ListDatasetsResponse:
-        return dataset_service_pb2.ListDatasetsResponse(
-            datasets=[
-                dataset_service_pb2.DatasetSummary(name=name, subject_count=len(ds.subjects), categories=ds.categories)
-                for name, ds in self._datasets.items()
-            ]
-        )
+        return await self._run(_summaries, self._datasets)
 
     @translate_errors
     async def DescribeDataset(self, request: Any, context: Any) -> dataset_service_pb2.DescribeDatasetResponse:
         ds = self._cache.dataset(request.dataset)
-        return await self._run(_describe, ds)
+        return await self._run(self._cache.consistent, ds, lambda: _describe(ds))
 
     @translate_errors
     async def OpenDatasource(self, request: Any, context: Any) -> dataset_service_pb2.OpenDatasourceResponse:
@@ -162,7 +168,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             check_sample_bytes(_sample_bytes(sample), self._limits.max_sample_bytes)
             return encode_batch([sample])
 
-        encoded = await self._run(extract)
+        encoded = await self._run(self._cache.consistent, ds, extract)
         for message in encoded.messages(dataset_service_pb2.DirectExtractResponse):
             yield message
 
@@ -220,24 +226,29 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
         def build(start: int, count: int) -> Encoded | None:
             chunk = [int(i) for i in indices[start : start + count]]
-            samples, nbytes = [], 0
-            for i in chunk:
-                if stopped.is_set():
-                    return None
-                sample = src.sample(i)
-                self.samples_built += 1
-                size = _sample_bytes(sample)
-                check_sample_bytes(size, limits.max_sample_bytes, f"sample {i}")
-                nbytes += size
-                if nbytes > limits.max_batch_bytes:
-                    raise exhausted(
-                        f"batch: samples from position {first_position + start} hold over {nbytes} bytes",
-                        limits.max_batch_bytes / (1 << 20),
-                        "--max-batch-mb",
-                        " MB",
-                    )
-                samples.append(sample)
-            return encode_batch(samples, chunk, first_position + start, compression)
+
+            def built() -> Encoded | None:
+                samples, nbytes = [], 0
+                for i in chunk:
+                    if stopped.is_set():
+                        return None
+                    sample = src.sample(i)
+                    self.samples_built += 1
+                    size = _sample_bytes(sample)
+                    check_sample_bytes(size, limits.max_sample_bytes, f"sample {i}")
+                    nbytes += size
+                    if nbytes > limits.max_batch_bytes:
+                        raise exhausted(
+                            f"batch: samples from position {first_position + start} hold over {nbytes} bytes",
+                            limits.max_batch_bytes / (1 << 20),
+                            "--max-batch-mb",
+                            " MB",
+                        )
+                    samples.append(sample)
+                return encode_batch(samples, chunk, first_position + start, compression)
+
+            # the file is checked before and after: nothing read across a change is sent
+            return self._cache.consistent(src.dataset, built)
 
         start, per_message = 0, batch_size  # the first message holds one batch: a short time to first batch
         pending = asyncio.ensure_future(self._run(build, start, per_message)) if len(indices) else None
@@ -310,6 +321,19 @@ def _handlers(
     return grpc.method_handlers_generic_handler(service_name, handlers)
 
 
+def _summaries(datasets: Mapping[str, ServedDataset]) -> dataset_service_pb2.ListDatasetsResponse:
+    out = dataset_service_pb2.ListDatasetsResponse()
+    for name, served in datasets.items():
+        served.refresh()  # a file that changed is opened again (or found unusable) before it is listed
+        try:
+            ds = served.current()
+        except FailedPrecondition:
+            out.datasets.add(name=name, unavailable=True, unavailable_reason=served.public_reason or "unavailable")
+            continue
+        out.datasets.add(name=name, subject_count=len(ds.subjects), categories=ds.categories)
+    return out
+
+
 def _describe(ds: Dataset) -> dataset_service_pb2.DescribeDatasetResponse:
     out = dataset_service_pb2.DescribeDatasetResponse(name=ds.name)
     for cat in ds.categories:
@@ -333,7 +357,7 @@ class PatchwireServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._executor: ThreadPoolExecutor | None = None
-        self._datasets: dict[str, Dataset] = {}
+        self._datasets: dict[str, ServedDataset] = {}
         self._assembly: AssemblyStore | None = None
         self.cache: BlockCache | None = None
         self._temp_state: Path | None = None
@@ -359,7 +383,10 @@ class PatchwireServer:
             )
             self.cache = BlockCache(cfg.cache_bytes)
             for name, path in cfg.datasets.items():
-                self._datasets[name] = Dataset(name, path, self.cache)
+                self._datasets[name] = ServedDataset(name, path, self.cache, cfg.verify)
+            if cfg.datasets and not any(ds.available for ds in self._datasets.values()):
+                reasons = "; ".join(f"dataset {name!r}: {ds.reason}" for name, ds in self._datasets.items())
+                raise FailedPrecondition(f"{reasons} (no dataset can be served)")
             self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
             cache = DatasourceCache(self._datasets, limits=cfg.limits)
             state_dir = cfg.state_dir
@@ -409,9 +436,17 @@ class PatchwireServer:
             raise
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
+
+        def follow(*_: object) -> None:  # changes are noticed on reading threads: health follows on the loop
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._set_dataset_health()))
+
+        for served in self._datasets.values():
+            served.listeners.append(follow)
+        served_names = [name for name, ds in self._datasets.items() if ds.available]
         _log.info(
             "patchwire serving %s on %s:%s (%s, %s)",
-            ", ".join(self._datasets) or "no datasets",
+            ", ".join(served_names) or "no datasets",
             cfg.host,
             self.port,
             "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
@@ -420,8 +455,20 @@ class PatchwireServer:
         return self
 
     async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME, ASSEMBLY_SERVICE_NAME):
-            await self._health.set(name, status)
+        """``""`` and DatasetService follow ``status`` while at least one dataset can be served (NOT_SERVING once
+        none can); ``DatasetService/<name>`` says whether each dataset is served."""
+        await self._health.set(ASSEMBLY_SERVICE_NAME, status)
+        await self._set_dataset_health(status)
+
+    async def _set_dataset_health(self, status: int = health_pb2.HealthCheckResponse.SERVING) -> None:
+        if self._server is None and status == health_pb2.HealthCheckResponse.SERVING:
+            return  # stopped meanwhile
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name, served in self._datasets.items():
+            await self._health.set(dataset_health_name(name), status if served.available else not_serving)
+        anything = (not self._datasets) or any(ds.available for ds in self._datasets.values())
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status if anything else not_serving)
 
     async def stop(self, grace: float | None = None) -> None:
         """Flips health to NOT_SERVING, lets running calls finish for ``grace`` seconds, frees everything.

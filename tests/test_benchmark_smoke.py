@@ -86,6 +86,11 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
         for run in ("prefetch2", "prefetch0"):
             _positive(result[run]["samples_per_s"], f"training step {pattern} {run}")
 
+    assert set(report["verify"]) == {"default_cache", "default_cache_verify", "small_cache", "small_cache_verify"}
+    for key, result in report["verify"].items():
+        for metric in ("samples_per_s", "server_start_s"):
+            _positive(result[metric], f"verify {key} {metric}")
+
     assert set(report["assembly"]) == {"slice", "patch"}
     for case, result in report["assembly"].items():
         for assembler in ("patchwire", "patchwire_in_memory", "patchwire_in_memory_wire", "pymia"):

@@ -218,14 +218,19 @@ def test_graceful_stop_flips_health_to_not_serving_first(tiny_h5: Path) -> None:
         client.close()
 
 
-def test_a_dataset_that_does_not_open_stops_the_start_and_leaks_nothing(tiny_h5: Path, tmp_path: Path) -> None:
+def test_no_dataset_that_can_be_served_stops_the_start_and_leaks_nothing(tiny_h5: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not an HDF5 file")
+    inconsistent = tmp_path / "inconsistent.h5"
+    with h5py.File(tiny_h5, "r") as src, h5py.File(inconsistent, "w") as dst:
+        src.copy("meta", dst)
+        src.copy("data", dst)
+        del dst["data/images/1"]  # opens, but fails validation after other arrays were looked at
     open_files = h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)
-    server = PatchwireServer(ServerConfig(datasets={"tiny": tiny_h5, "bad": bad}, port=0))
-    with pytest.raises(FailedPrecondition, match="dataset 'bad': cannot open"):
+    server = PatchwireServer(ServerConfig(datasets={"bad": bad, "inconsistent": inconsistent}, port=0))
+    with pytest.raises(FailedPrecondition, match=r"dataset 'bad': cannot open.*no dataset can be served"):
         asyncio.run(server.start())
-    assert h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE) == open_files  # 'tiny' was closed again
+    assert h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE) == open_files
     asyncio.run(server.stop())  # nothing to stop: a no-op
 
 

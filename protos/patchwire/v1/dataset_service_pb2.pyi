@@ -43,8 +43,17 @@ class DatasetSummary(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     SUBJECT_COUNT_FIELD_NUMBER: _builtins.int
     CATEGORIES_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     subject_count: _builtins.int
+    """0 and empty for an unavailable dataset."""
+    unavailable: _builtins.bool
+    """Set when the server knows the dataset but cannot serve it: its file did not open, is not a consistent pymia
+    dataset, changed into one that is not, or (in verification mode) failed a checksum. Calls naming it fail with
+    FAILED_PRECONDITION and unavailable_reason.
+    """
+    unavailable_reason: _builtins.str
     @_builtins.property
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -53,10 +62,12 @@ class DatasetSummary(_message.Message):
         name: _builtins.str = ...,
         subject_count: _builtins.int = ...,
         categories: _abc.Iterable[_builtins.str] | None = ...,
+        unavailable: _builtins.bool = ...,
+        unavailable_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "name", b"name", "subject_count", b"subject_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "name", b"name", "subject_count", b"subject_count", "unavailable", b"unavailable", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,7 +72,7 @@ class DatasetServiceServicer:
     """
 
     def ListDatasets(self, request, context):
-        """Lists the datasets this server serves.
+        """Lists the datasets this server serves, and those it knows but cannot serve (with the reason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,7 +34,7 @@ class DatasetServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DatasetServiceAsyncStub: ...
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetsRequest, _dataset_service_pb2.ListDatasetsResponse]
-    """Lists the datasets this server serves."""
+    """Lists the datasets this server serves, and those it knows but cannot serve (with the reason)."""
     DescribeDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.DescribeDatasetRequest, _dataset_service_pb2.DescribeDatasetResponse]
     """Describes one dataset: subjects, categories, entry names, array shapes and dtypes, image properties."""
     OpenDatasource: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.OpenDatasourceRequest, _dataset_service_pb2.OpenDatasourceResponse]
@@ -52,7 +52,7 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListDatasets: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetsRequest, _dataset_service_pb2.ListDatasetsResponse]  # type: ignore[assignment]
-    """Lists the datasets this server serves."""
+    """Lists the datasets this server serves, and those it knows but cannot serve (with the reason)."""
     DescribeDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.DescribeDatasetRequest, _dataset_service_pb2.DescribeDatasetResponse]  # type: ignore[assignment]
     """Describes one dataset: subjects, categories, entry names, array shapes and dtypes, image properties."""
     OpenDatasource: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.OpenDatasourceRequest, _dataset_service_pb2.OpenDatasourceResponse]  # type: ignore[assignment]
@@ -73,7 +73,7 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dataset_service_pb2.ListDatasetsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dataset_service_pb2.ListDatasetsResponse, _abc.Awaitable[_dataset_service_pb2.ListDatasetsResponse]]:
-        """Lists the datasets this server serves."""
+        """Lists the datasets this server serves, and those it knows but cannot serve (with the reason)."""
 
     @_abc_1.abstractmethod
     def DescribeDataset(
