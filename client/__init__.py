@@ -21,9 +21,11 @@ from patchwire.client._errors import (
     NotFoundError,
     OutOfRangeError,
     PatchwireError,
+    RetriesExhausted,
     RpcError,
     ServerError,
 )
+from patchwire.client._retry import RetryPolicy
 
 __all__ = [
     "ArrayInfo",
@@ -38,6 +40,8 @@ __all__ = [
     "PatchwireError",
     "RemoteDatasource",
     "RemoteSubjectAssembler",
+    "RetriesExhausted",
+    "RetryPolicy",
     "RpcError",
     "ServerError",
     "SubjectInfo",

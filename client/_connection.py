@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from patchwire.client._errors import ConnectionFailed
+from patchwire.client._retry import RECONNECT_OPTIONS
 from patchwire.v1 import (
     assembly_service_pb2,
     assembly_service_pb2_grpc,
@@ -97,7 +98,8 @@ class Connection:
         with self._lock:
             if self._channel is None or self._pid != os.getpid():
                 tune_client_process()
-                self._channel = grpc.insecure_channel(self.address, options=codec.channel_options())
+                options = [*codec.channel_options(), *RECONNECT_OPTIONS]
+                self._channel = grpc.insecure_channel(self.address, options=options)
                 self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
                 self._assembly = assembly_service_pb2_grpc.AssemblyServiceStub(self._channel)
                 self._raw = {}

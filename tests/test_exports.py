@@ -23,6 +23,8 @@ EXPECTED = {
         "PatchwireError",
         "RemoteDatasource",
         "RemoteSubjectAssembler",
+        "RetriesExhausted",
+        "RetryPolicy",
         "RpcError",
         "ServerError",
         "SubjectInfo",
