@@ -505,8 +505,8 @@ class RemoteSubjectAssembler:
         segment = shared_memory.Segment(0, sealed=True, name="patchwire-probe")
         try:
             request = apb.ProbeSharedMemoryRequest(shared_memory=segment.proto(), for_posting=True)
-            with translate_rpc_errors("probing shared memory with the server"):
-                self._connection.assembly.ProbeSharedMemory(request)
+            probe = self._connection.assembly.ProbeSharedMemory
+            self._retrying("probing shared memory with the server", lambda: probe(request), read=True)
         except RpcError as exc:  # another host or user, turned off, or a server that predates it
             if required:
                 raise ValueError(f"shared_memory=True, but the server cannot use it: {exc}") from None
