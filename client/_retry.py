@@ -117,7 +117,8 @@ class Outage:
         if remaining <= 0:
             raise RetriesExhausted(self.what, self.address, self.elapsed_s, self.failures, _reason(exc)) from exc
         delay = min(remaining, self._rng.uniform(0.0, self.policy.bound(self.failures)))
-        _log.warning(
+        _log.log(
+            logging.WARNING if self.failures == 1 else logging.INFO,  # one warning per outage, then quieter
             "%s: server %s unavailable (%s); retry %d in %.2f s (%.1f s of %.0f s spent)",
             self.what,
             self.address,
