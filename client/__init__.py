@@ -24,9 +24,11 @@ from patchwire.client._errors import (
     OutOfRangeError,
     PatchwireError,
     PermissionDeniedError,
+    RetriesExhausted,
     RpcError,
     ServerError,
 )
+from patchwire.client._retry import RetryPolicy
 
 __all__ = [
     "ArrayInfo",
@@ -44,6 +46,8 @@ __all__ = [
     "PermissionDeniedError",
     "RemoteDatasource",
     "RemoteSubjectAssembler",
+    "RetriesExhausted",
+    "RetryPolicy",
     "RpcError",
     "ServerError",
     "SubjectInfo",

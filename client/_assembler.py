@@ -12,7 +12,9 @@ Differences from pymia, all deliberate: a subject is ready when every sample ind
 finishes every subject that received something, as in pymia. Volumes keep the dtype of the predictions (pymia:
 float64). Overlapping predictions can be averaged or Gaussian-blended instead of overwritten. Batches are
 acknowledged only once durable on the server and re-posting a batch never counts it twice, so ``add_batch``
-retries transparently when the connection drops.
+retries transparently when the connection drops or the server restarts: unacknowledged batches are sent again, with
+exponential backoff and full jitter, for up to ``RetryPolicy.budget_s`` (60 s by default; see
+:mod:`patchwire.client._retry`). Reads (``status``, ``fetch``, ``events``, ``export``) retry the same way.
 
 On the server's host, predictions and assembled volumes skip the wire: predictions are copied through shared-memory
 segments (``shared_memory``, see :mod:`patchwire.v1.shared_memory`), finished volumes are mapped from where the server
@@ -29,12 +31,12 @@ import logging
 import os
 import queue
 import threading
-import time
+import uuid
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -42,7 +44,14 @@ import numpy as np
 from patchwire.client._connection import Connection
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client._decoding import DecodedBatch, decode_batch, decode_stream
-from patchwire.client._errors import ConnectionFailed, RpcError, translate_rpc_errors
+from patchwire.client._errors import (
+    ConnectionFailed,
+    PatchwireError,
+    RetriesExhausted,
+    RpcError,
+    translate_rpc_errors,
+)
+from patchwire.client._retry import Outage, RetryPolicy, call_with_retries, retriable
 from patchwire.client.conversion import ImageProperties
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import codec, shared_memory, tensor_pb2, values_pb2
@@ -50,6 +59,7 @@ from patchwire.v1 import codec, shared_memory, tensor_pb2, values_pb2
 __all__ = ["AssemblyEvent", "JobStatus", "RemoteSubjectAssembler", "SubjectProgress"]
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 FETCH_SUBJECT = "/patchwire.v1.AssemblyService/FetchSubject"
 PREDICTION_KEY = "__prediction"  # pymia's key for a plain array prediction
 RELEASE_TIMEOUT_S = 10.0
@@ -396,7 +406,12 @@ class RemoteSubjectAssembler:
     sending with the server's journalling, and ``subjects_ready`` then lags by up to ``window - 1`` batches
     (``flush()``, a last batch and ``close()`` wait for every acknowledgement). ``shared_memory``: None (the
     default) uses shared memory where the server can, True requires it (ValueError where it cannot be used, with
-    the reason), False always uses the wire.
+    the reason), False always uses the wire. ``retry``: how long and how often calls are retried while the server
+    is unreachable or restarting (default ``RetryPolicy()``: 60 s from the first failure, exponential backoff with
+    full jitter); :class:`~patchwire.client.RetriesExhausted` once that runs out.
+
+    ``accepted_samples``, ``duplicate_samples`` and ``resent_batches`` count, over this assembler's life, the samples
+    the server took, those it already had (re-posts after a lost acknowledgement), and the batches sent again.
     """
 
     def __init__(
@@ -407,7 +422,7 @@ class RemoteSubjectAssembler:
         dtype: Any = None,
         job_id: str | None = None,
         entries: Mapping[str, int] | None = None,
-        retries: int = 3,
+        retry: RetryPolicy | None = None,
         window: int = 1,
         shared_memory: bool | None = None,
     ) -> None:
@@ -420,7 +435,10 @@ class RemoteSubjectAssembler:
         self.overlap = overlap
         self.dtype = None if dtype is None else np.dtype(dtype)
         self.job_id = job_id
-        self.retries = retries
+        self.retry = retry or RetryPolicy()
+        self.accepted_samples = 0
+        self.duplicate_samples = 0
+        self.resent_batches = 0
         self._created = False
         self._ready: set[int] = set()
         self._single = False
@@ -439,20 +457,30 @@ class RemoteSubjectAssembler:
     # -- job --------------------------------------------------------------------------------------------------------
 
     def _create(self, entries: Mapping[str, tuple[int, np.dtype[Any]]]) -> None:
+        # The job is named here, not by the server, so that creating it again after a lost response returns the
+        # same job instead of making a second one.
         request = apb.CreateJobRequest(
             spec=self.datasource._spec,
             overlap_mode=_MODES[self.overlap],
-            job_id=self.job_id or "",
+            job_id=self.job_id or uuid.uuid4().hex[:12],
             entries=[
                 apb.OutputEntry(name=name, channels=c, dtype=codec.dtype_to_proto(dt))
                 for name, (c, dt) in entries.items()
             ],
         )
-        with translate_rpc_errors("creating an assembly job"):
-            response = self._connection.assembly.CreateJob(request)
+        response = self._retrying("creating an assembly job", lambda: self._connection.assembly.CreateJob(request))
         self.job_id = response.job.job_id
         self._single = list(entries) == [PREDICTION_KEY]
         self._created = True
+
+    def _retrying(self, what: str, call: Callable[[], T], read: bool = False) -> T:
+        """``call()`` with gRPC errors translated, retried under ``self.retry`` while the server is unreachable."""
+
+        def attempt() -> T:
+            with translate_rpc_errors(what):
+                return call()
+
+        return call_with_retries(self.retry, self._connection.address, what, attempt, read)
 
     def _job(self) -> str:
         if self.job_id is None:
@@ -477,8 +505,8 @@ class RemoteSubjectAssembler:
         segment = shared_memory.Segment(0, sealed=True, name="patchwire-probe")
         try:
             request = apb.ProbeSharedMemoryRequest(shared_memory=segment.proto(), for_posting=True)
-            with translate_rpc_errors("probing shared memory with the server"):
-                self._connection.assembly.ProbeSharedMemory(request)
+            probe = self._connection.assembly.ProbeSharedMemory
+            self._retrying("probing shared memory with the server", lambda: probe(request), read=True)
         except RpcError as exc:  # another host or user, turned off, or a server that predates it
             if required:
                 raise ValueError(f"shared_memory=True, but the server cannot use it: {exc}") from None
@@ -566,26 +594,29 @@ class RemoteSubjectAssembler:
             self._read_ack()
 
     def _read_ack(self) -> None:
-        """Reads the oldest batch's acknowledgement. A dropped connection is retried by re-sending every
-        unacknowledged batch (posting is idempotent); a batch the server rejects raises, and the batches sent after
-        it (which the server never read) are sent again first."""
-        attempt = 0
+        """Reads the oldest batch's acknowledgement. A dropped connection (the server unreachable, restarting, or
+        ending the stream early) is retried under ``self.retry`` by re-sending every unacknowledged batch (posting is
+        idempotent); a batch the server rejects raises, and the batches sent after it (which the server never read)
+        are sent again first."""
+        what = f"posting predictions to assembly job {self.job_id!r}"
+        outage: Outage | None = None
         while True:
             try:
-                with translate_rpc_errors(f"posting predictions to assembly job {self.job_id!r}"):
+                with translate_rpc_errors(what):
                     assert self._stream is not None
                     response = self._stream.next_ack()
                 break
             except (ConnectionFailed, StopIteration) as exc:
+                # ConnectionFailed is UNAVAILABLE or DEADLINE_EXCEEDED: the batches in flight were not acknowledged
                 self._drop_stream()
-                attempt += 1
-                if attempt > self.retries:
+                failure = exc if isinstance(exc, ConnectionFailed) else ConnectionFailed(f"{what}: stream ended early")
+                outage = outage or Outage(self.retry, self._connection.address, what)
+                try:
+                    outage.failed(failure)
+                except RetriesExhausted:
                     self._inflight.clear()
-                    if isinstance(exc, StopIteration):
-                        raise ConnectionFailed("the server closed the prediction stream") from None
                     raise
-                _log.warning("posting to job %s failed (%s); retrying (%d/%d)", self.job_id, exc, attempt, self.retries)
-                time.sleep(min(0.2 * 2**attempt, 5.0))
+                self.resent_batches += len(self._inflight)
                 self._resend()
             except BaseException:
                 self._drop_stream()
@@ -594,6 +625,8 @@ class RemoteSubjectAssembler:
                 raise
         self._inflight.popleft()
         self._last_ack = response
+        self.accepted_samples += response.accepted_samples
+        self.duplicate_samples += response.duplicate_samples
         self._ready.update(int(s) for s in response.ready_subjects)
 
     def _resend(self) -> None:
@@ -622,6 +655,10 @@ class RemoteSubjectAssembler:
 
     def fetch(self, subject_index: int) -> tuple[dict[str, np.ndarray], ImageProperties]:
         """Every entry of an assembled subject and the subject's image properties (the original geometry)."""
+        what = f"fetching subject {subject_index} of assembly job {self.job_id!r}"
+        return call_with_retries(self.retry, self._connection.address, what, lambda: self._fetch(subject_index), True)
+
+    def _fetch(self, subject_index: int) -> tuple[dict[str, np.ndarray], ImageProperties]:
         request = apb.FetchSubjectRequest(job_id=self._job(), subject_index=int(subject_index))
         what = f"fetching subject {subject_index} of assembly job {self.job_id!r}"
         decoded = None
@@ -713,28 +750,41 @@ class RemoteSubjectAssembler:
     def status(self, max_missing: int = 16) -> JobStatus:
         """Job and per-subject progress: expected, received, missing (the first ``max_missing`` indices), state."""
         request = apb.GetJobStatusRequest(job_id=self._job(), max_missing=max_missing)
-        with translate_rpc_errors(f"reading the status of assembly job {self.job_id!r}"):
-            response = self._connection.assembly.GetJobStatus(request)
+        what = f"reading the status of assembly job {self.job_id!r}"
+        response = self._retrying(what, lambda: self._connection.assembly.GetJobStatus(request), read=True)
         return job_status(response.job, response.subjects)
 
     def events(self, from_sequence: int = 1) -> Iterator[AssemblyEvent]:
         """Subject-ready (and job) events from ``from_sequence`` on: past ones first, then live ones until the job
-        completes or is aborted. Closing the iterator cancels the stream."""
-        request = apb.SubscribeEventsRequest(job_id=self._job(), from_sequence=from_sequence)
-        call = self._connection.assembly.SubscribeEvents(request)
-        try:
-            with translate_rpc_errors(f"following events of assembly job {self.job_id!r}"):
-                for response in call:
-                    e = response.event
-                    yield AssemblyEvent(
-                        e.sequence,
-                        _enum_name(apb.EventType, e.type, "EVENT_TYPE_"),
-                        e.subject_index,
-                        e.subject,
-                        e.time_unix_ms,
-                    )
-        finally:
-            call.cancel()
+        completes or is aborted. Closing the iterator cancels the stream. A broken stream is opened again (under
+        ``self.retry``) from the event after the last one seen, so no event is lost or repeated."""
+        what = f"following events of assembly job {self.job_id!r}"
+        job_id = self._job()
+        outage: Outage | None = None
+        while True:
+            request = apb.SubscribeEventsRequest(job_id=job_id, from_sequence=from_sequence)
+            call = self._connection.assembly.SubscribeEvents(request)
+            try:
+                with translate_rpc_errors(what):
+                    for response in call:
+                        e = response.event
+                        outage = None
+                        from_sequence = e.sequence + 1
+                        yield AssemblyEvent(
+                            e.sequence,
+                            _enum_name(apb.EventType, e.type, "EVENT_TYPE_"),
+                            e.subject_index,
+                            e.subject,
+                            e.time_unix_ms,
+                        )
+                return
+            except PatchwireError as exc:
+                if not retriable(exc, read=True):
+                    raise
+                outage = outage or Outage(self.retry, self._connection.address, what)
+                outage.failed(exc)
+            finally:
+                call.cancel()
 
     def export(self, subject_index: int, path: str | Path, entry: str | None = None) -> Path:
         """Writes an assembled subject to ``path``: .nii/.nii.gz or .mha (original geometry), .h5 (pymia format)."""
@@ -746,17 +796,20 @@ class RemoteSubjectAssembler:
             job_id=self._job(), subject_index=int(subject_index), format=_FORMATS[suffix], entry=entry or ""
         )
         tmp = path.with_name(f".{path.name}.part")
-        size = None
-        try:
-            with (
-                translate_rpc_errors(f"exporting subject {subject_index} of assembly job {self.job_id!r}"),
-                open(tmp, "wb") as f,
-            ):
+        what = f"exporting subject {subject_index} of assembly job {self.job_id!r}"
+
+        def write() -> int | None:  # (a retry writes the file from its start)
+            size = None
+            with translate_rpc_errors(what), open(tmp, "wb") as f:
                 for response in self._connection.assembly.ExportSubject(request):
                     if response.WhichOneof("payload") == "file":
                         size = response.file.size
                     else:
                         f.write(response.data)
+            return size
+
+        try:
+            size = call_with_retries(self.retry, self._connection.address, what, write, read=True)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a refused or broken export leaves no partial file behind
             raise

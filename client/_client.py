@@ -11,6 +11,7 @@ from patchwire.client._connection import Connection
 from patchwire.client._credentials import Credentials, PathOrBytes
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client._errors import translate_rpc_errors
+from patchwire.client._retry import RetryPolicy
 from patchwire.client.conversion import ImageProperties
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import codec, dataset_service_pb2
@@ -125,9 +126,11 @@ class Client:
         entries: Mapping[str, int] | None = None,
         window: int = 1,
         shared_memory: bool | None = None,
+        retry: RetryPolicy | None = None,
     ) -> RemoteSubjectAssembler:
         """pymia's ``SubjectAssembler(datasource)``, assembling on the server (see RemoteSubjectAssembler; on the
-        server's host payloads go through shared memory unless ``shared_memory=False``)."""
+        server's host payloads go through shared memory unless ``shared_memory=False``; ``retry``: how long calls
+        are retried while the server is unreachable, default 60 s)."""
         return RemoteSubjectAssembler(
             self._connection.reopened(),
             datasource,
@@ -137,6 +140,7 @@ class Client:
             entries,
             window=window,
             shared_memory=shared_memory,
+            retry=retry,
         )
 
     def jobs(self) -> list[JobStatus]:

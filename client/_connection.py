@@ -18,6 +18,7 @@ import grpc
 
 from patchwire.client._credentials import Credentials
 from patchwire.client._errors import ConnectionFailed, from_grpc
+from patchwire.client._retry import RECONNECT_OPTIONS
 from patchwire.v1 import (
     assembly_service_pb2,
     assembly_service_pb2_grpc,
@@ -100,7 +101,8 @@ class Connection:
         with self._lock:
             if self._channel is None or self._pid != os.getpid():
                 tune_client_process()
-                self._channel = self.credentials.channel(self.address, codec.channel_options())
+                options = [*codec.channel_options(), *RECONNECT_OPTIONS]
+                self._channel = self.credentials.channel(self.address, options)
                 self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
                 self._assembly = assembly_service_pb2_grpc.AssemblyServiceStub(self._channel)
                 self._raw = {}

@@ -4,6 +4,7 @@
 
     PatchwireError
      ├── ConnectionFailed                     the server cannot be reached (UNAVAILABLE, deadline at connect)
+     │    └── RetriesExhausted                     ... and stayed so for a whole retry budget (.address, .elapsed_s)
      └── RpcError                             the server answered with an error status (.code, .details)
           ├── InvalidArgumentError (ValueError)    INVALID_ARGUMENT, FAILED_PRECONDITION
           ├── NotFoundError (LookupError)          NOT_FOUND
@@ -30,6 +31,7 @@ __all__ = [
     "OutOfRangeError",
     "PatchwireError",
     "PermissionDeniedError",
+    "RetriesExhausted",
     "RpcError",
     "ServerError",
     "translate_rpc_errors",
@@ -42,6 +44,23 @@ class PatchwireError(Exception):
 
 class ConnectionFailed(PatchwireError):
     """The server could not be reached."""
+
+
+class RetriesExhausted(ConnectionFailed):
+    """A call failed with retriable errors (the server unreachable or restarting) until its retry budget ran out."""
+
+    def __init__(self, what: str, address: str, elapsed_s: float, attempts: int, reason: str) -> None:
+        super().__init__(
+            f"{what}: gave up after {elapsed_s:.1f} s and {attempts} failed attempts: the patchwire server at "
+            f"{address} stayed unavailable (last: {reason})"
+        )
+        self.address = address
+        self.elapsed_s = elapsed_s
+        self.attempts = attempts
+        self._parts = (what, address, elapsed_s, attempts, reason)
+
+    def __reduce__(self) -> tuple[type[RetriesExhausted], tuple[str, str, float, int, str]]:
+        return type(self), self._parts
 
 
 class RpcError(PatchwireError):

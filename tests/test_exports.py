@@ -26,6 +26,8 @@ EXPECTED = {
         "PermissionDeniedError",
         "RemoteDatasource",
         "RemoteSubjectAssembler",
+        "RetriesExhausted",
+        "RetryPolicy",
         "RpcError",
         "ServerError",
         "SubjectInfo",
