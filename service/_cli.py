@@ -81,6 +81,21 @@ def _parser() -> argparse.ArgumentParser:
         "host post predictions through shared memory and map fetched volumes)",
     )
     serve.add_argument(
+        "--shared-memory-uid",
+        dest="shared_memory_uids",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="a user id whose processes may share memory with the server (repeatable; default: the server's own)",
+    )
+    serve.add_argument(
+        "--shared-memory-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the server makes its private shared-memory socket folder (default: the temporary folder); a "
+        "client in a container needs it mounted at the same path",
+    )
+    serve.add_argument(
         "--cache-mb",
         type=float,
         default=1024,
@@ -136,6 +151,8 @@ async def _serve(args: argparse.Namespace) -> int:
         assembly_memory_bytes=int(args.assembly_memory * (1 << 20)),
         cache_bytes=int(args.cache_mb * (1 << 20)),
         shared_memory=args.shared_memory,
+        shared_memory_uids=None if args.shared_memory_uids is None else tuple(args.shared_memory_uids),
+        shared_memory_dir=args.shared_memory_dir,
     )
     server = PatchwireServer(config)
     try:

@@ -26,8 +26,10 @@ from patchwire.service._datasource import CompiledDatasource, DatasourceCache, d
 from patchwire.service._encoding import Encoded, encode_batch, properties_to_proto
 from patchwire.service._errors import InvalidArgument, translate_errors
 from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.service._shared_regions import SharedRegions
+from patchwire.service._shared_socket import SharedMemorySocket
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
+from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, shared_memory
 
 __all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig"]
 
@@ -65,7 +67,13 @@ class ServerConfig:
     """Most bytes of assembly buffers in memory (see ``_assembly.BufferPool``); the rest are spilled to files."""
     shared_memory: bool = True
     """Let assembly clients on this host, running as this server's user, post and fetch predictions through
-    shared-memory segments instead of the wire (:mod:`patchwire.v1.shared_memory`)."""
+    shared-memory segments instead of the wire: they hand their descriptors over the server's Unix socket
+    (:mod:`patchwire.v1.shared_memory`). False: no socket, registration fails with FAILED_PRECONDITION."""
+    shared_memory_uids: tuple[int, ...] | None = None
+    """User ids whose processes may share memory with this server (None: only the server's own)."""
+    shared_memory_dir: Path | None = None
+    """Where the server makes its private socket folder (None: the system's temporary folder). A client in a
+    container needs this folder mounted at the same path."""
 
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
@@ -250,6 +258,7 @@ class PatchwireServer:
         self._assembly: AssemblyStore | None = None
         self.cache: BlockCache | None = None
         self._temp_state: Path | None = None
+        self._shm_socket: SharedMemorySocket | None = None
         self.port: int | None = None
 
     async def start(self) -> PatchwireServer:
@@ -275,13 +284,16 @@ class PatchwireServer:
                 share_volumes=cfg.shared_memory,
             )
             await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
+            regions = None
+            if cfg.shared_memory and shared_memory.available():
+                regions = SharedRegions(cfg.shared_memory_uids)
+                self._shm_socket = SharedMemorySocket(regions, cfg.shared_memory_dir)
+                self._shm_socket.start()
             server = grpc.aio.server(options=list(cfg.options))
             server.add_generic_rpc_handlers(
                 (
                     _handlers(DatasetServicer(self._datasets, self._executor, cache), SERVICE_NAME),
-                    _handlers(
-                        AssemblyServicer(self._assembly, self._executor, cfg.shared_memory), ASSEMBLY_SERVICE_NAME
-                    ),
+                    _handlers(AssemblyServicer(self._assembly, self._executor, regions), ASSEMBLY_SERVICE_NAME),
                 )
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -314,6 +326,9 @@ class PatchwireServer:
         _log.info("patchwire server stopped")
 
     def _release(self) -> None:
+        if self._shm_socket is not None:
+            self._shm_socket.stop()  # every client connection closes: their regions are dropped
+            self._shm_socket = None
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
