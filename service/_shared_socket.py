@@ -102,6 +102,7 @@ class SharedMemorySocket:
                 _log.warning("shared memory: refused a connection of user id %d", uid)
                 _refuse(conn, str(exc))
                 return
+            conn.sendall(shared_memory.OK)
             while True:
                 try:
                     data, fds, flags, _ = socket.recv_fds(conn, shared_memory.MESSAGE_MAX_BYTES, 1)

@@ -21,7 +21,8 @@ the region its request named (a lease offered for one connection cannot be colle
 privately (:func:`map_descriptor`); leases of the server's memory are given back once the mapping is gone, before
 the server may reuse that memory.
 
-The socket speaks ``SOCK_SEQPACKET``: one request, one reply, each a kind byte and its data::
+The socket speaks ``SOCK_SEQPACKET``. On connecting, the server greets with ``b"O"``, or ``b"E" + reason`` (e.g. a
+user id it does not allow) and closes. Then each request gets one reply, each a kind byte and its data::
 
     REGISTER   b"R" + ticket, one descriptor attached   ->  b"O" + region id   | b"E" + reason
     UNREGISTER b"U" + region id                         ->  b"O"               | b"E" + reason
@@ -201,6 +202,10 @@ class Channel:
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(path)
+            greeting = self._sock.recv(MESSAGE_MAX_BYTES)
+            if greeting[:1] != OK:
+                reason = greeting[1:].decode("utf-8", "replace") or "the server closed the connection"
+                raise ChannelError(reason)
         except BaseException:
             self._sock.close()
             raise
