@@ -385,9 +385,12 @@ class _Channels:
         return new
 
     def forget(self) -> None:
-        """In a forked child: the parent's connections are the parent's (left open, never used here)."""
+        """In a forked child: the parent's connections are the parent's: this process's copies of them are closed
+        (the parent's stay open), so that the server drops the parent's regions as soon as the parent lets go."""
         self._lock = threading.Lock()
-        self._by_address = {}
+        channels, self._by_address = self._by_address, {}
+        for channel in channels.values():
+            channel.close_copy()
 
 
 _CHANNELS = _Channels()

@@ -238,13 +238,17 @@ def test_a_forked_child_keeps_none_of_the_parents_spare_segments(client: pw.Clie
         gc.collect()
     spares = client_assembler._SPARES
     assert spares._posting is not None and spares.fetching._free
+    channel = client_assembler._CHANNELS.get(client.address)
+    assert channel is not None
     pid = os.fork()
     if pid == 0:  # the child: report by exit status only
         child = client_assembler._SPARES
-        os._exit(0 if child._posting is None and not child.fetching._free else 1)
+        fresh = client_assembler._CHANNELS.get(client.address) is None  # (it makes its own connection)
+        os._exit(0 if child._posting is None and not child.fetching._free and fresh else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert spares._posting is not None and spares.fetching._free
+    assert channel.usable() and client_assembler._CHANNELS.get(client.address) is channel
 
 
 def test_a_growing_batch_moves_to_a_larger_segment(
@@ -658,6 +662,16 @@ def test_posting_needs_a_sealed_segment_and_fetching_a_writable_one(stub: Any) -
     finally:
         unsealed.close()
         channel.close()
+
+
+def test_closing_a_segment_unregisters_it(server: PatchwireServer, stub: Any) -> None:
+    assert server._shm_socket is not None
+    registry = server._shm_socket.registry
+    segment = shared_memory.Segment(4096, sealed=True)
+    with registered(stub, segment):
+        before = registry.count()
+        segment.close()  # (answered before it returns)
+        assert registry.count() == before - 1
 
 
 def test_a_ticket_is_used_once(stub: Any) -> None:

@@ -288,6 +288,12 @@ class Channel:
         assert fd is not None
         return fd
 
+    def close_copy(self) -> None:
+        """In a forked child: closes this process's copy of the parent's connection (which stays open in the parent;
+        the lock is not taken: another thread of the parent may have held it at the fork)."""
+        self._broken = True
+        self._sock.close()
+
     def close(self) -> None:
         """Closes the connection: the server drops every region registered over it."""
         self._broken = True
