@@ -661,9 +661,30 @@ class RemoteSubjectAssembler:
 
     def _resend(self) -> None:
         if self._inflight:
+            self._refresh_regions()
             self._stream = _PostStream(self._connection)
             for requests in self._inflight:
                 self._stream.put(requests)
+
+    def _refresh_regions(self) -> None:
+        """Points the unacknowledged batches at the posting segment's region as registered now: a server that
+        restarted dropped the old registration with its socket (every batch in flight lies in the current segment).
+        Where the segment cannot be registered again, they keep the old region (and the server says it is unknown)."""
+        shared = [
+            r.batch
+            for requests in self._inflight
+            for r in requests
+            if isinstance(r, apb.PostPredictionsRequest) and r.batch.HasField("shared_memory")
+        ]
+        if not shared or self._slots.segment is None:
+            return
+        try:
+            region = self._region(self._slots.segment, for_posting=True)
+        except (RpcError, OSError, shared_memory.SegmentError) as exc:
+            _log.info("cannot register the posting segment again (%s)", exc)
+            return
+        for batch in shared:
+            batch.shared_memory.region = region
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
