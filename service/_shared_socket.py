@@ -29,6 +29,8 @@ __all__ = ["SharedMemorySocket"]
 
 _log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256
+MAX_PATH_BYTES = 100
+"""A Unix socket's path must fit in ``sun_path`` (108 bytes on Linux)."""
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -56,6 +58,10 @@ class SharedMemorySocket:
         """Makes the folder and the socket and starts accepting; returns the socket's path."""
         self._folder = tempfile.mkdtemp(prefix="patchwire-shm-", dir=self._parent)
         path = os.path.join(self._folder, "socket")
+        if len(os.fsencode(path)) > MAX_PATH_BYTES and self._parent is None:  # a long TMPDIR: /tmp instead
+            os.rmdir(self._folder)
+            self._folder = tempfile.mkdtemp(prefix="patchwire-shm-", dir="/tmp")
+            path = os.path.join(self._folder, "socket")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             listener.bind(path)

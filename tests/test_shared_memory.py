@@ -29,7 +29,8 @@ import patchwire.client._assembler as client_assembler
 from patchwire.client import extraction as extr
 from patchwire.service import PatchwireServer
 from patchwire.service import _assembly as service_assembly
-from patchwire.service._auth import ANONYMOUS
+from patchwire.service import _assembly_service as assembly_service
+from patchwire.service._auth import ANONYMOUS, Identity
 from patchwire.service._errors import NotFound
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
@@ -615,6 +616,29 @@ def test_a_request_cannot_name_a_path_or_a_descriptor(client: pw.Client, stub: A
             assert exc.code() == grpc.StatusCode.NOT_FOUND
             assert "no such region" in exc.details()
             assert "/proc" not in exc.details() and str(os.getpid()) not in exc.details()
+
+
+def test_a_region_used_by_another_identity_is_permission_denied(
+    client: pw.Client, stub: Any, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regions belong to the identity that registered them (here the server has no authentication: every caller is
+    ANONYMOUS, so the caller's identity is switched in the service for the second request)."""
+    with assembler(client, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        segment = shared_memory.Segment(1 << 20, sealed=False)
+        try:
+            with registered(stub, segment, for_posting=False) as region:
+                request = apb.FetchSubjectRequest(
+                    job_id=asm.job_id, subject_index=0, shared_memory=apb.SharedMemory(region=region)
+                )
+                with monkeypatch.context() as patched:
+                    patched.setattr(assembly_service, "current_identity", lambda: Identity("mallory", ANONYMOUS.roles))
+                    with expect_raw(grpc.StatusCode.PERMISSION_DENIED, "shared_memory.region: the region belongs to"):
+                        list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
+                responses = list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
+                assert responses[0].shared_offsets, "its owner still writes into it"
+        finally:
+            segment.close()
 
 
 def test_descriptors_that_are_not_memfds_are_refused(stub: Any, tmp_path: Path) -> None:
