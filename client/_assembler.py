@@ -786,6 +786,8 @@ class RemoteSubjectAssembler:
             else:
                 try:
                     array = shared_memory.map_descriptor(fd, ref.offset, nbytes)
+                except OSError as exc:  # e.g. no address space left for the mapping
+                    _log.info("could not map a file of the server's (%s)", exc)
                 finally:
                     os.close(fd)
         if ref.lent_memory:

@@ -252,7 +252,10 @@ class Channel:
         with self._lock:
             try:
                 self._flush_unregister()
-                socket.send_fds(self._sock, [message], list(fds)) if fds else self._sock.sendall(message)
+                if fds:
+                    socket.send_fds(self._sock, [message], list(fds))
+                else:
+                    self._sock.sendall(message)
                 data, received, _, _ = socket.recv_fds(self._sock, MESSAGE_MAX_BYTES, 1)
             except OSError:
                 self._broken = True
@@ -326,9 +329,12 @@ class OpenedSegment:
         """A read-only view of ``nbytes`` bytes at ``offset`` (valid as long as the view lives)."""
         self._check(offset, nbytes, self.size, what)
         mapping = self._map
-        if mapping is None:
-            raise SegmentError("the region was unregistered")
-        return memoryview(mapping)[offset : offset + nbytes]
+        try:
+            if mapping is None:
+                raise ValueError
+            return memoryview(mapping)[offset : offset + nbytes]
+        except ValueError:  # (closed meanwhile: a mapping with views is never closed under them)
+            raise SegmentError("the region was unregistered") from None
 
     def write(self, offset: int, parts: Sequence[memoryview]) -> None:
         """Writes ``parts`` one after another from ``offset``."""
