@@ -19,8 +19,10 @@ exponential backoff and full jitter, for up to ``RetryPolicy.budget_s`` (60 s by
 On the server's host, predictions and assembled volumes skip the wire: predictions are copied through shared-memory
 segments (``shared_memory``, see :mod:`patchwire.v1.shared_memory`), finished volumes are mapped from where the server
 holds them (its files, or its memory lent until the arrays on it are gone), and only the small messages that say
-where they lie travel over gRPC. The assembler finds out once, on first use, whether the server can open its
-segments (same host, same user, shared memory not turned off on the server) and uses the wire otherwise.
+where they lie travel over gRPC. Segments are handed to the server over its Unix socket (one connection per process
+and server, made anew in a forked child) and registered as regions; the server's files come back over the same
+connection. The assembler finds out once, on first use, whether it can register a segment (same host, a socket it
+can reach, a user id the server allows, shared memory not turned off on the server) and uses the wire otherwise.
 """
 
 from __future__ import annotations
@@ -210,15 +212,15 @@ class _PostSlots:
         capacity = self.segment.size - shared_memory.HEADER_BYTES
         self.slot_bytes = capacity // self.window // SLOT_GRANULE * SLOT_GRANULE
 
-    def place(self, batch: apb.PredictionBatch, payloads: Sequence[np.ndarray]) -> None:
-        """Copies ``payloads`` into the next slot and points ``batch`` at them."""
+    def place(self, batch: apb.PredictionBatch, payloads: Sequence[np.ndarray], region: bytes) -> None:
+        """Copies ``payloads`` into the next slot and points ``batch`` at them (``region``: the segment's)."""
         assert self.segment is not None
         base = shared_memory.HEADER_BYTES + (self._posted % self.window) * self.slot_bytes
         offsets, _ = shared_memory.layout([p.nbytes for p in payloads], base)
         for offset, payload in zip(offsets, payloads, strict=True):
             target = self.segment.view(offset, payload.nbytes).view(payload.dtype).reshape(payload.shape)
             np.copyto(target, payload, casting="no")
-        batch.shared_memory.CopyFrom(self.segment.proto())
+        batch.shared_memory.region = region
         batch.shared_offsets.extend(offsets)
         self._posted += 1
 
@@ -366,9 +368,48 @@ class _Leases:
 _LEASES = _Leases()
 
 
+class _Channels:
+    """This process's connections to servers' shared-memory sockets, one per server address (see
+    :class:`patchwire.v1.shared_memory.Channel`). A forked child makes its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_address: dict[str, shared_memory.Channel] = {}
+
+    def get(self, address: str) -> shared_memory.Channel | None:
+        with self._lock:
+            channel = self._by_address.get(address)
+        return channel if channel is not None and channel.usable() else None
+
+    def connect(self, address: str, path: str) -> shared_memory.Channel:
+        """The channel to ``address``'s socket at ``path``: the one open, or a new one (a server restarted or moved
+        its socket: the old connection is closed)."""
+        with self._lock:
+            channel = self._by_address.get(address)
+            if channel is not None and channel.path == path and channel.usable():
+                return channel
+            new = shared_memory.Channel(path)
+            self._by_address[address] = new
+        if channel is not None and channel.pid == os.getpid():
+            channel.close()
+        return new
+
+    def forget(self) -> None:
+        """In a forked child: the parent's connections are the parent's: this process's copies of them are closed
+        (the parent's stay open), so that the server drops the parent's regions as soon as the parent lets go."""
+        self._lock = threading.Lock()
+        channels, self._by_address = self._by_address, {}
+        for channel in channels.values():
+            channel.close_copy()
+
+
+_CHANNELS = _Channels()
+
+
 def _forget_spares() -> None:
     _SPARES.forget()
     _LEASES.forget()
+    _CHANNELS.forget()
 
 
 if hasattr(os, "register_at_fork"):
@@ -504,10 +545,9 @@ class RemoteSubjectAssembler:
             return False
         segment = shared_memory.Segment(0, sealed=True, name="patchwire-probe")
         try:
-            request = apb.ProbeSharedMemoryRequest(shared_memory=segment.proto(), for_posting=True)
-            probe = self._connection.assembly.ProbeSharedMemory
-            self._retrying("probing shared memory with the server", lambda: probe(request), read=True)
-        except RpcError as exc:  # another host or user, turned off, or a server that predates it
+            self._region(segment, for_posting=True)
+        except (RpcError, OSError, shared_memory.SegmentError) as exc:
+            # turned off, a server that predates it, another host or container (no socket here), a uid not allowed
             if required:
                 raise ValueError(f"shared_memory=True, but the server cannot use it: {exc}") from None
             _log.info("shared memory is not available (%s); predictions go over the wire", exc)
@@ -515,6 +555,21 @@ class RemoteSubjectAssembler:
         finally:
             segment.close()
         return True
+
+    def _region(self, segment: shared_memory.Segment, for_posting: bool) -> bytes:
+        """The region ``segment`` is registered as with this assembler's server: registered now where it is not yet
+        (over this process's connection to the server's socket). Raises RpcError, OSError (the socket cannot be
+        reached) or SegmentError (the server refused it, with the reason)."""
+        address = self._connection.address
+        channel = _CHANNELS.get(address)
+        region = None if channel is None else segment.region_on(channel)
+        if region is not None:
+            return region
+        request = apb.RegisterSharedMemoryRequest(for_posting=for_posting)
+        register = self._connection.assembly.RegisterSharedMemory
+        response = self._retrying("registering shared memory with the server", lambda: register(request), read=True)
+        channel = _CHANNELS.connect(address, response.socket_path)
+        return segment.register(channel, response.ticket)
 
     # -- pymia's interface --------------------------------------------------------------------------------------
 
@@ -556,7 +611,14 @@ class RemoteSubjectAssembler:
         if not self._slots.fits(nbytes):
             self.flush()  # the old segment's slots may still be read for the batches in flight
             self._slots.replace(nbytes)
-        self._slots.place(batch, payloads)
+        assert self._slots.segment is not None
+        try:
+            region = self._region(self._slots.segment, for_posting=True)
+        except (RpcError, OSError, shared_memory.SegmentError) as exc:  # e.g. the server restarted elsewhere
+            _log.info("cannot register a segment with the server (%s); predictions go over the wire", exc)
+            self._shared = False
+            return _with_chunks(batch, payloads)
+        self._slots.place(batch, payloads, region)
         return [apb.PostPredictionsRequest(batch=batch)]
 
     def add_samples(
@@ -631,9 +693,30 @@ class RemoteSubjectAssembler:
 
     def _resend(self) -> None:
         if self._inflight:
+            self._refresh_regions()
             self._stream = _PostStream(self._connection)
             for requests in self._inflight:
                 self._stream.put(requests)
+
+    def _refresh_regions(self) -> None:
+        """Points the unacknowledged batches at the posting segment's region as registered now: a server that
+        restarted dropped the old registration with its socket (every batch in flight lies in the current segment).
+        Where the segment cannot be registered again, they keep the old region (and the server says it is unknown)."""
+        shared = [
+            r.batch
+            for requests in self._inflight
+            for r in requests
+            if isinstance(r, apb.PostPredictionsRequest) and r.batch.HasField("shared_memory")
+        ]
+        if not shared or self._slots.segment is None:
+            return
+        try:
+            region = self._region(self._slots.segment, for_posting=True)
+        except (RpcError, OSError, shared_memory.SegmentError) as exc:
+            _log.info("cannot register the posting segment again (%s)", exc)
+            return
+        for batch in shared:
+            batch.shared_memory.region = region
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
@@ -664,12 +747,15 @@ class RemoteSubjectAssembler:
         decoded = None
         if self.uses_shared_memory:
             self._give_back_leases()
+            segment = None
             try:
                 segment = self._fetch_segments.take()
-            except OSError as exc:  # e.g. a file-size limit below the nominal size
-                _log.info("cannot make a segment to fetch into (%s); fetching over the wire", exc)
+                request.shared_memory.region = self._region(segment, for_posting=False)
+            except (OSError, RpcError, shared_memory.SegmentError) as exc:  # e.g. a file-size limit, a server moved
+                _log.info("cannot fetch through shared memory (%s); fetching over the wire", exc)
+                if segment is not None:
+                    self._fetch_segments.give_back(segment)
             else:
-                request.shared_memory.CopyFrom(segment.proto())
                 request.accept_files = self._files_ok
                 with translate_rpc_errors(what):
                     decoded = self._fetched(self._connection.raw_stream(FETCH_SUBJECT)(request), segment)
@@ -723,10 +809,24 @@ class RemoteSubjectAssembler:
         return decode_batch(message.batch, self._fetch_segments.views(segment, offsets, sizes))
 
     def _map(self, ref: apb.SharedFile, nbytes: int) -> np.ndarray | None:
-        """A server's file mapped here; the lease of one that is the server's memory is given back once the mapping
-        is gone (at once where it could not be mapped)."""
-        array = shared_memory.map_file(ref, nbytes)
-        if ref.lease:
+        """A server's file, collected over this process's connection to its socket and mapped here privately; the
+        lease of one that is the server's memory is given back once the mapping is gone (at once where it could not
+        be mapped). None where it cannot be collected or mapped."""
+        array = None
+        channel = _CHANNELS.get(self._connection.address)
+        if channel is not None:
+            try:
+                fd = channel.collect(ref.lease)
+            except (OSError, shared_memory.SegmentError) as exc:
+                _log.info("could not collect a file of the server's (%s)", exc)
+            else:
+                try:
+                    array = shared_memory.map_descriptor(fd, ref.offset, nbytes)
+                except OSError as exc:  # e.g. no address space left for the mapping
+                    _log.info("could not map a file of the server's (%s)", exc)
+                finally:
+                    os.close(fd)
+        if ref.lent_memory:
             address, generation = self._connection.address, _LEASES.generation
             if array is None:
                 _LEASES.unmapped(address, ref.lease, generation)

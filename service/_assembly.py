@@ -115,7 +115,8 @@ class Event:
 
 class Memory(mmap.mmap):
     """The memory under a buffer: anonymous (``fd`` None), or a memfd that a client on the server's host can map
-    through ``/proc/<pid>/fd/<fd>``; ``leases``: the leases of it that clients hold (:meth:`BufferPool.lend`)."""
+    (a read-only descriptor of it is handed over, see :meth:`Job.lend_volume`); ``leases``: the leases of it that
+    clients hold (:meth:`BufferPool.lend`)."""
 
     fd: int | None = None
     leases: set[bytes]
@@ -821,10 +822,10 @@ class Job:
                 raise Internal(subject.finish_error)
         return {e.name: np.load(subject.result_path(e.name), mmap_mode="r") for e in self.entries}
 
-    def lend_volume(self, subject_index: int) -> dict[str, apb.SharedFile] | None:
-        """A kept volume in memfds, each entry's named for a client on this host to map, under a lease that keeps
-        the memory from being reused until the client gives it back; None where the volume is elsewhere (spilled,
-        in anonymous memory, or not kept)."""
+    def lend_volume(self, subject_index: int) -> dict[str, tuple[int, bytes]] | None:
+        """A kept volume in memfds, each entry's as a new read-only descriptor (the caller owns it) for a client on
+        this host to map, under a lease that keeps the memory from being reused until the client gives it back; None
+        where the volume is elsewhere (spilled, in anonymous memory, or not kept)."""
         subject = self.subject(subject_index)
         self.result(subject_index)  # ready, and nothing failed so far (or raise)
         if not self.keeps_volumes:
@@ -835,18 +836,16 @@ class Job:
             memories = dict(zip(subject.buffer_specs(), subject._memory, strict=True))
             if not all(m.fd is not None for m in memories.values()):
                 return None
-            out = {}
-            for e in self.entries:
-                memory = memories[e.name]
-                assert memory.fd is not None
-                st = os.fstat(memory.fd)
-                out[e.name] = apb.SharedFile(
-                    path=f"/proc/{os.getpid()}/fd/{memory.fd}",
-                    offset=0,
-                    device=st.st_dev,
-                    inode=st.st_ino,
-                    lease=self.pool.lend(memory),
-                )
+            out: dict[str, tuple[int, bytes]] = {}
+            try:
+                for e in self.entries:
+                    memory = memories[e.name]
+                    assert memory.fd is not None
+                    out[e.name] = (shared_memory.reopen_read_only(memory.fd), self.pool.lend(memory))
+            except BaseException:
+                for fd, _ in out.values():
+                    os.close(fd)
+                raise
             return out
 
     def _kept_volume(self, subject: Subject) -> dict[str, np.ndarray]:
@@ -1000,12 +999,19 @@ def _shareable(nbytes: int, closed: Callable[[], None]) -> Memory:
         return _anonymous(nbytes)
     try:
         os.ftruncate(fd, nbytes)
-        # its size is fixed for good: no process that can open it can shrink the server's mapping under its writes
-        shared_memory.seal_size(fd)
         memory = Memory(fd, nbytes)
     except BaseException:
         os.close(fd)
         raise
+    try:
+        # its size is fixed for good, and only this mapping writes it: a client it is lent to can map it privately,
+        # never shrink it under the server's writes nor write into it (whatever it reopens it as)
+        shared_memory.seal_for_lending(fd)
+    except OSError as exc:
+        memory.close()
+        os.close(fd)
+        _log.warning("assembling in anonymous memory, which fetching copies: memfds cannot be sealed (%s)", exc)
+        return _anonymous(nbytes)
     memory.fd = fd
     memory.leases = set()
     weakref.finalize(memory, _close_memfd, fd, closed)

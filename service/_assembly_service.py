@@ -13,7 +13,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from patchwire.service._assembly import AssemblyStore, Job
-from patchwire.service._auth import current_identity
+from patchwire.service._auth import Identity, current_identity
 from patchwire.service._encoding import encode_batch
 from patchwire.service._errors import (
     FailedPrecondition,
@@ -26,6 +26,7 @@ from patchwire.service._errors import (
 from patchwire.service._export import export_subject
 from patchwire.service._extraction import ImagePropertiesValue
 from patchwire.service._limits import check_announced
+from patchwire.service._shared_regions import Region, SharedRegions
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
 
@@ -33,29 +34,36 @@ __all__ = ["AssemblyServicer"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_STREAM_SEGMENTS = 4
 MAX_RELEASED_LEASES = 1 << 16
 """Leases one ReleaseSharedFiles request may give back."""
-"""Shared-memory segments a prediction stream keeps open; a client that moves on to a new segment is done with its
-oldest."""
 
 
 class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
-    def __init__(self, store: AssemblyStore, executor: ThreadPoolExecutor, shared_memory: bool = True) -> None:
+    """``regions``: the registry of same-host clients' shared-memory segments (None: shared memory is off, and
+    requests that name a region fail with FAILED_PRECONDITION)."""
+
+    def __init__(
+        self, store: AssemblyStore, executor: ThreadPoolExecutor, regions: SharedRegions | None = None
+    ) -> None:
         self._store = store
         self._executor = executor
-        self._shared_memory = shared_memory
+        self._regions = regions
         self._waiters: dict[str, asyncio.Future[None]] = {}
 
-    def _open_segment(self, ref: apb.SharedMemory, for_posting: bool, field: str) -> shared_memory.OpenedSegment:
-        if not self._shared_memory:
+    def _registry(self, field: str) -> SharedRegions:
+        if self._regions is None:
             raise FailedPrecondition(
                 f"{field}: shared memory is off on this server (--no-shared-memory): send payloads on the wire"
             )
-        try:
-            return shared_memory.open_segment(ref, for_posting)
-        except shared_memory.SegmentError as exc:
-            raise FailedPrecondition(f"{field}: {exc}") from None
+        return self._regions
+
+    def _region(self, ref: apb.SharedMemory, identity: Identity, for_posting: bool, field: str) -> Region:
+        registry = self._registry(field)
+        if len(ref.region) != shared_memory.REGION_ID_BYTES:
+            raise InvalidArgument(
+                f"{field}.region: a region id is {shared_memory.REGION_ID_BYTES} bytes, got {len(ref.region)}"
+            )
+        return registry.region(ref.region, identity, for_posting, field)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -85,7 +93,8 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         # once it is durable.
         batches: asyncio.Queue[tuple[Any, dict[str, list[Any]]] | BaseException | None] = asyncio.Queue(maxsize=1)
 
-        segments = _StreamSegments(self._open_segment)
+        identity = current_identity()
+        segments = _StreamSegments(lambda ref, field: self._region(ref, identity, True, field))
 
         async def receive() -> None:
             try:
@@ -117,7 +126,6 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
                 number += 1
         finally:
             reader.cancel()
-            segments.close()
 
     @translate_errors
     async def SubscribeEvents(self, request: Any, context: Any) -> AsyncIterator[apb.SubscribeEventsResponse]:
@@ -180,32 +188,34 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
     @translate_errors
     async def FetchSubject(self, request: Any, context: Any) -> AsyncIterator[apb.FetchSubjectResponse]:
         job = self._job(request.job_id)
-        segment = (
-            self._open_segment(request.shared_memory, False, "shared_memory")
+        region = (
+            self._region(request.shared_memory, current_identity(), False, "shared_memory")
             if request.HasField("shared_memory")
             else None
         )
+        segment = None if region is None else region.segment
 
         subject_index = int(request.subject_index)
 
         def encode() -> tuple[Any, apb.FetchSubjectResponse | None]:
-            mappable = segment is not None and request.accept_files
+            mappable = region is not None and request.accept_files
             lent = job.lend_volume(subject_index) if mappable else None  # the server's memory, under leases
             files = job.result_files(subject_index) if mappable and lent is None else None
+            # (offered at once: a descriptor not collected is closed with the region's connection)
+            offered = None if region is None else _offer(self._registry("shared_memory"), region, lent, files)
             arrays = files if files is not None else job.result(subject_index)
             sample: dict[str, Any] = dict(arrays)
             sample["properties"] = _properties(job, subject_index)
             encoded = encode_batch([sample])
-            if segment is None:
+            if region is None or segment is None:
                 return encoded, None
-            named = lent if lent is not None else None if files is None else _file_refs(files)
-            if named is not None:
+            if offered is not None:
                 return encoded, apb.FetchSubjectResponse(
-                    batch=encoded.batch, shared_files=_shared_files(encoded, named)
+                    batch=encoded.batch, shared_files=_shared_files(encoded, offered)
                 )
             sizes = [t.chunked_nbytes for t in codec.batch_tensors(encoded.batch) if t.chunked_nbytes]
             offsets, end = shared_memory.layout(sizes)
-            if end > segment.size:  # does not fit: the wire carries it
+            if end > segment.current_size():  # does not fit: the wire carries it
                 return encoded, None
             for offset, payload in zip(offsets, encoded.payloads, strict=True):
                 segment.write(offset, payload if isinstance(payload, list) else [payload])
@@ -215,9 +225,6 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
             encoded, shared = await self._run(encode)
         except shared_memory.SegmentError as exc:
             raise FailedPrecondition(f"shared_memory: {exc}") from None
-        finally:
-            if segment is not None:
-                segment.close()
         if shared is not None:
             yield shared
             return
@@ -225,10 +232,14 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
             yield message
 
     @translate_errors
-    async def ProbeSharedMemory(self, request: Any, context: Any) -> apb.ProbeSharedMemoryResponse:
-        segment = self._open_segment(request.shared_memory, request.for_posting, "shared_memory")
-        segment.close()
-        return apb.ProbeSharedMemoryResponse(size=segment.size)
+    async def RegisterSharedMemory(self, request: Any, context: Any) -> apb.RegisterSharedMemoryResponse:
+        registry = self._registry("for_posting")
+        return apb.RegisterSharedMemoryResponse(
+            socket_path=registry.socket_path,
+            ticket=registry.issue_ticket(current_identity(), bool(request.for_posting)),
+            ticket_ttl_ms=int(registry.ticket_ttl_s * 1000),
+            max_region_bytes=registry.max_region_bytes,
+        )
 
     @translate_errors
     async def ReleaseSharedFiles(self, request: Any, context: Any) -> apb.ReleaseSharedFilesResponse:
@@ -267,13 +278,26 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         return apb.DeleteJobResponse()
 
 
-def _file_refs(files: dict[str, np.memmap]) -> dict[str, apb.SharedFile]:
-    """Each entry's result or spilled buffer file, which never changes again."""
+def _offer(
+    registry: SharedRegions,
+    region: Region,
+    lent: dict[str, tuple[int, bytes]] | None,
+    files: dict[str, np.memmap] | None,
+) -> dict[str, apb.SharedFile] | None:
+    """Offers the descriptors of a fetched volume to the connection of the region the fetch named: the server's
+    memfds (``lent``: read-only descriptors and their leases) or each entry's result or spilled buffer file, which
+    never changes again, opened read-only by the server itself. None where neither is at hand."""
     out = {}
+    if lent is not None:
+        for key, (fd, lease) in lent.items():
+            out[key] = apb.SharedFile(offset=0, lease=registry.offer_as(region, lease, fd), lent_memory=True)
+        return out
+    if files is None:
+        return None
     for key, array in files.items():
         assert array.filename is not None
-        st = os.stat(array.filename)
-        out[key] = apb.SharedFile(path=str(array.filename), offset=array.offset, device=st.st_dev, inode=st.st_ino)
+        fd = os.open(array.filename, os.O_RDONLY | os.O_CLOEXEC)
+        out[key] = apb.SharedFile(offset=array.offset, lease=registry.offer(region, fd))
     return out
 
 
@@ -295,22 +319,15 @@ def _properties(job: Job, subject_index: int) -> ImagePropertiesValue:
 
 
 class _StreamSegments:
-    """The shared-memory segments a prediction stream posts from, opened on first use, at most
-    MAX_STREAM_SEGMENTS."""
+    """The registered regions a prediction stream posts from, looked up (and their owner checked) for each batch."""
 
-    def __init__(self, open_segment: Callable[[apb.SharedMemory, bool, str], shared_memory.OpenedSegment]) -> None:
-        self._open = open_segment
-        self._segments: dict[tuple[str, bytes], shared_memory.OpenedSegment] = {}
+    def __init__(self, region: Callable[[apb.SharedMemory, str], Region]) -> None:
+        self._region = region
 
     def payloads(self, batch: apb.PredictionBatch) -> list[memoryview]:
-        """The chunked payloads of a batch whose tensors lie in shared memory."""
-        key = (batch.shared_memory.path, batch.shared_memory.token)
-        segment = self._segments.pop(key, None)
-        if segment is None:
-            segment = self._open(batch.shared_memory, True, "batch.shared_memory")
-            while len(self._segments) >= MAX_STREAM_SEGMENTS:
-                self._segments.pop(next(iter(self._segments))).close()
-        self._segments[key] = segment  # most recently used last
+        """The chunked payloads of a batch whose tensors lie in shared memory (views that stay valid while they
+        live, even if the region is unregistered meanwhile)."""
+        segment = self._region(batch.shared_memory, "batch.shared_memory").segment
         sizes = [t.chunked_nbytes for t in codec.batch_tensors(batch) if t.chunked_nbytes]
         if len(sizes) != len(batch.shared_offsets):
             raise InvalidArgument(
@@ -323,11 +340,6 @@ class _StreamSegments:
             ]
         except shared_memory.SegmentError as exc:
             raise InvalidArgument(str(exc)) from None
-
-    def close(self) -> None:
-        for segment in self._segments.values():
-            segment.close()
-        self._segments.clear()
 
 
 async def _received_batches(

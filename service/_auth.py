@@ -120,7 +120,7 @@ METHOD_ROLES: Mapping[str, str] = {
             "GetJobStatus",
             "ListJobs",
             "FetchSubject",
-            "ProbeSharedMemory",
+            "RegisterSharedMemory",
             "ReleaseSharedFiles",
             "ExportSubject",
             "AbortJob",

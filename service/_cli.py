@@ -96,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
         "host post predictions through shared memory and map fetched volumes)",
     )
     serve.add_argument(
+        "--shared-memory-uid",
+        dest="shared_memory_uids",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="a user id whose processes may share memory with the server (repeatable; default: the server's own)",
+    )
+    serve.add_argument(
+        "--shared-memory-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the server makes its private shared-memory socket folder (default: the temporary folder); a "
+        "client in a container needs it mounted at the same path",
+    )
+    serve.add_argument(
         "--cache-mb",
         type=float,
         default=1024,
@@ -207,6 +222,8 @@ async def _serve(args: argparse.Namespace) -> int:
         auth_config=args.auth_config,
         limits=limits_from_args(args),
         verify=args.verify,
+        shared_memory_uids=None if args.shared_memory_uids is None else tuple(args.shared_memory_uids),
+        shared_memory_dir=args.shared_memory_dir,
     )
     server = PatchwireServer(config)
     try:

@@ -31,9 +31,11 @@ from patchwire.service._errors import FailedPrecondition, InvalidArgument, trans
 from patchwire.service._extraction import ImagePropertiesValue
 from patchwire.service._limits import CallLimiter, Limits, check_sample_bytes, check_spec, exhausted
 from patchwire.service._served import ServedDataset
+from patchwire.service._shared_regions import SharedRegions
+from patchwire.service._shared_socket import SharedMemorySocket
 from patchwire.service._tls import exposed_without_tls, server_credentials
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
+from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, shared_memory
 
 __all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig", "dataset_health_name"]
 
@@ -77,7 +79,13 @@ class ServerConfig:
     """Most bytes of assembly buffers in memory (see ``_assembly.BufferPool``); the rest are spilled to files."""
     shared_memory: bool = True
     """Let assembly clients on this host, running as this server's user, post and fetch predictions through
-    shared-memory segments instead of the wire (:mod:`patchwire.v1.shared_memory`)."""
+    shared-memory segments instead of the wire: they hand their descriptors over the server's Unix socket
+    (:mod:`patchwire.v1.shared_memory`). False: no socket, registration fails with FAILED_PRECONDITION."""
+    shared_memory_uids: tuple[int, ...] | None = None
+    """User ids whose processes may share memory with this server (None: only the server's own)."""
+    shared_memory_dir: Path | None = None
+    """Where the server makes its private socket folder (None: the system's temporary folder). A client in a
+    container needs this folder mounted at the same path."""
     tls_cert: Path | None = None
     """PEM certificate chain the server presents; with ``tls_key``, the port speaks TLS only. None: plaintext."""
     tls_key: Path | None = None
@@ -361,6 +369,7 @@ class PatchwireServer:
         self._assembly: AssemblyStore | None = None
         self.cache: BlockCache | None = None
         self._temp_state: Path | None = None
+        self._shm_socket: SharedMemorySocket | None = None
         self.port: int | None = None
         self.calls = CallLimiter(config.limits)
         self.servicer: DatasetServicer | None = None
@@ -405,6 +414,11 @@ class PatchwireServer:
                 limits=cfg.limits,
             )
             await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
+            regions = None
+            if cfg.shared_memory and shared_memory.available():
+                regions = SharedRegions(cfg.shared_memory_uids)
+                self._shm_socket = SharedMemorySocket(regions, cfg.shared_memory_dir)
+                self._shm_socket.start()
             self.servicer = DatasetServicer(self._datasets, self._executor, cache, cfg.limits)
             server = grpc.aio.server(
                 options=list(cfg.options), interceptors=[ReflectionGate(auth)] if auth is not None else None
@@ -413,7 +427,7 @@ class PatchwireServer:
                 (
                     _handlers(self.servicer, SERVICE_NAME, auth, self.calls),
                     _handlers(
-                        AssemblyServicer(self._assembly, self._executor, cfg.shared_memory),
+                        AssemblyServicer(self._assembly, self._executor, regions),
                         ASSEMBLY_SERVICE_NAME,
                         auth,
                         self.calls,
@@ -482,6 +496,9 @@ class PatchwireServer:
         _log.info("patchwire server stopped")
 
     def _release(self) -> None:
+        if self._shm_socket is not None:
+            self._shm_socket.stop()  # every client connection closes: their regions are dropped
+            self._shm_socket = None
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None

@@ -8,11 +8,14 @@ The dataset here is larger than "tiny" (24x40x36 with two channels: a subject is
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import itertools
 import mmap
 import os
 import resource
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +29,15 @@ import patchwire.client._assembler as client_assembler
 from patchwire.client import extraction as extr
 from patchwire.service import PatchwireServer
 from patchwire.service import _assembly as service_assembly
+from patchwire.service import _assembly_service as assembly_service
+from patchwire.service._auth import ANONYMOUS, Identity
+from patchwire.service._errors import NotFound
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
 
 import _assembly_fixtures
 from _datasets import make_pymia_dataset
-from _servers import server_in_thread, server_subprocess
+from _servers import serve_process, server_in_thread, server_subprocess
 
 client = _assembly_fixtures.client  # module-scoped fixtures on this module's server
 stub = _assembly_fixtures.stub
@@ -168,7 +174,7 @@ def test_a_kept_volume_is_never_overwritten_by_later_fetches_and_dropped_ones_ar
         asm._files_ok = False  # volumes are written into the client's segments (not mapped from the server's files)
         post_all_slices(asm, images)
         kept = asm.get_assembled_subject(0)
-        token = None
+        first = None
         for _ in range(3):
             for s in (1, 2):
                 volume = asm.get_assembled_subject(s)
@@ -177,8 +183,8 @@ def test_a_kept_volume_is_never_overwritten_by_later_fetches_and_dropped_ones_ar
                 gc.collect()
             free = asm._fetch_segments._free
             assert free, "a fetched volume that is gone gives its segment back"
-            token = token or free[-1].token
-            assert free[-1].token == token, "the same segment serves fetch after fetch"
+            first = first or free[-1]
+            assert free[-1] is first, "the same segment serves fetch after fetch"
         np.testing.assert_array_equal(kept, images[0])
 
 
@@ -218,11 +224,11 @@ def test_a_later_assembler_posts_through_the_segment_of_an_earlier_one(
     with assembler(client, extr.SliceIndexing(0)) as first:
         post_all_slices(first, images)
         assert first._slots.segment is not None
-        token = first._slots.segment.token
-    assert client_assembler._SPARES._posting is not None
+        segment = first._slots.segment
+    assert client_assembler._SPARES._posting is segment
     with assembler(client, extr.SliceIndexing(0)) as second:
         post_all_slices(second, images)
-        assert second._slots.segment is not None and second._slots.segment.token == token
+        assert second._slots.segment is segment
         for s in range(3):
             np.testing.assert_array_equal(second.get_assembled_subject(s), images[s])
 
@@ -237,13 +243,17 @@ def test_a_forked_child_keeps_none_of_the_parents_spare_segments(client: pw.Clie
         gc.collect()
     spares = client_assembler._SPARES
     assert spares._posting is not None and spares.fetching._free
+    channel = client_assembler._CHANNELS.get(client.address)
+    assert channel is not None
     pid = os.fork()
     if pid == 0:  # the child: report by exit status only
         child = client_assembler._SPARES
-        os._exit(0 if child._posting is None and not child.fetching._free else 1)
+        fresh = client_assembler._CHANNELS.get(client.address) is None  # (it makes its own connection)
+        os._exit(0 if child._posting is None and not child.fetching._free and fresh else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert spares._posting is not None and spares.fetching._free
+    assert channel.usable() and client_assembler._CHANNELS.get(client.address) is channel
 
 
 def test_a_growing_batch_moves_to_a_larger_segment(
@@ -254,30 +264,31 @@ def test_a_growing_batch_moves_to_a_larger_segment(
     with assembler(client, extr.SliceIndexing(0), window=2) as asm:
         sizes = [8, 8, 16, 40]  # 72 slices: every sample once; 92 KB up to 461 KB
         start = 0
-        segments = set()
+        segments: list[Any] = []
         for size in sizes:
             indices = np.arange(start, start + size)
             asm.add_batch(np.stack([images[i // SHAPE[0]][i % SHAPE[0]] for i in indices]), indices)
             start += size
             assert asm._slots.segment is not None
-            segments.add(asm._slots.segment.token)
+            segments.append(asm._slots.segment)
         asm.flush()
-        assert len(segments) > 1
+        assert len({id(segment) for segment in segments}) > 1
         for s in range(3):
             np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
 
 
 @pytest.fixture
 def mapped(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The paths of the server files the client maps (fetched volumes), in order."""
+    """What the server's descriptors the client maps (fetched volumes) are, in order: the targets of their
+    ``/proc/self/fd`` links, as this process sees them (a memfd's name, or a file's path)."""
     paths: list[str] = []
-    real = shared_memory.map_file
+    real = shared_memory.map_descriptor
 
-    def spy(ref: apb.SharedFile, nbytes: int) -> Any:
-        paths.append(ref.path)
-        return real(ref, nbytes)
+    def spy(fd: int, offset: int, nbytes: int) -> Any:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd, offset, nbytes)
 
-    monkeypatch.setattr(shared_memory, "map_file", spy)
+    monkeypatch.setattr(shared_memory, "map_descriptor", spy)
     return paths
 
 
@@ -310,7 +321,7 @@ def test_finished_volumes_are_mapped_from_the_servers_files_and_writes_stay_loca
 def test_files_that_cannot_be_mapped_here_are_written_into_the_segment_instead(
     server: PatchwireServer, client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shared_memory, "map_file", lambda ref, nbytes: None)  # e.g. another mount namespace
+    monkeypatch.setattr(shared_memory, "map_descriptor", lambda fd, offset, nbytes: None)  # e.g. a short file
     with assembler(client, extr.SliceIndexing(0)) as asm:
         post_all_slices(asm, images)
         _wait_until_written(server, asm)
@@ -376,13 +387,7 @@ def test_kept_volumes_are_mapped_from_the_servers_memory_and_given_back_for_reus
     with pw.connect(in_memory.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
         post_all_slices(asm, images)
         first = asm.get_assembled_subject(1)
-        assert mapped == [mapped[0]] and mapped[0].startswith(f"/proc/{os.getpid()}/fd/")  # (in-process server)
-        fd = os.open(mapped[0], os.O_RDWR)
-        try:  # sealed: a process that can open it still cannot take pages from under the server's writes
-            with pytest.raises(PermissionError):
-                os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
+        assert mapped == [mapped[0]] and mapped[0].startswith("/memfd:patchwire-volume")
         first[...] = 0  # a private mapping: the server's volume stays as it was
         again = asm.get_assembled_subject(1)
         np.testing.assert_array_equal(again, images[1])
@@ -547,74 +552,308 @@ def test_a_subject_larger_than_the_segment_comes_over_the_wire(
 # -- segments the server cannot use ---------------------------------------------------------------------------------
 
 
-def probe(stub: Any, ref: apb.SharedMemory, for_posting: bool = True) -> apb.ProbeSharedMemoryResponse:
-    request = apb.ProbeSharedMemoryRequest(shared_memory=ref, for_posting=for_posting)
-    response: apb.ProbeSharedMemoryResponse = stub.ProbeSharedMemory(request, timeout=RPC_TIMEOUT_S)
-    return response
+@contextlib.contextmanager
+def registered(stub: Any, segment: shared_memory.Segment, for_posting: bool = True) -> Iterator[bytes]:
+    """``segment`` registered over a connection of its own (closed on exit); yields the region id."""
+    channel, ticket = channel_for(stub, for_posting)
+    try:
+        yield segment.register(channel, ticket)
+    finally:
+        channel.close()
 
 
-def test_probing_a_usable_segment_gives_its_size(stub: Any) -> None:
+def ticket_for(stub: Any, for_posting: bool = True) -> bytes:
+    """A fresh ticket."""
+    response = stub.RegisterSharedMemory(
+        apb.RegisterSharedMemoryRequest(for_posting=for_posting), timeout=RPC_TIMEOUT_S
+    )
+    ticket: bytes = response.ticket
+    return ticket
+
+
+def channel_for(stub: Any, for_posting: bool = True) -> tuple[shared_memory.Channel, bytes]:
+    """A new connection to the server's socket, and a fresh ticket."""
+    response = stub.RegisterSharedMemory(
+        apb.RegisterSharedMemoryRequest(for_posting=for_posting), timeout=RPC_TIMEOUT_S
+    )
+    assert len(response.ticket) == 32 and response.ticket_ttl_ms > 0 and response.max_region_bytes > 0
+    return shared_memory.Channel(response.socket_path), response.ticket
+
+
+def test_a_registered_segment_is_named_by_a_random_region_id(stub: Any, server: PatchwireServer) -> None:
     segment = shared_memory.Segment(8192, sealed=True)
     try:
-        assert probe(stub, segment.proto()).size == shared_memory.HEADER_BYTES + 8192
+        with registered(stub, segment) as region, registered(stub, segment) as again:
+            assert len(region) == 32 and region != again
+            socket_path = stub.RegisterSharedMemory(apb.RegisterSharedMemoryRequest()).socket_path
+            folder = Path(socket_path).parent
+            assert folder.name.startswith("patchwire-shm-") and folder.stat().st_mode & 0o777 == 0o700
+            assert Path(socket_path).is_socket() and server._shm_socket is not None
+            assert server._shm_socket.path == socket_path
     finally:
         segment.close()
 
 
-@pytest.mark.parametrize(
-    ("make", "fragments"),
-    [
-        (lambda seg: apb.SharedMemory(path="/etc/passwd", token=seg.token), ["is not a segment name"]),
-        (lambda seg: apb.SharedMemory(path="/proc/self/fd/0", token=seg.token), ["is not a segment name"]),
-        (lambda seg: apb.SharedMemory(path=seg.path, token=b"short"), ["token: must be 16 to 64 bytes"]),
-        (lambda seg: apb.SharedMemory(path=seg.path, token=os.urandom(32)), ["does not begin with the token"]),
-        (
-            lambda seg: apb.SharedMemory(path=f"/proc/{os.getpid()}/fd/999999", token=seg.token),
-            ["does not exist here", "another host"],
-        ),
-    ],
-    ids=["not-proc", "self", "short-token", "wrong-token", "no-such-fd"],
-)
-def test_a_segment_the_server_cannot_use_fails_precondition_with_the_reason(
-    stub: Any, make: Any, fragments: list[str]
+def test_a_request_cannot_name_a_path_or_a_descriptor(client: pw.Client, stub: Any, images: list[np.ndarray]) -> None:
+    """The old scheme named a segment by ``/proc/<pid>/fd/<fd>`` and the server opened it (its own descriptors
+    included). That cannot be expressed any more; what is left of such a message names no region, and a region id
+    made of a path is simply unknown, with a status that says nothing about the server's descriptors."""
+    with pytest.raises(ValueError, match="path"):
+        apb.SharedMemory(path=f"/proc/{os.getpid()}/fd/3")  # type: ignore[call-arg]
+    old = b"\x0a\x10" + b"/proc/1234/fd/10" + b"\x12\x20" + bytes(32)  # path and token, as the old fields 1 and 2
+    ref = apb.SharedMemory.FromString(old)
+    assert ref.region == b""
+    with assembler(client, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        request = apb.FetchSubjectRequest(job_id=asm.job_id, subject_index=0, shared_memory=ref, accept_files=True)
+        with expect_raw(grpc.StatusCode.INVALID_ARGUMENT, "shared_memory.region: a region id is 32 bytes, got 0"):
+            list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
+        for name in (f"/proc/{os.getpid()}/fd/3".encode().ljust(32, b"\0"), bytes(32), os.urandom(32)):
+            request.shared_memory.region = name
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
+            exc: Any = info.value
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+            assert "no such region" in exc.details()
+            assert "/proc" not in exc.details() and str(os.getpid()) not in exc.details()
+
+
+def test_a_region_used_by_another_identity_is_permission_denied(
+    client: pw.Client, stub: Any, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Regions belong to the identity that registered them (here the server has no authentication: every caller is
+    ANONYMOUS, so the caller's identity is switched in the service for the second request)."""
+    with assembler(client, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        segment = shared_memory.Segment(1 << 20, sealed=False)
+        try:
+            with registered(stub, segment, for_posting=False) as region:
+                request = apb.FetchSubjectRequest(
+                    job_id=asm.job_id, subject_index=0, shared_memory=apb.SharedMemory(region=region)
+                )
+                with monkeypatch.context() as patched:
+                    patched.setattr(assembly_service, "current_identity", lambda: Identity("mallory", ANONYMOUS.roles))
+                    with expect_raw(grpc.StatusCode.PERMISSION_DENIED, "shared_memory.region: the region belongs to"):
+                        list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
+                responses = list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
+                assert responses[0].shared_offsets, "its owner still writes into it"
+        finally:
+            segment.close()
+
+
+def test_descriptors_that_are_not_memfds_are_refused(stub: Any, tmp_path: Path) -> None:
+    """A regular file (also one on tmpfs), a pipe or a socket is no segment: refused at registration, and the
+    refusal names none of the server's descriptors."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x" * 8192)
+    read_end, write_end = os.pipe()
+    a, b = socket.socketpair()
+    fds = [os.open(plain, os.O_RDWR), read_end, a.fileno()]
+    if Path("/dev/shm").is_dir():
+        shm_file = Path("/dev/shm") / f"patchwire-test-{os.getpid()}"
+        fds.append(os.open(shm_file, os.O_RDWR | os.O_CREAT, 0o600))
+        shm_file.unlink()
+    channel, _ = channel_for(stub)
+    try:
+        for fd in fds:
+            ticket = ticket_for(stub)
+            with pytest.raises(shared_memory.ChannelError, match="not a memfd segment") as info:
+                channel.register(ticket, fd)
+            assert str(os.getpid()) not in str(info.value)
+        assert channel.usable(), "a refusal keeps the connection"
+    finally:
+        channel.close()
+        for fd in fds[:1] + fds[3:]:
+            os.close(fd)
+        os.close(read_end)
+        os.close(write_end)
+        a.close()
+        b.close()
+
+
+def test_posting_needs_a_sealed_segment_and_fetching_a_writable_one(stub: Any) -> None:
+    unsealed = shared_memory.Segment(4096, sealed=False)
+    channel, _ = channel_for(stub)
+    try:
+        ticket = ticket_for(stub, for_posting=False)
+        assert len(unsealed.register(channel, ticket)) == 32  # fetching into it is fine
+        ticket = ticket_for(stub, for_posting=True)
+        with pytest.raises(shared_memory.ChannelError, match="not sealed against shrinking"):
+            unsealed.register(channel, ticket)
+        read_only = shared_memory.reopen_read_only(unsealed.fileno())
+        try:
+            ticket = ticket_for(stub, for_posting=False)
+            with pytest.raises(shared_memory.ChannelError, match="read-only: it cannot be fetched into"):
+                channel.register(ticket, read_only)
+        finally:
+            os.close(read_only)
+    finally:
+        unsealed.close()
+        channel.close()
+
+
+def test_closing_a_segment_unregisters_it(server: PatchwireServer, stub: Any) -> None:
+    assert server._shm_socket is not None
+    registry = server._shm_socket.registry
     segment = shared_memory.Segment(4096, sealed=True)
+    with registered(stub, segment) as region:
+        assert registry.region(region, ANONYMOUS, True, "shared_memory").id == region
+        segment.close()  # (answered before it returns)
+        with pytest.raises(NotFound):
+            registry.region(region, ANONYMOUS, True, "shared_memory")
+
+
+def test_a_ticket_is_used_once(stub: Any) -> None:
+    segment = shared_memory.Segment(4096, sealed=True)
+    channel, ticket = channel_for(stub)
     try:
-        with expect_raw(grpc.StatusCode.FAILED_PRECONDITION, "shared_memory", *fragments):
-            probe(stub, make(segment))
+        segment.register(channel, ticket)
+        with pytest.raises(shared_memory.ChannelError, match="unknown or already used"):
+            segment.register(channel, ticket)
+        with pytest.raises(shared_memory.ChannelError, match="unknown or already used"):
+            segment.register(channel, os.urandom(32))
     finally:
         segment.close()
+        channel.close()
 
 
-def test_only_memfd_segments_are_opened(stub: Any, tmp_path: Path) -> None:
-    path = tmp_path / "plain"
-    path.write_bytes(b"x" * 64)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        with expect_raw(grpc.StatusCode.FAILED_PRECONDITION, "is not a memfd segment"):
-            probe(stub, apb.SharedMemory(path=f"/proc/{os.getpid()}/fd/{fd}", token=b"x" * 32))
-    finally:
-        os.close(fd)
+def test_closing_the_connection_frees_its_regions(
+    server: PatchwireServer, client: pw.Client, stub: Any, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert server._shm_socket is not None
+    registry = server._shm_socket.registry
+    gone = threading.Event()
+    real = registry.disconnect
+
+    watched: list[bytes] = []
+
+    def disconnect(connection: Any) -> None:
+        ours = any(region in connection.regions for region in watched)
+        real(connection)
+        if ours:
+            gone.set()
+
+    monkeypatch.setattr(registry, "disconnect", disconnect)
+    with assembler(client, extr.SliceIndexing(0), entries={"__prediction": 2}) as asm:
+        segment = shared_memory.Segment(1 << 20, sealed=True)
+        channel, ticket = channel_for(stub)
+        try:
+            region = segment.register(channel, ticket)
+            watched.append(region)
+            assert registry.region(region, ANONYMOUS, True, "batch.shared_memory").id == region
+            first = shared_batch(segment, asm.job_id, list(range(8)), images[0][:8], region)
+            assert len(list(stub.PostPredictions(iter([first]), timeout=RPC_TIMEOUT_S))) == 1
+            channel.close()
+            assert gone.wait(RPC_TIMEOUT_S)
+            with pytest.raises(NotFound):
+                registry.region(region, ANONYMOUS, True, "batch.shared_memory")
+            again = shared_batch(segment, asm.job_id, list(range(8, 16)), images[0][8:16], region)
+            with expect_raw(grpc.StatusCode.NOT_FOUND, "batch.shared_memory.region: no such region"):
+                list(stub.PostPredictions(iter([again]), timeout=RPC_TIMEOUT_S))
+        finally:
+            segment.close()
+        assert asm.status().received == 8
 
 
-def test_posting_needs_a_segment_that_cannot_shrink(stub: Any) -> None:
-    segment = shared_memory.Segment(4096, sealed=False)
-    try:
-        probe(stub, segment.proto(), for_posting=False)  # fetching into it is fine
-        with expect_raw(grpc.StatusCode.FAILED_PRECONDITION, "not sealed against shrinking"):
-            probe(stub, segment.proto(), for_posting=True)
-    finally:
-        segment.close()
+def test_a_peer_of_another_user_id_is_refused_and_the_client_uses_the_wire(h5: Path, images: list[np.ndarray]) -> None:
+    with server_in_thread({"big": h5}, shared_memory_uids=(os.getuid() + 1,)) as srv, pw.connect(srv.address) as c:
+        assert srv._shm_socket is not None
+        folder = Path(srv._shm_socket.path).parent
+        assert folder.stat().st_mode & 0o777 == 0o711, "other user ids must reach the socket: their uid is checked"
+        with assembler(c, extr.SliceIndexing(0)) as asm:
+            post_all_slices(asm, images)
+            assert not asm.uses_shared_memory
+            np.testing.assert_array_equal(asm.get_assembled_subject(0), images[0])
+        with (
+            assembler(c, extr.SliceIndexing(0), shared_memory=True) as asm,
+            pytest.raises(ValueError, match=f"user id {os.getuid()} may not share memory"),
+        ):
+            post_all_slices(asm, images)
+    assert not folder.exists(), "the socket's folder is removed at stop"
+
+
+def test_leases_are_collected_only_over_the_connection_they_were_offered_to(
+    h5: Path, images: list[np.ndarray], tmp_path: Path
+) -> None:
+    with (
+        server_in_thread({"big": h5}, state_dir=tmp_path / "state") as srv,
+        pw.connect(srv.address) as c,
+        grpc.insecure_channel(srv.address, options=codec.channel_options()) as grpc_channel,
+    ):
+        stub = assembly_service_pb2_grpc.AssemblyServiceStub(grpc_channel)
+        with assembler(c, extr.SliceIndexing(0), shared_memory=False) as asm:
+            post_all_slices(asm, images)
+            _wait_until_written(srv, asm)
+            segment = shared_memory.Segment(1 << 20, sealed=False)
+            mine, ticket = channel_for(stub, for_posting=False)
+            other, _ = channel_for(stub)
+            try:
+                region = segment.register(mine, ticket)
+                request = apb.FetchSubjectRequest(
+                    job_id=asm.job_id, subject_index=1, accept_files=True, shared_memory=apb.SharedMemory(region=region)
+                )
+                (response,) = stub.FetchSubject(request, timeout=RPC_TIMEOUT_S)
+                (ref,) = response.shared_files
+                assert len(ref.lease) == 16 and not ref.lent_memory
+                with pytest.raises(shared_memory.ChannelError, match="nothing to collect"):
+                    other.collect(ref.lease)
+                fd = mine.collect(ref.lease)
+                try:
+                    assert os.readlink(f"/proc/self/fd/{fd}").endswith(".npy")
+                    assert os.get_blocking(fd) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+                    array = shared_memory.map_descriptor(fd, ref.offset, images[1].nbytes)
+                finally:
+                    os.close(fd)
+                assert array is not None
+                np.testing.assert_array_equal(array.view(images[1].dtype).reshape(images[1].shape), images[1])
+                with pytest.raises(shared_memory.ChannelError, match="nothing to collect"):
+                    mine.collect(ref.lease)  # once only
+            finally:
+                segment.close()
+                mine.close()
+                other.close()
+
+
+def test_lent_memory_can_only_be_mapped_privately(
+    in_memory: PatchwireServer, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume lent from the server's memfd arrives as a read-only descriptor of a memfd sealed against resizing
+    and against new writable shared mappings: reopened for writing or not, it cannot change the server's memory."""
+    checked: list[int] = []
+    real = shared_memory.map_descriptor
+
+    def check(fd: int, offset: int, nbytes: int) -> Any:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        with pytest.raises(OSError):
+            os.ftruncate(fd, 0)
+        reopened = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+        try:
+            with pytest.raises(PermissionError):
+                os.pwrite(reopened, b"x", 0)
+            with pytest.raises(PermissionError):
+                mmap.mmap(reopened, nbytes)  # a shared, writable mapping
+        finally:
+            os.close(reopened)
+        checked.append(fd)
+        return real(fd, offset, nbytes)
+
+    monkeypatch.setattr(shared_memory, "map_descriptor", check)
+    with pw.connect(in_memory.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
+        post_all_slices(asm, images)
+        volume = asm.get_assembled_subject(0)
+        volume[...] = 0
+        np.testing.assert_array_equal(asm.get_assembled_subject(0), images[0])
+    assert len(checked) == 2
 
 
 def shared_batch(
-    segment: shared_memory.Segment, job_id: str, indices: list[int], prediction: np.ndarray
+    segment: shared_memory.Segment, job_id: str, indices: list[int], prediction: np.ndarray, region: bytes
 ) -> apb.PostPredictionsRequest:
-    """One batch whose payload lies in ``segment``, just after its header."""
+    """One batch whose payload lies in ``segment`` (registered as ``region``), just after its header."""
     tensor, payload = codec.array_to_tensor(np.ascontiguousarray(prediction))
     assert payload is not None
     segment.view(shared_memory.HEADER_BYTES, len(payload))[:] = np.frombuffer(payload, dtype=np.uint8)
-    batch = apb.PredictionBatch(job_id=job_id, sample_indices=indices, shared_memory=segment.proto())
+    batch = apb.PredictionBatch(job_id=job_id, sample_indices=indices, shared_memory=apb.SharedMemory(region=region))
     batch.fields.add(key="__prediction", stacked=tensor)
     batch.shared_offsets.append(shared_memory.HEADER_BYTES)
     return apb.PostPredictionsRequest(batch=batch)
@@ -632,12 +871,12 @@ def shared_batch(
             ["given without batch.shared_memory"],
         ),
         (
-            lambda b: b.batch.shared_memory.__setattr__("token", os.urandom(32)),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            ["batch.shared_memory", "does not begin with the token"],
+            lambda b: b.batch.shared_memory.__setattr__("region", os.urandom(32)),
+            grpc.StatusCode.NOT_FOUND,
+            ["batch.shared_memory.region: no such region"],
         ),
     ],
-    ids=["beyond-the-end", "negative", "offset-count", "no-segment", "wrong-token"],
+    ids=["beyond-the-end", "negative", "offset-count", "no-segment", "unknown-region"],
 )
 def test_a_bad_shared_batch_is_refused_and_nothing_is_lost(
     client: pw.Client, stub: Any, images: list[np.ndarray], change: Any, code: grpc.StatusCode, fragments: list[str]
@@ -645,16 +884,17 @@ def test_a_bad_shared_batch_is_refused_and_nothing_is_lost(
     with assembler(client, extr.SliceIndexing(0), entries={"__prediction": 2}) as asm:
         segment = shared_memory.Segment(1 << 20, sealed=True)
         try:
-            good = shared_batch(segment, asm.job_id, list(range(8)), images[0][:8])
-            assert len(list(stub.PostPredictions(iter([good]), timeout=RPC_TIMEOUT_S))) == 1
-            bad = shared_batch(segment, asm.job_id, list(range(8, 16)), images[0][8:16])
-            change(bad)
-            with expect_raw(code, *fragments):
-                list(stub.PostPredictions(iter([bad]), timeout=RPC_TIMEOUT_S))
-            assert asm.status().received == 8, "the acknowledged batch is kept, the refused one not applied"
-            rest = shared_batch(segment, asm.job_id, list(range(8, 24)), images[0][8:24])
-            (ack,) = stub.PostPredictions(iter([rest]), timeout=RPC_TIMEOUT_S)
-            assert list(ack.ready_subjects) == [0]
+            with registered(stub, segment) as region:
+                good = shared_batch(segment, asm.job_id, list(range(8)), images[0][:8], region)
+                assert len(list(stub.PostPredictions(iter([good]), timeout=RPC_TIMEOUT_S))) == 1
+                bad = shared_batch(segment, asm.job_id, list(range(8, 16)), images[0][8:16], region)
+                change(bad)
+                with expect_raw(code, *fragments):
+                    list(stub.PostPredictions(iter([bad]), timeout=RPC_TIMEOUT_S))
+                assert asm.status().received == 8, "the acknowledged batch is kept, the refused one not applied"
+                rest = shared_batch(segment, asm.job_id, list(range(8, 24)), images[0][8:24], region)
+                (ack,) = stub.PostPredictions(iter([rest]), timeout=RPC_TIMEOUT_S)
+                assert list(ack.ready_subjects) == [0]
         finally:
             segment.close()
         np.testing.assert_array_equal(asm.get_assembled_subject(0), images[0])
@@ -665,8 +905,11 @@ def test_a_fetch_into_a_segment_too_small_sends_chunks(client: pw.Client, stub: 
         post_all_slices(asm, images)
         segment = shared_memory.Segment(1024, sealed=False)
         try:
-            request = apb.FetchSubjectRequest(job_id=asm.job_id, subject_index=1, shared_memory=segment.proto())
-            responses = list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
+            with registered(stub, segment, for_posting=False) as region:
+                request = apb.FetchSubjectRequest(
+                    job_id=asm.job_id, subject_index=1, shared_memory=apb.SharedMemory(region=region)
+                )
+                responses = list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
         finally:
             segment.close()
         assert not responses[0].shared_offsets
@@ -682,9 +925,11 @@ def test_a_fetch_into_a_segment_too_small_sends_chunks(client: pw.Client, stub: 
     [((), True), (("--state-dir", "{state}"), True), (("--no-shared-memory",), False)],
     ids=["in-memory", "state-dir", "no-shared-memory"],
 )
-def test_a_server_in_another_process(h5: Path, tmp_path: Path, extra_args: tuple[str, ...], shared: bool) -> None:
-    """The segments cross a process boundary as they do in deployment: the server opens the client's descriptors
-    through /proc, and the client maps the server's result files; ``--no-shared-memory`` keeps it to the wire."""
+def test_a_server_in_another_process(
+    h5: Path, tmp_path: Path, extra_args: tuple[str, ...], shared: bool, mapped: list[str]
+) -> None:
+    """The segments cross a process boundary as they do in deployment: the client hands its descriptors over the
+    server's socket, and collects and maps the server's result files; ``--no-shared-memory`` keeps it to the wire."""
     args = tuple(a.format(state=tmp_path / "state") for a in extra_args)
     with server_subprocess({"big": h5}, args) as address, pw.connect(address) as c:
         ds = c.datasource("big", extr.EmptyIndexing(), IMAGES)
@@ -697,21 +942,26 @@ def test_a_server_in_another_process(h5: Path, tmp_path: Path, extra_args: tuple
                 volume = asm.get_assembled_subject(s)
                 np.testing.assert_array_equal(volume, images[s])
                 assert isinstance(segment_of(volume), mmap.mmap) is shared
+            if "--state-dir" in extra_args:  # result files, collected over the socket (small volumes: copied)
+                assert len(mapped) == 3 and all(path.endswith(".npy") for path in mapped)
+            else:
+                assert mapped == []
 
 
 def test_a_volume_in_the_memory_of_a_server_in_another_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kept volume of 4 MiB and more is mapped from the memfd of a ``patchwire serve`` process (through /proc, as
-    in deployment) and its lease comes back; the server then reuses that memory for the next job."""
+    """A kept volume of 4 MiB and more is mapped from the memfd of a ``patchwire serve`` process (its descriptor
+    collected over the socket, as in deployment) and its lease comes back; the server then reuses that memory for the
+    next job."""
     shape = (64, 128, 64)  # x 2 channels of float32: 4 MiB, the server's smallest shared volume
     h5 = make_pymia_dataset(tmp_path, subjects=1, shape=shape)
-    mapped: list[apb.SharedFile] = []
-    real = shared_memory.map_file
+    mapped: list[tuple[str, int]] = []
+    real = shared_memory.map_descriptor
 
-    def spy(ref: apb.SharedFile, nbytes: int) -> Any:
-        mapped.append(ref)
-        return real(ref, nbytes)
+    def spy(fd: int, offset: int, nbytes: int) -> Any:
+        mapped.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino))
+        return real(fd, offset, nbytes)
 
-    monkeypatch.setattr(shared_memory, "map_file", spy)
+    monkeypatch.setattr(shared_memory, "map_descriptor", spy)
     with server_subprocess({"big": h5}) as address, pw.connect(address) as c:
         ds = c.datasource("big", extr.EmptyIndexing(), IMAGES)
         image = ds[0]["images"]
@@ -724,9 +974,42 @@ def test_a_volume_in_the_memory_of_a_server_in_another_process(tmp_path: Path, m
                 asm.flush()
                 volume = asm.get_assembled_subject(0)
                 np.testing.assert_array_equal(volume, image)
-                assert mapped[-1].lease and mapped[-1].path.startswith("/proc/")
-                assert not mapped[-1].path.startswith(f"/proc/{os.getpid()}/")
+                assert mapped[-1][0].startswith("/memfd:patchwire-volume")
                 del volume
                 gc.collect()
             assert not client_assembler._LEASES.take(address), "the lease went back when the assembler closed"
-        assert len(mapped) == 2 and mapped[0].inode == mapped[1].inode, "the second job reused the first one's memfd"
+        assert len(mapped) == 2 and mapped[0][1] == mapped[1][1], "the second job reused the first one's memfd"
+
+
+def test_posting_through_shared_memory_survives_a_server_restart(h5: Path, tmp_path: Path) -> None:
+    """A restarted server (same port and state folder) knows none of the regions of the one before: the assembler
+    registers its segment again, also for the batches it sends again, and keeps posting through shared memory."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ("--state-dir", str(tmp_path / "state"), "--port", str(port))
+    with serve_process({"big": h5}, args) as (proc, address), pw.connect(address) as c:
+        ds = c.datasource("big", extr.EmptyIndexing(), IMAGES)
+        images = [ds[s]["images"] for s in range(3)]
+        ds.close()
+        ds = c.datasource("big", extr.SliceIndexing(0), IMAGES)
+        asm = c.assembler(ds, window=3)
+        order = np.arange(3 * SHAPE[0])
+        batches = [order[start : start + 8] for start in range(0, len(order), 8)]
+        for indices in batches[:4]:
+            asm.add_batch(np.stack([images[i // SHAPE[0]][i % SHAPE[0]] for i in indices]), indices)
+        assert asm.uses_shared_memory
+        proc.kill()
+        proc.wait()
+        with serve_process({"big": h5}, args) as (_, again):
+            assert again == address
+            try:
+                for indices in batches[4:]:
+                    asm.add_batch(np.stack([images[i // SHAPE[0]][i % SHAPE[0]] for i in indices]), indices)
+                asm.flush()
+                assert asm.uses_shared_memory
+                for s in range(3):
+                    np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+            finally:
+                asm.close()
+                ds.close()

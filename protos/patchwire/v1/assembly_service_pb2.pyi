@@ -134,76 +134,85 @@ Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 @_typing.final
 class SharedMemory(_message.Message):
-    """A client's shared-memory segment on the server's host: a memfd (memfd_create), named by the path under which the
-    server opens it, `/proc/<client pid>/fd/<fd>`, that begins with `token`. Payload offsets count from the start of
-    the segment. Segments posted from are sealed against shrinking (F_SEAL_SHRINK). The server never runs or trusts
-    anything in a segment: it copies element bytes out of it (posting) or into it (fetching).
+    """A client's shared-memory segment on the server's host, registered with the server (RegisterSharedMemory): a memfd
+    whose descriptor the client handed over itself. The server never opens a path a request names. Payload offsets
+    count from the start of the segment. The server never runs or trusts anything in a segment: it copies element
+    bytes out of it (posting) or into it (fetching). A region that is unknown (never registered, unregistered, or its
+    socket connection closed) is NOT_FOUND; one registered by another identity is PERMISSION_DENIED.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    PATH_FIELD_NUMBER: _builtins.int
-    TOKEN_FIELD_NUMBER: _builtins.int
-    path: _builtins.str
-    token: _builtins.bytes
-    """16 to 64 random bytes, the segment's first bytes: proof that the server opened the segment the client meant."""
+    REGION_FIELD_NUMBER: _builtins.int
+    region: _builtins.bytes
+    """The 32-byte region id the server gave at registration."""
     def __init__(
         self,
         *,
-        path: _builtins.str = ...,
-        token: _builtins.bytes = ...,
+        region: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SharedMemory: _TypeAlias = SharedMemory  # noqa: Y015
 
 @_typing.final
-class ProbeSharedMemoryRequest(_message.Message):
+class RegisterSharedMemoryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     FOR_POSTING_FIELD_NUMBER: _builtins.int
     for_posting: _builtins.bool
-    """Also check that the segment is sealed against shrinking (required to post from it)."""
-    @_builtins.property
-    def shared_memory(self) -> Global___SharedMemory: ...
+    """The segment will be posted from: it must be sealed against shrinking (F_SEAL_SHRINK). Otherwise it is fetched
+    into, and must be writable.
+    """
     def __init__(
         self,
         *,
-        shared_memory: Global___SharedMemory | None = ...,
         for_posting: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["for_posting", b"for_posting", "shared_memory", b"shared_memory"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ProbeSharedMemoryRequest: _TypeAlias = ProbeSharedMemoryRequest  # noqa: Y015
-
-@_typing.final
-class ProbeSharedMemoryResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SIZE_FIELD_NUMBER: _builtins.int
-    size: _builtins.int
-    """The segment's size in bytes."""
-    def __init__(
-        self,
-        *,
-        size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["for_posting", b"for_posting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ProbeSharedMemoryResponse: _TypeAlias = ProbeSharedMemoryResponse  # noqa: Y015
+Global___RegisterSharedMemoryRequest: _TypeAlias = RegisterSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class RegisterSharedMemoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    TICKET_TTL_MS_FIELD_NUMBER: _builtins.int
+    MAX_REGION_BYTES_FIELD_NUMBER: _builtins.int
+    socket_path: _builtins.str
+    """The server's shared-memory socket (SOCK_SEQPACKET); the same for every call to one server process."""
+    ticket: _builtins.bytes
+    """A one-time ticket, valid for `ticket_ttl_ms`, bound to the caller's identity: the region registered with it
+    belongs to that identity.
+    """
+    ticket_ttl_ms: _builtins.int
+    max_region_bytes: _builtins.int
+    """The largest segment the server registers, in bytes."""
+    def __init__(
+        self,
+        *,
+        socket_path: _builtins.str = ...,
+        ticket: _builtins.bytes = ...,
+        ticket_ttl_ms: _builtins.int = ...,
+        max_region_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_region_bytes", b"max_region_bytes", "socket_path", b"socket_path", "ticket", b"ticket", "ticket_ttl_ms", b"ticket_ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterSharedMemoryResponse: _TypeAlias = RegisterSharedMemoryResponse  # noqa: Y015
 
 @_typing.final
 class ReleaseSharedFilesRequest(_message.Message):
@@ -707,12 +716,12 @@ class FetchSubjectRequest(_message.Message):
     job_id: _builtins.str
     subject_index: _builtins.int
     accept_files: _builtins.bool
-    """With a usable shared_memory segment: the server may instead name the files that hold the finished volume, for
-    the client to map (see FetchSubjectResponse.shared_files).
+    """With a usable shared_memory segment: the server may instead offer the files that hold the finished volume, for
+    the client to collect over the region's socket connection and map (see FetchSubjectResponse.shared_files).
     """
     @_builtins.property
     def shared_memory(self) -> Global___SharedMemory:
-        """Optional: a segment to write the payloads of chunked tensors into instead of sending them as TensorChunk
+        """Optional: a registered segment (for fetching) to write the payloads of chunked tensors into instead of sending them as TensorChunk
         messages. Used when the subject fits; the batch message's `shared_offsets` then say where each payload lies.
         """
 
@@ -734,40 +743,37 @@ Global___FetchSubjectRequest: _TypeAlias = FetchSubjectRequest  # noqa: Y015
 
 @_typing.final
 class SharedFile(_message.Message):
-    """A file of the server's that holds a payload: a client on the server's host maps it (privately: its writes never
-    reach the file) instead of receiving the bytes.
+    """A file of the server's that holds a payload: a client on the server's host collects its descriptor over its
+    shared-memory socket (the connection of the region its request named; no other connection can collect it) and maps
+    it privately (its writes never reach the file) instead of receiving the bytes. The server opens its files itself;
+    no path travels.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    PATH_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
-    DEVICE_FIELD_NUMBER: _builtins.int
-    INODE_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
-    path: _builtins.str
+    LENT_MEMORY_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     """Where the payload starts in the file."""
-    device: _builtins.int
-    """The file's device and inode numbers: the client checks that it opened the file the server meant."""
-    inode: _builtins.int
     lease: _builtins.bytes
-    """Set where the file is the server's own memory holding the volume (a memfd, named /proc/<pid>/fd/<fd>) rather
-    than a file that never changes: the server does not reuse that memory until the lease comes back through
-    ReleaseSharedFiles, which a client sends once its mapping is gone (at once if it could not map the file).
+    """The descriptor's one-time collection key (at most 64 bytes). Where `lent_memory` is set it is also a lease of the
+    server's memory holding the volume (a memfd, sealed so that it can only be mapped privately): the server does not
+    reuse that memory until the lease comes back through ReleaseSharedFiles, which a client sends once its mapping is
+    gone (at once if it could not map the file).
     """
+    lent_memory: _builtins.bool
+    """The descriptor is the server's memory, not a file that never changes: give the lease back."""
     def __init__(
         self,
         *,
-        path: _builtins.str = ...,
         offset: _builtins.int = ...,
-        device: _builtins.int = ...,
-        inode: _builtins.int = ...,
         lease: _builtins.bytes = ...,
+        lent_memory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "inode", b"inode", "lease", b"lease", "offset", b"offset", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "lent_memory", b"lent_memory", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,7 +32,7 @@ class AssemblyServiceStub:
     that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
     folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
     without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
-    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
+    server's host may pass payloads through shared memory (SharedMemory, RegisterSharedMemory).
     """
 
     def __init__(self, channel):
@@ -86,10 +86,10 @@ class AssemblyServiceStub:
                 request_serializer=patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobRequest.SerializeToString,
                 response_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobResponse.FromString,
                 _registered_method=True)
-        self.ProbeSharedMemory = channel.unary_unary(
-                '/patchwire.v1.AssemblyService/ProbeSharedMemory',
-                request_serializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryRequest.SerializeToString,
-                response_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryResponse.FromString,
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/patchwire.v1.AssemblyService/RegisterSharedMemory',
+                request_serializer=patchwire_dot_v1_dot_assembly__service__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.RegisterSharedMemoryResponse.FromString,
                 _registered_method=True)
         self.ReleaseSharedFiles = channel.unary_unary(
                 '/patchwire.v1.AssemblyService/ReleaseSharedFiles',
@@ -105,7 +105,7 @@ class AssemblyServiceServicer:
     that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
     folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
     without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
-    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
+    server's host may pass payloads through shared memory (SharedMemory, RegisterSharedMemory).
     """
 
     def CreateJob(self, request, context):
@@ -172,10 +172,11 @@ class AssemblyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ProbeSharedMemory(self, request, context):
-        """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
-        first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
-        or fetch through shared memory and use the wire otherwise.
+    def RegisterSharedMemory(self, request, context):
+        """Starts registering a shared-memory segment: returns the path of the server's Unix socket and a one-time ticket
+        for the caller. The client then connects to that socket (same host, a user id the server allows) and sends the
+        ticket with the segment's descriptor attached (SCM_RIGHTS); the server answers with the region id that
+        SharedMemory.region carries. FAILED_PRECONDITION where shared memory is off on the server (clients use the wire).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -237,10 +238,10 @@ def add_AssemblyServiceServicer_to_server(servicer, server):
                     request_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobRequest.FromString,
                     response_serializer=patchwire_dot_v1_dot_assembly__service__pb2.DeleteJobResponse.SerializeToString,
             ),
-            'ProbeSharedMemory': grpc.unary_unary_rpc_method_handler(
-                    servicer.ProbeSharedMemory,
-                    request_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryRequest.FromString,
-                    response_serializer=patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryResponse.SerializeToString,
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=patchwire_dot_v1_dot_assembly__service__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=patchwire_dot_v1_dot_assembly__service__pb2.RegisterSharedMemoryResponse.SerializeToString,
             ),
             'ReleaseSharedFiles': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseSharedFiles,
@@ -262,7 +263,7 @@ class AssemblyService:
     that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
     folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
     without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
-    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
+    server's host may pass payloads through shared memory (SharedMemory, RegisterSharedMemory).
     """
 
     @staticmethod
@@ -509,7 +510,7 @@ class AssemblyService:
             _registered_method=True)
 
     @staticmethod
-    def ProbeSharedMemory(request,
+    def RegisterSharedMemory(request,
             target,
             options=(),
             channel_credentials=None,
@@ -522,9 +523,9 @@ class AssemblyService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/patchwire.v1.AssemblyService/ProbeSharedMemory',
-            patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryRequest.SerializeToString,
-            patchwire_dot_v1_dot_assembly__service__pb2.ProbeSharedMemoryResponse.FromString,
+            '/patchwire.v1.AssemblyService/RegisterSharedMemory',
+            patchwire_dot_v1_dot_assembly__service__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            patchwire_dot_v1_dot_assembly__service__pb2.RegisterSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,7 +33,7 @@ class AssemblyServiceStub:
     that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
     folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
     without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
-    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
+    server's host may pass payloads through shared memory (SharedMemory, RegisterSharedMemory).
     """
 
     @_typing.overload
@@ -60,10 +60,11 @@ class AssemblyServiceStub:
     """Stops accepting predictions and frees partial volumes; finished subjects stay fetchable until deletion."""
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_assembly_service_pb2.DeleteJobRequest, _assembly_service_pb2.DeleteJobResponse]
     """Forgets the job and deletes everything it holds."""
-    ProbeSharedMemory: _grpc.UnaryUnaryMultiCallable[_assembly_service_pb2.ProbeSharedMemoryRequest, _assembly_service_pb2.ProbeSharedMemoryResponse]
-    """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
-    first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
-    or fetch through shared memory and use the wire otherwise.
+    RegisterSharedMemory: _grpc.UnaryUnaryMultiCallable[_assembly_service_pb2.RegisterSharedMemoryRequest, _assembly_service_pb2.RegisterSharedMemoryResponse]
+    """Starts registering a shared-memory segment: returns the path of the server's Unix socket and a one-time ticket
+    for the caller. The client then connects to that socket (same host, a user id the server allows) and sends the
+    ticket with the segment's descriptor attached (SCM_RIGHTS); the server answers with the region id that
+    SharedMemory.region carries. FAILED_PRECONDITION where shared memory is off on the server (clients use the wire).
     """
     ReleaseSharedFiles: _grpc.UnaryUnaryMultiCallable[_assembly_service_pb2.ReleaseSharedFilesRequest, _assembly_service_pb2.ReleaseSharedFilesResponse]
     """Gives back leases of the server's memory (SharedFile.lease) whose mappings the client no longer has, so that the
@@ -78,7 +79,7 @@ class AssemblyServiceAsyncStub(AssemblyServiceStub):
     that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
     folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
     without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
-    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
+    server's host may pass payloads through shared memory (SharedMemory, RegisterSharedMemory).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -102,10 +103,11 @@ class AssemblyServiceAsyncStub(AssemblyServiceStub):
     """Stops accepting predictions and frees partial volumes; finished subjects stay fetchable until deletion."""
     DeleteJob: _aio.UnaryUnaryMultiCallable[_assembly_service_pb2.DeleteJobRequest, _assembly_service_pb2.DeleteJobResponse]  # type: ignore[assignment]
     """Forgets the job and deletes everything it holds."""
-    ProbeSharedMemory: _aio.UnaryUnaryMultiCallable[_assembly_service_pb2.ProbeSharedMemoryRequest, _assembly_service_pb2.ProbeSharedMemoryResponse]  # type: ignore[assignment]
-    """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
-    first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
-    or fetch through shared memory and use the wire otherwise.
+    RegisterSharedMemory: _aio.UnaryUnaryMultiCallable[_assembly_service_pb2.RegisterSharedMemoryRequest, _assembly_service_pb2.RegisterSharedMemoryResponse]  # type: ignore[assignment]
+    """Starts registering a shared-memory segment: returns the path of the server's Unix socket and a one-time ticket
+    for the caller. The client then connects to that socket (same host, a user id the server allows) and sends the
+    ticket with the segment's descriptor attached (SCM_RIGHTS); the server answers with the region id that
+    SharedMemory.region carries. FAILED_PRECONDITION where shared memory is off on the server (clients use the wire).
     """
     ReleaseSharedFiles: _aio.UnaryUnaryMultiCallable[_assembly_service_pb2.ReleaseSharedFilesRequest, _assembly_service_pb2.ReleaseSharedFilesResponse]  # type: ignore[assignment]
     """Gives back leases of the server's memory (SharedFile.lease) whose mappings the client no longer has, so that the
@@ -119,7 +121,7 @@ class AssemblyServiceServicer(metaclass=_abc_1.ABCMeta):
     that datasource once. Clients post predictions in any order, from any number of streams. On a server with a state
     folder every batch is on disk (fsync'ed) before its acknowledgement, so it survives a crash (JobInfo.journalled);
     without one, jobs live in memory. A subject is ready when all its sample indices have arrived. Clients on the
-    server's host may pass payloads through shared memory (SharedMemory, ProbeSharedMemory).
+    server's host may pass payloads through shared memory (SharedMemory, RegisterSharedMemory).
     """
 
     @_abc_1.abstractmethod
@@ -197,14 +199,15 @@ class AssemblyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Forgets the job and deletes everything it holds."""
 
     @_abc_1.abstractmethod
-    def ProbeSharedMemory(
+    def RegisterSharedMemory(
         self,
-        request: _assembly_service_pb2.ProbeSharedMemoryRequest,
+        request: _assembly_service_pb2.RegisterSharedMemoryRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_assembly_service_pb2.ProbeSharedMemoryResponse, _abc.Awaitable[_assembly_service_pb2.ProbeSharedMemoryResponse]]:
-        """Checks that the server can use a client's shared-memory segment (same host, same user, a sealed memfd whose
-        first bytes are the token): OK, or FAILED_PRECONDITION with the reason. Clients probe once before they post
-        or fetch through shared memory and use the wire otherwise.
+    ) -> _typing.Union[_assembly_service_pb2.RegisterSharedMemoryResponse, _abc.Awaitable[_assembly_service_pb2.RegisterSharedMemoryResponse]]:
+        """Starts registering a shared-memory segment: returns the path of the server's Unix socket and a one-time ticket
+        for the caller. The client then connects to that socket (same host, a user id the server allows) and sends the
+        ticket with the segment's descriptor attached (SCM_RIGHTS); the server answers with the region id that
+        SharedMemory.region carries. FAILED_PRECONDITION where shared memory is off on the server (clients use the wire).
         """
 
     @_abc_1.abstractmethod
