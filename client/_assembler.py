@@ -27,6 +27,7 @@ can reach, a user id the server allows, shared memory not turned off on the serv
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import logging
@@ -402,8 +403,19 @@ class _Channels:
         for channel in channels.values():
             channel.close_copy()
 
+    def close(self) -> None:
+        """At exit: this process's connections are closed (the server drops their regions at once)."""
+        with self._lock:
+            channels, self._by_address = self._by_address, {}
+        for channel in channels.values():
+            if channel.pid == os.getpid():
+                channel.close()
+            else:
+                channel.close_copy()
+
 
 _CHANNELS = _Channels()
+atexit.register(_CHANNELS.close)
 
 
 def _forget_spares() -> None:

@@ -9,8 +9,8 @@ Short by default (``SOAK_SECONDS``, 15 s of load: CI runs it); ``PATCHWIRE_SOAK_
 the long mode. Select it with ``-m soak``. The figures are printed (run with ``-s``) and, with
 ``PATCHWIRE_SOAK_REPORT=path.json``, written there.
 
-How the server is started and how clients connect comes from :func:`soak_endpoint` alone: the one place to switch
-on TLS or tokens for the whole soak.
+The server speaks TLS and requires tokens, as one put on a network would; how it is started and how clients connect
+comes from :func:`soak_endpoint` alone.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import pytest
 
 import patchwire.client as pw
 from patchwire.client import extraction as extr
+from patchwire.service._cli import main
 
 from _servers import serve_process
 
@@ -59,10 +60,25 @@ class SoakEndpoint:
 
 
 def soak_endpoint(tmp_path: Path) -> SoakEndpoint:
-    """The soak's server arguments and client connection arguments: plain TCP on loopback for now; the one place to
-    turn on TLS or tokens (``tmp_path``: where such files would be written)."""
-    del tmp_path
-    return SoakEndpoint()
+    """The soak's server arguments and client connection arguments: TLS with the development set of ``patchwire
+    certs`` (made in ``tmp_path``) and authentication on; every client is the ``writer`` identity (read, write)
+    with its bearer token, as a training job on a shared server would be."""
+    directory = tmp_path / "certs"
+    assert main(["--log-level", "WARNING", "certs", str(directory)]) == 0
+    return SoakEndpoint(
+        server_args=(
+            "--tls-cert",
+            str(directory / "server.crt"),
+            "--tls-key",
+            str(directory / "server.key"),
+            "--auth-config",
+            str(directory / "auth.toml"),
+        ),
+        connect_kwargs={
+            "token": (directory / "writer.token").read_text().strip(),
+            "root_certificates": directory / "ca.crt",
+        },
+    )
 
 
 @dataclass
