@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from patchwire.service._catalog import Dataset
-from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange
+from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
 from patchwire.service._extraction import Extractor, Params, compile_extractor
 from patchwire.service._indexing import Expression, compile_indexing, expression_from_proto
 from patchwire.service._transforms import Transform, compile_transform
@@ -38,8 +38,8 @@ class CompiledDatasource:
             unknown = sorted(subset - set(dataset.subjects))
             if unknown:
                 raise NotFound(
-                    f"spec.subject_subset: unknown subjects {', '.join(map(repr, unknown))} in dataset "
-                    f"{dataset.name!r} (subjects: {', '.join(dataset.subjects)})"
+                    f"spec.subject_subset: unknown subjects {bounded_list(unknown)} in dataset "
+                    f"{dataset.name!r} (subjects: {bounded_list(dataset.subjects)})"
                 )
         shapes = dataset.require_image_shapes()
         self.subject_indices: list[int] = []
@@ -119,7 +119,7 @@ class DatasourceCache:
             return self._datasets[name]
         except KeyError:
             served = ", ".join(sorted(self._datasets)) or "none"
-            raise NotFound(f"{field}: unknown dataset {name!r} (served: {served})") from None
+            raise NotFound(f"{field}: unknown dataset {bounded(name)} (served: {served})") from None
 
     def get(self, spec: spec_pb2.DatasourceSpec) -> CompiledDatasource:
         key = spec.SerializeToString(deterministic=True)

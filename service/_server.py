@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -26,6 +26,7 @@ from patchwire.service._datasource import CompiledDatasource, DatasourceCache, d
 from patchwire.service._encoding import Encoded, encode_batch, properties_to_proto
 from patchwire.service._errors import InvalidArgument, translate_errors
 from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.service._requests import parsed
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc
 
@@ -211,11 +212,10 @@ def _handlers(servicer: Any, service_name: str) -> grpc.GenericRpcHandler:
     }
     handlers = {
         m.name: make[(m.client_streaming, m.server_streaming)](
-            getattr(servicer, m.name),
-            # streamed requests arrive as wire bytes: chunk messages are then read without protobuf's copy
-            request_deserializer=_identity
-            if m.client_streaming
-            else message_factory.GetMessageClass(m.input_type).FromString,
+            # requests arrive as wire bytes: bytes that do not parse get INVALID_ARGUMENT (not gRPC's UNKNOWN), and
+            # streamed chunk messages are read without protobuf's copy
+            getattr(servicer, m.name) if m.client_streaming else parsed(getattr(servicer, m.name), m),
+            request_deserializer=_identity,
             response_serializer=codec.passthrough_serializer,
         )
         for m in service.methods

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from patchwire.service._errors import InvalidArgument
+from patchwire.service._extraction import MAX_NESTING, short_field
 from patchwire.v1 import spec_pb2, tensor_pb2
 
 __all__ = ["Transform", "compile_transform"]
@@ -178,7 +179,14 @@ def _labelled(name: str, transform: Transform) -> Transform:
     return apply
 
 
-def compile_transform(msg: spec_pb2.Transform, field: str = "transform") -> Transform:
+def compile_transform(msg: spec_pb2.Transform, field: str = "transform", depth: int = 1) -> Transform:
+    """Compiles a transform spec. ``depth``: how deep ``msg`` lies in ComposeTransforms (refused beyond
+    MAX_NESTING before going deeper)."""
+    if depth > MAX_NESTING:
+        raise InvalidArgument(
+            f"{short_field(field)}: transforms nested {depth} deep; ComposeTransform may be nested at most "
+            f"{MAX_NESTING} deep"
+        )
     kind = msg.WhichOneof("transform")
     if kind is None:
         raise InvalidArgument(f"{field}: no transform is set")
@@ -186,7 +194,9 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform") -> Tran
     where = f"{field}.{kind}"
     entries = tuple(getattr(sub, "entries", ()))
     if kind == "compose":
-        return _compose([compile_transform(t, f"{where}.transforms[{i}]") for i, t in enumerate(sub.transforms)])
+        return _compose(
+            [compile_transform(t, f"{where}.transforms[{i}]", depth + 1) for i, t in enumerate(sub.transforms)]
+        )
     if kind == "permute":
         perm = tuple(int(p) for p in sub.permutation)
         if sorted(perm) != list(range(len(perm))):
