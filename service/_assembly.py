@@ -57,7 +57,15 @@ import numpy as np
 
 from patchwire.service._blending import region_weights
 from patchwire.service._datasource import CompiledDatasource
-from patchwire.service._errors import FailedPrecondition, Internal, InvalidArgument, NotFound, OutOfRange, bounded
+from patchwire.service._errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    bounded,
+    bounded_list,
+)
 from patchwire.service._journal import Journal, confined, fsync_path, write_atomic
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import shared_memory, spec_pb2
@@ -720,7 +728,7 @@ class Job:
         except KeyError:
             raise NotFound(
                 f"{field}: subject {subject_index} is not part of job {self.id!r} (subjects: "
-                f"{', '.join(str(s) for s in self.subjects)})"
+                f"{bounded_list(self.subjects, quote=False)})"
             ) from None
 
     def result(self, subject_index: int) -> dict[str, np.ndarray]:

@@ -39,7 +39,7 @@ class CompiledDatasource:
             if unknown:
                 raise NotFound(
                     f"spec.subject_subset: unknown subjects {bounded_list(unknown)} in dataset "
-                    f"{dataset.name!r} (subjects: {bounded_list(dataset.subjects)})"
+                    f"{dataset.name!r} (subjects: {bounded_list(dataset.subjects, quote=False)})"
                 )
         shapes = dataset.require_image_shapes()
         self.subject_indices: list[int] = []

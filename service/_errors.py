@@ -65,11 +65,12 @@ MAX_LISTED = 5
 """Most items of a client's list (unknown subjects, entries, ...) repeated in a message."""
 
 
-def bounded_list(values: Iterable[object], limit: int = MAX_LISTED) -> str:
+def bounded_list(values: Iterable[object], limit: int = MAX_LISTED, quote: bool = True) -> str:
     """The first ``limit`` values, each through :func:`bounded`, then how many more there are: how a list a client
-    sent is repeated back to it or into a log (``'a', 'b' and 998 more``)."""
+    sent is repeated back to it or into a log (``'a', 'b' and 998 more``). ``quote=False`` for the server's own
+    names (entries, subjects), listed as they are (``T1, T2``), also at most ``limit`` of them."""
     items = list(values)
-    shown = ", ".join(bounded(v) for v in items[:limit])
+    shown = ", ".join(bounded(v) if quote else str(v)[:MAX_ECHO_CHARS] for v in items[:limit])
     return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 

@@ -294,7 +294,7 @@ def compile_extractor(msg: spec_pb2.Extractor, dataset: Dataset, field: str = "e
             if s not in names:
                 raise NotFound(
                     f"{where}.selection: {bounded(s)} is not an entry of category {bounded(sub.category)} "
-                    f"(entries: {bounded_list(names)})"
+                    f"(entries: {bounded_list(names, quote=False)})"
                 )
         if selection is not None and not selection:
             raise InvalidArgument(f"{where}.selection: select at least one entry (or none to select all)")

@@ -158,8 +158,10 @@ KNOWN = {
 class Generator:
     """Messages of any type with extreme field values, from a seeded ``random.Random``."""
 
-    def __init__(self, rng: random.Random, max_depth: int = 6, huge: float = 0.01) -> None:
+    def __init__(self, rng: random.Random, max_depth: int = 6, huge: float = 0.01, method: str = "") -> None:
         self.rng = rng
+        # the jobs the fuzzing posts to and fetches from stay: aborting and deleting name others
+        self.known = {**KNOWN, "job_id": ["fresh", "nope"]} if method in ("AbortJob", "DeleteJob") else KNOWN
         self.max_depth = max_depth
         self.huge = huge
 
@@ -177,9 +179,9 @@ class Generator:
             if oneof is not None and not oneof.name.startswith("_"):
                 if chosen_oneofs[oneof.name] is not f:
                     continue
-            elif rng.random() < 0.35:
+            elif rng.random() < (0.1 if f.name in KNOWN else 0.35):
                 continue  # leave unset
-            if f.label == FD.LABEL_REPEATED:
+            if f.is_repeated:
                 self._repeated(msg, f, depth)
             elif f.type == FD.TYPE_MESSAGE:
                 if depth >= self.max_depth:
@@ -232,7 +234,7 @@ class Generator:
             known = [v.number for v in f.enum_type.values]
             return rng.choice(known) if rng.random() < 0.8 else rng.choice([-1, 99, 2**31 - 1, -(2**31)])
         if t == FD.TYPE_STRING:
-            names = KNOWN.get(f.name)
+            names = self.known.get(f.name)
             if names and rng.random() < 0.75:
                 return rng.choice(names)
             return rng.choice(STRINGS)
@@ -431,10 +433,10 @@ def raw_nested_extractor(depth: int) -> bytes:
 def pool(rng: random.Random, count: int, seeds: dict[str, list[bytes | list[bytes]]]) -> list[tuple[Method, Any]]:
     """``count`` requests over every method: a quarter raw bytes, a quarter extreme messages, half mutated valid
     requests (byte edits and merges)."""
-    gen = Generator(rng)
     out: list[tuple[Method, Any]] = []
     for k in range(count):
         method = METHODS[k % len(METHODS)]
+        gen = Generator(rng, method=method.name)
         kind = rng.randrange(4)
         request: Any
         if kind == 0:

@@ -41,7 +41,7 @@ EXAMPLES = int(os.environ.get("PATCHWIRE_FUZZ_EXAMPLES", "4000"))
 HYPOTHESIS_EXAMPLES = max(600, EXAMPLES // 8)
 TIMEOUT_S = 30.0
 """Deadline of every fuzzed call; an answer must come before it."""
-SUBSCRIBE_TIMEOUT_S = 3.0
+SUBSCRIBE_TIMEOUT_S = 1.0
 """Deadline of SubscribeEvents, which waits for events while its job is active (the one call expected to run out)."""
 MAX_DETAILS = 1100
 """A status message never grows with the request (the server cuts its messages at 1000 characters)."""
@@ -70,6 +70,9 @@ class Served:
     reference: dict[int, np.ndarray] = field(default_factory=dict)
     h5: Path | None = None
 
+    def __repr__(self) -> str:
+        return f"Served({self.address})"
+
     def status_kb(self, key: str) -> int:
         text = Path(f"/proc/{self.proc.pid}/status").read_text()
         match = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
@@ -86,20 +89,25 @@ def _posted(i: int) -> float:
     return float(i % 7) - 2.5
 
 
-def _finish_done_job(channel: grpc.Channel) -> None:
+REFERENCE_JOB = "reference-kept"
+"""A completed job that no fuzzed request names (fuzzed ones may abort or delete the others): its volumes must stay."""
+
+
+def _create_jobs(channel: grpc.Channel) -> None:
     stub = assembly_service_pb2_grpc.AssemblyServiceStub(channel)
-    for job in (LIVE_JOB, DONE_JOB):
+    for job in (LIVE_JOB, DONE_JOB, REFERENCE_JOB):
         stub.CreateJob(_fuzz.create_job_request(job), timeout=TIMEOUT_S)
     count = SHAPE[0] * SUBJECTS
     arrays = [np.full((*SHAPE[1:], 1), _posted(i), dtype=np.float32) for i in range(count)]
     tensor, parts = codec.stacked_to_tensor(arrays)
-    batch = apb.PredictionBatch(job_id=DONE_JOB, sample_indices=list(range(count)))
-    batch.fields.add(key="prediction", stacked=tensor)
-    messages = [apb.PostPredictionsRequest(batch=batch).SerializeToString()]
-    messages += list(codec.serialized_chunks(parts or []))
-    post = channel.stream_stream("/patchwire.v1.AssemblyService/PostPredictions")
-    replies = [apb.PostPredictionsResponse.FromString(r) for r in post(iter(messages), timeout=TIMEOUT_S)]
-    assert replies[-1].job.state == apb.JOB_STATE_COMPLETED
+    for job in (DONE_JOB, REFERENCE_JOB):
+        batch = apb.PredictionBatch(job_id=job, sample_indices=list(range(count)))
+        batch.fields.add(key="prediction", stacked=tensor)
+        messages = [apb.PostPredictionsRequest(batch=batch).SerializeToString()]
+        messages += list(codec.serialized_chunks(parts or []))
+        post = channel.stream_stream("/patchwire.v1.AssemblyService/PostPredictions")
+        replies = [apb.PostPredictionsResponse.FromString(r) for r in post(iter(messages), timeout=TIMEOUT_S)]
+        assert replies[-1].job.state == apb.JOB_STATE_COMPLETED
 
 
 def _decoded(replies: Any, key: str) -> list[np.ndarray]:
@@ -146,7 +154,7 @@ def _slices(channel: grpc.Channel, indices: list[int]) -> dict[int, np.ndarray]:
 
 def _fetch(channel: grpc.Channel, subject: int) -> np.ndarray:
     stub = assembly_service_pb2_grpc.AssemblyServiceStub(channel)
-    request = apb.FetchSubjectRequest(job_id=DONE_JOB, subject_index=subject)
+    request = apb.FetchSubjectRequest(job_id=REFERENCE_JOB, subject_index=subject)
     return _decoded(stub.FetchSubject(request, timeout=TIMEOUT_S), "prediction")[0]
 
 
@@ -162,7 +170,7 @@ def served(tiny_h5: Path) -> Iterator[Served]:
         drain.start()
         options = [*codec.channel_options(), ("grpc.enable_retries", 0)]
         with grpc.insecure_channel(address, options=options) as channel:
-            _finish_done_job(channel)
+            _create_jobs(channel)
             handle = Served(proc, address, channel, log, h5=tiny_h5)
             handle.reference = _slices(channel, REFERENCE_SAMPLES)
             fresh = Dataset("fresh", tiny_h5)
@@ -245,24 +253,24 @@ def test_random_bytes_get_a_documented_status(served: Served, method: Method, da
 
 
 @FUZZ_SETTINGS
-@given(method=methods, rng=st.randoms(use_true_random=False))
-def test_messages_with_extreme_values_get_a_documented_status(
-    served: Served, method: Method, rng: random.Random
-) -> None:
-    request = _fuzz.Generator(rng, huge=0.02).message(method.input).SerializeToString()
+@given(method=methods, seed=st.integers(0, 2**32))
+def test_messages_with_extreme_values_get_a_documented_status(served: Served, method: Method, seed: int) -> None:
+    rng = random.Random(seed)  # (Hypothesis's own Random draws inconsistently for this generator)
+    request = _fuzz.Generator(rng, huge=0.02, method=method.name).message(method.input).SerializeToString()
     call(served, method, [request] if method.client_streaming else request)
 
 
 @FUZZ_SETTINGS
-@given(method=methods, rng=st.randoms(use_true_random=False))
-def test_mutated_valid_requests_get_a_documented_status(served: Served, method: Method, rng: random.Random) -> None:
+@given(method=methods, seed=st.integers(0, 2**32))
+def test_mutated_valid_requests_get_a_documented_status(served: Served, method: Method, seed: int) -> None:
+    rng = random.Random(seed)
     seed = rng.choice(SEEDS[method.name])
     messages = [seed] if isinstance(seed, bytes) else list(seed)
     at = rng.randrange(len(messages))
     if rng.random() < 0.5:
         messages[at] = _fuzz.mutate_bytes(messages[at], rng)
     else:
-        messages[at] = _fuzz.merge_extremes(messages[at], method.input, _fuzz.Generator(rng))
+        messages[at] = _fuzz.merge_extremes(messages[at], method.input, _fuzz.Generator(rng, method=method.name))
     call(served, method, messages if method.client_streaming else messages[0])
 
 
