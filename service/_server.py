@@ -202,7 +202,8 @@ def _compression(value: int) -> int:
 
 def _handlers(servicer: Any, service_name: str) -> grpc.GenericRpcHandler:
     """The servicer's methods as gRPC handlers whose responses may be pre-serialised bytes (see
-    ``codec.passthrough_serializer``): like the generated ``add_*Servicer_to_server``, with that one difference."""
+    ``codec.passthrough_serializer``) and whose requests arrive as bytes, parsed by the handler (``_requests.parsed``:
+    INVALID_ARGUMENT for bytes that do not parse): like the generated ``add_*Servicer_to_server`` otherwise."""
     service = descriptor_pool.Default().FindServiceByName(service_name)
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from patchwire.service._errors import InvalidArgument
+from patchwire.service._errors import InvalidArgument, bounded_list
 from patchwire.service._extraction import MAX_NESTING, short_field
 from patchwire.v1 import spec_pb2, tensor_pb2
 
@@ -21,6 +21,8 @@ Sample = dict[str, Any]
 Transform = Callable[[Sample], Sample]
 EntryFn = Callable[[np.ndarray, str], np.ndarray]
 
+MAX_SIZE = 1 << 16
+"""Largest axis SizeCorrection pads to (more than any image has: larger sizes are malformed)."""
 ENTRY_NOT_EXTRACTED = 'Transform can not be applied because entry "{}" was not extracted'
 
 
@@ -237,8 +239,8 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform", depth: 
         t = _entry_transform(_relabel(changes), entries)
     elif kind == "size_correction":
         shape = [int(d.size) if d.HasField("size") else None for d in sub.shape]
-        if any(s is not None and s < 0 for s in shape):
-            raise InvalidArgument(f"{where}.shape: sizes must not be negative, got {shape}")
+        if any(s is not None and not 0 <= s <= MAX_SIZE for s in shape):
+            raise InvalidArgument(f"{where}.shape: sizes must lie in 0..{MAX_SIZE}, got {bounded_list(shape, 8)}")
         t = _size_correction(shape, _scalar(sub.pad_value, f"{where}.pad_value", default=0), entries)
     elif kind == "mask":
         if not sub.mask_key:
