@@ -240,7 +240,9 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform", depth: 
     elif kind == "size_correction":
         shape = [int(d.size) if d.HasField("size") else None for d in sub.shape]
         if any(s is not None and not 0 <= s <= MAX_SIZE for s in shape):
-            raise InvalidArgument(f"{where}.shape: sizes must lie in 0..{MAX_SIZE}, got {bounded_list(shape, 8)}")
+            raise InvalidArgument(
+                f"{where}.shape: sizes must not be negative nor exceed {MAX_SIZE}, got {bounded_list(shape, 8)}"
+            )
         t = _size_correction(shape, _scalar(sub.pad_value, f"{where}.pad_value", default=0), entries)
     elif kind == "mask":
         if not sub.mask_key:
