@@ -29,6 +29,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 __all__ = [
+    "MAX_ECHO_CHARS",
     "MAX_MESSAGE_CHARS",
     "FailedPrecondition",
     "Internal",

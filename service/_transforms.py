@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from patchwire.service._errors import InvalidArgument, bounded_list
+from patchwire.service._errors import MAX_ECHO_CHARS, InvalidArgument, bounded, bounded_list
 from patchwire.service._extraction import MAX_NESTING, short_field
 from patchwire.v1 import spec_pb2, tensor_pb2
 
@@ -26,6 +26,11 @@ MAX_SIZE = 1 << 16
 ENTRY_NOT_EXTRACTED = 'Transform can not be applied because entry "{}" was not extracted'
 
 
+def _name(entry: str) -> str:
+    """An entry name a client sent, as it is when short, else cut (see ``_errors.bounded``)."""
+    return entry if len(entry) <= MAX_ECHO_CHARS else bounded(entry)
+
+
 def _check_ndarray(obj: Any) -> np.ndarray:
     if not isinstance(obj, np.ndarray):
         raise ValueError("entry must be 'ndarray'")
@@ -35,7 +40,7 @@ def _check_ndarray(obj: Any) -> np.ndarray:
 def _loop_entries(sample: Sample, fn: EntryFn, entries: Sequence[str], loop_axis: int | None) -> Sample:
     for entry in entries:
         if entry not in sample:
-            raise ValueError(ENTRY_NOT_EXTRACTED.format(entry))
+            raise ValueError(ENTRY_NOT_EXTRACTED.format(_name(entry)))
         arr = _check_ndarray(sample[entry])
         if loop_axis is None:
             arr = fn(arr, entry)
@@ -109,7 +114,7 @@ def _size_correction(shape: list[int | None], pad_value: Any, entries: Sequence[
     def apply(sample: Sample) -> Sample:
         for entry in entries:
             if entry not in sample:
-                raise ValueError(ENTRY_NOT_EXTRACTED.format(entry))
+                raise ValueError(ENTRY_NOT_EXTRACTED.format(_name(entry)))
             arr = _check_ndarray(sample[entry])
             if len(shape) > arr.ndim:
                 raise ValueError(f"Shape dimension needs to be less or equal to {arr.ndim}")
@@ -136,18 +141,18 @@ def _mask(
 ) -> Transform:
     def apply(sample: Sample) -> Sample:
         if mask_key not in sample:
-            raise ValueError(f'Mask: mask entry "{mask_key}" was not extracted')
+            raise ValueError(f'Mask: mask entry "{_name(mask_key)}" was not extracted')
         mask = _check_ndarray(sample[mask_key])
         for entry in entries:
             if entry not in sample:
-                raise ValueError(ENTRY_NOT_EXTRACTED.format(entry))
+                raise ValueError(ENTRY_NOT_EXTRACTED.format(_name(entry)))
             arr = _check_ndarray(sample[entry])
             if mask.shape == arr.shape:
                 arr[mask == mask_value] = masking_value
             else:
                 if loop_axis is None:
                     raise ValueError(
-                        f"Mask: mask shape {mask.shape} differs from {entry!r} shape {arr.shape}; "
+                        f"Mask: mask shape {mask.shape} differs from {bounded(entry)} shape {arr.shape}; "
                         "set loop_axis to repeat the mask along that axis"
                     )
                 repeated = np.repeat(np.expand_dims(mask, loop_axis), arr.shape[loop_axis], axis=loop_axis)
@@ -202,7 +207,7 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform", depth: 
     if kind == "permute":
         perm = tuple(int(p) for p in sub.permutation)
         if sorted(perm) != list(range(len(perm))):
-            raise InvalidArgument(f"{where}.permutation: {perm} is not a permutation of 0..{len(perm) - 1}")
+            raise InvalidArgument(f"{where}.permutation: {bounded(perm)} is not a permutation of 0..{len(perm) - 1}")
         t = _entry_transform(lambda a, e: np.transpose(a, perm), entries)
     elif kind == "squeeze":
         axes = tuple(int(a) for a in sub.squeeze_axis)
@@ -256,4 +261,4 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform", depth: 
         )
     else:
         raise InvalidArgument(f"{field}: unknown transform {kind!r}")
-    return _labelled(f"{where} (entries {', '.join(entries) or '-'})", t)
+    return _labelled(f"{where} (entries {bounded_list(entries, quote=False) or '-'})", t)

@@ -397,3 +397,24 @@ def test_a_five_megabyte_name_is_echoed_bounded(served: Served) -> None:
 
 def _method(name: str) -> Method:
     return next(m for m in METHODS if m.name == name)
+
+
+def test_a_long_entry_name_in_a_transform_is_echoed_bounded(served: Served) -> None:
+    spec = _fuzz.slice_spec(_fuzz._images())
+    spec.transform.permute.permutation.extend([1, 0, 2])
+    spec.transform.permute.entries.append("e" * 100_000)
+    request = dataset_service_pb2.GetSamplesRequest(spec=spec, sample_indices=[0])
+    outcome = call(served, _method("GetSamples"), request.SerializeToString())
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
+    assert "spec.transform.permute" in outcome.details, outcome
+    assert "(100002 characters)" in outcome.details and len(outcome.details) < 500, outcome
+
+
+def test_a_long_patch_shape_is_echoed_bounded(served: Served) -> None:
+    spec = _fuzz.slice_spec(_fuzz._images())
+    spec.indexing_strategy.patch_wise.patch_shape.extend([-1] * 100_000)
+    request = dataset_service_pb2.OpenDatasourceRequest(spec=spec)
+    outcome = call(served, _method("OpenDatasource"), request.SerializeToString())
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
+    assert "patch_shape: sizes must be positive" in outcome.details and "characters)" in outcome.details, outcome
+    assert len(outcome.details) < 500, outcome
