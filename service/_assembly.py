@@ -505,7 +505,7 @@ class Job:
             names = {e.name for e in self.entries}
             if set(arrays) != names:
                 raise InvalidArgument(
-                    f"batch.fields: expected exactly the entries {sorted(names)}, got {sorted(arrays)}"
+                    f"batch.fields: expected exactly the entries {sorted(names)}, got [{bounded_list(sorted(arrays))}]"
                 )
             for name, values in arrays.items():
                 if len(values) != len(sample_indices):

@@ -489,7 +489,7 @@ def batch_arrays(batch: Any, payloads: Sequence[bytes | bytearray | np.ndarray])
             arrays = []
             for value in field.per_sample.values:
                 if value.WhichOneof("kind") != "tensor":
-                    raise ValueError(f"field {field.key!r}: every per-sample value must be a tensor")
+                    raise ValueError(f"field {repr(field.key)[:80]}: every per-sample value must be a tensor")
                 t = value.tensor
                 arrays.append(tensor_to_array(t, next(pending) if t.chunked_nbytes else None))
             out[field.key] = arrays
