@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from patchwire.service._catalog import Dataset
+from patchwire.service._errors import bounded_list
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, codec, dataset_service_pb2, dataset_service_pb2_grpc
 
@@ -347,6 +348,17 @@ def test_nesting_beyond_protobufs_recursion_limit_does_not_parse(served: Served,
     for name in ("OpenDatasource", "GetSamples"):
         outcome = call(served, _method(name), request)
         assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
+        assert f"not a patchwire.v1.{name}Request message" in outcome.details, outcome
+
+
+def test_transforms_nested_60_deep_do_not_parse(served: Served) -> None:
+    """60 ComposeTransforms are 120 message levels: beyond protobuf's limit of 100, refused when parsed."""
+    spec = _fuzz.nested("transform", 60).SerializeToString()
+    request = b"\x0a" + _fuzz.codec._varint(len(spec)) + spec  # (the request message would not take it)
+    for name in ("OpenDatasource", "GetSamples", "StreamBatches"):
+        outcome = call(served, _method(name), request)
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
+        assert f"not a patchwire.v1.{name}Request message" in outcome.details, outcome
 
 
 def test_a_chunk_header_that_is_garbage_is_invalid_argument(served: Served) -> None:
@@ -418,3 +430,11 @@ def test_a_long_patch_shape_is_echoed_bounded(served: Served) -> None:
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
     assert "patch_shape: sizes must be positive" in outcome.details and "characters)" in outcome.details, outcome
     assert len(outcome.details) < 500, outcome
+
+
+def test_bounded_list_shows_a_few_items_and_counts_the_rest() -> None:
+    assert bounded_list(["a", "b"]) == "'a', 'b'"
+    assert bounded_list([f"s{i}" for i in range(1000)]) == "'s0', 's1', 's2', 's3', 's4' and 995 more"
+    assert bounded_list(["T1", "T2"], quote=False) == "T1, T2"
+    long = bounded_list(["x" * 10_000] * 3)
+    assert long.count("(10002 characters)") == 3 and len(long) < 400
