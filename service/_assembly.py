@@ -66,6 +66,7 @@ from patchwire.service._errors import (
     OutOfRange,
     PermissionDenied,
     bounded,
+    bounded_list,
 )
 from patchwire.service._journal import Journal, confined, fsync_path, record_bytes, write_atomic
 from patchwire.service._limits import DiskQuota, Limits, exhausted
@@ -527,7 +528,7 @@ class Job:
             names = {e.name for e in self.entries}
             if set(arrays) != names:
                 raise InvalidArgument(
-                    f"batch.fields: expected exactly the entries {sorted(names)}, got {sorted(arrays)}"
+                    f"batch.fields: expected exactly the entries {sorted(names)}, got [{bounded_list(sorted(arrays))}]"
                 )
             for name, values in arrays.items():
                 if len(values) != len(sample_indices):
@@ -782,7 +783,7 @@ class Job:
         except KeyError:
             raise NotFound(
                 f"{field}: subject {subject_index} is not part of job {self.id!r} (subjects: "
-                f"{', '.join(str(s) for s in self.subjects)})"
+                f"{bounded_list(self.subjects, quote=False)})"
             ) from None
 
     def result(self, subject_index: int) -> dict[str, np.ndarray]:

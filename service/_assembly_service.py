@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from patchwire.service._assembly import AssemblyStore, Job
 from patchwire.service._auth import Identity, current_identity
@@ -26,6 +25,7 @@ from patchwire.service._errors import (
 from patchwire.service._export import export_subject
 from patchwire.service._extraction import ImagePropertiesValue
 from patchwire.service._limits import check_announced
+from patchwire.service._requests import parse_request
 from patchwire.service._shared_regions import Region, SharedRegions
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
@@ -328,7 +328,10 @@ class _StreamSegments:
         """The chunked payloads of a batch whose tensors lie in shared memory (views that stay valid while they
         live, even if the region is unregistered meanwhile)."""
         segment = self._region(batch.shared_memory, "batch.shared_memory").segment
-        sizes = [t.chunked_nbytes for t in codec.batch_tensors(batch) if t.chunked_nbytes]
+        try:
+            sizes = [codec.announced_nbytes(t) for t in codec.batch_tensors(batch) if t.chunked_nbytes]
+        except ValueError as exc:
+            raise InvalidArgument(f"batch.fields: {exc}") from None
         if len(sizes) != len(batch.shared_offsets):
             raise InvalidArgument(
                 f"batch.shared_offsets: {len(batch.shared_offsets)} offsets for {len(sizes)} chunked tensors"
@@ -351,7 +354,10 @@ async def _received_batches(
     batch = None
     assembler: codec.ChunkAssembler | None = None
     async for raw in request_iterator:
-        data = codec.chunk_data(raw) if isinstance(raw, bytes) else None
+        try:
+            data = codec.chunk_data(raw) if isinstance(raw, bytes) else None
+        except ValueError as exc:
+            raise InvalidArgument(f"chunk: {exc}") from None
         if data is not None:  # a chunk, read straight from the wire bytes
             if assembler is None:
                 raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")
@@ -361,10 +367,7 @@ async def _received_batches(
                 raise InvalidArgument(f"chunk: {exc}") from None
             request = None
         else:
-            try:
-                request = apb.PostPredictionsRequest.FromString(raw) if isinstance(raw, bytes) else raw
-            except DecodeError:
-                raise InvalidArgument("payload: not a PostPredictionsRequest message") from None
+            request = parse_request(apb.PostPredictionsRequest, raw) if isinstance(raw, bytes) else raw
         if request is None:
             pass
         elif request.WhichOneof("payload") == "batch":

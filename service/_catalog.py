@@ -18,7 +18,7 @@ import numpy as np
 
 from patchwire.service import _pymia_format as fmt
 from patchwire.service._cache import BlockCache
-from patchwire.service._errors import FailedPrecondition, NotFound, OutOfRange, ServiceError
+from patchwire.service._errors import FailedPrecondition, NotFound, OutOfRange, ServiceError, bounded
 from patchwire.service._integrity import ChecksumMismatch, Checksums, LayoutError, validate_layout
 
 __all__ = ["Dataset", "Entry", "SubjectGeometry", "to_str"]
@@ -174,7 +174,7 @@ class Dataset:
     def check_category(self, category: str, field: str) -> str:
         if category not in self.categories:
             raise NotFound(
-                f"{field}: category {category!r} is not in dataset {self.name!r} "
+                f"{field}: category {bounded(category)} is not in dataset {self.name!r} "
                 f"(categories: {', '.join(self.categories) or 'none'})"
             )
         return category
@@ -185,7 +185,7 @@ class Dataset:
             return self.entry_names[category]
         except KeyError:
             raise NotFound(
-                f"{field}: dataset {self.name!r} stores no entry names for category {category!r} "
+                f"{field}: dataset {self.name!r} stores no entry names for category {bounded(category)} "
                 f"({fmt.LOC_NAMES_PLACEHOLDER.format(category)} is missing)"
             ) from None
 
@@ -211,7 +211,7 @@ class Dataset:
                 h = self._handles.get(location)
                 if h is None:
                     if location not in self._file:
-                        raise NotFound(f"dataset {self.name!r} has no entry {location!r}")
+                        raise NotFound(f"dataset {self.name!r} has no entry {bounded(location)}")
                     h = self._handles[location] = Entry(self._file[location], location, self.checksums)
         return h
 
@@ -241,7 +241,8 @@ class Dataset:
             n_axes = len(expression) if isinstance(expression, tuple) else 1
             if n_axes > h.ndim:
                 raise OutOfRange(
-                    f"index expression {expression!r} has {n_axes} axes but {location} has {h.ndim} (shape {h.shape})"
+                    f"index expression {bounded(expression)} has {n_axes} axes but {location} has {h.ndim} "
+                    f"(shape {h.shape})"
                 )
             try:
                 data = None
@@ -253,7 +254,7 @@ class Dataset:
                     data = h[expression]
             except IndexError as exc:  # h5py's message names the index and the valid range
                 raise OutOfRange(
-                    f"index expression {expression!r} does not fit {location} (shape {h.shape}): {exc}"
+                    f"index expression {bounded(expression)} does not fit {location} (shape {h.shape}): {exc}"
                 ) from exc
         if isinstance(data, np.ndarray) and data.dtype == object:
             data = data.tolist()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from patchwire.service._catalog import Dataset
-from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange
+from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
 from patchwire.service._extraction import Extractor, Params, compile_extractor
 from patchwire.service._indexing import Expression, compile_indexing, expression_from_proto
 from patchwire.service._limits import Limits, check_spec
@@ -48,8 +48,8 @@ class CompiledDatasource:
             unknown = sorted(subset - set(dataset.subjects))
             if unknown:
                 raise NotFound(
-                    f"spec.subject_subset: unknown subjects {', '.join(map(repr, unknown))} in dataset "
-                    f"{dataset.name!r} (subjects: {', '.join(dataset.subjects)})"
+                    f"spec.subject_subset: unknown subjects {bounded_list(unknown)} in dataset "
+                    f"{dataset.name!r} (subjects: {bounded_list(dataset.subjects, quote=False)})"
                 )
         shapes = dataset.require_image_shapes()
         self.subject_indices: list[int] = []
@@ -150,7 +150,7 @@ class DatasourceCache:
             served = self._datasets[name]
         except KeyError:
             known = ", ".join(sorted(self._datasets)) or "none"
-            raise NotFound(f"{field}: unknown dataset {name!r} (served: {known})") from None
+            raise NotFound(f"{field}: unknown dataset {bounded(name)} (served: {known})") from None
         return served.current()
 
     def consistent(self, version: Dataset, build: Callable[[], T]) -> T:

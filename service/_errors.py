@@ -23,12 +23,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 __all__ = [
+    "MAX_ECHO_CHARS",
     "MAX_MESSAGE_CHARS",
     "FailedPrecondition",
     "Internal",
@@ -41,6 +42,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "bounded",
+    "bounded_list",
+    "refuse",
     "translate_errors",
 ]
 
@@ -57,6 +60,19 @@ def bounded(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"
+
+
+MAX_LISTED = 5
+"""Most items of a client's list (unknown subjects, entries, ...) repeated in a message."""
+
+
+def bounded_list(values: Iterable[object], limit: int = MAX_LISTED, quote: bool = True) -> str:
+    """The first ``limit`` values, each through :func:`bounded`, then how many more there are: how a list a client
+    sent is repeated back to it or into a log (``'a', 'b' and 998 more``). ``quote=False`` for the server's own
+    names (entries, subjects), listed as they are (``T1, T2``), also at most ``limit`` of them."""
+    items = list(values)
+    shown = ", ".join(bounded(v) if quote else str(v)[:MAX_ECHO_CHARS] for v in items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
 def _cut(message: str) -> str:
@@ -114,12 +130,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, MemoryError):  # a request whose memory the server could not get: refused, not a crash
+        exc = ResourceExhausted(f"{method}: the server has no memory for this request")
     if isinstance(exc, ServiceError) and not isinstance(exc, Internal):
         message = _cut(str(exc))
         _log.warning("%s: %s: %s", method, exc.code.name, message)  # one bounded line: a client's doing, no traceback
         await context.abort(exc.code, message)
     _log.exception("%s failed unexpectedly", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, _cut(f"internal error in {method}: {type(exc).__name__}: {exc}"))
+
+
+async def refuse(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> NoReturn:
+    """Ends the call with the status of ``exc``, logged like every refusal (for code outside a translated handler,
+    e.g. request parsing)."""
+    await _abort(context, exc, method)
+    raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 
 
 def translate_errors(handler: F) -> F:

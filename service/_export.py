@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound
+from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, bounded
 from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
 from patchwire.v1 import assembly_service_pb2 as apb
 
@@ -75,7 +75,9 @@ def export_subject(job: Job, subject_index: int, fmt: int, entry: str) -> tuple[
             entry = next(iter(results))
         key = _PREDICTION if entry == "prediction" and _PREDICTION in results else entry
         if key not in results:
-            raise NotFound(f"entry: job {job.id!r} has no entry {entry!r} (entries: {', '.join(map(_label, results))})")
+            raise NotFound(
+                f"entry: job {job.id!r} has no entry {bounded(entry)} (entries: {', '.join(map(_label, results))})"
+            )
         arr = np.asarray(results[key])
         if arr.dtype == np.float16:
             arr = arr.astype(np.float32)  # ITK has no half floats

@@ -18,18 +18,20 @@ import numpy as np
 
 from patchwire.service import _pymia_format as fmt
 from patchwire.service._catalog import Dataset, SubjectGeometry, to_str
-from patchwire.service._errors import InvalidArgument, NotFound
+from patchwire.service._errors import InvalidArgument, NotFound, bounded, bounded_list
 from patchwire.service._indexing import WHOLE, Expression
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2
 
 __all__ = [
+    "MAX_NESTING",
     "Extractor",
     "ImagePropertiesValue",
     "IndexExpressionValue",
     "Params",
     "compile_extractor",
     "derive_seed",
+    "short_field",
 ]
 
 KEY_SUBJECT_INDEX = "subject_index"
@@ -256,11 +258,28 @@ def _selection(msg: spec_pb2.StringList | None, has: bool) -> list[str] | None:
     return list(msg.values) if has and msg is not None else None
 
 
+MAX_NESTING = 16
+"""Deepest nesting of extractors (ComposeExtractor, PadDataExtractor) and of ComposeTransforms a spec may have."""
+MAX_PADDING = 1 << 16
+"""Most voxels PadDataExtractor adds on one side of an axis (more than any image has: larger padding is malformed)."""
+
+
+def short_field(field: str) -> str:
+    """A field path cut to its ends when deep nesting makes it long."""
+    return field if len(field) <= 120 else f"{field[:50]}...{field[-60:]}"
+
+
 def compile_extractor(
-    msg: spec_pb2.Extractor, dataset: Dataset, field: str = "extractor", max_bytes: int | None = None
+    msg: spec_pb2.Extractor, dataset: Dataset, field: str = "extractor", max_bytes: int | None = None, depth: int = 1
 ) -> Extractor:
     """Compiles an extractor spec, checking categories and entry names against ``dataset``; ``max_bytes`` bounds
-    what PadDataExtractor may pad a category to."""
+    what PadDataExtractor may pad a category to. ``depth``: how deep ``msg`` lies in nested extractors (refused
+    beyond MAX_NESTING before going deeper)."""
+    if depth > MAX_NESTING:
+        raise InvalidArgument(
+            f"{short_field(field)}: extractors nested {depth} deep; ComposeExtractor and PadDataExtractor may be "
+            f"nested at most {MAX_NESTING} deep"
+        )
     kind = msg.WhichOneof("extractor")
     if kind is None:
         raise InvalidArgument(f"{field}: no extractor is set")
@@ -268,7 +287,10 @@ def compile_extractor(
     where = f"{field}.{kind}"
     if kind == "compose":
         return _Compose(
-            [compile_extractor(e, dataset, f"{where}.extractors[{i}]", max_bytes) for i, e in enumerate(sub.extractors)]
+            [
+                compile_extractor(e, dataset, f"{where}.extractors[{i}]", max_bytes, depth + 1)
+                for i, e in enumerate(sub.extractors)
+            ]
         )
     if kind == "data":
         for cat in sub.categories:
@@ -282,8 +304,8 @@ def compile_extractor(
         for s in selection or ():
             if s not in names:
                 raise NotFound(
-                    f"{where}.selection: {s!r} is not an entry of category {sub.category!r} "
-                    f"(entries: {', '.join(names)})"
+                    f"{where}.selection: {bounded(s)} is not an entry of category {bounded(sub.category)} "
+                    f"(entries: {bounded_list(names, quote=False)})"
                 )
         if selection is not None and not selection:
             raise InvalidArgument(f"{where}.selection: select at least one entry (or none to select all)")
@@ -311,12 +333,14 @@ def compile_extractor(
             raise InvalidArgument(f"{where}.padding: give the padding of at least one axis")
         padding = []
         for i, p in enumerate(sub.padding):
-            if p.before < 0 or p.after < 0:
+            if not (0 <= p.before <= MAX_PADDING and 0 <= p.after <= MAX_PADDING):
                 raise InvalidArgument(
-                    f"{where}.padding[{i}]: padding must not be negative, got ({p.before}, {p.after})"
+                    f"{where}.padding[{i}]: padding must lie in 0..{MAX_PADDING}, got ({p.before}, {p.after})"
                 )
             padding.append((int(p.before), int(p.after)))
         if not sub.HasField("extractor"):
             raise InvalidArgument(f"{where}.extractor: the extractor whose data to pad is missing")
-        return _Pad(padding, compile_extractor(sub.extractor, dataset, f"{where}.extractor", max_bytes), max_bytes)
+        return _Pad(
+            padding, compile_extractor(sub.extractor, dataset, f"{where}.extractor", max_bytes, depth + 1), max_bytes
+        )
     raise InvalidArgument(f"{field}: unknown extractor {kind!r}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from patchwire.service._errors import InvalidArgument
+from patchwire.service._errors import InvalidArgument, bounded
 from patchwire.v1 import spec_pb2, values_pb2
 
 __all__ = [
@@ -109,7 +109,7 @@ class _PatchWise(Indexing):
             raise InvalidArgument("indexing_strategy.patch_wise.patch_shape: give at least one dimension")
         if any(p <= 0 for p in patch_shape):
             raise InvalidArgument(
-                f"indexing_strategy.patch_wise.patch_shape: sizes must be positive, got {tuple(patch_shape)}"
+                f"indexing_strategy.patch_wise.patch_shape: sizes must be positive, got {bounded(tuple(patch_shape))}"
             )
         self.patch_shape = tuple(int(p) for p in patch_shape)
         self.ignore_incomplete = ignore_incomplete
@@ -119,13 +119,14 @@ class _PatchWise(Indexing):
                 raise InvalidArgument(
                     f"indexing_strategy.patch_wise.stride: {len(stride)} values for "
                     f"{len(self.patch_shape)} patch axes; give one stride per axis of patch_shape "
-                    f"{self.patch_shape} (or none for non-overlapping patches)"
+                    f"{bounded(self.patch_shape)} (or none for non-overlapping patches)"
                 )
             for axis, (s, p) in enumerate(zip(stride, self.patch_shape, strict=True)):
                 if not 1 <= s <= p:
                     raise InvalidArgument(
                         f"indexing_strategy.patch_wise.stride: stride {s} on axis {axis} must lie in 1..{p} "
-                        f"(the patch size), got stride {tuple(stride)} for patch_shape {self.patch_shape}"
+                        f"(the patch size), got stride {bounded(tuple(stride))} "
+                        f"for patch_shape {bounded(self.patch_shape)}"
                     )
             self.stride = tuple(int(s) for s in stride)
 

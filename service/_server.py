@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -30,6 +30,7 @@ from patchwire.service._encoding import Encoded, encode_batch, properties_to_pro
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
 from patchwire.service._extraction import ImagePropertiesValue
 from patchwire.service._limits import CallLimiter, Limits, check_sample_bytes, check_spec, exhausted
+from patchwire.service._requests import parsed
 from patchwire.service._served import ServedDataset
 from patchwire.service._shared_regions import SharedRegions
 from patchwire.service._shared_socket import SharedMemorySocket
@@ -297,13 +298,19 @@ def _compression(value: int) -> int:
     return value
 
 
+def _limited(handler: Callable[..., Any], limiter: CallLimiter | None) -> Callable[..., Any]:
+    return handler if limiter is None else limiter.guard(handler)
+
+
 def _handlers(
     servicer: Any, service_name: str, auth: Authenticator | None = None, limiter: CallLimiter | None = None
 ) -> grpc.GenericRpcHandler:
     """The servicer's methods as gRPC handlers whose responses may be pre-serialised bytes (see
-    ``codec.passthrough_serializer``): like the generated ``add_*Servicer_to_server``, with that one difference.
+    ``codec.passthrough_serializer``) and whose requests arrive as bytes, parsed by the handler (``_requests.parsed``:
+    INVALID_ARGUMENT for bytes that do not parse): like the generated ``add_*Servicer_to_server`` otherwise.
     With ``auth`` each method first passes the authentication and role gate (``_auth.guarded``), then, with
-    ``limiter``, the limits on concurrent calls (``_limits.CallLimiter``), which count by the identity the gate set."""
+    ``limiter``, the limits on concurrent calls (``_limits.CallLimiter``), which count by the identity the gate set;
+    only then is a request parsed."""
     service = descriptor_pool.Default().FindServiceByName(service_name)
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -313,15 +320,16 @@ def _handlers(
     }
     handlers = {
         m.name: make[(m.client_streaming, m.server_streaming)](
+            # requests arrive as wire bytes: bytes that do not parse get INVALID_ARGUMENT (not gRPC's UNKNOWN), and
+            # streamed chunk messages are read without protobuf's copy
             guarded(
-                getattr(servicer, m.name) if limiter is None else limiter.guard(getattr(servicer, m.name)),
+                _limited(
+                    getattr(servicer, m.name) if m.client_streaming else parsed(getattr(servicer, m.name), m), limiter
+                ),
                 f"/{service_name}/{m.name}",
                 auth,
             ),
-            # streamed requests arrive as wire bytes: chunk messages are then read without protobuf's copy
-            request_deserializer=_identity
-            if m.client_streaming
-            else message_factory.GetMessageClass(m.input_type).FromString,
+            request_deserializer=_identity,
             response_serializer=codec.passthrough_serializer,
         )
         for m in service.methods

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from patchwire.service._errors import InvalidArgument
+from patchwire.service._errors import MAX_ECHO_CHARS, InvalidArgument, bounded, bounded_list
+from patchwire.service._extraction import MAX_NESTING, short_field
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2, tensor_pb2
 
@@ -22,7 +23,14 @@ Sample = dict[str, Any]
 Transform = Callable[[Sample], Sample]
 EntryFn = Callable[[np.ndarray, str], np.ndarray]
 
+MAX_SIZE = 1 << 16
+"""Largest axis SizeCorrection pads to (more than any image has: larger sizes are malformed)."""
 ENTRY_NOT_EXTRACTED = 'Transform can not be applied because entry "{}" was not extracted'
+
+
+def _name(entry: str) -> str:
+    """An entry name a client sent, as it is when short, else cut (see ``_errors.bounded``)."""
+    return entry if len(entry) <= MAX_ECHO_CHARS else bounded(entry)
 
 
 def _check_ndarray(obj: Any) -> np.ndarray:
@@ -34,7 +42,7 @@ def _check_ndarray(obj: Any) -> np.ndarray:
 def _loop_entries(sample: Sample, fn: EntryFn, entries: Sequence[str], loop_axis: int | None) -> Sample:
     for entry in entries:
         if entry not in sample:
-            raise ValueError(ENTRY_NOT_EXTRACTED.format(entry))
+            raise ValueError(ENTRY_NOT_EXTRACTED.format(_name(entry)))
         arr = _check_ndarray(sample[entry])
         if loop_axis is None:
             arr = fn(arr, entry)
@@ -110,7 +118,7 @@ def _size_correction(
     def apply(sample: Sample) -> Sample:
         for entry in entries:
             if entry not in sample:
-                raise ValueError(ENTRY_NOT_EXTRACTED.format(entry))
+                raise ValueError(ENTRY_NOT_EXTRACTED.format(_name(entry)))
             arr = _check_ndarray(sample[entry])
             if len(shape) > arr.ndim:
                 raise ValueError(f"Shape dimension needs to be less or equal to {arr.ndim}")
@@ -143,18 +151,18 @@ def _mask(
 ) -> Transform:
     def apply(sample: Sample) -> Sample:
         if mask_key not in sample:
-            raise ValueError(f'Mask: mask entry "{mask_key}" was not extracted')
+            raise ValueError(f'Mask: mask entry "{_name(mask_key)}" was not extracted')
         mask = _check_ndarray(sample[mask_key])
         for entry in entries:
             if entry not in sample:
-                raise ValueError(ENTRY_NOT_EXTRACTED.format(entry))
+                raise ValueError(ENTRY_NOT_EXTRACTED.format(_name(entry)))
             arr = _check_ndarray(sample[entry])
             if mask.shape == arr.shape:
                 arr[mask == mask_value] = masking_value
             else:
                 if loop_axis is None:
                     raise ValueError(
-                        f"Mask: mask shape {mask.shape} differs from {entry!r} shape {arr.shape}; "
+                        f"Mask: mask shape {mask.shape} differs from {bounded(entry)} shape {arr.shape}; "
                         "set loop_axis to repeat the mask along that axis"
                     )
                 repeated = np.repeat(np.expand_dims(mask, loop_axis), arr.shape[loop_axis], axis=loop_axis)
@@ -188,8 +196,16 @@ def _labelled(name: str, transform: Transform) -> Transform:
     return apply
 
 
-def compile_transform(msg: spec_pb2.Transform, field: str = "transform", max_bytes: int | None = None) -> Transform:
-    """A transform spec compiled; ``max_bytes`` bounds what SizeCorrection may pad an entry to."""
+def compile_transform(
+    msg: spec_pb2.Transform, field: str = "transform", max_bytes: int | None = None, depth: int = 1
+) -> Transform:
+    """A transform spec compiled; ``max_bytes`` bounds what SizeCorrection may pad an entry to. ``depth``: how deep
+    ``msg`` lies in ComposeTransforms (refused beyond MAX_NESTING before going deeper)."""
+    if depth > MAX_NESTING:
+        raise InvalidArgument(
+            f"{short_field(field)}: transforms nested {depth} deep; ComposeTransform may be nested at most "
+            f"{MAX_NESTING} deep"
+        )
     kind = msg.WhichOneof("transform")
     if kind is None:
         raise InvalidArgument(f"{field}: no transform is set")
@@ -198,12 +214,15 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform", max_byt
     entries = tuple(getattr(sub, "entries", ()))
     if kind == "compose":
         return _compose(
-            [compile_transform(t, f"{where}.transforms[{i}]", max_bytes) for i, t in enumerate(sub.transforms)]
+            [
+                compile_transform(t, f"{where}.transforms[{i}]", max_bytes, depth + 1)
+                for i, t in enumerate(sub.transforms)
+            ]
         )
     if kind == "permute":
         perm = tuple(int(p) for p in sub.permutation)
         if sorted(perm) != list(range(len(perm))):
-            raise InvalidArgument(f"{where}.permutation: {perm} is not a permutation of 0..{len(perm) - 1}")
+            raise InvalidArgument(f"{where}.permutation: {bounded(perm)} is not a permutation of 0..{len(perm) - 1}")
         t = _entry_transform(lambda a, e: np.transpose(a, perm), entries)
     elif kind == "squeeze":
         axes = tuple(int(a) for a in sub.squeeze_axis)
@@ -240,8 +259,10 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform", max_byt
         t = _entry_transform(_relabel(changes), entries)
     elif kind == "size_correction":
         shape = [int(d.size) if d.HasField("size") else None for d in sub.shape]
-        if any(s is not None and s < 0 for s in shape):
-            raise InvalidArgument(f"{where}.shape: sizes must not be negative, got {shape}")
+        if any(s is not None and not 0 <= s <= MAX_SIZE for s in shape):
+            raise InvalidArgument(
+                f"{where}.shape: sizes must not be negative nor exceed {MAX_SIZE}, got {bounded_list(shape, 8)}"
+            )
         t = _size_correction(shape, _scalar(sub.pad_value, f"{where}.pad_value", default=0), entries, max_bytes)
     elif kind == "mask":
         if not sub.mask_key:
@@ -255,4 +276,4 @@ def compile_transform(msg: spec_pb2.Transform, field: str = "transform", max_byt
         )
     else:
         raise InvalidArgument(f"{field}: unknown transform {kind!r}")
-    return _labelled(f"{where} (entries {', '.join(entries) or '-'})", t)
+    return _labelled(f"{where} (entries {bounded_list(entries, quote=False) or '-'})", t)

@@ -1176,7 +1176,7 @@ BAD_CREATE = {
     "no-entries": (apb.CreateJobRequest(spec=_SPEC, overlap_mode=apb.OVERLAP_MODE_AVERAGE), "entries: give at least"),
     "empty-name": (
         apb.CreateJobRequest(spec=_SPEC, entries=[_entry("")], overlap_mode=apb.OVERLAP_MODE_AVERAGE),
-        "entries[0].name: '' may use only",
+        "entries[0].name: '' may use only letters, digits",  # empty: not 1 to 64 characters
     ),
     "no-channels": (
         apb.CreateJobRequest(spec=_SPEC, entries=[_entry(channels=0)], overlap_mode=apb.OVERLAP_MODE_AVERAGE),
@@ -1232,7 +1232,10 @@ MALFORMED: dict[str, tuple[Callable[[str], list[apb.PostPredictionsRequest]], st
         lambda j: [*raw_batch(j, [0], seg(1, 24, 16, 2)), _chunk(8)],  # the batch itself is a duplicate
         "chunk: a tensor chunk arrived before any batch",
     ),
-    "payload-size": (lambda j: [_announced(j, 100), _chunk(100)], "batch.fields: tensor of shape (1, 24, 16, 2)"),
+    "payload-size": (  # refused when announced, before any chunk
+        lambda j: [_announced(j, 100), _chunk(100)],
+        "batch.fields: chunked_nbytes: 100 bytes announced for 3072 bytes of elements",
+    ),
     "count-mismatch": (
         lambda j: raw_batch(j, [4, 5, 6], seg(2, 24, 16, 2)),
         "batch.fields['seg']: 2 predictions for 3 sample indices",

@@ -27,11 +27,13 @@ __all__ = [
     "COMPRESSIBLE_KINDS",
     "INLINE_MAX_BYTES",
     "MAX_MESSAGE_BYTES",
+    "MAX_TENSOR_BYTES",
     "TARGET_MESSAGE_BYTES",
     "BufferPool",
     "ChunkAssembler",
     "Compression",
     "DataType",
+    "announced_nbytes",
     "array_to_tensor",
     "batch_arrays",
     "batch_tensors",
@@ -41,6 +43,7 @@ __all__ = [
     "dtype_from_proto",
     "dtype_to_proto",
     "passthrough_serializer",
+    "raw_nbytes",
     "serialized_chunks",
     "shared_pool",
     "stacked_to_tensor",
@@ -161,12 +164,12 @@ def tensor_to_array(
     dtype = dtype_from_proto(tensor.dtype)
     shape = tuple(tensor.shape)
     data = payload if tensor.chunked_nbytes else tensor.data
-    expected = math.prod(shape) * dtype.itemsize
+    expected = raw_nbytes(tensor)
     if tensor.compression != Compression.COMPRESSION_UNSPECIFIED and data is not None:
         data = _decompress(tensor.compression, data, expected)
     if data is None or len(data) != expected:
         got = 0 if data is None else len(data)
-        raise ValueError(f"tensor of shape {shape} and dtype {dtype} needs {expected} bytes, got {got}")
+        raise ValueError(f"tensor of shape {_shape_text(shape)} and dtype {dtype} needs {expected} bytes, got {got}")
     if isinstance(data, bytes):
         # bytes are immutable: copy once so that callers may modify the array in place (as pymia's arrays allow)
         return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
@@ -370,24 +373,63 @@ def _reset_shared_pool_in_child() -> None:
 os.register_at_fork(after_in_child=_reset_shared_pool_in_child)
 
 
+#: The largest payload a tensor may announce (``chunked_nbytes``): a 1024^3 volume of 4 float32 channels is 16 GiB.
+#: Larger announcements are refused as malformed before anything is allocated; servers bound sizes further.
+MAX_TENSOR_BYTES = 1 << 34
+
+
+def announced_nbytes(tensor: tensor_pb2.Tensor) -> int:
+    """The payload size a chunked tensor announces, checked against its dtype and shape: exactly the element bytes,
+    or for a compressed tensor at most LZ4's bound for them. Raises ValueError for sizes that cannot be right."""
+    n = tensor.chunked_nbytes
+    if not 0 < n <= MAX_TENSOR_BYTES:
+        raise ValueError(f"chunked_nbytes: {n} is not a payload size (1 to {MAX_TENSOR_BYTES} bytes)")
+    raw = raw_nbytes(tensor)
+    if tensor.compression == Compression.COMPRESSION_UNSPECIFIED:
+        if n != raw:
+            raise ValueError(f"chunked_nbytes: {n} bytes announced for {raw} bytes of elements")
+    elif n > raw + raw // 255 + 16:  # LZ4's worst case
+        raise ValueError(f"chunked_nbytes: {n} compressed bytes announced for {raw} bytes of elements")
+    return n
+
+
+def raw_nbytes(tensor: tensor_pb2.Tensor) -> int:
+    """The element bytes of a tensor from its dtype and shape. Raises ValueError for an unknown dtype, a negative
+    axis or more than MAX_TENSOR_BYTES."""
+    dtype = dtype_from_proto(tensor.dtype)
+    if any(d < 0 for d in tensor.shape):
+        raise ValueError(f"shape: {_shape_text(tensor.shape)} has a negative axis")
+    if len(tensor.shape) > 32:
+        raise ValueError(f"shape: {len(tensor.shape)} axes (numpy takes at most 32)")
+    nbytes = math.prod(tensor.shape) * dtype.itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise ValueError(f"shape: {_shape_text(tensor.shape)} of {dtype} is {nbytes} bytes, over {MAX_TENSOR_BYTES}")
+    return nbytes
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    text = str(tuple(shape))
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(shape)} axes)"
+
+
 class ChunkAssembler:
     """Collects TensorChunk payloads for the tensors a message announced, in announcement order, into buffers of
-    ``pool`` (fresh ones without). With ``max_bytes``, announcements of more bytes in all are refused (ValueError)
-    before anything is allocated. Payloads must fill their announced sizes exactly: :meth:`add` refuses a chunk that
-    overruns one, and a new announcement or the end of a stream finds an incomplete one."""
+    ``pool`` (fresh ones without). Announced sizes are checked first (:func:`announced_nbytes`: ValueError for sizes
+    that cannot be right; with ``max_bytes``, announcements of more bytes in all are refused) before anything is
+    allocated; each buffer is allocated when its first chunk arrives, so memory follows the bytes received, not the
+    bytes announced. Payloads must fill their announced sizes exactly: :meth:`add` refuses a chunk that overruns one,
+    and a new announcement or the end of a stream finds an incomplete one."""
 
     def __init__(
         self, tensors: Sequence[tensor_pb2.Tensor], pool: BufferPool | None = None, max_bytes: int | None = None
     ) -> None:
         self._pending = [t for t in tensors if t.chunked_nbytes]
-        announced = sum(int(t.chunked_nbytes) for t in self._pending)
+        self._sizes = [announced_nbytes(t) for t in self._pending]
+        announced = sum(self._sizes)
         if max_bytes is not None and announced > max_bytes:
             raise ValueError(f"tensors announce {announced} payload bytes, more than the {max_bytes} allowed")
-        # numpy buffers: no zero-filling (bytearray(n) writes every byte once before the chunks do)
-        self._buffers = [
-            pool.take(t.chunked_nbytes) if pool is not None else np.empty(t.chunked_nbytes, dtype=np.uint8)
-            for t in self._pending
-        ]
+        self._pool = pool
+        self._buffers: list[np.ndarray] = []
         self._index = 0
         self._offset = 0
 
@@ -398,18 +440,23 @@ class ChunkAssembler:
     def add(self, data: bytes | memoryview) -> None:
         if self.complete:
             raise ValueError("received a tensor chunk that no tensor announced")
+        size = self._sizes[self._index]
+        if len(self._buffers) == self._index:
+            # numpy buffers: no zero-filling (bytearray(n) writes every byte once before the chunks do)
+            pool = self._pool
+            self._buffers.append(pool.take(size) if pool is not None else np.empty(size, dtype=np.uint8))
         buf = self._buffers[self._index]
         end = self._offset + len(data)
-        if end > len(buf):
+        if end > size:
             raise ValueError("tensor chunk overruns the announced payload size")
         buf[self._offset : end] = np.frombuffer(data, dtype=np.uint8)
         self._offset = end
-        if end == len(buf):
+        if end == size:
             self._index += 1
             self._offset = 0
 
     def payloads(self) -> list[np.ndarray]:
-        """The payloads of the announced tensors, in announcement order."""
+        """The payloads of the announced tensors, in announcement order (once complete)."""
         return self._buffers
 
 
@@ -449,7 +496,7 @@ def batch_arrays(batch: Any, payloads: Sequence[bytes | bytearray | np.ndarray])
             arrays = []
             for value in field.per_sample.values:
                 if value.WhichOneof("kind") != "tensor":
-                    raise ValueError(f"field {field.key!r}: every per-sample value must be a tensor")
+                    raise ValueError(f"field {repr(field.key)[:80]}: every per-sample value must be a tensor")
                 t = value.tensor
                 arrays.append(tensor_to_array(t, next(pending) if t.chunked_nbytes else None))
             out[field.key] = arrays
@@ -537,6 +584,10 @@ def stacked_to_tensor(
 def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
     shift = value = 0
     while True:
+        if pos >= len(data):
+            raise ValueError("a varint runs past the end of the message")
+        if shift > 63:
+            raise ValueError("a varint is longer than 10 bytes")
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -546,15 +597,25 @@ def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
 
 
 def chunk_data(message: bytes) -> memoryview | None:
-    """The payload of a serialised chunk message (a view, no copy), or None if ``message`` is not one."""
+    """The payload of a serialised chunk message (a view, no copy), or None if ``message`` is not laid out as one
+    (parse it with protobuf then). Raises ValueError for a chunk header that is garbage (a varint that does not end,
+    lengths that do not match the message)."""
     view = memoryview(message)
     if len(view) < 2 or view[0] != 0x12:
         return None
-    _, pos = _read_varint(view, 1)
-    if view[pos] != 0x0A:
+    inner, pos = _read_varint(view, 1)
+    if pos + inner != len(view):
+        if pos + inner > len(view):
+            raise ValueError(f"a chunk message announces {inner} bytes but {len(view) - pos} follow")
+        return None  # more fields after the chunk: protobuf's parse decides
+    if inner == 0 or view[pos] != 0x0A:
         return None
-    n, pos = _read_varint(view, pos + 1)
-    return view[pos : pos + n]
+    n, start = _read_varint(view, pos + 1)
+    if start + n != len(view):
+        if start + n > len(view):
+            raise ValueError(f"a tensor chunk announces {n} bytes but {len(view) - start} follow")
+        return None
+    return view[start:]
 
 
 def passthrough_serializer(message: Any) -> bytes:
