@@ -258,8 +258,11 @@ def _selection(msg: spec_pb2.StringList | None, has: bool) -> list[str] | None:
     return list(msg.values) if has and msg is not None else None
 
 
-MAX_NESTING = 16
-"""Deepest nesting of extractors (ComposeExtractor, PadDataExtractor) and of ComposeTransforms a spec may have."""
+MAX_NESTING = 48
+"""Deepest nesting of extractors (ComposeExtractor, PadDataExtractor) and of ComposeTransforms any spec may have,
+whatever the server's ``--max-spec-depth`` (checked before compiling, RESOURCE_EXHAUSTED): protobuf parses no request
+nested deeper (each level is two messages, and it stops at 100), so a deeper spec can only come from within the
+process, and is malformed."""
 MAX_PADDING = 1 << 16
 """Most voxels PadDataExtractor adds on one side of an axis (more than any image has: larger padding is malformed)."""
 

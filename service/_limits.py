@@ -209,7 +209,18 @@ def _product(values: Iterable[int]) -> int:
     return math.prod(max(int(v), 1) for v in values)
 
 
+_MALFORMED_SIZE = 1 << 16
+"""Sizes and paddings beyond this (or negative) are malformed: the compilers refuse them with INVALID_ARGUMENT
+(``_transforms.MAX_SIZE``, ``_extraction.MAX_PADDING``), so they are left to them here."""
+
+
 def _check_shapes(msg: Any, name: str, limits: Limits, where: str) -> None:
+    if name == "SizeCorrection" and any(d.HasField("size") and not 0 <= d.size <= _MALFORMED_SIZE for d in msg.shape):
+        return
+    if name == "PadDataExtractor" and any(
+        not (0 <= p.before <= _MALFORMED_SIZE and 0 <= p.after <= _MALFORMED_SIZE) for p in msg.padding
+    ):
+        return
     if name == "SizeCorrection":
         voxels = _product(d.size for d in msg.shape if d.HasField("size"))
         what = f"{where}.shape: a target shape of {voxels} voxels"

@@ -358,9 +358,7 @@ def valid_requests() -> dict[str, list[bytes | list[bytes]]]:
         ],
         "AbortJob": [a.AbortJobRequest(job_id="nope")],
         "DeleteJob": [a.DeleteJobRequest(job_id="nope")],
-        "ProbeSharedMemory": [
-            a.ProbeSharedMemoryRequest(shared_memory=a.SharedMemory(path="/proc/1/fd/0", token=b"t" * 16))
-        ],
+        "RegisterSharedMemory": [a.RegisterSharedMemoryRequest(for_posting=True)],
         "ReleaseSharedFiles": [a.ReleaseSharedFilesRequest(leases=[b"x" * 16])],
     }
     out: dict[str, list[bytes | list[bytes]]] = {k: [m.SerializeToString() for m in v] for k, v in msgs.items()}

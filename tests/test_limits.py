@@ -483,8 +483,11 @@ def test_announced_sizes(
 
 
 def test_a_chunk_assembler_refuses_large_announcements_before_allocating() -> None:
-    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[1 << 40], chunked_nbytes=1 << 40)
-    with pytest.raises(ValueError, match="announce 1099511627776 payload bytes, more than the 1024 allowed"):
+    absurd = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[1 << 40], chunked_nbytes=1 << 40)
+    with pytest.raises(ValueError, match="chunked_nbytes: 1099511627776 is not a payload size"):
+        codec.ChunkAssembler([absurd], max_bytes=1024)
+    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[2048], chunked_nbytes=2048)
+    with pytest.raises(ValueError, match="announce 2048 payload bytes, more than the 1024 allowed"):
         codec.ChunkAssembler([tensor], max_bytes=1024)
     small = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[4], chunked_nbytes=4)
     assembler = codec.ChunkAssembler([small], max_bytes=4)
