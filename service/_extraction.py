@@ -18,7 +18,7 @@ import numpy as np
 
 from patchwire.service import _pymia_format as fmt
 from patchwire.service._catalog import Dataset, SubjectGeometry, to_str
-from patchwire.service._errors import InvalidArgument, NotFound, bounded, bounded_list
+from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
 from patchwire.service._indexing import WHOLE, Expression
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2
@@ -235,6 +235,11 @@ class _Pad(Extractor):
                 stop = shape[axis] if item.stop is None else item.stop
             else:
                 start, stop = item, item + 1
+            if not 0 <= stop - start <= shape[axis] or not -shape[axis] <= start <= shape[axis]:
+                raise OutOfRange(
+                    f"index expression {bounded(expr)}: axis {axis} selects [{start}, {stop}), which does not lie "
+                    f"within the {shape[axis]} voxels of subject {params.subject_index} that padding can extend"
+                )
             starts.append(start - before)
             stops.append(stop + after)
         read_expr = tuple(slice(max(s, 0), e) for s, e in zip(starts, stops, strict=True))

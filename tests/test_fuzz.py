@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from patchwire.service._catalog import Dataset
 from patchwire.service._errors import bounded_list
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec, dataset_service_pb2, dataset_service_pb2_grpc
+from patchwire.v1 import assembly_service_pb2_grpc, codec, dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
 
 import _fuzz
 from _fuzz import DOCUMENTED, DONE_JOB, LIVE_JOB, METHODS, SHAPE, SUBJECTS, Method, Outcome
@@ -451,3 +451,20 @@ def test_bounded_list_shows_a_few_items_and_counts_the_rest() -> None:
     assert bounded_list(["T1", "T2"], quote=False) == "T1, T2"
     long = bounded_list(["x" * 10_000] * 3)
     assert long.count("(10002 characters)") == 3 and len(long) < 400
+
+
+@pytest.mark.parametrize("window", [(0, 2**62), (5, -(2**63)), (2**63 - 1, None)])
+def test_padded_extraction_of_a_window_outside_the_array_is_out_of_range(
+    served: Served, window: tuple[int, int | None]
+) -> None:
+    extraction = spec_pb2.DirectExtraction(dataset="tiny", subject_index=0)
+    extraction.extractor.pad_data.padding.add(before=1, after=2)
+    extraction.extractor.pad_data.extractor.data.categories.append("labels")
+    axis = extraction.index_expression.axes.add().range
+    axis.start = window[0]
+    if window[1] is not None:
+        axis.stop = window[1]
+    request = dataset_service_pb2.DirectExtractRequest(extraction=extraction)
+    outcome = call(served, _method("DirectExtract"), request.SerializeToString())
+    assert outcome.code == grpc.StatusCode.OUT_OF_RANGE, outcome
+    assert "extraction.index_expression" in outcome.details, outcome
