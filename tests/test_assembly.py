@@ -1234,7 +1234,7 @@ MALFORMED: dict[str, tuple[Callable[[str], list[apb.PostPredictionsRequest]], st
     ),
     "payload-size": (  # refused when announced, before any chunk
         lambda j: [_announced(j, 100), _chunk(100)],
-        "batch.fields: chunked_nbytes: 100 bytes announced for 3072 bytes of elements",
+        "batch.fields: tensor of shape (1, 24, 16, 2) and dtype float32 needs 3072 bytes, but announces 100",
     ),
     "count-mismatch": (
         lambda j: raw_batch(j, [4, 5, 6], seg(2, 24, 16, 2)),
