@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -13,6 +14,8 @@ import pytest
 import patchwire.client as pw
 from patchwire.service import PatchwireServer
 from patchwire.v1 import assembly_service_pb2_grpc, codec
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +41,14 @@ def expect_raw(code: grpc.StatusCode, *fragments: str) -> Iterator[None]:
     assert exc.code() == code, exc
     for fragment in fragments:
         assert fragment in exc.details(), f"{fragment!r} not in {exc.details()!r}"
+
+
+def eventually(read: Callable[[], T], ok: Callable[[T], bool], timeout_s: float = 10.0) -> T:
+    """``read()`` until ``ok`` holds for it (state that the server settles on its own threads), or fail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if ok(value):
+            return value
+        assert time.monotonic() < deadline, f"still {value!r} after {timeout_s} s"
+        time.sleep(0.01)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +34,7 @@ from _servers import server_in_thread
 client = _assembly_fixtures.client  # module-scoped fixtures on this module's server
 stub = _assembly_fixtures.stub
 expect_raw = _assembly_fixtures.expect_raw
+eventually = _assembly_fixtures.eventually
 
 T = TypeVar("T")
 
@@ -783,26 +783,15 @@ def test_status_through_a_job(
     # background), or, without a state folder, kept in memory as the finished volume
     kept = server.config.state_dir is None
     first = 20 * 24 * 16 if kept else 0
-    status = _eventually(lambda: asm.status(max_missing=4), lambda s: s.resident_buffer_bytes == first + 22 * 24 * 16)
+    status = eventually(lambda: asm.status(max_missing=4), lambda s: s.resident_buffer_bytes == first + 22 * 24 * 16)
     assert client.job_status(asm.job_id, max_missing=4) == status
     assert asm.job_id in {j.job_id for j in client.jobs()}
     post(range(40, 66))
     status = asm.status()
     assert (status.state, status.received, status.ready_subject_count) == ("completed", 66, 3)
     assert status.last_event_sequence == 4
-    _eventually(asm.status, lambda s: s.resident_buffer_bytes == (sum(VARY_SLICES) * 24 * 16 if kept else 0))
+    eventually(asm.status, lambda s: s.resident_buffer_bytes == (sum(VARY_SLICES) * 24 * 16 if kept else 0))
     assert subject_states(status) == [("ready", n, 0, False) for n in VARY_SLICES]
-
-
-def _eventually(read: Callable[[], T], ok: Callable[[T], bool], timeout_s: float = 10.0) -> T:
-    """``read()`` until ``ok`` holds for it (state that the server settles in the background), or fail."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = read()
-        if ok(value):
-            return value
-        assert time.monotonic() < deadline, f"still {value!r} after {timeout_s} s"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -928,7 +917,7 @@ def test_abort_frees_unfinished_subjects_and_rejects_further_posts(
     # folder it stays in memory: it is the finished volume)
     subject_bytes = 20 * 24 * 16 * 2 * 4
     kept = subject_bytes if server.config.state_dir is None else 0
-    _eventually(asm.status, lambda s: s.resident_buffer_bytes == kept + subject_bytes)
+    eventually(asm.status, lambda s: s.resident_buffer_bytes == kept + subject_bytes)
     status = asm.abort()
     assert (status.state, status.received, status.ready_subject_count, status.resident_buffer_bytes) == (
         "aborted",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +30,7 @@ from patchwire.v1 import (
     tensor_pb2,
 )
 
+from _assembly_fixtures import eventually, expect_raw
 from _datasets import make_pymia_dataset
 from _servers import serve_process, threaded_server
 
@@ -53,27 +53,6 @@ LIMITS = Limits(
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-
-
-def eventually(read: Callable[[], T], ok: Callable[[T], bool], timeout_s: float = 10.0) -> T:
-    """``read()`` until ``ok`` holds for it (state the server settles on its own threads), or fail."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = read()
-        if ok(value):
-            return value
-        assert time.monotonic() < deadline, f"still {value!r} after {timeout_s} s"
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def refused(code: grpc.StatusCode, *fragments: str) -> Iterator[None]:
-    with pytest.raises(grpc.RpcError) as info:
-        yield
-    exc: Any = info.value
-    assert exc.code() == code, exc
-    for fragment in fragments:
-        assert fragment in exc.details(), f"{fragment!r} not in {exc.details()!r}"
 
 
 class _Bearer(
@@ -303,7 +282,9 @@ def test_concurrent_calls_per_identity(identified: Any) -> None:
     with stubs(address, ALICE) as (alice_d, alice_a), stubs(address, BOB) as (bob_d, _):
         with open_streams(alice_a, 3):
             eventually(lambda: calls.total, lambda n: n == 3)
-            with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "concurrent calls", "'alice'", "--max-calls-per-identity"):
+            with expect_raw(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "concurrent calls", "'alice'", "--max-calls-per-identity"
+            ):
                 get_samples(alice_d, spec(SLICES), [0])
             assert calls.total == 3  # the refused call is not counted
             assert indices_of(get_samples(bob_d, spec(SLICES), [0])) == [0]  # another identity is not held back
@@ -326,7 +307,7 @@ def test_concurrent_calls_in_total(tiny_h5: Path) -> None:
     ):
         with open_streams(astub, 2):
             eventually(lambda: handle.server.calls.total, lambda n: n == 2)
-            with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "concurrent calls", "--max-calls "):
+            with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "concurrent calls", "--max-calls "):
                 astub.ListJobs(apb.ListJobsRequest(), timeout=RPC_TIMEOUT_S)
         eventually(lambda: handle.server.calls.total, lambda n: n == 0)
         assert astub.ListJobs(apb.ListJobsRequest(), timeout=RPC_TIMEOUT_S).jobs == []
@@ -336,10 +317,10 @@ def test_concurrent_calls_in_total(tiny_h5: Path) -> None:
 # -- streams and samples ----------------------------------------------------------------------------------------------
 
 
-def test_the_35_byte_voxel_wise_stream_is_refused(dstub: Any) -> None:
+def test_the_35_byte_voxel_wise_stream_is_expect_raw(dstub: Any) -> None:
     request = dataset_service_pb2.StreamBatchesRequest(spec=spec(VOXELS), batch_size=10**9)
     assert request.ByteSize() < 64
-    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "batch_size: 1000000000 samples", "1000", "--max-batch-size"):
+    with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "batch_size: 1000000000 samples", "1000", "--max-batch-size"):
         list(dstub.StreamBatches(request, timeout=RPC_TIMEOUT_S))
 
 
@@ -372,19 +353,19 @@ def test_a_cancelled_stream_stops_building_within_a_sample(tmp_path: Path) -> No
 
 
 def test_get_samples_indices(dstub: Any) -> None:
-    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "sample_indices: 101 indices", "--max-indices"):
+    with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "sample_indices: 101 indices", "--max-indices"):
         get_samples(dstub, spec(SLICES), range(101))
     assert indices_of(get_samples(dstub, spec(SLICES), range(50))) == list(range(50))
 
 
 def test_subject_subset(dstub: Any) -> None:
-    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "spec.subject_subset.values: 11 values", "--max-subjects"):
+    with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "spec.subject_subset.values: 11 values", "--max-subjects"):
         get_samples(dstub, spec(SLICES, subjects=[f"s{i}" for i in range(11)]), [0])
 
 
 def test_repeated_fields(dstub: Any) -> None:
     transform = spec_pb2.Transform(intensity_normalization=spec_pb2.IntensityNormalization(entries=["images"] * 51))
-    with refused(
+    with expect_raw(
         grpc.StatusCode.RESOURCE_EXHAUSTED, "spec.transform.intensity_normalization.entries", "--max-repeated"
     ):
         get_samples(dstub, spec(SLICES, transform=transform), [0])
@@ -392,12 +373,12 @@ def test_repeated_fields(dstub: Any) -> None:
 
 def test_nesting_depth(dstub: Any) -> None:
     assert indices_of(get_samples(dstub, spec(SLICES, transform=nested_transforms(4)), [0])) == [0]
-    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "nested too deep", "--max-spec-depth"):
+    with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "nested too deep", "--max-spec-depth"):
         get_samples(dstub, spec(SLICES, transform=nested_transforms(5)), [0])
     extractor = spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=["images"]))
     for _ in range(5):
         extractor = spec_pb2.Extractor(compose=spec_pb2.ComposeExtractor(extractors=[extractor]))
-    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "spec.extractor.compose", "--max-spec-depth"):
+    with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "spec.extractor.compose", "--max-spec-depth"):
         get_samples(dstub, spec(SLICES, extractor=extractor), [0])
 
 
@@ -422,7 +403,7 @@ def test_size_correction_target(dstub: Any, size: int) -> None:
     remaining axes are known, before anything is padded."""
     sizes = [spec_pb2.SizeCorrectionDim(size=size), spec_pb2.SizeCorrectionDim(size=size)]
     transform = spec_pb2.Transform(size_correction=spec_pb2.SizeCorrection(shape=sizes, entries=["images"]))
-    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-sample-mb", "1 MB"):
+    with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-sample-mb", "1 MB"):
         get_samples(dstub, spec(spec_pb2.IndexingStrategy(empty=spec_pb2.EmptyIndexing()), transform=transform), [0])
 
 
@@ -433,7 +414,7 @@ def test_padding(dstub: Any) -> None:
             extractor=spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=["images"])),
         )
     )
-    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "padded 'images'", "--max-sample-mb"):
+    with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "padded 'images'", "--max-sample-mb"):
         get_samples(dstub, spec(spec_pb2.IndexingStrategy(empty=spec_pb2.EmptyIndexing()), extractor=padded), [0])
 
 
@@ -443,7 +424,7 @@ def test_batch_bytes(dstub: Any) -> None:
         spec=spec(spec_pb2.IndexingStrategy(slice=spec_pb2.SliceIndexing(slice_axis=[0]))), batch_size=1000
     )
     request.spec.extractor.data.ignore_indexing = True  # every sample is a whole subject
-    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "batch: samples from position 0", "--max-batch-mb"):
+    with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "batch: samples from position 0", "--max-batch-mb"):
         list(dstub.StreamBatches(request, timeout=RPC_TIMEOUT_S))
 
 
@@ -452,7 +433,7 @@ def test_batch_bytes(dstub: Any) -> None:
 
 def test_a_post_to_a_missing_job_allocates_nothing(limited: Any, astub: Any) -> None:
     """1 TB announced for a job that does not exist: NOT_FOUND from the announcement alone."""
-    with refused(grpc.StatusCode.NOT_FOUND, "batch.job_id: unknown assembly job 'nope'"):
+    with expect_raw(grpc.StatusCode.NOT_FOUND, "batch.job_id: unknown assembly job 'nope'"):
         list(astub.PostPredictions(iter([announced("nope", [1 << 38], 1 << 40)]), timeout=RPC_TIMEOUT_S))
 
 
@@ -475,7 +456,7 @@ def test_announced_sizes(
     astub: Any, requests: list[apb.PostPredictionsRequest], code: grpc.StatusCode, fragment: str
 ) -> None:
     slice_job(astub, "j")
-    with refused(code, fragment):
+    with expect_raw(code, fragment):
         list(astub.PostPredictions(iter(requests), timeout=RPC_TIMEOUT_S))
     assert post(astub, "j", [0])[0].accepted_samples == 1
     status = astub.GetJobStatus(apb.GetJobStatusRequest(job_id="j"), timeout=RPC_TIMEOUT_S)
@@ -506,7 +487,7 @@ def test_jobs_per_identity(identified: Any) -> None:
         slice_job(alice, "a")
         slice_job(alice, "b")
         slice_job(alice, "a")  # the same job again: nothing new
-        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "'alice' already holds 2 assembly jobs", "--max-jobs-per"):
+        with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "'alice' already holds 2 assembly jobs", "--max-jobs-per"):
             slice_job(alice, "c")
         slice_job(bob, "d")  # bob's own count
         alice.DeleteJob(apb.DeleteJobRequest(job_id="a"), timeout=RPC_TIMEOUT_S)
@@ -524,7 +505,7 @@ def test_jobs_in_total(tiny_h5: Path) -> None:
         stubs(handle.server.address) as (_, astub),
     ):
         slice_job(astub, "a")
-        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server already holds 1 assembly jobs", "--max-jobs "):
+        with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server already holds 1 assembly jobs", "--max-jobs "):
             slice_job(astub, "b")
 
 
@@ -543,7 +524,7 @@ def test_disk_quota_per_job_in_total_and_after_restart(tiny_h5: Path, tmp_path: 
     ):
         slice_job(astub, "a")
         post(astub, "a", [0])  # subject 0: room for its results and buffers, and its journal: about 63 KB
-        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "disk", "job 'a' holds", "--max-job-disk-mb"):
+        with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "disk", "job 'a' holds", "--max-job-disk-mb"):
             post(astub, "a", [20])  # subject 1 would take the job past 100 KB
         assert not (state / "jobs" / "a" / "journals" / "1.journal").exists()  # refused before it was journalled
         post(astub, "a", range(1, 20), value=2.0)  # subject 0 complete: its journal and buffers go
@@ -554,7 +535,7 @@ def test_disk_quota_per_job_in_total_and_after_restart(tiny_h5: Path, tmp_path: 
         post(astub, "a", [20])  # room again: subject 0 holds only its results now
 
         slice_job(astub, "b")
-        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "disk", "all jobs hold", "--max-disk-mb"):
+        with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "disk", "all jobs hold", "--max-disk-mb"):
             post(astub, "b", [0])
         astub.DeleteJob(apb.DeleteJobRequest(job_id="a"), timeout=RPC_TIMEOUT_S)  # gives its bytes back
         assert post(astub, "b", [0])[0].accepted_samples == 1
@@ -564,7 +545,7 @@ def test_disk_quota_per_job_in_total_and_after_restart(tiny_h5: Path, tmp_path: 
         stubs(handle.server.address) as (_, astub),
     ):
         # recovery charges job b's journal and room for subject 0 again: subject 1 still does not fit
-        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-job-disk-mb"):
+        with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-job-disk-mb"):
             post(astub, "b", [20])
         assert post(astub, "b", [1])[0].accepted_samples == 1
         status = astub.GetJobStatus(apb.GetJobStatusRequest(job_id="b"), timeout=RPC_TIMEOUT_S)
@@ -631,7 +612,7 @@ def test_memory_comes_back_after_a_burst_of_refused_requests(tiny_h5: Path) -> N
                 attacks[k % len(attacks)]()
             codes.add(info.value.code())  # type: ignore[attr-defined]
         assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
-        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "2000 indices", "limit of 1000", "--max-indices"):
+        with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "2000 indices", "limit of 1000", "--max-indices"):
             attacks[2]()  # the flags took effect
         assert indices_of(get_samples(dstub, spec(SLICES), [0])) == [0]
         after = _rss_kb(proc.pid)
