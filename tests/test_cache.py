@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from patchwire.service._cache import BlockCache
 
+from _strategies import index_expressions
+
 SHAPE = (23, 9, 7, 2)
 
 
@@ -26,23 +28,9 @@ def h5(tmp_path_factory: pytest.TempPathFactory) -> h5py.Dataset:
     f.close()
 
 
-def _item(draw: st.DrawFn, dim: int) -> int | slice:
-    if draw(st.booleans()):
-        return draw(st.integers(0, dim - 1))
-    start = draw(st.one_of(st.none(), st.integers(0, dim + 3)))
-    stop = draw(st.one_of(st.none(), st.integers(0, dim + 5)))
-    return slice(start, stop)
-
-
-@st.composite
-def expressions(draw: st.DrawFn) -> tuple[int | slice, ...]:
-    n = draw(st.integers(1, len(SHAPE)))
-    return tuple(_item(draw, SHAPE[a]) for a in range(n))
-
-
 @settings(deadline=None, max_examples=200)
 @given(
-    expr=expressions(),
+    expr=index_expressions(SHAPE),
     block_rows=st.integers(1, 30),
     capacity_blocks=st.integers(0, 60),
     copies_after=st.sampled_from([0, 1 << 30]),

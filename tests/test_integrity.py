@@ -28,6 +28,7 @@ from patchwire.v1 import codec
 
 from _datasets import write_arrays_dataset
 from _servers import serve_process, threaded_server
+from _strategies import index_expressions
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -392,22 +393,8 @@ def h5(tmp_path_factory: pytest.TempPathFactory) -> Iterator[h5py.File]:
     f.close()
 
 
-def _item(draw: st.DrawFn, dim: int) -> int | slice:
-    if draw(st.booleans()):
-        return draw(st.integers(-dim, dim - 1))
-    start = draw(st.one_of(st.none(), st.integers(-dim - 2, dim + 3)))
-    stop = draw(st.one_of(st.none(), st.integers(-dim - 2, dim + 5)))
-    return slice(start, stop)
-
-
-@st.composite
-def expressions(draw: st.DrawFn) -> tuple[int | slice, ...]:
-    n = draw(st.integers(1, len(SHAPE)))
-    return tuple(_item(draw, SHAPE[a]) for a in range(n))
-
-
 @settings(deadline=None, max_examples=200)
-@given(expr=expressions(), block_rows=st.integers(1, 30))
+@given(expr=index_expressions(SHAPE, negative=True), block_rows=st.integers(1, 30))
 def test_checked_reads_equal_h5py(h5: h5py.File, expr: tuple, block_rows: int) -> None:
     row_bytes = 9 * 7 * 2 * 4
     checksums = Checksums(BlockCache(0, block_rows * row_bytes).rows_per_block)
