@@ -32,7 +32,14 @@ from hypothesis import strategies as st
 from patchwire.service._catalog import Dataset
 from patchwire.service._errors import bounded_list
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec, dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
+from patchwire.v1 import (
+    assembly_service_pb2_grpc,
+    codec,
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
+    spec_pb2,
+    tensor_pb2,
+)
 
 import _fuzz
 from _fuzz import DOCUMENTED, DONE_JOB, LIVE_JOB, METHODS, SHAPE, SUBJECTS, Method, Outcome
@@ -405,6 +412,31 @@ def test_many_unknown_subjects_are_listed_in_a_few_words(served: Served) -> None
     )
     assert outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED, outcome
     assert "1000000 values" in outcome.details and len(outcome.details) < 500, outcome
+
+
+@pytest.mark.parametrize(
+    "region",
+    [b"", b"..", b"/proc/1/fd/3", b"x" * 31, b"x" * 33, b"\xff" * 1_000_000],
+    ids=["empty", "dotdot", "path", "short", "long", "huge"],
+)
+def test_hostile_shared_memory_regions_are_invalid_argument(served: Served, region: bytes) -> None:
+    """A region id is 32 bytes the server made: anything else (a path, '..', nothing, a megabyte) is refused by its
+    length, before any lookup, with a message that repeats none of it; a fetch and a post alike."""
+    fetch = apb.FetchSubjectRequest(
+        job_id=DONE_JOB, subject_index=1, shared_memory=apb.SharedMemory(region=region), accept_files=True
+    )
+    batch = apb.PredictionBatch(job_id=LIVE_JOB, sample_indices=[3], shared_memory=apb.SharedMemory(region=region))
+    batch.fields.add(key="prediction").stacked.CopyFrom(
+        tensor_pb2.Tensor(dtype=codec.DataType.DATA_TYPE_FLOAT32, shape=[1, SHAPE[1], SHAPE[2], 1])
+    )
+    batch.fields[0].stacked.chunked_nbytes = SHAPE[1] * SHAPE[2] * 4
+    batch.shared_offsets.append(4096)
+    post = [apb.PostPredictionsRequest(batch=batch).SerializeToString()]
+    for name, request in (("FetchSubject", fetch.SerializeToString()), ("PostPredictions", post)):
+        outcome = call(served, _method(name), request)
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (name, outcome)
+        assert f"region id is 32 bytes, got {len(region)}" in outcome.details, (name, outcome)
+        assert len(outcome.details) < 300 and "proc" not in outcome.details, (name, outcome)
 
 
 def test_a_five_megabyte_name_is_echoed_bounded(served: Served) -> None:
