@@ -8,7 +8,7 @@ Sections (each measured on the same generated pymia-format file, page cache warm
 
 a. **ceiling** — raw gRPC server streaming of 1 MiB ``bytes`` messages over loopback; the server
    (``benchmarks/ceiling_server.py``) runs in a subprocess, the client here, both with patchwire's process settings
-   (the allocator thresholds of ``patchwire.v1._malloc``, ``codec.channel_options()``). Measured before patchwire's
+   (the allocator thresholds of ``patchwire.wire.malloc``, ``framing.channel_options()``). Measured before patchwire's
    streaming and again right after it; the median of all those runs is the run's ceiling.
 b. **patchwire** — ``patchwire serve`` in a subprocess; here ``PytorchStreamingDataset(ds, batch_size=16,
    shuffle=True, seed=0)`` in ``DataLoader(batch_size=None, num_workers=0)`` for axial slices, axis-2 slices and
@@ -71,8 +71,8 @@ from patchwire.client import extraction as pw_extr
 from patchwire.client._datasource import PREFETCH_MESSAGES
 from patchwire.client.torch import PytorchStreamingDataset
 from patchwire.service._phantom import make_phantom_dataset
-from patchwire.v1 import codec
-from patchwire.v1._malloc import tune_client_process
+from patchwire.wire import framing
+from patchwire.wire.malloc import tune_client_process
 
 HERE = Path(__file__).resolve().parent
 BATCH_SIZE = 16
@@ -309,7 +309,7 @@ def _status_kb_meminfo(field: str) -> int | None:
 def bench_ceiling(mode: Mode, logs: Path) -> dict[str, Any]:
     args = [sys.executable, str(HERE / "ceiling_server.py")]
     with subprocess_server(args, "ceiling listening on ", logs / "ceiling-server.log") as (proc, address):
-        channel = grpc.insecure_channel(address, options=codec.channel_options())
+        channel = grpc.insecure_channel(address, options=framing.channel_options())
         try:
             stream = channel.unary_stream(CEILING_METHOD, _registered_method=False)
             request = f"{mode.ceiling_messages},{CEILING_MESSAGE_BYTES}".encode()

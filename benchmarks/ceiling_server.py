@@ -3,7 +3,7 @@
 One server-streaming method, ``/patchwire.bench.Ceiling/Stream``, with identity serialisers: the request is
 ``b"COUNT,SIZE"`` and the reply is COUNT messages of SIZE bytes (the same immutable ``bytes`` object each time, so
 the server does no per-message work beyond gRPC's own). It runs with the process settings ``patchwire serve`` uses:
-``tune_malloc(arena_max=2)``, the message limits of ``codec.channel_options()``, ``grpc.aio`` on uvloop. Prints
+``tune_malloc(arena_max=2)``, the message limits of ``framing.channel_options()``, ``grpc.aio`` on uvloop. Prints
 ``ceiling listening on 127.0.0.1:PORT`` once it serves and stops on SIGTERM/SIGINT.
 
 Usage: ``python benchmarks/ceiling_server.py``
@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 import grpc
 import uvloop
 
-from patchwire.v1 import codec
-from patchwire.v1._malloc import tune_malloc
+from patchwire.wire import framing
+from patchwire.wire.malloc import tune_malloc
 
 SERVICE = "patchwire.bench.Ceiling"
 METHOD = f"/{SERVICE}/Stream"
@@ -33,7 +33,7 @@ async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIte
 
 
 async def _serve() -> None:
-    server = grpc.aio.server(options=codec.channel_options())
+    server = grpc.aio.server(options=framing.channel_options())
     handler = grpc.method_handlers_generic_handler(SERVICE, {"Stream": grpc.unary_stream_rpc_method_handler(_stream)})
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")

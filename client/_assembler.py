@@ -17,7 +17,7 @@ exponential backoff and full jitter, for up to ``RetryPolicy.budget_s`` (60 s by
 :mod:`patchwire.client._retry`). Reads (``status``, ``fetch``, ``events``, ``export``) retry the same way.
 
 On the server's host, predictions and assembled volumes skip the wire: predictions are copied through shared-memory
-segments (``shared_memory``, see :mod:`patchwire.v1.shared_memory`), finished volumes are mapped from where the server
+segments (``shared_memory``, see :mod:`patchwire.wire.shared_memory`), finished volumes are mapped from where the server
 holds them (its files, or its memory lent until the arrays on it are gone), and only the small messages that say
 where they lie travel over gRPC. Segments are handed to the server over its Unix socket (one connection per process
 and server, made anew in a forked child) and registered as regions; the server's files come back over the same
@@ -57,7 +57,9 @@ from patchwire.client._errors import (
 from patchwire.client._retry import Outage, RetryPolicy, call_with_retries, retriable
 from patchwire.client.conversion import ImageProperties
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, shared_memory, tensor_pb2, values_pb2
+from patchwire.v1 import values_pb2
+from patchwire.wire import framing, shared_memory, tensors
+from patchwire.wire.names import OVERLAP_MODES
 
 __all__ = ["AssemblyEvent", "JobStatus", "RemoteSubjectAssembler", "SubjectProgress"]
 
@@ -72,11 +74,6 @@ FETCH_SEGMENT_BYTES = 1 << 36
 larger subject comes over the wire)."""
 SLOT_GRANULE = 1 << 20
 """Posting slots are sized in multiples of this, so that batches a little larger than the first keep their segment."""
-_MODES = {
-    "overwrite": apb.OVERLAP_MODE_OVERWRITE,
-    "average": apb.OVERLAP_MODE_AVERAGE,
-    "gaussian": apb.OVERLAP_MODE_GAUSSIAN,
-}
 _FORMATS = {
     ".nii": apb.EXPORT_FORMAT_NIFTI,
     ".nii.gz": apb.EXPORT_FORMAT_NIFTI,
@@ -172,21 +169,11 @@ def _as_numpy(value: Any) -> np.ndarray:
 Request = apb.PostPredictionsRequest | bytes  # chunk messages travel pre-serialised
 
 
-def _tensor(array: np.ndarray) -> tuple[Any, np.ndarray | None]:
-    """The Tensor for a prediction and, when its bytes travel apart from it, the array itself: shared memory takes
-    it as it is (strided arrays included, copied once into the segment), the wire as a contiguous copy."""
-    if array.dtype.byteorder != ">" and array.nbytes > codec.INLINE_MAX_BYTES and array.dtype.kind in "biuf":
-        wire_dtype = codec.dtype_to_proto(array.dtype)
-        return tensor_pb2.Tensor(dtype=wire_dtype, shape=array.shape, chunked_nbytes=array.nbytes), array
-    tensor, payload = codec.array_to_tensor(array)
-    return tensor, None if payload is None else np.frombuffer(payload, dtype=np.uint8)
-
-
 def _with_chunks(batch: apb.PredictionBatch, payloads: Sequence[np.ndarray]) -> list[Request]:
     """The batch request, then its tensors' chunk messages as wire bytes (one copy of each payload)."""
     out: list[Request] = [apb.PostPredictionsRequest(batch=batch)]
     for p in payloads:
-        out.extend(codec.serialized_chunks(np.ascontiguousarray(p).reshape(-1).data.cast("B")))
+        out.extend(framing.serialized_chunks(np.ascontiguousarray(p).reshape(-1).data.cast("B")))
     return out
 
 
@@ -371,7 +358,7 @@ _LEASES = _Leases()
 
 class _Channels:
     """This process's connections to servers' shared-memory sockets, one per server address (see
-    :class:`patchwire.v1.shared_memory.Channel`). A forked child makes its own."""
+    :class:`patchwire.wire.shared_memory.Channel`). A forked child makes its own."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -479,8 +466,8 @@ class RemoteSubjectAssembler:
         window: int = 1,
         shared_memory: bool | None = None,
     ) -> None:
-        if overlap not in _MODES:
-            raise ValueError(f"overlap must be one of {', '.join(_MODES)}, got {overlap!r}")
+        if overlap not in OVERLAP_MODES:
+            raise ValueError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, got {overlap!r}")
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self._connection = connection
@@ -514,10 +501,10 @@ class RemoteSubjectAssembler:
         # same job instead of making a second one.
         request = apb.CreateJobRequest(
             spec=self.datasource._spec,
-            overlap_mode=_MODES[self.overlap],
+            overlap_mode=OVERLAP_MODES[self.overlap],
             job_id=self.job_id or uuid.uuid4().hex[:12],
             entries=[
-                apb.OutputEntry(name=name, channels=c, dtype=codec.dtype_to_proto(dt))
+                apb.OutputEntry(name=name, channels=c, dtype=tensors.dtype_to_proto(dt))
                 for name, (c, dt) in entries.items()
             ],
         )
@@ -609,7 +596,7 @@ class RemoteSubjectAssembler:
         batch = apb.PredictionBatch(job_id=self._job(), sample_indices=indices, last_batch=last_batch)
         payloads: list[np.ndarray] = []
         for key, arr in arrays.items():
-            tensor, payload = _tensor(arr)
+            tensor, payload = tensors.detached_tensor(arr)
             batch.fields.add(key=key, stacked=tensor)
             if payload is not None:
                 payloads.append(payload)
@@ -646,7 +633,9 @@ class RemoteSubjectAssembler:
             field.per_sample.SetInParent()
             for v in values:
                 arr = _as_numpy(v)
-                tensor, payload = _tensor(arr if self.dtype is None else arr.astype(self.dtype, copy=False))
+                tensor, payload = tensors.detached_tensor(
+                    arr if self.dtype is None else arr.astype(self.dtype, copy=False)
+                )
                 field.per_sample.values.append(values_pb2.Value(tensor=tensor))
                 if payload is not None:
                     payloads.append(payload)
@@ -794,7 +783,7 @@ class RemoteSubjectAssembler:
             if message.shared_files:
                 for _ in responses:
                     raise ConnectionFailed("the server sent chunks after a subject it named files for")
-                sizes = [t.chunked_nbytes for t in codec.batch_tensors(message.batch) if t.chunked_nbytes]
+                sizes = [t.chunked_nbytes for t in framing.batch_tensors(message.batch) if t.chunked_nbytes]
                 if len(sizes) != len(message.shared_files):
                     raise ConnectionFailed(
                         f"the server named {len(message.shared_files)} files for {len(sizes)} payloads"
@@ -811,7 +800,7 @@ class RemoteSubjectAssembler:
                 return decoded
             for _ in responses:  # nothing follows the batch: read the stream to its end
                 raise ConnectionFailed("the server sent chunks after a subject it wrote into shared memory")
-            sizes = [t.chunked_nbytes for t in codec.batch_tensors(message.batch) if t.chunked_nbytes]
+            sizes = [t.chunked_nbytes for t in framing.batch_tensors(message.batch) if t.chunked_nbytes]
             offsets = list(message.shared_offsets)
             if len(sizes) != len(offsets):
                 raise ConnectionFailed(f"the server gave {len(offsets)} offsets for {len(sizes)} payloads")

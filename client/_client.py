@@ -14,7 +14,8 @@ from patchwire.client._errors import translate_rpc_errors
 from patchwire.client._retry import RetryPolicy
 from patchwire.client.conversion import ImageProperties
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, dataset_service_pb2
+from patchwire.v1 import dataset_service_pb2
+from patchwire.wire import tensors
 
 if TYPE_CHECKING:
     from patchwire.client.extraction import Extractor, IndexingStrategy
@@ -79,12 +80,12 @@ class Client:
         subjects = []
         for s in r.subjects:
             arrays = tuple(
-                ArrayInfo(a.category, tuple(a.shape), "str" if a.is_string else str(codec.dtype_from_proto(a.dtype)))
+                ArrayInfo(a.category, tuple(a.shape), "str" if a.is_string else str(tensors.dtype_from_proto(a.dtype)))
                 for a in s.arrays
             )
             props = None
             if s.HasField("image_properties"):
-                props = ImageProperties._from_proto(s.image_properties)
+                props = ImageProperties.from_proto(s.image_properties)
             subjects.append(SubjectInfo(int(s.index), s.name, arrays, props))
         return DatasetInfo(
             r.name,

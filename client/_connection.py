@@ -16,17 +16,18 @@ from typing import Any
 
 import grpc
 
+from patchwire.client import _page_pool
 from patchwire.client._credentials import Credentials
 from patchwire.client._errors import ConnectionFailed, from_grpc
 from patchwire.client._retry import RECONNECT_OPTIONS
 from patchwire.v1 import (
     assembly_service_pb2,
     assembly_service_pb2_grpc,
-    codec,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
 )
-from patchwire.v1._malloc import tune_client_process
+from patchwire.wire import framing
+from patchwire.wire.malloc import tune_client_process
 
 __all__ = ["Connection"]
 
@@ -49,10 +50,10 @@ class Connection:
             _live.add(self)
 
     @property
-    def buffers(self) -> codec.BufferPool:
+    def buffers(self) -> _page_pool.PagePool:
         """Payload buffers of this connection's streams: the process's pool, recycled across calls and connections
         (made on first use: a client that never streams maps no reserve)."""
-        return codec.shared_pool()
+        return _page_pool.process_pool()
 
     @property
     def channel(self) -> grpc.Channel:
@@ -79,7 +80,7 @@ class Connection:
         call = self._raw.get(method)
         if call is None:
             call = self._raw[method] = self.channel.unary_stream(
-                method, request_serializer=codec.passthrough_serializer, response_deserializer=_identity
+                method, request_serializer=framing.passthrough_serializer, response_deserializer=_identity
             )
         return call
 
@@ -90,7 +91,7 @@ class Connection:
         if call is None:
             call = self._raw["post"] = self.channel.stream_stream(
                 "/patchwire.v1.AssemblyService/PostPredictions",
-                request_serializer=codec.passthrough_serializer,
+                request_serializer=framing.passthrough_serializer,
                 response_deserializer=assembly_service_pb2.PostPredictionsResponse.FromString,
             )
         return call
@@ -101,7 +102,7 @@ class Connection:
         with self._lock:
             if self._channel is None or self._pid != os.getpid():
                 tune_client_process()
-                options = [*codec.channel_options(), *RECONNECT_OPTIONS]
+                options = [*framing.channel_options(), *RECONNECT_OPTIONS]
                 self._channel = self.credentials.channel(self.address, options)
                 self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
                 self._assembly = assembly_service_pb2_grpc.AssemblyServiceStub(self._channel)

@@ -16,7 +16,9 @@ from patchwire.client._decoding import DecodedBatch, decode_stream
 from patchwire.client._errors import translate_rpc_errors
 from patchwire.client._prefetch import prefetched
 from patchwire.client.transformation import split_transform
-from patchwire.v1 import codec, dataset_service_pb2, spec_pb2
+from patchwire.v1 import dataset_service_pb2, spec_pb2
+from patchwire.wire import compression
+from patchwire.wire.batches import same_shape_and_dtype
 
 if TYPE_CHECKING:
     from patchwire.client.extraction import Extractor, IndexingStrategy
@@ -80,7 +82,7 @@ class RemoteDatasource:
         self._connection = connection
         self.dataset = dataset
         self.label_compression = label_compression
-        self._compression = _compression(label_compression)
+        self._compression = compression.compression_from_name(label_compression)
         self.indexing_strategy = indexing_strategy
         self.extractor = extractor
         self.transform = transform
@@ -156,7 +158,7 @@ class RemoteDatasource:
             dataset=self.dataset, extractor=extractor._to_proto(), subject_index=int(subject_index)
         )
         if index_expr is not None:
-            extraction.index_expression.CopyFrom(index_expr._to_proto())
+            extraction.index_expression.CopyFrom(index_expr.to_proto())
         if server_transform is not None:
             extraction.transform.CopyFrom(server_transform)
         request = dataset_service_pb2.DirectExtractRequest(extraction=extraction)
@@ -279,22 +281,9 @@ class RemoteDatasource:
         self._connection.close()
 
 
-def _compression(name: str | None) -> codec.Compression.ValueType:
-    """The wire codec for ``label_compression``: None (raw) or 'lz4'."""
-    if name is None:
-        return codec.Compression.COMPRESSION_UNSPECIFIED
-    if name == "lz4":
-        return codec.Compression.COMPRESSION_LZ4
-    raise ValueError(f"label_compression must be None or 'lz4', got {name!r}")
-
-
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        first = values[0]
-        same = isinstance(first, np.ndarray) and all(
-            isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values
-        )
-        out[key] = np.stack(values) if same else values
+        out[key] = np.stack(values) if same_shape_and_dtype(values) else values
     return out

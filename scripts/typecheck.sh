@@ -7,6 +7,7 @@ view=.tools/typecheck/patchwire
 rm -rf .tools/typecheck && mkdir -p "$view"
 ln -s "$PWD/service" "$view/service"
 ln -s "$PWD/client" "$view/client"
+ln -s "$PWD/wire" "$view/wire"
 ln -s "$PWD/protos/patchwire/v1" "$view/v1"
 MYPYPATH=.tools/typecheck .venv/bin/mypy --namespace-packages --explicit-package-bases \
-  -p patchwire.service -p patchwire.client -p patchwire.v1.codec -p patchwire.v1._malloc "$@"
+  -p patchwire.service -p patchwire.client -p patchwire.wire "$@"

@@ -71,7 +71,9 @@ from patchwire.service._errors import (
 from patchwire.service._journal import Journal, confined, fsync_path, record_bytes, write_atomic
 from patchwire.service._limits import DiskQuota, Limits, exhausted
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import shared_memory, spec_pb2
+from patchwire.v1 import spec_pb2
+from patchwire.wire import shared_memory, tensors
+from patchwire.wire.names import OVERLAP_MODES, overlap_mode_name
 
 __all__ = ["AssemblyStore", "EntrySpec", "Job", "PostResult"]
 
@@ -83,12 +85,6 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 """Job ids name their folder under ``state_dir/jobs``: a letter or digit first (never ``.`` or ``..``), no ``/``."""
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 """Entry names are part of buffer and result file names: no ``/``, no leading ``.``, at most 64 characters."""
-MODES = {
-    apb.OVERLAP_MODE_OVERWRITE: "overwrite",
-    apb.OVERLAP_MODE_AVERAGE: "average",
-    apb.OVERLAP_MODE_GAUSSIAN: "gaussian",
-}
-_MODE_VALUES = {v: k for k, v in MODES.items()}
 
 
 @dataclass(frozen=True)
@@ -866,7 +862,7 @@ class Job:
             entries=[
                 apb.OutputEntry(name=e.name, channels=e.channels, dtype=_dtype_proto(e.dtype)) for e in self.entries
             ],
-            overlap_mode=_MODE_VALUES[self.mode],
+            overlap_mode=OVERLAP_MODES[self.mode],
             expected_samples=self.source.length,
             received_samples=sum(s.count for s in self.subjects.values()),
             subject_count=len(self.subjects),
@@ -1068,9 +1064,8 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _dtype_proto(dtype: np.dtype[Any]) -> Any:
-    from patchwire.v1 import codec
 
-    return codec.dtype_to_proto(dtype)
+    return tensors.dtype_to_proto(dtype)
 
 
 class AssemblyStore:
@@ -1136,7 +1131,7 @@ class AssemblyStore:
         PERMISSION_DENIED, whatever the parameters, so that neither the job nor its parameters are revealed)."""
         if not request.HasField("spec"):
             raise InvalidArgument("spec: the datasource whose predictions to assemble is required")
-        if request.overlap_mode not in MODES:
+        if request.overlap_mode not in OVERLAP_MODES.values():
             raise InvalidArgument(
                 f"overlap_mode: choose OVERLAP_MODE_OVERWRITE, _AVERAGE or _GAUSSIAN, got {request.overlap_mode}"
             )
@@ -1152,9 +1147,7 @@ class AssemblyStore:
             if e.channels <= 0:
                 raise InvalidArgument(f"entries[{k}].channels: must be positive, got {e.channels}")
             try:
-                from patchwire.v1 import codec
-
-                dtype = codec.dtype_from_proto(e.dtype)
+                dtype = tensors.dtype_from_proto(e.dtype)
             except ValueError:
                 raise InvalidArgument(f"entries[{k}].dtype: unknown or unspecified dtype {e.dtype}") from None
             entries.append(EntrySpec(e.name, int(e.channels), dtype))
@@ -1169,7 +1162,7 @@ class AssemblyStore:
                 f"job_id: {bounded(job_id)} may use only letters, digits, '-', '_' and '.', must begin with a letter "
                 "or digit and have at most 128 characters"
             )
-        mode = MODES[request.overlap_mode]
+        mode = overlap_mode_name(request.overlap_mode)
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:

@@ -13,7 +13,6 @@ import numpy as np
 
 from patchwire.service._assembly import AssemblyStore, Job
 from patchwire.service._auth import Identity, current_identity
-from patchwire.service._encoding import encode_batch
 from patchwire.service._errors import (
     FailedPrecondition,
     Internal,
@@ -23,12 +22,16 @@ from patchwire.service._errors import (
     translate_errors,
 )
 from patchwire.service._export import export_subject
-from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.service._extraction import image_properties
 from patchwire.service._limits import check_announced
 from patchwire.service._requests import parse_request
 from patchwire.service._shared_regions import Region, SharedRegions
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
+from patchwire.v1 import assembly_service_pb2_grpc
+from patchwire.wire import framing, shared_memory, tensors
+from patchwire.wire.batches import batch_arrays, encode_batch
+from patchwire.wire.framing import BatchReader, FramingError
+from patchwire.wire.geometry import ImageProperties
 
 __all__ = ["AssemblyServicer"]
 
@@ -213,7 +216,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
                 return encoded, apb.FetchSubjectResponse(
                     batch=encoded.batch, shared_files=_shared_files(encoded, offered)
                 )
-            sizes = [t.chunked_nbytes for t in codec.batch_tensors(encoded.batch) if t.chunked_nbytes]
+            sizes = [t.chunked_nbytes for t in framing.batch_tensors(encoded.batch) if t.chunked_nbytes]
             offsets, end = shared_memory.layout(sizes)
             if end > segment.current_size():  # does not fit: the wire carries it
                 return encoded, None
@@ -258,7 +261,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         job = self._job(request.job_id)
         name, data = await self._run(export_subject, job, int(request.subject_index), request.format, request.entry)
         yield apb.ExportSubjectResponse(file=apb.ExportedFile(file_name=name, size=len(data)))
-        for piece in codec.chunks(data):
+        for piece in framing.chunks(data):
             yield apb.ExportSubjectResponse(data=piece)
 
     @translate_errors
@@ -309,13 +312,13 @@ def _shared_files(encoded: Any, files: dict[str, apb.SharedFile]) -> list[apb.Sh
         for field in encoded.batch.fields
         if field.WhichOneof("value") == "stacked" and field.stacked.chunked_nbytes
     ]
-    if len(out) != sum(1 for t in codec.batch_tensors(encoded.batch) if t.chunked_nbytes):
+    if len(out) != sum(1 for t in framing.batch_tensors(encoded.batch) if t.chunked_nbytes):
         raise Internal("a fetched subject's payloads do not all come from its result files")
     return out
 
 
-def _properties(job: Job, subject_index: int) -> ImagePropertiesValue:
-    return ImagePropertiesValue.from_geometry(job.source.dataset.require_geometry(subject_index))
+def _properties(job: Job, subject_index: int) -> ImageProperties:
+    return image_properties(job.source.dataset.require_geometry(subject_index))
 
 
 class _StreamSegments:
@@ -329,7 +332,7 @@ class _StreamSegments:
         live, even if the region is unregistered meanwhile)."""
         segment = self._region(batch.shared_memory, "batch.shared_memory").segment
         try:
-            sizes = [codec.announced_nbytes(t) for t in codec.batch_tensors(batch) if t.chunked_nbytes]
+            sizes = [tensors.announced_nbytes(t) for t in framing.batch_tensors(batch) if t.chunked_nbytes]
         except ValueError as exc:
             raise InvalidArgument(f"batch.fields: {exc}") from None
         if len(sizes) != len(batch.shared_offsets):
@@ -351,62 +354,30 @@ async def _received_batches(
     """The complete prediction batches of a PostPredictions stream: (batch message, arrays by field). Before
     anything a batch announces is allocated or read, its job must exist and be the caller's (``job_of``) and its
     announced sizes must lie within the store's limits (``check_announced``)."""
-    batch = None
-    assembler: codec.ChunkAssembler | None = None
-    async for raw in request_iterator:
-        try:
-            data = codec.chunk_data(raw) if isinstance(raw, bytes) else None
-        except ValueError as exc:
-            raise InvalidArgument(f"chunk: {exc}") from None
-        if data is not None:  # a chunk, read straight from the wire bytes
-            if assembler is None:
-                raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")
-            try:
-                assembler.add(data)
-            except ValueError as exc:
-                raise InvalidArgument(f"chunk: {exc}") from None
-            request = None
-        else:
-            request = parse_request(apb.PostPredictionsRequest, raw) if isinstance(raw, bytes) else raw
-        if request is None:
-            pass
-        elif request.WhichOneof("payload") == "batch":
-            if assembler is not None and not assembler.complete:
-                raise InvalidArgument("batch: a new batch arrived before the previous batch's tensor chunks")
-            batch = request.batch
-            job_of(batch.job_id, "batch.job_id")  # NOT_FOUND or PERMISSION_DENIED before a byte is allocated for it
-            check_announced(batch, store.limits)
-            if batch.HasField("shared_memory"):  # complete as it is: its payloads lie in the client's segment
-                payloads: list[Any] = segments.payloads(batch)
-                try:
-                    arrays = codec.batch_arrays(batch, payloads)
-                except (ValueError, TypeError) as exc:
-                    raise InvalidArgument(f"batch.fields: {exc}") from None
-                yield batch, arrays
-                batch, assembler = None, None
+
+    def admit(batch: apb.PredictionBatch) -> list[memoryview] | None:
+        job_of(batch.job_id, "batch.job_id")  # NOT_FOUND or PERMISSION_DENIED before a byte is allocated for it
+        check_announced(batch, store.limits)
+        if batch.HasField("shared_memory"):  # complete as it is: its payloads lie in the client's segment
+            return segments.payloads(batch)
+        if batch.shared_offsets:
+            raise InvalidArgument("batch.shared_offsets: given without batch.shared_memory")
+        return None
+
+    reader = BatchReader(
+        lambda raw: parse_request(apb.PostPredictionsRequest, raw), max_bytes=store.limits.max_post_bytes, admit=admit
+    )
+    try:
+        async for raw in request_iterator:
+            complete = reader.feed(raw)
+            if complete is None:
                 continue
-            if batch.shared_offsets:
-                raise InvalidArgument("batch.shared_offsets: given without batch.shared_memory")
-            try:  # (check_announced refused anything larger already)
-                assembler = codec.ChunkAssembler(codec.batch_tensors(batch), max_bytes=store.limits.max_post_bytes)
-            except ValueError as exc:
-                raise InvalidArgument(f"batch.fields: {exc}") from None
-        elif request.WhichOneof("payload") == "chunk":
-            if assembler is None:
-                raise InvalidArgument("chunk: a tensor chunk arrived before any batch announced it")
+            batch, payloads = complete
             try:
-                assembler.add(request.chunk.data)
-            except ValueError as exc:
-                raise InvalidArgument(f"chunk: {exc}") from None
-        else:
-            raise InvalidArgument("payload: neither batch nor chunk is set")
-        if assembler is None or not assembler.complete or batch is None:
-            continue
-        try:
-            arrays = codec.batch_arrays(batch, assembler.payloads())
-        except (ValueError, TypeError) as exc:
-            raise InvalidArgument(f"batch.fields: {exc}") from None
-        yield batch, arrays
-        batch, assembler = None, None
-    if assembler is not None:
-        raise InvalidArgument("the stream ended in the middle of a batch's tensor chunks")
+                arrays = batch_arrays(batch, payloads)
+            except (ValueError, TypeError) as exc:
+                raise InvalidArgument(f"batch.fields: {exc}") from None
+            yield batch, arrays
+        reader.finish()
+    except FramingError as exc:
+        raise InvalidArgument(str(exc)) from None

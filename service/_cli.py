@@ -185,7 +185,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from patchwire.service._limits import limits_from_args
     from patchwire.service._server import PatchwireServer, ServerConfig
     from patchwire.service._tls import exposed_without_tls
-    from patchwire.v1._malloc import tune_malloc
+    from patchwire.wire.malloc import tune_malloc
 
     if args.phantom:
         from patchwire.service._phantom import ensure_phantom_dataset

@@ -13,10 +13,11 @@ import numpy as np
 from patchwire.service._catalog import Dataset
 from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
 from patchwire.service._extraction import Extractor, Params, compile_extractor
-from patchwire.service._indexing import Expression, compile_indexing, expression_from_proto
+from patchwire.service._indexing import Expression, compile_indexing
 from patchwire.service._limits import Limits, check_spec
 from patchwire.service._transforms import Transform, compile_transform
 from patchwire.v1 import spec_pb2
+from patchwire.wire.indexexpression import expression_from_proto
 
 if TYPE_CHECKING:
     from patchwire.service._served import ServedDataset
@@ -113,7 +114,10 @@ def direct_extract(
     s = dataset.check_subject(int(msg.subject_index), "extraction.subject_index")
     expr: Expression = slice(None)
     if msg.HasField("index_expression"):
-        expr = expression_from_proto(msg.index_expression, "extraction.index_expression")
+        try:
+            expr = expression_from_proto(msg.index_expression, "extraction.index_expression")
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
     extracted: dict[str, Any] = {}
     try:
         extractor.extract(dataset, Params(s, expr, None), extracted)

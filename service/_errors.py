@@ -28,6 +28,8 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from patchwire.wire.batches import EncodingError
+
 __all__ = [
     "MAX_ECHO_CHARS",
     "MAX_MESSAGE_CHARS",
@@ -132,6 +134,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     if isinstance(exc, MemoryError):  # a request whose memory the server could not get: refused, not a crash
         exc = ResourceExhausted(f"{method}: the server has no memory for this request")
+    elif isinstance(exc, EncodingError):  # samples a request's spec made that cannot travel (e.g. a list of objects)
+        exc = InvalidArgument(str(exc))
     if isinstance(exc, ServiceError) and not isinstance(exc, Internal):
         message = _cut(str(exc))
         _log.warning("%s: %s: %s", method, exc.code.name, message)  # one bounded line: a client's doing, no traceback

@@ -22,24 +22,27 @@ from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bou
 from patchwire.service._indexing import WHOLE, Expression
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2
+from patchwire.wire.definition import (
+    KEY_FILE_ROOT,
+    KEY_INDEX_EXPR,
+    KEY_PROPERTIES,
+    KEY_SHAPE,
+    KEY_SUBJECT,
+    KEY_SUBJECT_INDEX,
+)
+from patchwire.wire.geometry import ImageProperties
+from patchwire.wire.indexexpression import IndexExpression
 
 __all__ = [
     "MAX_NESTING",
     "Extractor",
-    "ImagePropertiesValue",
-    "IndexExpressionValue",
     "Params",
     "compile_extractor",
     "derive_seed",
+    "image_properties",
     "short_field",
 ]
 
-KEY_SUBJECT_INDEX = "subject_index"
-KEY_SUBJECT = "subject"
-KEY_INDEX_EXPR = "index_expr"
-KEY_PROPERTIES = "properties"
-KEY_SHAPE = "shape"
-KEY_FILE_ROOT = "file_root"
 SITK_UINT8 = 1  # SimpleITK's pixel id of sitkUInt8: pymia rebuilds properties from a uint8 image
 
 
@@ -53,25 +56,9 @@ class Params:
     """Arrays must be the sample's own (a transform may modify them in place); False allows read-only views."""
 
 
-@dataclass(frozen=True)
-class ImagePropertiesValue:
-    size: tuple[int, ...]
-    origin: tuple[float, ...]
-    spacing: tuple[float, ...]
-    direction: tuple[float, ...]
-    dimensions: int
-    number_of_components_per_pixel: int
-    pixel_id: int
-
-    @classmethod
-    def from_geometry(cls, g: SubjectGeometry) -> ImagePropertiesValue:
-        """What pymia's ImagePropertiesExtractor gives: it rebuilds the properties from a uint8 image."""
-        return cls(g.size, g.origin, g.spacing, g.direction, len(g.size), 1, SITK_UINT8)
-
-
-@dataclass(frozen=True)
-class IndexExpressionValue:
-    expression: Expression
+def image_properties(g: SubjectGeometry) -> ImageProperties:
+    """What pymia's ImagePropertiesExtractor gives: it rebuilds the properties from a uint8 image."""
+    return ImageProperties(g.size, g.origin, g.spacing, g.direction, len(g.size), 1, SITK_UINT8)
 
 
 def derive_seed(seed: int, sample_index: int | None) -> int:
@@ -166,13 +153,13 @@ class _Subject(Extractor):
 class _Indexing(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         extracted[KEY_SUBJECT_INDEX] = params.subject_index
-        extracted[KEY_INDEX_EXPR] = IndexExpressionValue(params.expression)
+        extracted[KEY_INDEX_EXPR] = IndexExpression.of(params.expression)
 
 
 class _ImageProperties(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         geometry = reader.require_geometry(params.subject_index)
-        extracted[KEY_PROPERTIES] = ImagePropertiesValue.from_geometry(geometry)
+        extracted[KEY_PROPERTIES] = image_properties(geometry)
 
 
 class _ImagePropertyShape(Extractor):
@@ -221,7 +208,7 @@ class _Pad(Extractor):
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         expr = params.expression
-        items = [slice(None)] * len(self.padding) if expr == WHOLE else list(expr)
+        items = [slice(None)] * len(self.padding) if isinstance(expr, slice) else list(expr)
         if len(items) != len(self.padding):
             raise InvalidArgument(
                 f"extractor.pad_data.padding: {len(self.padding)} axes given but the index "

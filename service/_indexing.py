@@ -11,24 +11,19 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from patchwire.service._errors import InvalidArgument, bounded
-from patchwire.v1 import spec_pb2, values_pb2
+from patchwire.v1 import spec_pb2
+from patchwire.wire.indexexpression import WHOLE, Expression
 
 __all__ = [
     "WHOLE",
     "Expression",
     "Indexing",
     "compile_indexing",
-    "expression_from_proto",
-    "expression_to_proto",
 ]
-
-WHOLE = slice(None)
-Expression = Any  # slice(None) or tuple[int | slice, ...]
 
 
 class Indexing(abc.ABC):
@@ -212,41 +207,3 @@ def compile_indexing(msg: spec_pb2.IndexingStrategy | None) -> Indexing:
     if kind == "voxel_wise":
         return _VoxelWise(msg.voxel_wise.image_dimension)
     raise InvalidArgument(f"indexing_strategy: unknown strategy {kind!r}")
-
-
-def expression_to_proto(expr: Expression) -> values_pb2.IndexExpression:
-    out = values_pb2.IndexExpression()
-    if isinstance(expr, slice):
-        if expr != WHOLE:
-            raise ValueError(f"unsupported bare expression {expr!r}")
-        out.whole = True
-        return out
-    for item in expr:
-        axis = out.axes.add()
-        if isinstance(item, slice):
-            axis.range.SetInParent()
-            if item.start is not None:
-                axis.range.start = item.start
-            if item.stop is not None:
-                axis.range.stop = item.stop
-        else:
-            axis.index = int(item)
-    return out
-
-
-def expression_from_proto(msg: values_pb2.IndexExpression, field: str) -> Expression:
-    if msg.whole:
-        if msg.axes:
-            raise InvalidArgument(f"{field}: an expression is either whole or has axes, not both")
-        return WHOLE
-    items: list[int | slice] = []
-    for i, axis in enumerate(msg.axes):
-        kind = axis.WhichOneof("kind")
-        if kind == "index":
-            items.append(int(axis.index))
-        elif kind == "range":
-            r = axis.range
-            items.append(slice(r.start if r.HasField("start") else None, r.stop if r.HasField("stop") else None))
-        else:
-            raise InvalidArgument(f"{field}.axes[{i}]: neither index nor range is set")
-    return tuple(items)

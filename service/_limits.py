@@ -32,7 +32,7 @@ from google.protobuf.message import Message
 
 from patchwire.service._auth import ANONYMOUS, current_identity
 from patchwire.service._errors import InvalidArgument, ResourceExhausted, bounded
-from patchwire.v1 import codec
+from patchwire.wire import compression, framing, tensors
 
 __all__ = [
     "CallLimiter",
@@ -316,9 +316,9 @@ def check_announced(batch: Any, limits: Limits) -> None:
             "--max-indices",
         )
     raw_total = wire_total = 0
-    for k, tensor in enumerate(codec.batch_tensors(batch)):
+    for k, tensor in enumerate(framing.batch_tensors(batch)):
         try:
-            dtype = codec.dtype_from_proto(tensor.dtype)
+            dtype = tensors.dtype_from_proto(tensor.dtype)
         except ValueError as exc:
             raise InvalidArgument(f"batch.fields: {exc} (tensor {k})") from None
         if any(d < 0 for d in tensor.shape):
@@ -327,7 +327,7 @@ def check_announced(batch: Any, limits: Limits) -> None:
         raw_total += raw
         if tensor.chunked_nbytes:
             wire = int(tensor.chunked_nbytes)
-            if tensor.compression == codec.Compression.COMPRESSION_UNSPECIFIED and wire != raw:
+            if tensor.compression == compression.Compression.COMPRESSION_UNSPECIFIED and wire != raw:
                 raise InvalidArgument(
                     f"batch.fields: tensor of shape {bounded(tuple(tensor.shape))} and dtype {dtype} needs {raw} "
                     f"bytes, but announces {wire} (tensor {k})"

@@ -26,9 +26,8 @@ from patchwire.service._auth import Authenticator, ReflectionGate, guarded, load
 from patchwire.service._cache import BlockCache
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
-from patchwire.service._encoding import Encoded, encode_batch, properties_to_proto
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
-from patchwire.service._extraction import ImagePropertiesValue
+from patchwire.service._extraction import image_properties
 from patchwire.service._limits import CallLimiter, Limits, check_sample_bytes, check_spec, exhausted
 from patchwire.service._requests import parsed
 from patchwire.service._served import ServedDataset
@@ -36,7 +35,9 @@ from patchwire.service._shared_regions import SharedRegions
 from patchwire.service._shared_socket import SharedMemorySocket
 from patchwire.service._tls import exposed_without_tls, server_credentials
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, shared_memory
+from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc
+from patchwire.wire import compression, framing, shared_memory, tensors
+from patchwire.wire.batches import Encoded, encode_batch
 
 __all__ = ["DatasetServicer", "PatchwireServer", "ServerConfig", "dataset_health_name"]
 
@@ -69,7 +70,7 @@ class ServerConfig:
     """Threads that read and transform samples (h5py serialises reads; numpy work runs in parallel)."""
     grace_seconds: float = 5.0
     """How long stop() lets running calls finish."""
-    options: Sequence[tuple[str, Any]] = field(default_factory=codec.channel_options)
+    options: Sequence[tuple[str, Any]] = field(default_factory=framing.channel_options)
     """gRPC server options; the message-size limits are set deliberately on both ends."""
     state_dir: Path | None = None
     """Where assembly jobs live (journals, partial volumes, results); a restart with the same folder recovers them.
@@ -81,7 +82,7 @@ class ServerConfig:
     shared_memory: bool = True
     """Let assembly clients on this host, running as this server's user, post and fetch predictions through
     shared-memory segments instead of the wire: they hand their descriptors over the server's Unix socket
-    (:mod:`patchwire.v1.shared_memory`). False: no socket, registration fails with FAILED_PRECONDITION."""
+    (:mod:`patchwire.wire.shared_memory`). False: no socket, registration fails with FAILED_PRECONDITION."""
     shared_memory_uids: tuple[int, ...] | None = None
     """User ids whose processes may share memory with this server (None: only the server's own)."""
     shared_memory_dir: Path | None = None
@@ -224,7 +225,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         batch_size: int,
         response_type: Any,
         first_position: int = 0,
-        compression: int = codec.Compression.COMPRESSION_UNSPECIFIED,
+        compression: int = compression.Compression.COMPRESSION_UNSPECIFIED,
     ) -> AsyncIterator[Any]:
         """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead.
         Messages are built in the executor, which stops within one sample once the call ends (``stopped``); a
@@ -270,7 +271,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 pending = None
                 if start < len(indices):
                     per_sample = max(encoded.nbytes / max(count, 1), 1.0)
-                    batches = max(1, math.floor(codec.TARGET_MESSAGE_BYTES / (per_sample * batch_size)))
+                    batches = max(1, math.floor(framing.TARGET_MESSAGE_BYTES / (per_sample * batch_size)))
                     per_message = min(batches * batch_size, max(MAX_SAMPLES_PER_MESSAGE, batch_size))
                     pending = asyncio.ensure_future(self._run(build, start, per_message))
                 # chunk messages are made one at a time as gRPC takes them: a batch's payload is not held twice
@@ -292,8 +293,8 @@ def _identity(data: bytes) -> bytes:
 
 
 def _compression(value: int) -> int:
-    if value not in codec.Compression.values():
-        known = ", ".join(codec.Compression.keys())
+    if value not in compression.Compression.values():
+        known = ", ".join(compression.Compression.keys())
         raise InvalidArgument(f"integer_compression: unknown codec {value} (this server knows {known})")
     return value
 
@@ -306,7 +307,7 @@ def _handlers(
     servicer: Any, service_name: str, auth: Authenticator | None = None, limiter: CallLimiter | None = None
 ) -> grpc.GenericRpcHandler:
     """The servicer's methods as gRPC handlers whose responses may be pre-serialised bytes (see
-    ``codec.passthrough_serializer``) and whose requests arrive as bytes, parsed by the handler (``_requests.parsed``:
+    ``framing.passthrough_serializer``) and whose requests arrive as bytes, parsed by the handler (``_requests.parsed``:
     INVALID_ARGUMENT for bytes that do not parse): like the generated ``add_*Servicer_to_server`` otherwise.
     With ``auth`` each method first passes the authentication and role gate (``_auth.guarded``), then, with
     ``limiter``, the limits on concurrent calls (``_limits.CallLimiter``), which count by the identity the gate set;
@@ -330,7 +331,7 @@ def _handlers(
                 auth,
             ),
             request_deserializer=_identity,
-            response_serializer=codec.passthrough_serializer,
+            response_serializer=framing.passthrough_serializer,
         )
         for m in service.methods
     }
@@ -359,9 +360,9 @@ def _describe(ds: Dataset) -> dataset_service_pb2.DescribeDatasetResponse:
         for cat, shape, dtype, is_string in ds.array_info(s):
             info = subject.arrays.add(category=cat, shape=shape, is_string=is_string)
             if not is_string:
-                info.dtype = codec.dtype_to_proto(dtype)
+                info.dtype = tensors.dtype_to_proto(dtype)
         if ds.geometry is not None:
-            subject.image_properties.CopyFrom(properties_to_proto(ImagePropertiesValue.from_geometry(ds.geometry[s])))
+            subject.image_properties.CopyFrom(image_properties(ds.geometry[s]).to_proto())
     return out
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from patchwire.service._auth import Identity
 from patchwire.service._errors import FailedPrecondition, NotFound, PermissionDenied
-from patchwire.v1 import shared_memory
+from patchwire.wire import shared_memory
 
 __all__ = ["Connection", "Refused", "Region", "SharedRegions"]
 

@@ -1,5 +1,5 @@
 """The server's shared-memory socket: where same-host clients hand over their segments' descriptors and collect the
-server's (see :mod:`patchwire.v1.shared_memory` for the protocol, :mod:`patchwire.service._shared_regions` for the
+server's (see :mod:`patchwire.wire.shared_memory` for the protocol, :mod:`patchwire.service._shared_regions` for the
 checks).
 
 The socket lives in a private folder the server makes (``patchwire-shm-*`` under the system's temporary folder, or
@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 from patchwire.service._shared_regions import Connection, Refused, SharedRegions
-from patchwire.v1 import shared_memory
+from patchwire.wire import shared_memory
 
 __all__ = ["SharedMemorySocket"]
 

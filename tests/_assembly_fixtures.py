@@ -13,7 +13,8 @@ import pytest
 
 import patchwire.client as pw
 from patchwire.service import PatchwireServer
-from patchwire.v1 import assembly_service_pb2_grpc, codec
+from patchwire.v1 import assembly_service_pb2_grpc
+from patchwire.wire import framing
 
 T = TypeVar("T")
 
@@ -28,7 +29,7 @@ def client(server: PatchwireServer) -> Iterator[pw.Client]:
 @pytest.fixture(scope="module")
 def stub(server: PatchwireServer) -> Iterator[assembly_service_pb2_grpc.AssemblyServiceStub]:
     """The generated stub, for requests the client never builds."""
-    with grpc.insecure_channel(server.address, options=codec.channel_options()) as channel:
+    with grpc.insecure_channel(server.address, options=framing.channel_options()) as channel:
         yield assembly_service_pb2_grpc.AssemblyServiceStub(channel)
 
 

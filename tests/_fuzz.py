@@ -22,7 +22,8 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import codec, dataset_service_pb2, spec_pb2
+from patchwire.v1 import dataset_service_pb2, spec_pb2
+from patchwire.wire import framing, tensors
 
 FD = descriptor.FieldDescriptor
 
@@ -310,19 +311,19 @@ def _rich_specs() -> list[spec_pb2.DatasourceSpec]:
 def prediction_batch(job_id: str, indices: Sequence[int], value: float = 1.0, chunked: bool = False) -> list[bytes]:
     """The wire messages of a valid post of slice predictions (shape (24, 16, 1) each) to ``job_id``."""
     arrays = [np.full((*SHAPE[1:], 1), value + i, dtype=np.float32) for i in indices]
-    tensor, parts = codec.stacked_to_tensor(arrays, inline_bytes=0 if chunked else 1 << 30)
+    tensor, parts = tensors.stacked_to_tensor(arrays, inline_bytes=0 if chunked else 1 << 30)
     batch = apb.PredictionBatch(job_id=job_id, sample_indices=list(indices))
     batch.fields.add(key="prediction", stacked=tensor)
     out = [apb.PostPredictionsRequest(batch=batch).SerializeToString()]
     if parts is not None:
-        out.extend(codec.serialized_chunks(parts, chunk_bytes=4096))
+        out.extend(framing.serialized_chunks(parts, chunk_bytes=4096))
     return out
 
 
 def create_job_request(job_id: str) -> apb.CreateJobRequest:
     return apb.CreateJobRequest(
         spec=slice_spec(),
-        entries=[apb.OutputEntry(name="prediction", channels=1, dtype=codec.DataType.DATA_TYPE_FLOAT32)],
+        entries=[apb.OutputEntry(name="prediction", channels=1, dtype=tensors.DataType.DATA_TYPE_FLOAT32)],
         overlap_mode=apb.OVERLAP_MODE_OVERWRITE,
         job_id=job_id,
     )
@@ -422,10 +423,10 @@ def raw_nested_extractor(depth: int) -> bytes:
     ComposeExtractor field 1, written by hand (protobuf refuses to serialise beyond its recursion limit)."""
     inner = b""
     for _ in range(depth):
-        compose = b"\x0a" + codec._varint(len(inner)) + inner  # ComposeExtractor.extractors[0]
-        inner = b"\x5a" + codec._varint(len(compose)) + compose  # Extractor.compose (field 11)
-    spec = b"\x0a\x04tiny" + b"\x1a" + codec._varint(len(inner)) + inner
-    return b"\x0a" + codec._varint(len(spec)) + spec  # OpenDatasourceRequest.spec / GetSamplesRequest.spec
+        compose = b"\x0a" + framing.varint(len(inner)) + inner  # ComposeExtractor.extractors[0]
+        inner = b"\x5a" + framing.varint(len(compose)) + compose  # Extractor.compose (field 11)
+    spec = b"\x0a\x04tiny" + b"\x1a" + framing.varint(len(inner)) + inner
+    return b"\x0a" + framing.varint(len(spec)) + spec  # OpenDatasourceRequest.spec / GetSamplesRequest.spec
 
 
 def pool(rng: random.Random, count: int, seeds: dict[str, list[bytes | list[bytes]]]) -> list[tuple[Method, Any]]:

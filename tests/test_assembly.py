@@ -25,7 +25,8 @@ from patchwire.client import extraction as extr
 from patchwire.service import PatchwireServer
 from patchwire.service._blending import gaussian_weights
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec, spec_pb2, tensor_pb2
+from patchwire.v1 import assembly_service_pb2_grpc, spec_pb2, tensor_pb2
+from patchwire.wire import framing, tensors
 
 import _assembly_fixtures
 from _pymia_oracle import load_pymia
@@ -151,12 +152,12 @@ def raw_batch(
     batch = apb.PredictionBatch(job_id=job_id, sample_indices=list(indices), last_batch=last_batch)
     payloads = []
     for key, arr in fields.items():
-        tensor, payload = codec.array_to_tensor(np.ascontiguousarray(arr))
+        tensor, payload = tensors.array_to_tensor(np.ascontiguousarray(arr))
         batch.fields.add(key=key, stacked=tensor)
         if payload is not None:
             payloads.append(payload)
     chunks = [
-        apb.PostPredictionsRequest(chunk=tensor_pb2.TensorChunk(data=c)) for p in payloads for c in codec.chunks(p)
+        apb.PostPredictionsRequest(chunk=tensor_pb2.TensorChunk(data=c)) for p in payloads for c in framing.chunks(p)
     ]
     return [apb.PostPredictionsRequest(batch=batch), *chunks]
 

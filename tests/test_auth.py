@@ -32,7 +32,8 @@ from patchwire.service._auth import token_digest
 from patchwire.service._certs import CLIENT_SUBJECT
 from patchwire.service._cli import main
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec
+from patchwire.v1 import assembly_service_pb2_grpc
+from patchwire.wire import framing, tensors
 
 from _servers import serve_process, server_in_thread
 
@@ -91,7 +92,7 @@ def _connect(server: PatchwireServer, certs: Certs, who: str | None, **kwargs: A
 @contextlib.contextmanager
 def _channel(server: PatchwireServer, certs: Certs, token: str | None = None, **kwargs: Any) -> Iterator[grpc.Channel]:
     creds = pw.Credentials.make(token, certs.ca, **kwargs)
-    channel = creds.channel(server.address, codec.channel_options())
+    channel = creds.channel(server.address, framing.channel_options())
     try:
         yield channel
     finally:
@@ -196,7 +197,7 @@ def _job_as(server: PatchwireServer, certs: Certs, owner: str, job_id: str) -> N
                 spec=spec,
                 job_id=job_id,
                 overlap_mode=apb.OVERLAP_MODE_OVERWRITE,
-                entries=[apb.OutputEntry(name="seg", channels=1, dtype=codec.dtype_to_proto(np.dtype("float32")))],
+                entries=[apb.OutputEntry(name="seg", channels=1, dtype=tensors.dtype_to_proto(np.dtype("float32")))],
             ),
             timeout=10,
         )

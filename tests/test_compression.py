@@ -14,14 +14,15 @@ import pytest
 import patchwire.client as pw
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
-from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
+from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2, tensor_pb2
+from patchwire.wire import compression, framing, tensors
 
 from _datasets import write_arrays_dataset
 from _servers import server_in_thread
 
 SHAPE = (24, 64, 48)
-LZ4 = codec.Compression.COMPRESSION_LZ4
-RAW = codec.Compression.COMPRESSION_UNSPECIFIED
+LZ4 = compression.Compression.COMPRESSION_LZ4
+RAW = compression.Compression.COMPRESSION_UNSPECIFIED
 
 
 def _blocky_labels(rng: np.random.Generator) -> np.ndarray:
@@ -57,12 +58,12 @@ def _batches(address: str, compression: int, subject: str) -> list[dataset_servi
         subject_subset=spec_pb2.StringList(values=[subject]),
     )
     request = dataset_service_pb2.StreamBatchesRequest(spec=spec, batch_size=8, integer_compression=compression)
-    with grpc.insecure_channel(address, options=codec.channel_options()) as channel:
+    with grpc.insecure_channel(address, options=framing.channel_options()) as channel:
         stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
         return [r.batch for r in stub.StreamBatches(request) if r.WhichOneof("payload") == "batch"]
 
 
-def _field(batch: dataset_service_pb2.Batch, key: str) -> codec.tensor_pb2.Tensor:
+def _field(batch: dataset_service_pb2.Batch, key: str) -> tensor_pb2.Tensor:
     (field,) = [f for f in batch.fields if f.key == key]
     return field.stacked
 
@@ -139,26 +140,26 @@ _RUNS = np.repeat(np.random.default_rng(3).integers(0, 256, 1 << 21, dtype=np.ui
 )
 def test_codec_round_trips(array: np.ndarray, compressed: bool, chunked: bool) -> None:
     parts = list(array[:, None]) if array.ndim > 1 else [array]
-    tensor, payload = codec.stacked_to_tensor(parts, compression=LZ4)
+    tensor, payload = tensors.stacked_to_tensor(parts, compression=LZ4)
     assert (tensor.compression == LZ4) is compressed
     assert (payload is not None) is chunked
     if payload is not None:
         assert (tensor.chunked_nbytes < array.nbytes) is compressed
-        assembler = codec.ChunkAssembler([tensor])
-        for message in codec.serialized_chunks(payload):
-            data = codec.chunk_data(message)
+        assembler = framing.ChunkAssembler([tensor])
+        for message in framing.serialized_chunks(payload):
+            data = framing.chunk_data(message)
             assert data is not None
             assembler.add(data)
         (buffer,) = assembler.payloads()
-        out = codec.tensor_to_array(tensor, buffer)
+        out = tensors.tensor_to_array(tensor, buffer)
     else:
-        out = codec.tensor_to_array(tensor)
+        out = tensors.tensor_to_array(tensor)
     assert out.dtype == array.dtype.newbyteorder("<") and np.array_equal(out.reshape(array.shape), array)
 
 
 def test_a_corrupt_compressed_payload_is_a_value_error() -> None:
-    tensor, _ = codec.array_to_tensor(np.zeros((300, 300), np.uint8), compression=LZ4)
+    tensor, _ = tensors.array_to_tensor(np.zeros((300, 300), np.uint8), compression=LZ4)
     assert tensor.compression == LZ4
     tensor.data = tensor.data[: len(tensor.data) // 2]
     with pytest.raises(ValueError, match="LZ4-compressed tensor"):
-        codec.tensor_to_array(tensor)
+        tensors.tensor_to_array(tensor)

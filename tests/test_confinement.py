@@ -17,7 +17,8 @@ import pytest
 from patchwire.service import PatchwireServer
 from patchwire.service._journal import confined
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec, spec_pb2, tensor_pb2
+from patchwire.v1 import assembly_service_pb2_grpc, spec_pb2, tensor_pb2
+from patchwire.wire import framing
 
 from _assembly_fixtures import expect_raw
 from _servers import server_in_thread
@@ -39,7 +40,7 @@ def server(tiny_h5: Path, state_dir: Path) -> Iterator[PatchwireServer]:
 
 @pytest.fixture(scope="module")
 def stub(server: PatchwireServer) -> Iterator[assembly_service_pb2_grpc.AssemblyServiceStub]:
-    with grpc.insecure_channel(server.address, options=codec.channel_options()) as channel:
+    with grpc.insecure_channel(server.address, options=framing.channel_options()) as channel:
         yield assembly_service_pb2_grpc.AssemblyServiceStub(channel)
 
 

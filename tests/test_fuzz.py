@@ -34,12 +34,12 @@ from patchwire.service._errors import bounded_list
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import (
     assembly_service_pb2_grpc,
-    codec,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     spec_pb2,
     tensor_pb2,
 )
+from patchwire.wire import batches, framing, tensors
 
 import _fuzz
 from _fuzz import DOCUMENTED, DONE_JOB, LIVE_JOB, METHODS, SHAPE, SUBJECTS, Method, Outcome
@@ -107,12 +107,12 @@ def _create_jobs(channel: grpc.Channel) -> None:
         stub.CreateJob(_fuzz.create_job_request(job), timeout=TIMEOUT_S)
     count = SHAPE[0] * SUBJECTS
     arrays = [np.full((*SHAPE[1:], 1), _posted(i), dtype=np.float32) for i in range(count)]
-    tensor, parts = codec.stacked_to_tensor(arrays)
+    tensor, parts = tensors.stacked_to_tensor(arrays)
     for job in (DONE_JOB, REFERENCE_JOB):
         batch = apb.PredictionBatch(job_id=job, sample_indices=list(range(count)))
         batch.fields.add(key="prediction", stacked=tensor)
         messages = [apb.PostPredictionsRequest(batch=batch).SerializeToString()]
-        messages += list(codec.serialized_chunks(parts or []))
+        messages += list(framing.serialized_chunks(parts or []))
         post = channel.stream_stream("/patchwire.v1.AssemblyService/PostPredictions")
         replies = [apb.PostPredictionsResponse.FromString(r) for r in post(iter(messages), timeout=TIMEOUT_S)]
         assert replies[-1].job.state == apb.JOB_STATE_COMPLETED
@@ -130,17 +130,17 @@ def _decoded(replies: Any, key: str) -> list[np.ndarray]:
             only = dataset_service_pb2.Batch()
             mine: list[np.ndarray] = []
             for f in batch.fields:  # the chunked payloads of every field, in announcement order: keep key's
-                chunked = [next(payloads) for t in codec.batch_tensors(_one(f)) if t.chunked_nbytes]
+                chunked = [next(payloads) for t in framing.batch_tensors(_one(f)) if t.chunked_nbytes]
                 if f.key == key:
                     only.fields.append(f)
                     mine = chunked
-            out.extend(codec.batch_arrays(only, mine)[key])
+            out.extend(batches.batch_arrays(only, mine)[key])
 
     for reply in replies:
         if reply.WhichOneof("payload") == "batch":
             flush()
             batch = reply.batch
-            assembler = codec.ChunkAssembler(codec.batch_tensors(batch))
+            assembler = framing.ChunkAssembler(framing.batch_tensors(batch))
         else:
             assert assembler is not None
             assembler.add(reply.chunk.data)
@@ -176,7 +176,7 @@ def served(tiny_h5: Path) -> Iterator[Served]:
         log: list[str] = []
         drain = threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True)
         drain.start()
-        options = [*codec.channel_options(), ("grpc.enable_retries", 0)]
+        options = [*framing.channel_options(), ("grpc.enable_retries", 0)]
         with grpc.insecure_channel(address, options=options) as channel:
             _create_jobs(channel)
             handle = Served(proc, address, channel, log, h5=tiny_h5)
@@ -362,7 +362,7 @@ def test_nesting_beyond_protobufs_recursion_limit_does_not_parse(served: Served,
 def test_transforms_nested_60_deep_do_not_parse(served: Served) -> None:
     """60 ComposeTransforms are 120 message levels: beyond protobuf's limit of 100, refused when parsed."""
     spec = _fuzz.nested("transform", 60).SerializeToString()
-    request = b"\x0a" + _fuzz.codec._varint(len(spec)) + spec  # (the request message would not take it)
+    request = b"\x0a" + _fuzz.framing.varint(len(spec)) + spec  # (the request message would not take it)
     for name in ("OpenDatasource", "GetSamples", "StreamBatches"):
         outcome = call(served, _method(name), request)
         assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
@@ -381,7 +381,7 @@ def test_a_chunk_header_that_is_garbage_is_invalid_argument(served: Served) -> N
 def test_absurd_chunked_sizes_are_invalid_argument(served: Served, nbytes: int) -> None:
     batch = apb.PredictionBatch(job_id=LIVE_JOB, sample_indices=[12])
     tensor = batch.fields.add(key="prediction").stacked
-    tensor.dtype = codec.DataType.DATA_TYPE_FLOAT32
+    tensor.dtype = tensors.DataType.DATA_TYPE_FLOAT32
     tensor.shape.extend([1, SHAPE[1], SHAPE[2], 1])
     tensor.chunked_nbytes = nbytes
     outcome = call(served, _method("PostPredictions"), [apb.PostPredictionsRequest(batch=batch).SerializeToString()])
@@ -427,7 +427,7 @@ def test_hostile_shared_memory_regions_are_invalid_argument(served: Served, regi
     )
     batch = apb.PredictionBatch(job_id=LIVE_JOB, sample_indices=[3], shared_memory=apb.SharedMemory(region=region))
     batch.fields.add(key="prediction").stacked.CopyFrom(
-        tensor_pb2.Tensor(dtype=codec.DataType.DATA_TYPE_FLOAT32, shape=[1, SHAPE[1], SHAPE[2], 1])
+        tensor_pb2.Tensor(dtype=tensors.DataType.DATA_TYPE_FLOAT32, shape=[1, SHAPE[1], SHAPE[2], 1])
     )
     batch.fields[0].stacked.chunked_nbytes = SHAPE[1] * SHAPE[2] * 4
     batch.shared_offsets.append(4096)

@@ -24,7 +24,7 @@ from patchwire.service._cache import BlockCache
 from patchwire.service._integrity import ChecksumMismatch, Checksums
 from patchwire.service._served import ServedDataset
 from patchwire.service._server import SERVICE_NAME, dataset_health_name
-from patchwire.v1 import codec
+from patchwire.wire import framing
 
 from _datasets import write_arrays_dataset
 from _servers import serve_process, threaded_server
@@ -202,7 +202,7 @@ def test_a_file_truncated_under_a_running_server_is_never_served(
 def test_a_stream_cut_by_a_truncation_sends_only_intact_samples(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(codec, "TARGET_MESSAGE_BYTES", 1)  # one batch per message: the epoch is 400 messages
+    monkeypatch.setattr(framing, "TARGET_MESSAGE_BYTES", 1)  # one batch per message: the epoch is 400 messages
     path = tmp_path / "big.h5"
     rng = np.random.default_rng(3)
     write_arrays_dataset(path, [{"images": {"T1": rng.normal(size=(400, 128, 128)).astype(np.float32)}}])

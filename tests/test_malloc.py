@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import patchwire.client as pw
+from patchwire.client import _page_pool, _pages
 from patchwire.service import PatchwireServer
-from patchwire.v1 import _malloc, _pages, codec
+from patchwire.wire import malloc as _malloc
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
@@ -45,7 +46,7 @@ def test_a_client_process_can_keep_its_allocator_as_it_is(
 
 
 def test_a_pooled_buffer_comes_back_only_when_its_last_view_is_gone() -> None:
-    pool = codec.BufferPool()
+    pool = _page_pool.PagePool()
     first = pool.take(1 << 20)
     address = first.ctypes.data
     view = first.view(np.float32).reshape(512, 512)[1:]  # a view of a view, as decoding and torch make them
@@ -60,7 +61,7 @@ def test_a_pooled_buffer_comes_back_only_when_its_last_view_is_gone() -> None:
 
 
 def test_the_pool_keeps_at_most_max_bytes_of_free_buffers() -> None:
-    pool = codec.BufferPool(max_bytes=3 << 20)
+    pool = _page_pool.PagePool(max_bytes=3 << 20)
     taken = [pool.take(1 << 20) for _ in range(5)]
     del taken
     again = [pool.take(1 << 20) for _ in range(5)]
@@ -71,7 +72,7 @@ def test_free_buffers_of_one_size_make_up_a_buffer_of_another() -> None:
     """Pages move between sizes (batches of slices leave pages a batch of patches reuses), without copies."""
     if not _pages.available():
         pytest.skip("moving pages needs Linux mremap")
-    pool = codec.BufferPool()
+    pool = _page_pool.PagePool()
     a, b, c = (pool.take(1 << 20) for _ in range(3))
     a[:], b[:], c[:] = 1, 2, 3
     del a
@@ -101,7 +102,7 @@ def test_free_buffers_of_one_size_make_up_a_buffer_of_another() -> None:
 def test_a_reserve_is_mapped_ahead_and_a_forked_child_starts_empty() -> None:
     if not _pages.available():
         pytest.skip("moving pages needs Linux mremap")
-    pool = codec.BufferPool(max_bytes=6 << 20)
+    pool = _page_pool.PagePool(max_bytes=6 << 20)
     pool.reserve(8 << 20)
     assert pool.free_bytes == 6 << 20  # never beyond max_bytes
     held = pool.take(4 << 20)
@@ -125,7 +126,7 @@ def test_buffers_of_mixed_sizes_never_share_pages(monkeypatch: pytest.MonkeyPatc
     real_move = _pages.move
     monkeypatch.setattr(_pages, "move", lambda seg, dst: (moves.append(seg), real_move(seg, dst)))
     rng = np.random.default_rng(0)
-    pool = codec.BufferPool(max_bytes=24 << 20)
+    pool = _page_pool.PagePool(max_bytes=24 << 20)
     live: dict[int, np.ndarray] = {}
     for step in range(300):
         if live and (len(live) >= 5 or rng.random() < 0.4):

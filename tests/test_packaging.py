@@ -66,7 +66,8 @@ def test_wheel_contents(tmp_path: Path) -> None:
         "patchwire/v1/dataset_service_pb2_grpc.py",
         "patchwire/v1/dataset_service_pb2.pyi",
         "patchwire/v1/dataset_service.proto",
-        "patchwire/v1/codec.py",
+        "patchwire/wire/framing.py",
+        "patchwire/wire/py.typed",
         "patchwire/v1/py.typed",
     ):
         assert required in names, required

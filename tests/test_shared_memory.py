@@ -33,7 +33,8 @@ from patchwire.service import _assembly_service as assembly_service
 from patchwire.service._auth import ANONYMOUS, Identity
 from patchwire.service._errors import NotFound
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc, codec, shared_memory
+from patchwire.v1 import assembly_service_pb2_grpc
+from patchwire.wire import framing, shared_memory, tensors
 
 import _assembly_fixtures
 from _datasets import make_pymia_dataset
@@ -200,7 +201,7 @@ def test_strided_predictions_are_posted_as_they_are(
         def refuse(*args: Any, **kwargs: Any) -> Any:
             raise AssertionError("a large prediction was encoded through a contiguous copy")
 
-        monkeypatch.setattr(codec, "array_to_tensor", refuse)
+        monkeypatch.setattr(tensors, "array_to_tensor", refuse)
     with assembler(client, extr.SliceIndexing(0), shared_memory=shared) as asm:
         for start in range(0, 3 * SHAPE[0], 8):
             indices = np.arange(start, start + 8)
@@ -481,7 +482,7 @@ def test_without_room_for_more_memfds_kept_volumes_are_copied_into_the_clients_s
 def test_giving_back_unknown_leases_is_harmless_and_bad_ones_are_refused(
     in_memory: PatchwireServer, images: list[np.ndarray]
 ) -> None:
-    with grpc.insecure_channel(in_memory.address, options=codec.channel_options()) as channel:
+    with grpc.insecure_channel(in_memory.address, options=framing.channel_options()) as channel:
         stub = assembly_service_pb2_grpc.AssemblyServiceStub(channel)
         request = apb.ReleaseSharedFilesRequest(leases=[os.urandom(16), os.urandom(64)])
         assert stub.ReleaseSharedFiles(request, timeout=RPC_TIMEOUT_S).released == 0
@@ -778,7 +779,7 @@ def test_leases_are_collected_only_over_the_connection_they_were_offered_to(
     with (
         server_in_thread({"big": h5}, state_dir=tmp_path / "state") as srv,
         pw.connect(srv.address) as c,
-        grpc.insecure_channel(srv.address, options=codec.channel_options()) as grpc_channel,
+        grpc.insecure_channel(srv.address, options=framing.channel_options()) as grpc_channel,
     ):
         stub = assembly_service_pb2_grpc.AssemblyServiceStub(grpc_channel)
         with assembler(c, extr.SliceIndexing(0), shared_memory=False) as asm:
@@ -850,7 +851,7 @@ def shared_batch(
     segment: shared_memory.Segment, job_id: str, indices: list[int], prediction: np.ndarray, region: bytes
 ) -> apb.PostPredictionsRequest:
     """One batch whose payload lies in ``segment`` (registered as ``region``), just after its header."""
-    tensor, payload = codec.array_to_tensor(np.ascontiguousarray(prediction))
+    tensor, payload = tensors.array_to_tensor(np.ascontiguousarray(prediction))
     assert payload is not None
     segment.view(shared_memory.HEADER_BYTES, len(payload))[:] = np.frombuffer(payload, dtype=np.uint8)
     batch = apb.PredictionBatch(job_id=job_id, sample_indices=indices, shared_memory=apb.SharedMemory(region=region))

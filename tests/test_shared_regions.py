@@ -13,7 +13,7 @@ import pytest
 from patchwire.service._auth import ANONYMOUS, Identity
 from patchwire.service._errors import FailedPrecondition, NotFound, PermissionDenied
 from patchwire.service._shared_regions import Refused, SharedRegions
-from patchwire.v1 import shared_memory
+from patchwire.wire import shared_memory
 
 pytestmark = pytest.mark.skipif(not shared_memory.available(), reason="shared memory needs Linux with memfd_create")
 

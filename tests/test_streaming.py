@@ -15,7 +15,8 @@ import patchwire.client as pw
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
 from patchwire.service._server import MAX_SAMPLES_PER_MESSAGE
-from patchwire.v1 import codec, dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
+from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
+from patchwire.wire import framing
 
 from _datasets import write_arrays_dataset
 from _servers import server_in_thread
@@ -40,7 +41,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
 
 
 def _raw_stream(address: str, spec: spec_pb2.DatasourceSpec, batch_size: int) -> list:
-    with grpc.insecure_channel(address, options=codec.channel_options()) as channel:
+    with grpc.insecure_channel(address, options=framing.channel_options()) as channel:
         stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
         return list(stub.StreamBatches(dataset_service_pb2.StreamBatchesRequest(spec=spec, batch_size=batch_size)))
 
@@ -49,10 +50,10 @@ def test_whole_volumes_are_chunked(big: tuple[str, Path]) -> None:
     address, path = big
     spec = spec_pb2.DatasourceSpec(dataset="big", extractor=extr.DataExtractor()._to_proto())
     responses = _raw_stream(address, spec, 1)
-    assert max(r.ByteSize() for r in responses) <= codec.CHUNK_BYTES + 64
+    assert max(r.ByteSize() for r in responses) <= framing.CHUNK_BYTES + 64
     kinds = [r.WhichOneof("payload") for r in responses]
     nbytes = int(np.prod(SHAPE)) * 2 * 4
-    chunks_per_volume = -(-nbytes // codec.CHUNK_BYTES)
+    chunks_per_volume = -(-nbytes // framing.CHUNK_BYTES)
     assert kinds == (["batch"] + ["chunk"] * chunks_per_volume) * 2
     ds = pw.connect(address).datasource("big", extr.EmptyIndexing(), extr.DataExtractor())
     with h5py.File(path, "r") as f:
@@ -87,12 +88,12 @@ def test_small_samples_are_grouped_into_messages_of_whole_batches(big: tuple[str
         current += r.ByteSize()
     sizes.append(current)
     per_sample = sizes[0] / counts[0]
-    by_bytes = int(codec.TARGET_MESSAGE_BYTES // (per_sample * 16)) * 16
+    by_bytes = int(framing.TARGET_MESSAGE_BYTES // (per_sample * 16)) * 16
     per_message = min(by_bytes, MAX_SAMPLES_PER_MESSAGE // 16 * 16)
     assert counts[1:-1] == [per_message] * (len(counts) - 2)
     assert 0 < counts[-1] <= per_message and sum(counts) == N_PATCHES
-    assert all(size <= 1.05 * codec.TARGET_MESSAGE_BYTES for size in sizes)
-    assert max(r.ByteSize() for r in responses) <= codec.CHUNK_BYTES + 64
+    assert all(size <= 1.05 * framing.TARGET_MESSAGE_BYTES for size in sizes)
+    assert max(r.ByteSize() for r in responses) <= framing.CHUNK_BYTES + 64
     ds = pw.connect(address).datasource(
         "big", extr.PatchWiseIndexing((2, 8, 8)), extr.DataExtractor(), subject_subset=["S1"]
     )

@@ -1,5 +1,6 @@
-"""patchwire's versioned wire API.
+"""patchwire's versioned wire API: the generated protobuf and gRPC modules, nothing else.
 
 The ``*_pb2*.py`` modules are generated from ``protos/patchwire/v1/*.proto`` by ``scripts/gen_protos.sh`` and
-committed; :mod:`patchwire.v1.codec` defines how arrays travel in those messages (shared by server and client).
+committed; how arrays, batches and shared memory travel in those messages is :mod:`patchwire.wire` (hand-written,
+shared by the server and the client).
 """

@@ -1,0 +1,207 @@
+"""Tensors on the wire: the dtype table, arrays to ``Tensor`` messages and back, and the sizes a tensor announces.
+
+A tensor is one raw little-endian C-order ``bytes`` blob with its dtype and shape beside it. A tensor larger than
+:data:`INLINE_MAX_BYTES` is announced with ``chunked_nbytes`` and its payload travels apart from it: in the chunk
+messages after its batch (:mod:`patchwire.wire.framing`) or in shared memory (:mod:`patchwire.wire.shared_memory`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from patchwire.v1 import tensor_pb2
+from patchwire.wire import compression as _compression
+from patchwire.wire.compression import Compression
+
+__all__ = [
+    "INLINE_MAX_BYTES",
+    "MAX_TENSOR_BYTES",
+    "DataType",
+    "announced_nbytes",
+    "array_to_tensor",
+    "detached_tensor",
+    "dtype_from_proto",
+    "dtype_to_proto",
+    "raw_nbytes",
+    "shape_text",
+    "stacked_to_tensor",
+    "tensor_to_array",
+]
+
+DataType = tensor_pb2.DataType
+
+#: The largest tensor sent inline, inside its Batch message. An inline payload is copied by protobuf on both ends
+#: (into the message, when serialising, when parsing, out of it: 64 KiB keeps that cheap); larger payloads travel as
+#: chunk messages, copied once per end. Measured: axial slices with 40 KB label maps per sample streamed 14% faster
+#: than with a 1 MiB inline limit.
+INLINE_MAX_BYTES = 64 << 10
+#: The largest payload a tensor may announce (``chunked_nbytes``): a 1024^3 volume of 4 float32 channels is 16 GiB.
+#: Larger announcements are refused as malformed before anything is allocated; servers bound sizes further.
+MAX_TENSOR_BYTES = 1 << 34
+#: numpy takes at most this many axes.
+MAX_AXES = 32
+
+_NUMPY_TO_PROTO: dict[np.dtype[Any], tensor_pb2.DataType.ValueType] = {
+    np.dtype(np.bool_): DataType.DATA_TYPE_BOOL,
+    np.dtype(np.uint8): DataType.DATA_TYPE_UINT8,
+    np.dtype(np.int8): DataType.DATA_TYPE_INT8,
+    np.dtype("<u2"): DataType.DATA_TYPE_UINT16,
+    np.dtype("<i2"): DataType.DATA_TYPE_INT16,
+    np.dtype("<u4"): DataType.DATA_TYPE_UINT32,
+    np.dtype("<i4"): DataType.DATA_TYPE_INT32,
+    np.dtype("<u8"): DataType.DATA_TYPE_UINT64,
+    np.dtype("<i8"): DataType.DATA_TYPE_INT64,
+    np.dtype("<f2"): DataType.DATA_TYPE_FLOAT16,
+    np.dtype("<f4"): DataType.DATA_TYPE_FLOAT32,
+    np.dtype("<f8"): DataType.DATA_TYPE_FLOAT64,
+}
+_PROTO_TO_NUMPY = {v: k for k, v in _NUMPY_TO_PROTO.items()}
+
+
+def dtype_to_proto(dtype: np.dtype[Any]) -> tensor_pb2.DataType.ValueType:
+    """The wire DataType of a numpy dtype (byte order is normalised to little-endian); TypeError for dtypes that
+    cannot travel (objects, strings, complex numbers)."""
+    dt = np.dtype(dtype)
+    if dt.byteorder == ">":
+        dt = dt.newbyteorder("<")
+    try:
+        return _NUMPY_TO_PROTO[dt]
+    except KeyError:
+        raise TypeError(f"dtype {dt} cannot travel as a patchwire tensor") from None
+
+
+def dtype_from_proto(dtype: int) -> np.dtype[Any]:
+    """The numpy dtype of a wire DataType; ValueError for an unknown or unspecified one."""
+    try:
+        return _PROTO_TO_NUMPY[tensor_pb2.DataType.ValueType(dtype)]
+    except KeyError:
+        raise ValueError(f"unknown or unspecified tensor dtype {dtype}") from None
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """A shape for an error message, cut to 80 characters."""
+    text = str(tuple(shape))
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(shape)} axes)"
+
+
+def raw_nbytes(tensor: tensor_pb2.Tensor) -> int:
+    """The element bytes of a tensor from its dtype and shape. Raises ValueError for an unknown dtype, a negative
+    axis or more than MAX_TENSOR_BYTES."""
+    dtype = dtype_from_proto(tensor.dtype)
+    if any(d < 0 for d in tensor.shape):
+        raise ValueError(f"shape: {shape_text(tensor.shape)} has a negative axis")
+    if len(tensor.shape) > MAX_AXES:
+        raise ValueError(f"shape: {len(tensor.shape)} axes (numpy takes at most {MAX_AXES})")
+    nbytes = math.prod(tensor.shape) * dtype.itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise ValueError(f"shape: {shape_text(tensor.shape)} of {dtype} is {nbytes} bytes, over {MAX_TENSOR_BYTES}")
+    return nbytes
+
+
+def announced_nbytes(tensor: tensor_pb2.Tensor) -> int:
+    """The payload size a chunked tensor announces, checked against its dtype and shape: exactly the element bytes,
+    or for a compressed tensor at most LZ4's bound for them. Raises ValueError for sizes that cannot be right."""
+    n = tensor.chunked_nbytes
+    if not 0 < n <= MAX_TENSOR_BYTES:
+        raise ValueError(f"chunked_nbytes: {n} is not a payload size (1 to {MAX_TENSOR_BYTES} bytes)")
+    raw = raw_nbytes(tensor)
+    if tensor.compression == Compression.COMPRESSION_UNSPECIFIED:
+        if n != raw:
+            raise ValueError(f"chunked_nbytes: {n} bytes announced for {raw} bytes of elements")
+    elif n > _compression.max_compressed_bytes(raw):
+        raise ValueError(f"chunked_nbytes: {n} compressed bytes announced for {raw} bytes of elements")
+    return n
+
+
+def _packed(tensor: tensor_pb2.Tensor, packed: bytes, inline_bytes: int) -> tuple[tensor_pb2.Tensor, memoryview | None]:
+    tensor.compression = Compression.COMPRESSION_LZ4
+    if len(packed) > inline_bytes:
+        tensor.chunked_nbytes = len(packed)
+        return tensor, memoryview(packed)
+    tensor.data = packed
+    return tensor, None
+
+
+def array_to_tensor(
+    array: np.ndarray, inline_bytes: int = INLINE_MAX_BYTES, compression: int = Compression.COMPRESSION_UNSPECIFIED
+) -> tuple[tensor_pb2.Tensor, memoryview | None]:
+    """Encodes ``array``; returns the Tensor and, when it is to be chunked, the payload to send after it (a view of
+    the array's memory: the array must not change until the payload is sent). ``compression`` applies to integer and
+    bool arrays (see :func:`stacked_to_tensor`)."""
+    dt = np.dtype(array.dtype)
+    wire_dtype = dtype_to_proto(dt)
+    if dt.byteorder == ">" or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=dt.newbyteorder("<"))
+    tensor = tensor_pb2.Tensor(dtype=wire_dtype, shape=array.shape)
+    packed = _compression.compress([array.reshape(-1).data.cast("B")], array.nbytes, dt, compression)
+    if packed is not None:
+        return _packed(tensor, packed, inline_bytes)
+    if array.nbytes > inline_bytes:
+        tensor.chunked_nbytes = array.nbytes
+        return tensor, array.reshape(-1).data.cast("B")
+    tensor.data = array.tobytes()
+    return tensor, None
+
+
+def stacked_to_tensor(
+    arrays: Sequence[np.ndarray],
+    inline_bytes: int = INLINE_MAX_BYTES,
+    compression: int = Compression.COMPRESSION_UNSPECIFIED,
+) -> tuple[tensor_pb2.Tensor, list[memoryview] | None]:
+    """Like ``array_to_tensor(np.stack(arrays))`` without building the stacked array: a chunked payload is returned
+    as one part per array (views of their memory), copied once, into the chunk messages.
+
+    ``compression`` (``COMPRESSION_LZ4``) compresses integer and bool arrays of at least MIN_COMPRESS_BYTES when
+    that makes them smaller (label maps shrink 15-25x); other dtypes and incompressible data travel raw."""
+    first = arrays[0]
+    dt = np.dtype(first.dtype)
+    if dt.byteorder == ">":  # swapped to little-endian on the way: a stacked copy is needed anyway
+        tensor, payload = array_to_tensor(np.stack(arrays), inline_bytes, compression)
+        return tensor, None if payload is None else [payload]
+    tensor = tensor_pb2.Tensor(dtype=dtype_to_proto(dt), shape=(len(arrays), *first.shape))
+    nbytes = first.nbytes * len(arrays)
+    parts = [np.ascontiguousarray(a).reshape(-1).data.cast("B") for a in arrays]
+    packed = _compression.compress(parts, nbytes, dt, compression)
+    if packed is not None:
+        tensor, payload = _packed(tensor, packed, inline_bytes)
+        return tensor, None if payload is None else [payload]
+    if nbytes <= inline_bytes:
+        tensor.data = b"".join(parts)
+        return tensor, None
+    tensor.chunked_nbytes = nbytes
+    return tensor, parts
+
+
+def detached_tensor(array: np.ndarray) -> tuple[tensor_pb2.Tensor, np.ndarray | None]:
+    """The Tensor for an array whose payload travels apart from it and, when it does, the array itself (strided
+    arrays included): shared memory copies it once into a segment, the wire as a contiguous copy in chunks. Small,
+    big-endian and non-numeric arrays are encoded by :func:`array_to_tensor` (the payload then as uint8)."""
+    if array.dtype.byteorder != ">" and array.nbytes > INLINE_MAX_BYTES and array.dtype.kind in "biuf":
+        tensor = tensor_pb2.Tensor(dtype=dtype_to_proto(array.dtype), shape=array.shape, chunked_nbytes=array.nbytes)
+        return tensor, array
+    tensor, payload = array_to_tensor(array)
+    return tensor, None if payload is None else np.frombuffer(payload, dtype=np.uint8)
+
+
+def tensor_to_array(
+    tensor: tensor_pb2.Tensor, payload: bytes | bytearray | memoryview | np.ndarray | None = None
+) -> np.ndarray:
+    """Decodes a Tensor (with its chunked ``payload`` when it had one) into a writable numpy array; ValueError for a
+    payload that does not hold exactly the tensor's elements."""
+    dtype = dtype_from_proto(tensor.dtype)
+    shape = tuple(tensor.shape)
+    data = payload if tensor.chunked_nbytes else tensor.data
+    expected = raw_nbytes(tensor)
+    if tensor.compression != Compression.COMPRESSION_UNSPECIFIED and data is not None:
+        data = _compression.decompress(tensor.compression, data, expected)
+    if data is None or len(data) != expected:
+        got = 0 if data is None else len(data)
+        raise ValueError(f"tensor of shape {shape_text(shape)} and dtype {dtype} needs {expected} bytes, got {got}")
+    if isinstance(data, bytes):
+        # bytes are immutable: copy once so that callers may modify the array in place (as pymia's arrays allow)
+        return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
