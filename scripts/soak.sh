@@ -9,5 +9,5 @@ seconds="${1:-300}"
 shift || true
 export PATCHWIRE_SOAK_S="$seconds"
 export PATCHWIRE_SOAK_REPORT="${PATCHWIRE_SOAK_REPORT:-${TMPDIR:-/tmp}/patchwire-soak.json}"
-.venv/bin/python -m pytest -q -s -m soak tests/test_soak.py -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -s -m soak tests/integration/test_soak.py -p no:cacheprovider "$@"
 echo "report: $PATCHWIRE_SOAK_REPORT"

@@ -23,12 +23,12 @@ from patchwire.v1 import (
 )
 from patchwire.v1 import (
     assembly_service_pb2_grpc,
-    codec,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     spec_pb2,
     tensor_pb2,
 )
+from patchwire.wire import framing, tensors
 
 from _assembly_fixtures import eventually, expect_raw
 from _datasets import make_pymia_dataset
@@ -85,7 +85,7 @@ class _Bearer(
 
 @contextlib.contextmanager
 def stubs(address: str, token: str | None = None) -> Iterator[tuple[Any, Any]]:
-    with grpc.insecure_channel(address, options=codec.channel_options()) as plain:
+    with grpc.insecure_channel(address, options=framing.channel_options()) as plain:
         channel = plain if token is None else grpc.intercept_channel(plain, _Bearer(token))
         yield (
             dataset_service_pb2_grpc.DatasetServiceStub(channel),
@@ -173,11 +173,11 @@ def post(astub: Any, job_id: str, indices: Sequence[int], value: float = 1.0) ->
     """Posts slice predictions (24 x 16 x 1 float32 each) as the client would, chunks and all."""
     arr = np.full((len(indices), 24, 16, 1), value, np.float32)
     batch = apb.PredictionBatch(job_id=job_id, sample_indices=list(indices))
-    tensor, payload = codec.array_to_tensor(arr, inline_bytes=0)
+    tensor, payload = tensors.array_to_tensor(arr, inline_bytes=0)
     batch.fields.add(key="seg", stacked=tensor)
     requests = [apb.PostPredictionsRequest(batch=batch)]
     if payload is not None:
-        requests += [apb.PostPredictionsRequest(chunk=tensor_pb2.TensorChunk(data=c)) for c in codec.chunks(payload)]
+        requests += [apb.PostPredictionsRequest(chunk=tensor_pb2.TensorChunk(data=c)) for c in framing.chunks(payload)]
     return list(astub.PostPredictions(iter(requests), timeout=RPC_TIMEOUT_S))
 
 
@@ -466,12 +466,12 @@ def test_announced_sizes(
 def test_a_chunk_assembler_refuses_large_announcements_before_allocating() -> None:
     absurd = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[1 << 40], chunked_nbytes=1 << 40)
     with pytest.raises(ValueError, match="chunked_nbytes: 1099511627776 is not a payload size"):
-        codec.ChunkAssembler([absurd], max_bytes=1024)
+        framing.ChunkAssembler([absurd], max_bytes=1024)
     tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[2048], chunked_nbytes=2048)
     with pytest.raises(ValueError, match="announce 2048 payload bytes, more than the 1024 allowed"):
-        codec.ChunkAssembler([tensor], max_bytes=1024)
+        framing.ChunkAssembler([tensor], max_bytes=1024)
     small = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[4], chunked_nbytes=4)
-    assembler = codec.ChunkAssembler([small], max_bytes=4)
+    assembler = framing.ChunkAssembler([small], max_bytes=4)
     with pytest.raises(ValueError, match="overruns"):
         assembler.add(bytes(5))
     assembler.add(bytes(range(4)))
