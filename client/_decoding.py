@@ -16,7 +16,7 @@ def decode_stream(responses: Iterable[Any], pool: PayloadPool | None = None) -> 
     """Decodes a GetSamples / DirectExtract / StreamBatches / FetchSubject response stream, batch by batch.
     Responses may be messages or their wire bytes (``Connection.raw_stream``): chunk bytes are copied straight
     into the tensor's buffer, taken from ``pool`` when given. A stream that breaks the framing raises
-    :class:`~patchwire.wire.framing.FramingError`."""
+    :class:`~patchwire.wire.errors.FramingError`."""
     # (the four response types share one layout: any of them parses the bytes)
     reader = BatchReader(dataset_service_pb2.StreamBatchesResponse.FromString, pool)
     for response in responses:

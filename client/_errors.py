@@ -1,19 +1,28 @@
-"""The client's exception tree; gRPC errors are translated here and nowhere else.
+"""The client's exception tree; gRPC errors and malformed streams are translated here and nowhere else.
 
 ::
 
     PatchwireError
-     ├── ConnectionFailed                     the server cannot be reached (UNAVAILABLE, deadline at connect)
-     │    └── RetriesExhausted                     ... and stayed so for a whole retry budget (.address, .elapsed_s)
-     └── RpcError                             the server answered with an error status (.code, .details)
-          ├── InvalidArgumentError (ValueError)    INVALID_ARGUMENT, FAILED_PRECONDITION
-          ├── NotFoundError (LookupError)          NOT_FOUND
-          ├── OutOfRangeError (IndexError)         OUT_OF_RANGE (so ``for s in datasource`` ends as in pymia)
-          ├── AuthenticationError                  UNAUTHENTICATED (no, wrong or unknown token or certificate)
-          ├── PermissionDeniedError (PermissionError)  PERMISSION_DENIED (a role the identity lacks; another's job)
-          └── ServerError                          INTERNAL and anything else
+     ├── ConnectionFailed (ConnectionError)        the call did not get through to a working server
+     │    ├── ServerUnavailable                        UNAVAILABLE: nothing listens, the connection broke, TLS failed
+     │    ├── DeadlineExceeded (TimeoutError)          DEADLINE_EXCEEDED: no answer within the call's deadline
+     │    └── RetriesExhausted                         ... and stayed so for a whole retry budget (.address, .elapsed_s)
+     ├── ProtocolError (ValueError)                a server's messages break the wire format (a corrupt stream)
+     └── RpcError                                  the server answered with an error status (.code, .details)
+          ├── InvalidArgumentError (ValueError)        INVALID_ARGUMENT: a spec, parameter or payload was rejected
+          │    └── FailedPreconditionError              FAILED_PRECONDITION: valid, but not in the server's state
+          ├── NotFoundError (KeyError)                 NOT_FOUND: an unknown dataset, subject, entry or job
+          ├── OutOfRangeError (IndexError)             OUT_OF_RANGE (so ``for s in datasource`` ends as in pymia)
+          ├── ResourceExhaustedError                   RESOURCE_EXHAUSTED: a server limit (the message names its flag)
+          ├── AuthenticationError                      UNAUTHENTICATED: no, wrong or unknown token or certificate
+          ├── PermissionDeniedError (PermissionError)  PERMISSION_DENIED: a role the identity lacks; another's job
+          └── ServerError                              INTERNAL, CANCELLED and anything else
 
-Every expected failure reaches the user as one of these, with the server's message, never as a raw gRPC error.
+Each class also derives from the built-in exception a pymia user already catches where one fits (pymia's own
+checks raise ``ValueError``, ``KeyError`` and ``IndexError``). :func:`translate_rpc_errors` is the one place that
+turns ``grpc.RpcError`` (:func:`from_grpc`) and the wire layer's format errors into these: every expected failure
+reaches the user as one of them, with the server's message, never as a raw gRPC error. Retrying (which failures,
+how long) is :mod:`patchwire.client._retry`'s business: it retries ``ConnectionFailed`` calls.
 """
 
 from __future__ import annotations
@@ -23,17 +32,25 @@ from collections.abc import Iterator
 
 import grpc
 
+from patchwire.wire.errors import WireError
+
 __all__ = [
     "AuthenticationError",
     "ConnectionFailed",
+    "DeadlineExceeded",
+    "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",
     "OutOfRangeError",
     "PatchwireError",
     "PermissionDeniedError",
+    "ProtocolError",
+    "ResourceExhaustedError",
     "RetriesExhausted",
     "RpcError",
     "ServerError",
+    "ServerUnavailable",
+    "from_grpc",
     "translate_rpc_errors",
 ]
 
@@ -42,8 +59,20 @@ class PatchwireError(Exception):
     """Base of every error patchwire's client raises."""
 
 
-class ConnectionFailed(PatchwireError):
-    """The server could not be reached."""
+class ConnectionFailed(PatchwireError, ConnectionError):
+    """The call did not get through to a working server: it cannot be reached, or did not answer in time."""
+
+    def __str__(self) -> str:  # (OSError's own str would show errno fields for two arguments)
+        return str(self.args[0]) if self.args else ""
+
+
+class ServerUnavailable(ConnectionFailed):
+    """No server answers at the address (nothing listens, the connection was reset, the TLS handshake failed), or
+    it cancelled the call while stopping (UNAVAILABLE)."""
+
+
+class DeadlineExceeded(ConnectionFailed, TimeoutError):
+    """The server did not answer within the call's deadline (DEADLINE_EXCEEDED)."""
 
 
 class RetriesExhausted(ConnectionFailed):
@@ -63,6 +92,11 @@ class RetriesExhausted(ConnectionFailed):
         return type(self), self._parts
 
 
+class ProtocolError(PatchwireError, ValueError):
+    """The server's messages break the wire format: chunks without a batch, a stream cut in the middle of a batch,
+    payloads that do not match their tensors. A server of another version, or a corrupted connection."""
+
+
 class RpcError(PatchwireError):
     """The server answered a call with an error status."""
 
@@ -71,17 +105,33 @@ class RpcError(PatchwireError):
         self.code = code
         self.details = details
 
+    def __reduce__(self) -> tuple[type[RpcError], tuple[str, grpc.StatusCode, str]]:
+        return type(self), (str(self), self.code, self.details)
+
 
 class InvalidArgumentError(RpcError, ValueError):
     """A spec, parameter or payload was rejected."""
 
 
-class NotFoundError(RpcError, LookupError):
-    """A dataset, subject, category or entry does not exist."""
+class FailedPreconditionError(InvalidArgumentError):
+    """The request is valid but the server's state does not allow it: a subject not ready yet, a job that was
+    aborted or is completed, a dataset without what the request needs, shared memory turned off."""
+
+
+class NotFoundError(RpcError, KeyError):
+    """A dataset, subject, category, entry or assembly job does not exist."""
+
+    def __str__(self) -> str:  # (KeyError's own str would quote the message)
+        return str(self.args[0]) if self.args else ""
 
 
 class OutOfRangeError(RpcError, IndexError):
     """An index lies past the end."""
+
+
+class ResourceExhaustedError(RpcError):
+    """A limit of the server's was reached (concurrent calls, jobs, bytes, disk); the message names the flag that
+    sets it. Retrying later may succeed."""
 
 
 class AuthenticationError(RpcError):
@@ -91,33 +141,44 @@ class AuthenticationError(RpcError):
 class PermissionDeniedError(RpcError, PermissionError):
     """The caller's identity lacks the role a call needs, or the assembly job belongs to another identity."""
 
+    def __str__(self) -> str:  # (OSError's own str would show errno fields)
+        return str(self.args[0]) if self.args else ""
+
 
 class ServerError(RpcError):
-    """The server failed unexpectedly."""
+    """The server failed unexpectedly (INTERNAL), cancelled the call, or answered with a status patchwire does not
+    expect."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.FAILED_PRECONDITION: InvalidArgumentError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 
 def from_grpc(exc: grpc.RpcError, what: str) -> PatchwireError:
+    """The patchwire error for a gRPC error of the call described by ``what``."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return ConnectionFailed(f"{what}: server unavailable ({code.name}): {details}")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServerUnavailable(f"{what}: server unavailable ({code.name}): {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{what}: no answer in time ({code.name}): {details}")
     return _BY_CODE.get(code, ServerError)(f"{what}: {details}", code, details)
 
 
 @contextlib.contextmanager
 def translate_rpc_errors(what: str) -> Iterator[None]:
-    """Turns a grpc.RpcError raised inside the block into the matching PatchwireError."""
+    """Turns a grpc.RpcError raised inside the block into the matching PatchwireError, and a wire format error (a
+    malformed stream) into ProtocolError."""
     try:
         yield
     except grpc.RpcError as exc:
         raise from_grpc(exc, what) from exc
+    except WireError as exc:
+        raise ProtocolError(f"{what}: the server sent a malformed stream: {exc}") from exc

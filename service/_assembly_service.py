@@ -30,7 +30,8 @@ from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc
 from patchwire.wire import framing, shared_memory, tensors
 from patchwire.wire.batches import batch_arrays, encode_batch
-from patchwire.wire.framing import BatchReader, FramingError
+from patchwire.wire.errors import FramingError
+from patchwire.wire.framing import BatchReader
 from patchwire.wire.geometry import ImageProperties
 
 __all__ = ["AssemblyServicer"]

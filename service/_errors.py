@@ -28,7 +28,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from patchwire.wire.batches import EncodingError
+from patchwire.wire.errors import EncodingError
 
 __all__ = [
     "MAX_ECHO_CHARS",

@@ -19,7 +19,7 @@ import numpy as np
 from patchwire.service import _pymia_format as fmt
 from patchwire.service._catalog import Dataset, SubjectGeometry, to_str
 from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
-from patchwire.service._indexing import WHOLE, Expression
+from patchwire.service._indexing import Expression
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2
 from patchwire.wire.definition import (

@@ -11,4 +11,5 @@
 - :mod:`~patchwire.wire.names`: the names both ends give the API's enums (overlap modes).
 - :mod:`~patchwire.wire.shared_memory`: segments, regions and the Unix-socket protocol for same-host payloads.
 - :mod:`~patchwire.wire.malloc`: glibc allocator settings for large messages, on both ends.
+- :mod:`~patchwire.wire.errors`: malformed wire data (``WireError``, ``FramingError``) and values with no wire form.
 """

@@ -18,13 +18,13 @@ import numpy as np
 from patchwire.v1 import dataset_service_pb2, tensor_pb2, values_pb2
 from patchwire.wire import framing, tensors
 from patchwire.wire.compression import Compression
+from patchwire.wire.errors import EncodingError, WireError
 from patchwire.wire.geometry import ImageProperties
 from patchwire.wire.indexexpression import IndexExpression
 
 __all__ = [
     "DecodedBatch",
     "Encoded",
-    "EncodingError",
     "batch_arrays",
     "decode_batch",
     "decode_value",
@@ -32,10 +32,6 @@ __all__ = [
     "encode_value",
     "same_shape_and_dtype",
 ]
-
-
-class EncodingError(ValueError):
-    """A sample value that cannot travel (an object the wire has no form for, entries missing from some samples)."""
 
 
 def same_shape_and_dtype(values: Sequence[Any]) -> bool:
@@ -206,7 +202,7 @@ def decode_value(value: values_pb2.Value, payloads: Iterator[np.ndarray]) -> Any
     if kind == "index_expression":
         return IndexExpression.from_proto(value.index_expression)
     if kind is None:
-        raise ValueError("received a sample value with nothing set")
+        raise WireError("received a sample value with nothing set")
     return getattr(value, kind)
 
 
@@ -239,7 +235,7 @@ def batch_arrays(batch: Any, payloads: Sequence[bytes | bytearray | np.ndarray])
             arrays = []
             for value in field.per_sample.values:
                 if value.WhichOneof("kind") != "tensor":
-                    raise ValueError(f"field {repr(field.key)[:80]}: every per-sample value must be a tensor")
+                    raise WireError(f"field {repr(field.key)[:80]}: every per-sample value must be a tensor")
                 t = value.tensor
                 arrays.append(tensors.tensor_to_array(t, next(pending) if t.chunked_nbytes else None))
             out[field.key] = arrays

@@ -14,6 +14,7 @@ import lz4.block
 import numpy as np
 
 from patchwire.v1 import tensor_pb2
+from patchwire.wire.errors import WireError
 
 __all__ = [
     "COMPRESSIBLE_KINDS",
@@ -68,13 +69,13 @@ def compress(parts: Sequence[memoryview], nbytes: int, dtype: np.dtype[Any], com
 
 
 def decompress(compression: int, data: bytes | bytearray | memoryview | np.ndarray, expected: int) -> bytearray:
-    """The ``expected`` raw bytes of a compressed payload; ValueError for an unknown codec or a corrupt payload."""
+    """The ``expected`` raw bytes of a compressed payload; WireError for an unknown codec or a corrupt payload."""
     if compression != Compression.COMPRESSION_LZ4:
-        raise ValueError(f"tensor uses an unknown compression ({compression}): upgrade patchwire")
+        raise WireError(f"tensor uses an unknown compression ({compression}): upgrade patchwire")
     try:
         raw: bytearray = lz4.block.decompress(data, uncompressed_size=expected, return_bytearray=True)
     except lz4.block.LZ4BlockError as exc:
-        raise ValueError(f"LZ4-compressed tensor payload is corrupt: {exc}") from None
+        raise WireError(f"LZ4-compressed tensor payload is corrupt: {exc}") from None
     if len(raw) != expected:
-        raise ValueError(f"LZ4-compressed tensor decompressed to {len(raw)} bytes, expected {expected}")
+        raise WireError(f"LZ4-compressed tensor decompressed to {len(raw)} bytes, expected {expected}")
     return raw

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from patchwire.v1 import tensor_pb2
+from patchwire.wire.errors import FramingError
 from patchwire.wire.tensors import announced_nbytes
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "TARGET_MESSAGE_BYTES",
     "BatchReader",
     "ChunkAssembler",
-    "FramingError",
     "PayloadPool",
     "channel_options",
     "chunk_data",
@@ -51,11 +51,6 @@ MAX_MESSAGE_BYTES = 64 << 20
 
 _CHUNK_FIELD_TAG = b"\x12"  # field 2 (chunk), length-delimited
 _DATA_FIELD_TAG = b"\x0a"  # TensorChunk.data: field 1, length-delimited
-
-
-class FramingError(ValueError):
-    """A stream that breaks the framing: chunks without a batch, a batch before the last one's chunks were
-    complete, a chunk overrunning its tensor, sizes that cannot be right. The message starts with the field."""
 
 
 class PayloadPool(Protocol):
@@ -167,7 +162,7 @@ def chunk_data(message: bytes) -> memoryview | None:
 
 class ChunkAssembler:
     """Collects TensorChunk payloads for the tensors a message announced, in announcement order, into buffers of
-    ``pool`` (fresh ones without). Announced sizes are checked first (:func:`announced_nbytes`: ValueError for sizes
+    ``pool`` (fresh ones without). Announced sizes are checked first (:func:`announced_nbytes`: WireError for sizes
     that cannot be right; with ``max_bytes``, announcements of more bytes in all are refused) before anything is
     allocated; each buffer is allocated when its first chunk arrives, so memory follows the bytes received, not the
     bytes announced. Payloads must fill their announced sizes exactly: :meth:`add` refuses a chunk that overruns one,
@@ -180,7 +175,9 @@ class ChunkAssembler:
         self._sizes = [announced_nbytes(t) for t in self._pending]
         announced = sum(self._sizes)
         if max_bytes is not None and announced > max_bytes:
-            raise ValueError(f"tensors announce {announced} payload bytes, more than the {max_bytes} allowed")
+            raise FramingError(
+                f"batch.fields: tensors announce {announced} payload bytes, more than the {max_bytes} allowed"
+            )
         self._pool = pool
         self._buffers: list[np.ndarray] = []
         self._index = 0
@@ -192,7 +189,7 @@ class ChunkAssembler:
 
     def add(self, data: bytes | memoryview) -> None:
         if self.complete:
-            raise ValueError("received a tensor chunk that no tensor announced")
+            raise FramingError("chunk: received a tensor chunk that no tensor announced")
         size = self._sizes[self._index]
         if len(self._buffers) == self._index:
             # numpy buffers: no zero-filling (bytearray(n) writes every byte once before the chunks do)
@@ -201,7 +198,7 @@ class ChunkAssembler:
         buf = self._buffers[self._index]
         end = self._offset + len(data)
         if end > size:
-            raise ValueError("tensor chunk overruns the announced payload size")
+            raise FramingError("chunk: tensor chunk overruns the announced payload size")
         buf[self._offset : end] = np.frombuffer(data, dtype=np.uint8)
         self._offset = end
         if end == size:
@@ -288,6 +285,8 @@ class BatchReader:
             return lying
         try:
             self._assembler = ChunkAssembler(batch_tensors(batch), self._pool, self._max_bytes)
+        except FramingError:
+            raise
         except ValueError as exc:
             raise FramingError(f"batch.fields: {exc}") from None
         self._batch = batch
@@ -296,10 +295,7 @@ class BatchReader:
     def _add(self, data: bytes | memoryview) -> None:
         if self._assembler is None:
             raise FramingError("chunk: a tensor chunk arrived before any batch announced it")
-        try:
-            self._assembler.add(data)
-        except ValueError as exc:
-            raise FramingError(f"chunk: {exc}") from None
+        self._assembler.add(data)
 
     def finish(self) -> None:
         """The stream ended: FramingError if it ended in the middle of a batch's tensor chunks."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Union
 
 from patchwire.v1 import values_pb2
+from patchwire.wire.errors import WireError
 
 __all__ = ["WHOLE", "Expression", "IndexExpression", "expression_from_proto", "expression_to_proto"]
 
@@ -43,11 +44,11 @@ def expression_to_proto(expr: Expression) -> values_pb2.IndexExpression:
 
 
 def expression_from_proto(msg: values_pb2.IndexExpression, field: str = "index_expression") -> Expression:
-    """An expression from its wire form; ValueError naming ``field`` for one that is both whole and has axes, or an
+    """An expression from its wire form; WireError naming ``field`` for one that is both whole and has axes, or an
     axis with neither index nor range."""
     if msg.whole:
         if msg.axes:
-            raise ValueError(f"{field}: an expression is either whole or has axes, not both")
+            raise WireError(f"{field}: an expression is either whole or has axes, not both")
         return WHOLE
     items: list[int | slice] = []
     for i, axis in enumerate(msg.axes):
@@ -58,7 +59,7 @@ def expression_from_proto(msg: values_pb2.IndexExpression, field: str = "index_e
             r = axis.range
             items.append(slice(r.start if r.HasField("start") else None, r.stop if r.HasField("stop") else None))
         else:
-            raise ValueError(f"{field}.axes[{i}]: neither index nor range is set")
+            raise WireError(f"{field}.axes[{i}]: neither index nor range is set")
     return tuple(items)
 
 

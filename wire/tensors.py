@@ -16,6 +16,7 @@ import numpy as np
 from patchwire.v1 import tensor_pb2
 from patchwire.wire import compression as _compression
 from patchwire.wire.compression import Compression
+from patchwire.wire.errors import WireError
 
 __all__ = [
     "INLINE_MAX_BYTES",
@@ -75,11 +76,11 @@ def dtype_to_proto(dtype: np.dtype[Any]) -> tensor_pb2.DataType.ValueType:
 
 
 def dtype_from_proto(dtype: int) -> np.dtype[Any]:
-    """The numpy dtype of a wire DataType; ValueError for an unknown or unspecified one."""
+    """The numpy dtype of a wire DataType; WireError (a ValueError) for an unknown or unspecified one."""
     try:
         return _PROTO_TO_NUMPY[tensor_pb2.DataType.ValueType(dtype)]
     except KeyError:
-        raise ValueError(f"unknown or unspecified tensor dtype {dtype}") from None
+        raise WireError(f"unknown or unspecified tensor dtype {dtype}") from None
 
 
 def shape_text(shape: Sequence[int]) -> str:
@@ -89,31 +90,31 @@ def shape_text(shape: Sequence[int]) -> str:
 
 
 def raw_nbytes(tensor: tensor_pb2.Tensor) -> int:
-    """The element bytes of a tensor from its dtype and shape. Raises ValueError for an unknown dtype, a negative
+    """The element bytes of a tensor from its dtype and shape. Raises WireError for an unknown dtype, a negative
     axis or more than MAX_TENSOR_BYTES."""
     dtype = dtype_from_proto(tensor.dtype)
     if any(d < 0 for d in tensor.shape):
-        raise ValueError(f"shape: {shape_text(tensor.shape)} has a negative axis")
+        raise WireError(f"shape: {shape_text(tensor.shape)} has a negative axis")
     if len(tensor.shape) > MAX_AXES:
-        raise ValueError(f"shape: {len(tensor.shape)} axes (numpy takes at most {MAX_AXES})")
+        raise WireError(f"shape: {len(tensor.shape)} axes (numpy takes at most {MAX_AXES})")
     nbytes = math.prod(tensor.shape) * dtype.itemsize
     if nbytes > MAX_TENSOR_BYTES:
-        raise ValueError(f"shape: {shape_text(tensor.shape)} of {dtype} is {nbytes} bytes, over {MAX_TENSOR_BYTES}")
+        raise WireError(f"shape: {shape_text(tensor.shape)} of {dtype} is {nbytes} bytes, over {MAX_TENSOR_BYTES}")
     return nbytes
 
 
 def announced_nbytes(tensor: tensor_pb2.Tensor) -> int:
     """The payload size a chunked tensor announces, checked against its dtype and shape: exactly the element bytes,
-    or for a compressed tensor at most LZ4's bound for them. Raises ValueError for sizes that cannot be right."""
+    or for a compressed tensor at most LZ4's bound for them. Raises WireError for sizes that cannot be right."""
     n = tensor.chunked_nbytes
     if not 0 < n <= MAX_TENSOR_BYTES:
-        raise ValueError(f"chunked_nbytes: {n} is not a payload size (1 to {MAX_TENSOR_BYTES} bytes)")
+        raise WireError(f"chunked_nbytes: {n} is not a payload size (1 to {MAX_TENSOR_BYTES} bytes)")
     raw = raw_nbytes(tensor)
     if tensor.compression == Compression.COMPRESSION_UNSPECIFIED:
         if n != raw:
-            raise ValueError(f"chunked_nbytes: {n} bytes announced for {raw} bytes of elements")
+            raise WireError(f"chunked_nbytes: {n} bytes announced for {raw} bytes of elements")
     elif n > _compression.max_compressed_bytes(raw):
-        raise ValueError(f"chunked_nbytes: {n} compressed bytes announced for {raw} bytes of elements")
+        raise WireError(f"chunked_nbytes: {n} compressed bytes announced for {raw} bytes of elements")
     return n
 
 
@@ -190,7 +191,7 @@ def detached_tensor(array: np.ndarray) -> tuple[tensor_pb2.Tensor, np.ndarray | 
 def tensor_to_array(
     tensor: tensor_pb2.Tensor, payload: bytes | bytearray | memoryview | np.ndarray | None = None
 ) -> np.ndarray:
-    """Decodes a Tensor (with its chunked ``payload`` when it had one) into a writable numpy array; ValueError for a
+    """Decodes a Tensor (with its chunked ``payload`` when it had one) into a writable numpy array; WireError for a
     payload that does not hold exactly the tensor's elements."""
     dtype = dtype_from_proto(tensor.dtype)
     shape = tuple(tensor.shape)
@@ -200,7 +201,7 @@ def tensor_to_array(
         data = _compression.decompress(tensor.compression, data, expected)
     if data is None or len(data) != expected:
         got = 0 if data is None else len(data)
-        raise ValueError(f"tensor of shape {shape_text(shape)} and dtype {dtype} needs {expected} bytes, got {got}")
+        raise WireError(f"tensor of shape {shape_text(shape)} and dtype {dtype} needs {expected} bytes, got {got}")
     if isinstance(data, bytes):
         # bytes are immutable: copy once so that callers may modify the array in place (as pymia's arrays allow)
         return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
