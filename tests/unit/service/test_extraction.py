@@ -75,7 +75,7 @@ def test_extractor_equals_pymias(dataset: tuple[Dataset, Path], name: str, make:
 
 def test_unknown_categories_and_entries_are_refused(dataset: tuple[Dataset, Path]) -> None:
     ds, _ = dataset
-    with pytest.raises(NotFound, match="extractor.data.categories"):
+    with pytest.raises(NotFound, match=r"extractor\.data\.categories"):
         compile_extractor(extr.DataExtractor(categories=("nope",))._to_proto(), ds)
     with pytest.raises(NotFound, match="T9"):
         compile_extractor(extr.SelectiveDataExtractor(selection=("T9",), category="images")._to_proto(), ds)
