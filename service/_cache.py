@@ -60,6 +60,17 @@ class BlockCache:
         self.hits = 0
         self.misses = 0
 
+    def held(self) -> list[Hashable]:
+        """The keys of the blocks held, least recently used first: ``(array key, block number)`` for rows of an
+        array, ``(array key, "moved" | "tiled", ...)`` for its reshaped copies (where a cache's bytes go)."""
+        with self._lock:
+            return list(self._blocks)
+
+    @property
+    def counters(self) -> int:
+        """Request counters kept for building moved and tiled copies (at most ``MAX_COUNTERS``)."""
+        return len(self._requests)
+
     def rows_per_block(self, shape: tuple[int, ...], itemsize: int) -> int:
         row = math.prod(shape[1:]) * itemsize
         return max(1, self.block_bytes // max(row, 1))

@@ -196,7 +196,7 @@ def test_a_file_truncated_under_a_running_server_is_never_served(
         assert _health(address, dataset_health_name("other")) == SERVING
         assert _health(address, "") == SERVING
         server_cache = handle.server.cache  # type: ignore[attr-defined]
-        assert not [k for k in server_cache._blocks if k[0][0] == "copy"]  # nothing of the old file kept
+        assert not [k for k in server_cache.held() if k[0][0] == "copy"]  # nothing of the old file kept
 
 
 def test_a_stream_cut_by_a_truncation_sends_only_intact_samples(
@@ -240,7 +240,7 @@ def test_a_file_replaced_by_another_dataset_is_reopened_and_no_stale_block_serve
                 np.testing.assert_array_equal(ds[i]["images"], second[i])
         finally:
             ds.close()
-        generations = {k[0][1] for k in handle.server.cache._blocks if k[0][0] == "brains"}
+        generations = {k[0][1] for k in handle.server.cache.held() if k[0][0] == "brains"}
         assert len(generations) == 1  # only the new version's blocks
 
         # rewritten in place (same inode) with another layout: three subjects of another shape

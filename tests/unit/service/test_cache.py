@@ -53,7 +53,7 @@ def test_cached_reads_equal_h5py(
         assert np.shape(got) == np.shape(expected) and np.array_equal(got, expected)
         if isinstance(got, np.ndarray) and got.size:
             got[...] = 1e9  # a caller may modify its sample in place: the cache must not see it
-    assert cache.nbytes <= max(cache.capacity_bytes, 0) or len(cache._blocks) <= 1
+    assert cache.nbytes <= max(cache.capacity_bytes, 0) or len(cache.held()) <= 1
 
 
 def _blocks_needed(expr: tuple, block_rows: int) -> int:
@@ -88,8 +88,8 @@ def test_capacity_evicts_least_recently_used(h5: h5py.File) -> None:
     cache = BlockCache(8 * 2 * row, block_bytes=2 * row)  # eight blocks of two rows
     for z in range(0, 23, 2):
         cache.read("x", h5["x"], (z,))
-    assert cache.nbytes <= cache.capacity_bytes and len(cache._blocks) == 8
-    assert sorted(b for _, b in cache._blocks) == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert cache.nbytes <= cache.capacity_bytes and len(cache.held()) == 8
+    assert sorted(b for _, b in cache.held()) == [4, 5, 6, 7, 8, 9, 10, 11]
     before = cache.misses
     cache.read("x", h5["x"], (21,))
     assert cache.misses == before and cache.hits > 0
@@ -149,7 +149,7 @@ def test_slices_along_later_axes_come_from_a_moved_copy(h5: h5py.File, axis: int
             got[...] = 0  # a private copy
         tail = (slice(None),) * axis + (i, slice(1, 3)) if axis < 3 else expr
         assert np.array_equal(cache.read("x", x, tail), x[tail])
-    assert any(k[1] == "moved" for k in cache._blocks if isinstance(k, tuple) and len(k) == 3)
+    assert any(k[1] == "moved" for k in cache.held() if isinstance(k, tuple) and len(k) == 3)
     partial = (slice(2, 5),) * axis + (0,)  # not the whole leading axes: served from blocks instead
     assert np.array_equal(cache.read("x", x, partial), x[partial])
     too_small = BlockCache(x.nbytes * 3, block_bytes=1 << 10)  # an array above a quarter of the capacity...
@@ -157,7 +157,7 @@ def test_slices_along_later_axes_come_from_a_moved_copy(h5: h5py.File, axis: int
     expr = (slice(None),) * axis + (0,)
     got = too_small.read("x", x, expr)  # ...is never moved (served from blocks, or read directly by the caller)
     assert got is None or np.array_equal(got, x[expr])
-    assert not any(len(k) == 3 for k in too_small._blocks if isinstance(k, tuple))
+    assert not any(len(k) == 3 for k in too_small.held() if isinstance(k, tuple))
 
 
 def test_grid_aligned_patches_come_from_a_tiled_copy(h5: h5py.File) -> None:
@@ -175,7 +175,7 @@ def test_grid_aligned_patches_come_from_a_tiled_copy(h5: h5py.File) -> None:
                     assert got is not None and got.shape == (*patch, 2) and np.array_equal(got, x[expr])
                     if (i + j) % 2 == 0:
                         got[...] = -1  # a private copy: the tiles stay intact
-    assert any(len(k) == 3 and k[1] == "tiled" for k in cache._blocks if isinstance(k, tuple))
+    assert any(len(k) == 3 and k[1] == "tiled" for k in cache.held() if isinstance(k, tuple))
     tiled_reads = cache.hits
     # border patches (smaller), unaligned regions and regions of another size are served from the row blocks
     for expr in [(slice(20, 23), slice(6, 9), slice(6, 7)), (slice(1, 5), slice(0, 3), slice(0, 2)), (slice(0, 8),)]:
@@ -186,10 +186,10 @@ def test_grid_aligned_patches_come_from_a_tiled_copy(h5: h5py.File) -> None:
     counted.MAX_COUNTERS = 3
     for size in range(1, 8):  # regions of ever new sizes: the counters start over instead of growing
         counted.read("x", x, (slice(0, size), slice(0, 1)))
-    assert len(counted._requests) <= 3
+    assert counted.counters <= 3
     big = BlockCache(x.nbytes * 8, block_bytes=1 << 10)  # the array is above a sixteenth of the capacity...
     big.TILED_AFTER = 0
     big.DIRECT_BEFORE_FILL = 0
     expr = (slice(0, 4), slice(0, 3), slice(0, 2))
     assert np.array_equal(big.read("x", x, expr), x[expr])
-    assert not any(len(k) == 3 for k in big._blocks if isinstance(k, tuple))  # ...and is never tiled
+    assert not any(len(k) == 3 for k in big.held() if isinstance(k, tuple))  # ...and is never tiled
