@@ -78,8 +78,8 @@ def launched(
     default, readable from ``process.stderr``; None: this process's). On exit the child gets SIGTERM (then SIGKILL
     after :data:`STOP_TIMEOUT_S`) unless it has already ended; its pipes are closed.
 
-    Raises RuntimeError when the first line is anything else (the child is killed; the message holds what it wrote
-    to a ``stderr`` pipe)."""
+    Raises RuntimeError when the first line is anything else (the child is killed unless it closed its stdout; the
+    message holds its exit code and what it wrote to a ``stderr`` pipe)."""
     proc = subprocess.Popen(
         list(command), stdout=subprocess.PIPE, stderr=stderr, text=True, env=None if env is None else dict(env)
     )
@@ -87,9 +87,12 @@ def launched(
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith(f"{banner} "):
-            proc.kill()
+            if line:  # something else on stdout: it may still run
+                proc.kill()
             _, err = proc.communicate(timeout=STOP_TIMEOUT_S)
-            raise RuntimeError(f"{shlex.join(command)} did not start: {line!r} {err or ''}".rstrip())
+            raise RuntimeError(
+                f"{shlex.join(command)} did not start (exit code {proc.returncode}): {line!r} {err or ''}".rstrip()
+            )
         yield Launched(proc, line.rsplit(" ", 1)[1].strip())
     finally:
         if proc.poll() is None:
