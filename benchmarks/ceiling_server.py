@@ -4,20 +4,20 @@ One server-streaming method, ``/patchwire.bench.Ceiling/Stream``, with identity 
 ``b"COUNT,SIZE"`` and the reply is COUNT messages of SIZE bytes (the same immutable ``bytes`` object each time, so
 the server does no per-message work beyond gRPC's own). It runs with the process settings ``patchwire serve`` uses:
 ``tune_malloc(arena_max=2)``, the message limits of ``framing.channel_options()``, ``grpc.aio`` on uvloop. Prints
-``ceiling listening on 127.0.0.1:PORT`` once it serves and stops on SIGTERM/SIGINT.
+``ceiling listening on 127.0.0.1:PORT`` once it serves and stops on SIGTERM/SIGINT, as ``patchwire serve`` does
+(:func:`patchwire.cli.launch.announce_and_wait`).
 
 Usage: ``python benchmarks/ceiling_server.py``
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from collections.abc import AsyncIterator
 
 import grpc
 import uvloop
 
+from patchwire.cli.launch import announce_and_wait
 from patchwire.wire import framing
 from patchwire.wire.malloc import tune_malloc
 
@@ -38,12 +38,7 @@ async def _serve() -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"ceiling listening on 127.0.0.1:{port}", flush=True)
-    await stop.wait()
+    await announce_and_wait(f"ceiling listening on 127.0.0.1:{port}")
     await server.stop(0.5)
 
 

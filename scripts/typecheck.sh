@@ -8,6 +8,7 @@ rm -rf .tools/typecheck && mkdir -p "$view"
 ln -s "$PWD/service" "$view/service"
 ln -s "$PWD/client" "$view/client"
 ln -s "$PWD/wire" "$view/wire"
+ln -s "$PWD/cli" "$view/cli"
 ln -s "$PWD/protos/patchwire/v1" "$view/v1"
 MYPYPATH=.tools/typecheck .venv/bin/mypy --namespace-packages --explicit-package-bases \
-  -p patchwire.service -p patchwire.client -p patchwire.wire "$@"
+  -p patchwire.service -p patchwire.client -p patchwire.wire -p patchwire.cli "$@"

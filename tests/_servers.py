@@ -1,4 +1,5 @@
-"""Real patchwire servers for tests: in-process on a background event loop, or as a subprocess."""
+"""Real patchwire servers for tests: in-process on a background event loop, or as a subprocess (started by
+:mod:`patchwire.cli.launch`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import concurrent.futures
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import contextmanager
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from patchwire.cli.launch import launch_server, serve_command
 from patchwire.service import PatchwireServer, ServerConfig
 
 T = TypeVar("T")
@@ -59,10 +60,7 @@ def server_in_thread(datasets: Mapping[str, Path], **config: object) -> Iterator
 
 def serve_args(datasets: Mapping[str, Path], *extra_args: str) -> list[str]:
     """The command line of ``patchwire serve`` on a free port for ``datasets``."""
-    args = [sys.executable, "-m", "patchwire.service", "--log-level", "WARNING", "serve", "--port", "0"]
-    for name, path in datasets.items():
-        args += ["--dataset", f"{name}={path}"]
-    return [*args, *extra_args]
+    return serve_command(datasets, *extra_args)
 
 
 def child_env() -> dict[str, str]:
@@ -73,30 +71,10 @@ def child_env() -> dict[str, str]:
 def serve_process(
     datasets: Mapping[str, Path], extra_args: tuple[str, ...] = ()
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``patchwire serve`` in a child process on a free port; yields the process and its address. The child is
-    terminated on exit unless the test already ended it."""
-    proc = subprocess.Popen(
-        serve_args(datasets, *extra_args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("patchwire listening on "):
-            proc.kill()
-            _, err = proc.communicate(timeout=30)
-            raise RuntimeError(f"server did not start: {line!r} {err}")
-        yield proc, line.rsplit(" ", 1)[1].strip()
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+    """``patchwire serve`` in a child process on a free port (:func:`patchwire.cli.launch.launch_server`, stderr
+    piped); yields the process and its address. The child is terminated on exit unless the test already ended it."""
+    with launch_server(datasets, extra_args, env=child_env()) as server:
+        yield server.process, server.address
 
 
 @contextmanager

@@ -24,13 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import patchwire.client as pw
+from patchwire.cli import main
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
 from patchwire.client._connection import Connection
 from patchwire.service import PatchwireServer
 from patchwire.service._auth import token_digest
 from patchwire.service._certs import CLIENT_SUBJECT
-from patchwire.service._cli import main
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc
 from patchwire.wire import framing, tensors
@@ -337,8 +337,8 @@ def test_serve_with_tls_and_status_with_a_token(certs: Certs, tiny_h5: Path, tmp
         token_file = certs.path("admin.token")
         base = ["status", address, "--ca-cert", str(certs.path("ca.crt")), "--timeout", "10"]
         out, err = io.StringIO(), io.StringIO()
-        from patchwire.client._status import run_status
-        from patchwire.service._cli import _parser
+        from patchwire.cli import build_parser as _parser
+        from patchwire.cli.status import run_status
 
         assert run_status(_parser().parse_args([*base, "--token-file", str(token_file)]), out, err) == 0, err.getvalue()
         assert out.getvalue().startswith("no assembly jobs on")
@@ -426,7 +426,7 @@ def test_a_token_without_tls_is_refused_on_the_client() -> None:
 
 
 def test_command_credentials_from_flags_and_environment(certs: Certs) -> None:
-    from patchwire.service._cli import _parser
+    from patchwire.cli import build_parser as _parser
 
     args = _parser().parse_args(["status", "h:1", "--ca-cert", str(certs.path("ca.crt"))])
     creds = pw.Credentials.from_args(args, {"PATCHWIRE_TOKEN": " from-env-token \n"})

@@ -30,7 +30,7 @@ def test_server_and_client_import_without_torch_or_tensorflow() -> None:
     code = (
         "import sys\n"
         "sys.modules['torch'] = None; sys.modules['tensorflow'] = None\n"
-        "import patchwire.service, patchwire.service._cli, patchwire.client, patchwire.client.extraction\n"
+        "import patchwire.service, patchwire.cli, patchwire.cli.serve, patchwire.client, patchwire.client.extraction\n"
         "import patchwire.client.transformation\n"
         "print('ok')\n"
     )
@@ -68,6 +68,9 @@ def test_wheel_contents(tmp_path: Path) -> None:
         "patchwire/v1/dataset_service.proto",
         "patchwire/wire/framing.py",
         "patchwire/wire/py.typed",
+        "patchwire/cli/__init__.py",
+        "patchwire/cli/__main__.py",
+        "patchwire/cli/py.typed",
         "patchwire/v1/py.typed",
     ):
         assert required in names, required

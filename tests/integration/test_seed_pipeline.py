@@ -138,7 +138,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         "HOME": str(tmp_path),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "patchwire.service", "demo", "--no-progress"],
+        [sys.executable, "-m", "patchwire.cli", "demo", "--no-progress"],
         env=env,
         capture_output=True,
         text=True,

@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 
 import patchwire.client as pw
+from patchwire.cli import main
 from patchwire.client import extraction as extr
-from patchwire.service._cli import main
 
 from _servers import serve_process
 

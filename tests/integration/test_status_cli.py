@@ -24,7 +24,7 @@ SLICE = (24, 16)  # tiny_h5: 3 subjects of 20x24x16; SliceIndexing gives 20 samp
 
 
 def _status_args(address: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "patchwire.service", "status", address, *args]
+    return [sys.executable, "-m", "patchwire.cli", "status", address, *args]
 
 
 def _status(address: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from patchwire.cli import main
 from patchwire.service import _auth
 from patchwire.service._auth import (
     ADMIN,
@@ -22,7 +23,6 @@ from patchwire.service._auth import (
     required_role,
     token_digest,
 )
-from patchwire.service._cli import main
 from patchwire.service._errors import PermissionDenied, Unauthenticated
 from patchwire.service._tls import exposed_without_tls, is_loopback
 

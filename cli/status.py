@@ -21,14 +21,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from patchwire.client._assembler import JobStatus, SubjectProgress
-from patchwire.client._client import Client, connect
-from patchwire.client._credentials import Credentials
-from patchwire.client._errors import PatchwireError
+from patchwire.cli._flags import add_credential_flags
 
-__all__ = ["format_job", "format_jobs", "run_status"]
+if TYPE_CHECKING:
+    from patchwire.client import Client, JobStatus, SubjectProgress
+
+__all__ = ["add_parser", "format_job", "format_jobs", "run", "run_status"]
 
 BAR_WIDTH = 20
 _CLEAR = "\x1b[H\x1b[J"  # cursor home, clear to the end of the screen
@@ -104,8 +104,30 @@ def _snapshot(client: Client, job_id: str | None) -> tuple[str, bool]:
     return format_jobs(jobs, client.address), all(j.state in _FINISHED for j in jobs)
 
 
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``status`` and its flags to the ``patchwire`` command's subparsers."""
+    status = sub.add_parser("status", help="show the progress of a server's assembly jobs")
+    status.add_argument("address", help="the server, HOST:PORT")
+    status.add_argument("--job", "-j", help="one job, with a line per subject (default: a table of every job)")
+    status.add_argument(
+        "--watch", "-w", action="store_true", help="redraw until the job (or every job) is completed or aborted"
+    )
+    status.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between redraws (default 2)")
+    status.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for the server (default 5)"
+    )
+    add_credential_flags(status)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``patchwire status`` on this process's stdout and stderr."""
+    return run_status(args)
+
+
 def run_status(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Runs ``patchwire status``; returns the exit status (0, 1 on an error, 130 on Ctrl-C)."""
+    """Runs ``patchwire status``; returns the exit status (0, 1 on an error, 2 for a bad flag, 130 on Ctrl-C)."""
+    from patchwire.client import Credentials, PatchwireError, connect
+
     out = out or sys.stdout
     err = err or sys.stderr
     if args.interval <= 0:

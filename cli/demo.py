@@ -10,19 +10,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from patchwire.client._credentials import Credentials
+from patchwire.cli._flags import add_credential_flags
+from patchwire.cli.launch import launch_server
 
-__all__ = ["DemoSummary", "run_demo", "run_seed_pipeline"]
+if TYPE_CHECKING:
+    from patchwire.client import Credentials
+
+__all__ = ["DemoSummary", "add_parser", "run", "run_demo", "run_seed_pipeline"]
 
 
 @dataclass
@@ -47,41 +50,6 @@ class DemoSummary:
     seconds: float = 0.0
     megabytes: float = 0.0
     job_id: str = ""
-
-
-@contextlib.contextmanager
-def _phantom_server() -> Iterator[str]:
-    state = tempfile.mkdtemp(prefix="patchwire-demo-")
-    cmd = [
-        sys.executable,
-        "-m",
-        "patchwire.service",
-        "--log-level",
-        "WARNING",
-        "serve",
-        "--phantom",
-        "--port",
-        "0",
-        "--state-dir",
-        state,
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("patchwire listening on "):
-            raise RuntimeError(f"the patchwire server did not start (exit code {proc.wait()})")
-        yield line.rsplit(" ", 1)[1].strip()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def run_seed_pipeline(
@@ -184,8 +152,40 @@ def _evaluate(
     return SubjectResult(name, tuple(volume.shape), str(volume.dtype), slices, checked, float(predicted.mean()), dice)
 
 
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``demo`` and its flags to the ``patchwire`` command's subparsers."""
+    demo = sub.add_parser("demo", help="run the seed pipeline against a server on a built-in phantom dataset")
+    demo.add_argument("--address", help="use this running server (HOST:PORT) instead of starting one")
+    demo.add_argument("--dataset", default="phantom", help="dataset name on that server (default phantom)")
+    demo.add_argument("--batch-size", type=int, default=2)
+    demo.add_argument("--workers", type=int, default=0, help="torch DataLoader workers")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_credential_flags(demo)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``patchwire demo``, or says what to install when the client cannot be imported."""
+    try:
+        import patchwire.client  # noqa: F401
+    except ImportError as exc:
+        print(f"patchwire demo needs the torch client: pip install 'patchwire[server,torch]' ({exc})", file=sys.stderr)
+        return 2
+    return run_demo(args)
+
+
+@contextlib.contextmanager
+def _phantom_server() -> Iterator[str]:
+    """``patchwire serve --phantom`` on a free port with a temporary state folder; its stderr is this process's."""
+    with (
+        tempfile.TemporaryDirectory(prefix="patchwire-demo-", ignore_cleanup_errors=True) as state,
+        launch_server({}, ("--phantom", "--state-dir", state), stderr=None) as server,
+    ):
+        yield server.address
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import patchwire.client as pw
+    from patchwire.client import Credentials
 
     try:
         credentials = Credentials.from_args(args, os.environ)

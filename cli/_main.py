@@ -1,0 +1,39 @@
+"""The ``patchwire`` command's parser and dispatch: one subcommand per module of this package (``serve``,
+``status``, ``demo``, ``certs``), each adding its own parser and running its parsed arguments.
+
+Building the parser imports no client code and nothing beyond the standard library for ``status``, ``demo`` and
+``certs``: each imports what it needs when it runs, so a server-only install (no torch) serves, and ``patchwire
+serve`` never loads the client package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from patchwire.cli import certs, demo, serve, status
+
+__all__ = ["build_parser", "main"]
+
+_COMMANDS = {"serve": serve, "status": status, "demo": demo, "certs": certs}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every ``patchwire`` subcommand."""
+    parser = argparse.ArgumentParser(prog="patchwire", description="Serve pymia-format HDF5 datasets over gRPC.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in _COMMANDS.values():
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``patchwire ARGS`` (``argv``, default ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return _COMMANDS[args.command].run(args)

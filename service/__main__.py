@@ -1,3 +1,0 @@
-from patchwire.service._cli import main
-
-raise SystemExit(main())
