@@ -23,10 +23,10 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from patchwire.client._assembler import JobStatus, SubjectProgress
 from patchwire.client._client import Client, connect
 from patchwire.client._credentials import Credentials
 from patchwire.client._errors import PatchwireError
+from patchwire.client.assembly.status import JobStatus, SubjectProgress
 
 __all__ = ["format_job", "format_jobs", "run_status"]
 
