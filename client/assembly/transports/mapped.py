@@ -65,17 +65,24 @@ def _chunked_sizes(batch: object) -> list[int]:
 class MappedVolumes(Transport):
     """Fetches through shared memory while ``posting`` can use it (over ``posting.wire`` once it cannot); posts
     through ``posting``. ``accept_files``: whether the server may name its files (False once they could not be
-    mapped here: volumes are then written into the fetch segment)."""
+    mapped here: volumes are then written into the fetch segment). ``segments``: where fetch segments come from (by
+    default the process's, ``process.SPARES.fetching``)."""
 
     name = "mapped volumes"
 
-    def __init__(self, connection: Connection, registration: Registration, posting: PostingSegment) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        registration: Registration,
+        posting: PostingSegment,
+        segments: process.FetchSegments | None = None,
+    ) -> None:
         self.posting = posting
         self.statistics = posting.statistics
         self.accept_files = True
         self._connection = connection
         self._registration = registration
-        self._segments = process.SPARES.fetching
+        self._segments = segments or process.SPARES.fetching
 
     @property
     def shared(self) -> bool:
