@@ -12,7 +12,6 @@
 Framework adapters live in :mod:`patchwire.client.torch` and :mod:`patchwire.client.tensorflow`.
 """
 
-from patchwire.client._assembler import AssemblyEvent, JobStatus, RemoteSubjectAssembler, SubjectProgress
 from patchwire.client._client import ArrayInfo, Client, DatasetInfo, SubjectInfo, connect
 from patchwire.client._credentials import Credentials
 from patchwire.client._datasource import RemoteDatasource, SubjectSamples
@@ -34,6 +33,7 @@ from patchwire.client._errors import (
     ServerUnavailable,
 )
 from patchwire.client._retry import RetryPolicy
+from patchwire.client.assembly import AssemblyEvent, JobStatus, RemoteSubjectAssembler, SubjectProgress
 
 __all__ = [
     "ArrayInfo",

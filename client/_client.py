@@ -6,12 +6,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from patchwire.client._assembler import JobStatus, RemoteSubjectAssembler, job_status
 from patchwire.client._connection import Connection
 from patchwire.client._credentials import Credentials, PathOrBytes
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client._errors import translate_rpc_errors
 from patchwire.client._retry import RetryPolicy
+from patchwire.client.assembly import RemoteSubjectAssembler
+from patchwire.client.assembly.status import JobStatus, job_status
 from patchwire.client.conversion import ImageProperties
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import dataset_service_pb2

@@ -1261,8 +1261,8 @@ def test_window_pipelines_posts_and_assembles_the_same(open_ds, make_asm, images
     batches = [order[k : k + 7] for k in range(0, len(order), 7)]
     for k, batch in enumerate(batches):
         post_slices(asm, images, batch, last_batch=k == len(batches) - 1)
-        assert len(asm._inflight) <= 3  # at most window - 1 batches wait for their acknowledgement
-    assert not asm._inflight and asm.subjects_ready == {0, 1, 2}  # a last batch waits for every acknowledgement
+        assert asm.unacknowledged_batches <= 3  # at most window - 1 batches wait for their acknowledgement
+    assert not asm.unacknowledged_batches and asm.subjects_ready == {0, 1, 2}  # a last batch waits for every ack
     for s in range(3):
         assert np.array_equal(asm.get_assembled_subject(s), images[s])
     assert asm.status().state == "completed"

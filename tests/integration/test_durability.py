@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -83,8 +84,12 @@ def _spans_subjects(batch: Sequence[int]) -> bool:
 
 def _post(assembler: pw.RemoteSubjectAssembler, indices: Sequence[int], offset: float = 0.0) -> Any:
     """Posts one batch and returns the server's acknowledgement (accepted and duplicate counts)."""
-    assembler._post(assembler._requests(_batch(indices, offset), list(indices), False), False)
-    return assembler._last_ack
+    before = (assembler.accepted_samples, assembler.duplicate_samples)
+    assembler.add_batch(_batch(indices, offset), list(indices))  # (window 1: returns with the acknowledgement)
+    return SimpleNamespace(
+        accepted_samples=assembler.accepted_samples - before[0],
+        duplicate_samples=assembler.duplicate_samples - before[1],
+    )
 
 
 def _events(assembler: pw.RemoteSubjectAssembler, count: int) -> list[pw.AssemblyEvent]:

@@ -40,6 +40,15 @@ EXPECTED = {
         "SubjectSamples",
         "connect",
     },
+    "patchwire.client.assembly": {  # the facade, what it reports, how its payloads travel
+        "RemoteSubjectAssembler",
+        "AssemblyEvent",
+        "JobStatus",
+        "SubjectProgress",
+        "Transport",
+        "TransportStatistics",
+        "MemoryTransport",
+    },
     "patchwire.client.extraction": {
         "ComposeExtractor",
         "DataExtractor",

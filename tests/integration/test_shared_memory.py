@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 
 import patchwire.client as pw
-import patchwire.client._assembler as client_assembler
 from patchwire.client import extraction as extr
+from patchwire.client.assembly import process
+from patchwire.client.assembly.transports import segment as posting_segment
 from patchwire.service import PatchwireServer
 from patchwire.service import _assembly as service_assembly
 from patchwire.service import _assembly_service as assembly_service
@@ -89,25 +90,13 @@ def assembler(client: pw.Client, indexing: extr.IndexingStrategy, **kwargs: Any)
 @pytest.fixture(autouse=True)
 def fresh_spares(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with no spare segments of earlier assemblers (the tests that check reuse make their own)."""
-    monkeypatch.setattr(client_assembler, "_SPARES", client_assembler._Spares())
+    monkeypatch.setattr(process, "SPARES", process.Spares())
 
 
-@pytest.fixture
-def no_wire_payloads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fails the test if the client sends a payload as chunks or reads one from chunks."""
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("a payload went over the wire")
-
-    real = client_assembler._with_chunks
-
-    def posted(batch: apb.PredictionBatch, payloads: Any) -> Any:
-        if payloads:
-            refuse()
-        return real(batch, payloads)
-
-    monkeypatch.setattr(client_assembler, "_with_chunks", posted)
-    monkeypatch.setattr(client_assembler, "decode_stream", refuse)
+def assert_no_wire_payloads(asm: Any) -> None:
+    """No payload of ``asm``'s was sent as chunks or read from chunks: all went through shared memory."""
+    statistics = asm.transport.statistics
+    assert statistics.posted_wire_bytes == 0 and statistics.fetched_wire_bytes == 0, "a payload went over the wire"
 
 
 def post_all_slices(asm: Any, images: list[np.ndarray], batch: int = 8, **kwargs: Any) -> None:
@@ -131,7 +120,7 @@ def segment_of(array: np.ndarray) -> Any:
 
 @pytest.mark.parametrize("window", [1, 3])
 def test_predictions_and_volumes_travel_through_shared_memory(
-    client: pw.Client, images: list[np.ndarray], no_wire_payloads: None, window: int
+    client: pw.Client, images: list[np.ndarray], window: int
 ) -> None:
     with assembler(client, extr.SliceIndexing(0), window=window) as asm:
         post_all_slices(asm, images)
@@ -143,10 +132,11 @@ def test_predictions_and_volumes_travel_through_shared_memory(
             assert isinstance(segment_of(volume), mmap.mmap)
             volume[0, 0, 0, 0] = -1.0  # the user's own copy: writable, like pymia's
         assert asm.status().received == 3 * SHAPE[0]
+        assert_no_wire_payloads(asm)
 
 
 def test_patches_of_two_shapes_and_averaged_overlaps_through_shared_memory(
-    client: pw.Client, images: list[np.ndarray], no_wire_payloads: None
+    client: pw.Client, images: list[np.ndarray]
 ) -> None:
     """Border patches (clamped) go per sample; each overlap mode gets the volume itself back (identity predictions
     averaged are themselves)."""
@@ -166,13 +156,14 @@ def test_patches_of_two_shapes_and_averaged_overlaps_through_shared_memory(
             assert asm.uses_shared_memory
             for s in range(3):
                 np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+            assert_no_wire_payloads(asm)
 
 
 def test_a_kept_volume_is_never_overwritten_by_later_fetches_and_dropped_ones_are_reused(
     client: pw.Client, images: list[np.ndarray]
 ) -> None:
     with assembler(client, extr.SliceIndexing(0)) as asm:
-        asm._files_ok = False  # volumes are written into the client's segments (not mapped from the server's files)
+        asm.transport.accept_files = False  # volumes are written into the client's segments (not the server's files)
         post_all_slices(asm, images)
         kept = asm.get_assembled_subject(0)
         first = None
@@ -182,7 +173,7 @@ def test_a_kept_volume_is_never_overwritten_by_later_fetches_and_dropped_ones_ar
                 np.testing.assert_array_equal(volume, images[s])
                 del volume
                 gc.collect()
-            free = asm._fetch_segments._free
+            free = process.SPARES.fetching.free
             assert free, "a fetched volume that is gone gives its segment back"
             first = first or free[-1]
             assert free[-1] is first, "the same segment serves fetch after fetch"
@@ -190,18 +181,10 @@ def test_a_kept_volume_is_never_overwritten_by_later_fetches_and_dropped_ones_ar
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "wire"])
-def test_strided_predictions_are_posted_as_they_are(
-    client: pw.Client, images: list[np.ndarray], shared: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Predictions that are views with gaps (here every other channel of a wider array) go into the posting segment
-    with one strided copy, with no contiguous copy first; over the wire as a contiguous copy. The volumes are the
-    same."""
-    if shared:
-
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise AssertionError("a large prediction was encoded through a contiguous copy")
-
-        monkeypatch.setattr(tensors, "array_to_tensor", refuse)
+def test_strided_predictions_are_posted_as_they_are(client: pw.Client, images: list[np.ndarray], shared: bool) -> None:
+    """Predictions that are views with gaps (here every other channel of a wider array) go into the posting segment,
+    or over the wire as a contiguous copy. The volumes are the same. (That the segment takes them with one strided
+    copy and no contiguous copy first: tests/unit/client/assembly/test_transports.py.)"""
     with assembler(client, extr.SliceIndexing(0), shared_memory=shared) as asm:
         for start in range(0, 3 * SHAPE[0], 8):
             indices = np.arange(start, start + 8)
@@ -213,55 +196,60 @@ def test_strided_predictions_are_posted_as_they_are(
             asm.add_batch(strided, indices)
         asm.flush()
         assert asm.uses_shared_memory == shared
+        statistics = asm.transport.statistics
+        posted = statistics.posted_shared_bytes if shared else statistics.posted_wire_bytes
+        assert posted == sum(image.nbytes for image in images)
         for s in range(3):
             np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
 
 
 def test_a_later_assembler_posts_through_the_segment_of_an_earlier_one(
-    client: pw.Client, images: list[np.ndarray], no_wire_payloads: None
+    client: pw.Client, images: list[np.ndarray]
 ) -> None:
     """A closed assembler's posting segment (everything in it acknowledged) is kept for the next assembler of the
     process, whose batches then land in pages the process already has."""
     with assembler(client, extr.SliceIndexing(0)) as first:
         post_all_slices(first, images)
-        assert first._slots.segment is not None
-        segment = first._slots.segment
-    assert client_assembler._SPARES._posting is segment
+        segment = first.transport.posting.slots.segment
+        assert segment is not None
+        assert_no_wire_payloads(first)
+    assert process.SPARES.posting is segment
     with assembler(client, extr.SliceIndexing(0)) as second:
         post_all_slices(second, images)
-        assert second._slots.segment is segment
+        assert second.transport.posting.slots.segment is segment
         for s in range(3):
             np.testing.assert_array_equal(second.get_assembled_subject(s), images[s])
+        assert_no_wire_payloads(second)
 
 
 def test_a_forked_child_keeps_none_of_the_parents_spare_segments(client: pw.Client, images: list[np.ndarray]) -> None:
     """A forked child shares its parent's segments' pages: it must not post or fetch through them, so it starts
     with no spares, and the parent keeps its own."""
     with assembler(client, extr.SliceIndexing(0)) as asm:
-        asm._files_ok = False  # fetched into a segment, which comes back as a spare once the volume is gone
+        asm.transport.accept_files = False  # fetched into a segment, which comes back as a spare once it is gone
         post_all_slices(asm, images)
         np.testing.assert_array_equal(asm.get_assembled_subject(0), images[0])
         gc.collect()
-    spares = client_assembler._SPARES
-    assert spares._posting is not None and spares.fetching._free
-    channel = client_assembler._CHANNELS.get(client.address)
+    spares = process.SPARES
+    assert spares.posting is not None and spares.fetching.free
+    channel = process.CHANNELS.get(client.address)
     assert channel is not None
     pid = os.fork()
     if pid == 0:  # the child: report by exit status only
-        child = client_assembler._SPARES
-        fresh = client_assembler._CHANNELS.get(client.address) is None  # (it makes its own connection)
-        os._exit(0 if child._posting is None and not child.fetching._free and fresh else 1)
+        child = process.SPARES
+        fresh = process.CHANNELS.get(client.address) is None  # (it makes its own connection)
+        os._exit(0 if child.posting is None and not child.fetching.free and fresh else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert spares._posting is not None and spares.fetching._free
-    assert channel.usable() and client_assembler._CHANNELS.get(client.address) is channel
+    assert spares.posting is not None and spares.fetching.free
+    assert channel.usable() and process.CHANNELS.get(client.address) is channel
 
 
 def test_a_growing_batch_moves_to_a_larger_segment(
-    client: pw.Client, images: list[np.ndarray], no_wire_payloads: None, monkeypatch: pytest.MonkeyPatch
+    client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(client_assembler, "SLOT_GRANULE", 64 << 10)
-    monkeypatch.setattr(client_assembler, "_SPARES", client_assembler._Spares())  # no spare segment to start from
+    monkeypatch.setattr(posting_segment, "SLOT_GRANULE", 64 << 10)
+    monkeypatch.setattr(process, "SPARES", process.Spares())  # no spare segment to start from
     with assembler(client, extr.SliceIndexing(0), window=2) as asm:
         sizes = [8, 8, 16, 40]  # 72 slices: every sample once; 92 KB up to 461 KB
         start = 0
@@ -270,12 +258,14 @@ def test_a_growing_batch_moves_to_a_larger_segment(
             indices = np.arange(start, start + size)
             asm.add_batch(np.stack([images[i // SHAPE[0]][i % SHAPE[0]] for i in indices]), indices)
             start += size
-            assert asm._slots.segment is not None
-            segments.append(asm._slots.segment)
+            segment = asm.transport.posting.slots.segment
+            assert segment is not None
+            segments.append(segment)
         asm.flush()
         assert len({id(segment) for segment in segments}) > 1
         for s in range(3):
             np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
+        assert_no_wire_payloads(asm)
 
 
 @pytest.fixture
@@ -313,7 +303,7 @@ def test_finished_volumes_are_mapped_from_the_servers_files_and_writes_stay_loca
         np.testing.assert_array_equal(asm.get_assembled_subject(1), images[1])
         if server.config.state_dir is not None:
             assert len(mapped) == 2 and all("/results/" in path for path in mapped)
-            assert asm._files_ok
+            assert asm.transport.accept_files
         else:
             assert mapped == []
             assert isinstance(segment_of(first), mmap.mmap)
@@ -332,7 +322,7 @@ def test_files_that_cannot_be_mapped_here_are_written_into_the_segment_instead(
             assert isinstance(segment_of(volume), mmap.mmap)
         assert asm.uses_shared_memory
         # asked once, then no more (a server without a state folder kept these volumes in memory: no files)
-        assert asm._files_ok == (server.config.state_dir is None)
+        assert asm.transport.accept_files == (server.config.state_dir is None)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "wire"])
@@ -451,14 +441,14 @@ def test_a_forked_child_keeps_its_parents_volumes_from_being_reused(
         before = asm.get_assembled_subject(0)
         pid = os.fork()
         if pid == 0:  # the child: report by exit status only
-            ok = np.array_equal(before, images[0]) and not client_assembler._LEASES._gone
+            ok = np.array_equal(before, images[0]) and not process.LEASES.pending
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         after = asm.get_assembled_subject(1)
         del before, after
         gc.collect()
-        gone = client_assembler._LEASES.take(in_memory.address)
+        gone = process.LEASES.take(in_memory.address)
         assert len(gone) == 1, "only the lease of the volume fetched after the fork comes back"
         assert pool_of(in_memory).give_back(gone) == 1
 
@@ -540,9 +530,9 @@ def test_shared_memory_false_keeps_to_the_wire(client: pw.Client, images: list[n
 def test_a_subject_larger_than_the_segment_comes_over_the_wire(
     client: pw.Client, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(client_assembler, "FETCH_SEGMENT_BYTES", 1024)
+    monkeypatch.setattr(process, "FETCH_SEGMENT_BYTES", 1024)
     with assembler(client, extr.SliceIndexing(0)) as asm:
-        asm._files_ok = False  # (files would carry any size)
+        asm.transport.accept_files = False  # (files would carry any size)
         post_all_slices(asm, images)
         assert asm.uses_shared_memory
         volume = asm.get_assembled_subject(2)
@@ -978,7 +968,7 @@ def test_a_volume_in_the_memory_of_a_server_in_another_process(tmp_path: Path, m
                 assert mapped[-1][0].startswith("/memfd:patchwire-volume")
                 del volume
                 gc.collect()
-            assert not client_assembler._LEASES.take(address), "the lease went back when the assembler closed"
+            assert not process.LEASES.take(address), "the lease went back when the assembler closed"
         assert len(mapped) == 2 and mapped[0][1] == mapped[1][1], "the second job reused the first one's memfd"
 
 

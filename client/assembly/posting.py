@@ -1,0 +1,156 @@
+"""The posting window: batches sent on one PostPredictions stream, at most ``window`` of them unacknowledged,
+acknowledgements read in order, and every unacknowledged batch sent again on a new stream after a dropped one (under
+the assembler's :class:`~patchwire.client.RetryPolicy`; posting is idempotent on the server)."""
+
+from __future__ import annotations
+
+import collections
+import queue
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from patchwire.client._connection import Connection
+from patchwire.client._errors import ConnectionFailed, RetriesExhausted, translate_rpc_errors
+from patchwire.client._retry import Outage, RetryPolicy
+from patchwire.v1 import assembly_service_pb2 as apb
+
+__all__ = ["GrpcPostStream", "PostStream", "PostingWindow", "Request"]
+
+Request = apb.PostPredictionsRequest | bytes
+"""One message of a PostPredictions stream; chunk messages travel pre-serialised."""
+
+
+class PostStream(Protocol):
+    """One PostPredictions stream: requests in, one acknowledgement per batch out, in order."""
+
+    def put(self, requests: Sequence[Request]) -> None: ...
+
+    def next_ack(self) -> apb.PostPredictionsResponse:
+        """The next acknowledgement; StopIteration where the stream ended, gRPC errors as they come."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class GrpcPostStream:
+    """A PostStream over a connection: requests go through a queue, acknowledgements are read one per batch."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._responses = connection.post_predictions()(iter(self._queue.get, None))
+
+    def put(self, requests: Sequence[Request]) -> None:
+        for r in requests:
+            self._queue.put(r)
+
+    def next_ack(self) -> apb.PostPredictionsResponse:
+        response: apb.PostPredictionsResponse = next(self._responses)
+        return response
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._responses.cancel()
+
+
+class PostingWindow:
+    """Sends batches (each a list of requests) and reads their acknowledgements in order.
+
+    ``open_stream``: a new stream (at the first batch and after a dropped one). ``describe``: what posting is, for
+    error messages (e.g. which job). ``resending``: called with the unacknowledged batches before they are sent again
+    (a transport points them at what it registered anew). ``acknowledged``: called with each acknowledgement.
+    ``accepted_samples``, ``duplicate_samples`` and ``resent_batches`` count the samples the server took, those it
+    already had, and the batches sent again."""
+
+    def __init__(
+        self,
+        open_stream: Callable[[], PostStream],
+        address: str,
+        window: int = 1,
+        retry: RetryPolicy | None = None,
+        describe: Callable[[], str] = lambda: "posting predictions",
+        resending: Callable[[Sequence[list[Request]]], None] = lambda batches: None,
+        acknowledged: Callable[[apb.PostPredictionsResponse], None] = lambda response: None,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.window = window
+        self.retry = retry or RetryPolicy()
+        self.accepted_samples = 0
+        self.duplicate_samples = 0
+        self.resent_batches = 0
+        self.last_ack: apb.PostPredictionsResponse | None = None
+        self._open_stream = open_stream
+        self._address = address
+        self._describe = describe
+        self._resending = resending
+        self._acknowledged = acknowledged
+        self._stream: PostStream | None = None
+        self._inflight: collections.deque[list[Request]] = collections.deque()
+
+    @property
+    def unacknowledged(self) -> int:
+        """Batches sent and not acknowledged yet."""
+        return len(self._inflight)
+
+    def post(self, requests: list[Request], last_batch: bool = False) -> None:
+        """Sends a batch; waits for acknowledgements while ``window`` batches are unacknowledged (all of them after
+        a last batch)."""
+        self._inflight.append(requests)
+        if self._stream is None:
+            self._stream = self._open_stream()
+        self._stream.put(requests)
+        while self._inflight and (last_batch or len(self._inflight) >= self.window):
+            self._read_ack()
+
+    def flush(self) -> None:
+        """Waits until every batch sent so far is acknowledged (durable on the server)."""
+        while self._inflight:
+            self._read_ack()
+
+    def _read_ack(self) -> None:
+        """Reads the oldest batch's acknowledgement. A dropped connection (the server unreachable, restarting, or
+        ending the stream early) is retried under ``self.retry`` by re-sending every unacknowledged batch; a batch the
+        server rejects raises, and the batches sent after it (which the server never read) are sent again first."""
+        what = self._describe()
+        outage: Outage | None = None
+        while True:
+            try:
+                with translate_rpc_errors(what):
+                    assert self._stream is not None
+                    response = self._stream.next_ack()
+                break
+            except (ConnectionFailed, StopIteration) as exc:
+                # ConnectionFailed is UNAVAILABLE or DEADLINE_EXCEEDED: the batches in flight were not acknowledged
+                self.close()
+                failure = exc if isinstance(exc, ConnectionFailed) else ConnectionFailed(f"{what}: stream ended early")
+                outage = outage or Outage(self.retry, self._address, what)
+                try:
+                    outage.failed(failure)
+                except RetriesExhausted:
+                    self._inflight.clear()
+                    raise
+                self.resent_batches += len(self._inflight)
+                self._resend()
+            except BaseException:
+                self.close()
+                self._inflight.popleft()
+                self._resend()
+                raise
+        self._inflight.popleft()
+        self.last_ack = response
+        self.accepted_samples += response.accepted_samples
+        self.duplicate_samples += response.duplicate_samples
+        self._acknowledged(response)
+
+    def _resend(self) -> None:
+        if self._inflight:
+            self._resending(list(self._inflight))
+            self._stream = self._open_stream()
+            for requests in self._inflight:
+                self._stream.put(requests)
+
+    def close(self) -> None:
+        """Closes the stream (a later batch opens a new one); unacknowledged batches stay counted."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
