@@ -16,19 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from patchwire.service import _pymia_format as fmt
-from patchwire.service._catalog import Dataset, SubjectGeometry, to_str
+from patchwire.service._catalog import Dataset, to_str
 from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
-from patchwire.service._indexing import WHOLE, Expression
+from patchwire.service._indexing import Expression
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2
 from patchwire.wire.definition import (
     KEY_FILE_ROOT,
     KEY_INDEX_EXPR,
+    KEY_PLACEHOLDER_FILES,
+    KEY_PLACEHOLDER_NAMES,
+    KEY_PLACEHOLDER_NAMES_SELECTED,
     KEY_PROPERTIES,
     KEY_SHAPE,
     KEY_SUBJECT,
     KEY_SUBJECT_INDEX,
+    LOC_FILES_PLACEHOLDER,
+    LOC_FILES_ROOT,
 )
 from patchwire.wire.geometry import ImageProperties
 from patchwire.wire.indexexpression import IndexExpression
@@ -56,8 +60,9 @@ class Params:
     """Arrays must be the sample's own (a transform may modify them in place); False allows read-only views."""
 
 
-def image_properties(g: SubjectGeometry) -> ImageProperties:
-    """What pymia's ImagePropertiesExtractor gives: it rebuilds the properties from a uint8 image."""
+def image_properties(g: ImageProperties) -> ImageProperties:
+    """What pymia's ImagePropertiesExtractor gives for a stored geometry: it rebuilds the properties from a uint8
+    image (one component, pixel id sitkUInt8), as a new object the sample owns."""
     return ImageProperties(g.size, g.origin, g.spacing, g.direction, len(g.size), 1, SITK_UINT8)
 
 
@@ -106,7 +111,7 @@ class _Names(Extractor):
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         for cat, names in self.names.items():
-            extracted[f"{cat}_names"] = list(names)
+            extracted[KEY_PLACEHOLDER_NAMES.format(cat)] = list(names)
 
 
 class _Selective(Extractor):
@@ -124,7 +129,7 @@ class _Selective(Extractor):
         return (self.category,)
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        names_key = f"{self.category}_names"
+        names_key = KEY_PLACEHOLDER_NAMES.format(self.category)
         if names_key not in extracted:
             extracted[names_key] = list(self.names)
         loc = reader.data_location(self.category, params.subject_index)
@@ -135,11 +140,11 @@ class _Selective(Extractor):
                 extracted[self.category] = to_str(data)
                 return
             chosen: Any = self.indices
-            extracted[f"{self.category}_names_selected"] = list(self.selection)
+            extracted[KEY_PLACEHOLDER_NAMES_SELECTED.format(self.category)] = list(self.selection)
         else:
             rng = np.random.RandomState(derive_seed(self.seed, params.sample_index))
             chosen = [rng.choice(self.indices)]
-            extracted[f"{self.category}_names_selected"] = [entry_names[chosen[0]]]
+            extracted[KEY_PLACEHOLDER_NAMES_SELECTED.format(self.category)] = [entry_names[chosen[0]]]
         taken = np.take(data, chosen, axis=-1)
         extracted[self.category] = to_str(taken.tolist()) if isinstance(data, list) else taken
 
@@ -178,10 +183,10 @@ class _Files(Extractor):
         self.categories = tuple(categories)
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        extracted[KEY_FILE_ROOT] = to_str(reader.read(fmt.LOC_FILES_ROOT))
+        extracted[KEY_FILE_ROOT] = to_str(reader.read(LOC_FILES_ROOT))
         for cat in self.categories:
-            files = reader.read(fmt.LOC_FILES_PLACEHOLDER.format(cat), (params.subject_index,))
-            extracted[f"{cat}_files"] = to_str(files)
+            files = reader.read(LOC_FILES_PLACEHOLDER.format(cat), (params.subject_index,))
+            extracted[KEY_PLACEHOLDER_FILES.format(cat)] = to_str(files)
 
 
 class _Pad(Extractor):
@@ -319,7 +324,7 @@ def compile_extractor(
         return _ImagePropertyShape(sub.numpy_format)
     if kind == "files":
         for cat in sub.categories:
-            loc = fmt.LOC_FILES_PLACEHOLDER.format(cat)
+            loc = LOC_FILES_PLACEHOLDER.format(cat)
             dataset.check_category(cat, f"{where}.categories")
             dataset.handle(loc)
         return _Files(list(sub.categories))
