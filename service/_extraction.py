@@ -21,19 +21,7 @@ from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bou
 from patchwire.service._indexing import Expression
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2
-from patchwire.wire.definition import (
-    KEY_FILE_ROOT,
-    KEY_INDEX_EXPR,
-    KEY_PLACEHOLDER_FILES,
-    KEY_PLACEHOLDER_NAMES,
-    KEY_PLACEHOLDER_NAMES_SELECTED,
-    KEY_PROPERTIES,
-    KEY_SHAPE,
-    KEY_SUBJECT,
-    KEY_SUBJECT_INDEX,
-    LOC_FILES_PLACEHOLDER,
-    LOC_FILES_ROOT,
-)
+from patchwire.wire import definition as defs
 from patchwire.wire.geometry import ImageProperties
 from patchwire.wire.indexexpression import IndexExpression
 
@@ -111,7 +99,7 @@ class _Names(Extractor):
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         for cat, names in self.names.items():
-            extracted[KEY_PLACEHOLDER_NAMES.format(cat)] = list(names)
+            extracted[defs.KEY_PLACEHOLDER_NAMES.format(cat)] = list(names)
 
 
 class _Selective(Extractor):
@@ -129,7 +117,7 @@ class _Selective(Extractor):
         return (self.category,)
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        names_key = KEY_PLACEHOLDER_NAMES.format(self.category)
+        names_key = defs.KEY_PLACEHOLDER_NAMES.format(self.category)
         if names_key not in extracted:
             extracted[names_key] = list(self.names)
         loc = reader.data_location(self.category, params.subject_index)
@@ -140,31 +128,31 @@ class _Selective(Extractor):
                 extracted[self.category] = to_str(data)
                 return
             chosen: Any = self.indices
-            extracted[KEY_PLACEHOLDER_NAMES_SELECTED.format(self.category)] = list(self.selection)
+            extracted[defs.KEY_PLACEHOLDER_NAMES_SELECTED.format(self.category)] = list(self.selection)
         else:
             rng = np.random.RandomState(derive_seed(self.seed, params.sample_index))
             chosen = [rng.choice(self.indices)]
-            extracted[KEY_PLACEHOLDER_NAMES_SELECTED.format(self.category)] = [entry_names[chosen[0]]]
+            extracted[defs.KEY_PLACEHOLDER_NAMES_SELECTED.format(self.category)] = [entry_names[chosen[0]]]
         taken = np.take(data, chosen, axis=-1)
         extracted[self.category] = to_str(taken.tolist()) if isinstance(data, list) else taken
 
 
 class _Subject(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        extracted[KEY_SUBJECT_INDEX] = params.subject_index
-        extracted[KEY_SUBJECT] = reader.subjects[params.subject_index]
+        extracted[defs.KEY_SUBJECT_INDEX] = params.subject_index
+        extracted[defs.KEY_SUBJECT] = reader.subjects[params.subject_index]
 
 
 class _Indexing(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        extracted[KEY_SUBJECT_INDEX] = params.subject_index
-        extracted[KEY_INDEX_EXPR] = IndexExpression.of(params.expression)
+        extracted[defs.KEY_SUBJECT_INDEX] = params.subject_index
+        extracted[defs.KEY_INDEX_EXPR] = IndexExpression.of(params.expression)
 
 
 class _ImageProperties(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         geometry = reader.require_geometry(params.subject_index)
-        extracted[KEY_PROPERTIES] = image_properties(geometry)
+        extracted[defs.KEY_PROPERTIES] = image_properties(geometry)
 
 
 class _ImagePropertyShape(Extractor):
@@ -175,7 +163,7 @@ class _ImagePropertyShape(Extractor):
         shape = list(reader.require_geometry(params.subject_index).size)
         if self.numpy_format:  # pymia swaps first and last (x, y, z -> z, y, x)
             shape[0], shape[-1] = shape[-1], shape[0]
-        extracted[KEY_SHAPE] = tuple(shape)
+        extracted[defs.KEY_SHAPE] = tuple(shape)
 
 
 class _Files(Extractor):
@@ -183,10 +171,10 @@ class _Files(Extractor):
         self.categories = tuple(categories)
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        extracted[KEY_FILE_ROOT] = to_str(reader.read(LOC_FILES_ROOT))
+        extracted[defs.KEY_FILE_ROOT] = to_str(reader.read(defs.LOC_FILES_ROOT))
         for cat in self.categories:
-            files = reader.read(LOC_FILES_PLACEHOLDER.format(cat), (params.subject_index,))
-            extracted[KEY_PLACEHOLDER_FILES.format(cat)] = to_str(files)
+            files = reader.read(defs.LOC_FILES_PLACEHOLDER.format(cat), (params.subject_index,))
+            extracted[defs.KEY_PLACEHOLDER_FILES.format(cat)] = to_str(files)
 
 
 class _Pad(Extractor):
@@ -324,7 +312,7 @@ def compile_extractor(
         return _ImagePropertyShape(sub.numpy_format)
     if kind == "files":
         for cat in sub.categories:
-            loc = LOC_FILES_PLACEHOLDER.format(cat)
+            loc = defs.LOC_FILES_PLACEHOLDER.format(cat)
             dataset.check_category(cat, f"{where}.categories")
             dataset.handle(loc)
         return _Files(list(sub.categories))

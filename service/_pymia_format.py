@@ -33,25 +33,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from patchwire.wire.definition import (
-    KEY_IMAGES,
-    LOC_DATA_PLACEHOLDER,
-    LOC_FILES_PLACEHOLDER,
-    LOC_FILES_ROOT,
-    LOC_IMGPROP_DIRECTION,
-    LOC_IMGPROP_ORIGIN,
-    LOC_IMGPROP_SHAPE,
-    LOC_IMGPROP_SPACING,
-    LOC_NAMES_PLACEHOLDER,
-    LOC_SHAPE_PLACEHOLDER,
-    LOC_SUBJECT,
-    subject_index_to_str,
-)
+from patchwire.wire import definition as defs
 from patchwire.wire.geometry import ImageProperties
 
 __all__ = ["DATA_GROUP", "SubjectRecord", "pymia_geometry", "read_image_properties", "write_pymia_dataset"]
 
-DATA_GROUP = LOC_DATA_PLACEHOLDER.partition("/")[0]
+DATA_GROUP = defs.LOC_DATA_PLACEHOLDER.partition("/")[0]
 """``'data'``: the group that holds one ``data/<category>`` group per category."""
 _STR_DTYPE = h5py.string_dtype()  # vlen UTF-8, what pymia's h5py.special_dtype(vlen=str) is
 _GEOMETRY_LENGTHS = (("size", 3), ("origin", 3), ("spacing", 3), ("direction", 9))
@@ -75,12 +62,12 @@ def read_image_properties(h5: h5py.File) -> list[ImageProperties] | None:
     """Every subject's geometry from ``meta/image_props``, in subject order (None if the file stores none); what
     pymia's ImagePropertiesExtractor rebuilds from it (one component, pixel id sitkUInt8) is
     :func:`patchwire.service._extraction.image_properties`."""
-    if LOC_IMGPROP_SHAPE not in h5:
+    if defs.LOC_IMGPROP_SHAPE not in h5:
         return None
-    sizes = h5[LOC_IMGPROP_SHAPE][()]
-    origins = h5[LOC_IMGPROP_ORIGIN][()]
-    spacings = h5[LOC_IMGPROP_SPACING][()]
-    directions = h5[LOC_IMGPROP_DIRECTION][()]
+    sizes = h5[defs.LOC_IMGPROP_SHAPE][()]
+    origins = h5[defs.LOC_IMGPROP_ORIGIN][()]
+    spacings = h5[defs.LOC_IMGPROP_SPACING][()]
+    directions = h5[defs.LOC_IMGPROP_DIRECTION][()]
     return [ImageProperties(sizes[i], origins[i], spacings[i], directions[i]) for i in range(len(sizes))]
 
 
@@ -139,50 +126,50 @@ def _write(h5: h5py.File, subjects: Sequence[SubjectRecord], n: int) -> None:
     all_files: list[dict[str, list[str]]] = []  # per subject: category -> file paths, in entry order
     synthetic_files = False
 
-    h5.create_dataset(LOC_SUBJECT, (n,), dtype=_STR_DTYPE)
-    h5.create_dataset(LOC_IMGPROP_SHAPE, (n, 3), dtype=np.uint16)
-    h5.create_dataset(LOC_IMGPROP_ORIGIN, (n, 3), dtype=np.float64)
-    h5.create_dataset(LOC_IMGPROP_DIRECTION, (n, 9), dtype=np.float64)
-    h5.create_dataset(LOC_IMGPROP_SPACING, (n, 3), dtype=np.float64)
+    h5.create_dataset(defs.LOC_SUBJECT, (n,), dtype=_STR_DTYPE)
+    h5.create_dataset(defs.LOC_IMGPROP_SHAPE, (n, 3), dtype=np.uint16)
+    h5.create_dataset(defs.LOC_IMGPROP_ORIGIN, (n, 3), dtype=np.float64)
+    h5.create_dataset(defs.LOC_IMGPROP_DIRECTION, (n, 9), dtype=np.float64)
+    h5.create_dataset(defs.LOC_IMGPROP_SPACING, (n, 3), dtype=np.float64)
 
     for i in range(n):
         record = subjects[i]
         if i == 0:
             names = {category: list(entries) for category, entries in record.categories.items()}
-            if KEY_IMAGES not in names:
+            if defs.KEY_IMAGES not in names:
                 raise ValueError(
                     f"subject {record.name!r} has categories {list(names)}; pymia's readers need an "
-                    f"{KEY_IMAGES!r} category"
+                    f"{defs.KEY_IMAGES!r} category"
                 )
             synthetic_files = record.files is None
         arrays = _stack_categories(record, names)
         if i == 0:
             ndims = {category: array.ndim for category, array in arrays.items()}
             for category, ndim in ndims.items():
-                h5.create_dataset(LOC_SHAPE_PLACEHOLDER.format(category), (n, ndim), dtype=np.uint16)
+                h5.create_dataset(defs.LOC_SHAPE_PLACEHOLDER.format(category), (n, ndim), dtype=np.uint16)
         _check_geometry(record, names)
 
-        index_str = subject_index_to_str(i, n)
+        index_str = defs.subject_index_to_str(i, n)
         for category, array in arrays.items():
             if array.ndim != ndims[category]:
                 raise ValueError(
                     f"subject {record.name!r}: category {category!r} has {array.ndim} dimensions, "
                     f"the first subject's has {ndims[category]}"
                 )
-            _write_array(h5, f"{LOC_DATA_PLACEHOLDER.format(category)}/{index_str}", array)
-            h5[LOC_SHAPE_PLACEHOLDER.format(category)][i] = array.shape
-        h5[LOC_SUBJECT][i] = record.name
+            _write_array(h5, f"{defs.LOC_DATA_PLACEHOLDER.format(category)}/{index_str}", array)
+            h5[defs.LOC_SHAPE_PLACEHOLDER.format(category)][i] = array.shape
+        h5[defs.LOC_SUBJECT][i] = record.name
         geometry = record.geometry
-        h5[LOC_IMGPROP_SHAPE][i] = geometry.size
-        h5[LOC_IMGPROP_ORIGIN][i] = geometry.origin
-        h5[LOC_IMGPROP_DIRECTION][i] = geometry.direction
-        h5[LOC_IMGPROP_SPACING][i] = geometry.spacing
+        h5[defs.LOC_IMGPROP_SHAPE][i] = geometry.size
+        h5[defs.LOC_IMGPROP_ORIGIN][i] = geometry.origin
+        h5[defs.LOC_IMGPROP_DIRECTION][i] = geometry.direction
+        h5[defs.LOC_IMGPROP_SPACING][i] = geometry.spacing
         all_files.append(_subject_files(record, names, synthetic_files))
         del arrays, record
 
     for category, entry_names in names.items():
         h5.create_dataset(
-            LOC_NAMES_PLACEHOLDER.format(category), data=np.asarray(entry_names, dtype=object), dtype=_STR_DTYPE
+            defs.LOC_NAMES_PLACEHOLDER.format(category), data=np.asarray(entry_names, dtype=object), dtype=_STR_DTYPE
         )
     _write_files(h5, names, all_files, synthetic_files)
 
@@ -212,12 +199,12 @@ def _stack_categories(record: SubjectRecord, names: Mapping[str, list[str]]) -> 
 
 
 def _check_geometry(record: SubjectRecord, names: Mapping[str, list[str]]) -> None:
-    first = record.categories[KEY_IMAGES][names[KEY_IMAGES][0]]
+    first = record.categories[defs.KEY_IMAGES][names[defs.KEY_IMAGES][0]]
     spatial = tuple(reversed(np.shape(first)[:3]))
     if len(spatial) != 3 or spatial != record.geometry.size:
         raise ValueError(
             f"subject {record.name!r}: geometry size {record.geometry.size} (ITK x, y, z) does not match the first "
-            f"{KEY_IMAGES!r} entry's numpy shape {np.shape(first)} (z, y, x)"
+            f"{defs.KEY_IMAGES!r} entry's numpy shape {np.shape(first)} (z, y, x)"
         )
 
 
@@ -267,8 +254,8 @@ def _write_files(
             {category: [os.path.relpath(p, file_root) for p in files] for category, files in subject_files.items()}
             for subject_files in all_files
         ]
-    h5.create_dataset(LOC_FILES_ROOT, data=file_root, dtype=_STR_DTYPE)
+    h5.create_dataset(defs.LOC_FILES_ROOT, data=file_root, dtype=_STR_DTYPE)
     for category, entry_names in names.items():
         data = np.asarray([subject_files[category] for subject_files in relative], dtype=object)
         data = data.reshape(len(relative), len(entry_names))
-        h5.create_dataset(LOC_FILES_PLACEHOLDER.format(category), data=data, dtype=_STR_DTYPE)
+        h5.create_dataset(defs.LOC_FILES_PLACEHOLDER.format(category), data=data, dtype=_STR_DTYPE)
