@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 
 from patchwire.service._catalog import Dataset, to_str
 from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
@@ -257,22 +258,26 @@ def short_field(field: str) -> str:
     return field if len(field) <= 120 else f"{field[:50]}...{field[-60:]}"
 
 
+def spec_choice(msg: Message, oneof: str, field: str, depth: int, nesting: str) -> tuple[str, Any, str]:
+    """(kind, message, field path) of the one choice an extractor or transform spec makes in its ``oneof``, after
+    refusing a spec ``depth`` deep beyond MAX_NESTING (``nesting`` names the specs that nest) and one with no choice."""
+    if depth > MAX_NESTING:
+        raise InvalidArgument(
+            f"{short_field(field)}: {oneof}s nested {depth} deep; {nesting} may be nested at most {MAX_NESTING} deep"
+        )
+    kind = msg.WhichOneof(oneof)
+    if kind is None:
+        raise InvalidArgument(f"{field}: no {oneof} is set")
+    return kind, getattr(msg, kind), f"{field}.{kind}"
+
+
 def compile_extractor(
     msg: spec_pb2.Extractor, dataset: Dataset, field: str = "extractor", max_bytes: int | None = None, depth: int = 1
 ) -> Extractor:
     """Compiles an extractor spec, checking categories and entry names against ``dataset``; ``max_bytes`` bounds
     what PadDataExtractor may pad a category to. ``depth``: how deep ``msg`` lies in nested extractors (refused
     beyond MAX_NESTING before going deeper)."""
-    if depth > MAX_NESTING:
-        raise InvalidArgument(
-            f"{short_field(field)}: extractors nested {depth} deep; ComposeExtractor and PadDataExtractor may be "
-            f"nested at most {MAX_NESTING} deep"
-        )
-    kind = msg.WhichOneof("extractor")
-    if kind is None:
-        raise InvalidArgument(f"{field}: no extractor is set")
-    sub = getattr(msg, kind)
-    where = f"{field}.{kind}"
+    kind, sub, where = spec_choice(msg, "extractor", field, depth, "ComposeExtractor and PadDataExtractor")
     if kind == "compose":
         return _Compose(
             [
