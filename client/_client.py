@@ -115,7 +115,7 @@ class Client:
             extractor,
             transform,
             subject_subset,
-            label_compression=label_compression,
+            label_compression,
         )
 
     def assembler(
