@@ -116,7 +116,7 @@ class Client:
             extractor,
             transform,
             subject_subset,
-            label_compression=label_compression,
+            label_compression,
         )
 
     def assembler(

@@ -73,12 +73,14 @@ class RemoteDatasource:
         self,
         connection: Connection,
         dataset: str,
-        indexing_strategy: IndexingStrategy | None = None,
-        extractor: Extractor | None = None,
-        transform: Any = None,
-        subject_subset: Sequence[str] | None = None,
-        label_compression: str | None = None,
+        indexing_strategy: IndexingStrategy | None,
+        extractor: Extractor | None,
+        transform: Any,
+        subject_subset: Sequence[str] | None,
+        label_compression: str | None,
     ) -> None:
+        """Opens the datasource on the server (the arguments and their defaults are those of
+        :meth:`patchwire.client.Client.datasource`, which builds it)."""
         self._connection = connection
         self.dataset = dataset
         self.label_compression = label_compression

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,10 @@ from patchwire.service import _pymia_format as fmt
 from patchwire.service._cache import BlockCache
 from patchwire.service._errors import FailedPrecondition, NotFound, OutOfRange, ServiceError, bounded
 from patchwire.service._integrity import ChecksumMismatch, Checksums, LayoutError, validate_layout
+from patchwire.wire import definition as defs
+from patchwire.wire.geometry import ImageProperties
 
-__all__ = ["Dataset", "Entry", "SubjectGeometry", "to_str"]
+__all__ = ["Dataset", "Entry", "to_str"]
 
 _log = logging.getLogger(__name__)
 
@@ -33,20 +34,6 @@ def to_str(value: Any) -> Any:
     if isinstance(value, list):
         return [to_str(v) for v in value]
     return value
-
-
-@dataclass(frozen=True)
-class SubjectGeometry:
-    """Image properties as stored in ``meta/image_props`` (ITK order)."""
-
-    size: tuple[int, ...]
-    """ITK size (x, y, z)."""
-    origin: tuple[float, ...]
-    """Physical origin."""
-    spacing: tuple[float, ...]
-    """Voxel spacing."""
-    direction: tuple[float, ...]
-    """Row-major direction cosines."""
 
 
 class Entry:
@@ -117,40 +104,27 @@ class Dataset:
         self._lock = threading.Lock()
         self._handles: dict[str, Entry] = {}
         f = self._file
-        if fmt.LOC_SUBJECT not in f:
-            raise FailedPrecondition(f"dataset {name!r}: {self.path} is not in pymia format (no {fmt.LOC_SUBJECT})")
+        if defs.LOC_SUBJECT not in f:
+            raise FailedPrecondition(f"dataset {name!r}: {self.path} is not in pymia format (no {defs.LOC_SUBJECT})")
         try:
             validate_layout(f, self.path.stat().st_size)
         except (LayoutError, OSError, ValueError, KeyError, TypeError) as exc:
             raise FailedPrecondition(f"dataset {name!r}: {self.path} is not a consistent pymia dataset: {exc}") from exc
-        self.subjects: list[str] = [to_str(s) for s in f[fmt.LOC_SUBJECT][()].tolist()]
-        data_group = f.get("data")
+        self.subjects: list[str] = [to_str(s) for s in f[defs.LOC_SUBJECT][()].tolist()]
+        data_group = f.get(fmt.DATA_GROUP)
         self.categories: list[str] = list(data_group.keys()) if data_group is not None else []
         self.entry_names: dict[str, list[str]] = {}
         for cat in self.categories:
-            loc = fmt.LOC_NAMES_PLACEHOLDER.format(cat)
+            loc = defs.LOC_NAMES_PLACEHOLDER.format(cat)
             if loc in f:
                 self.entry_names[cat] = [to_str(s) for s in f[loc][()].tolist()]
-        self.subject_entries = [fmt.subject_index_to_str(i, len(self.subjects)) for i in range(len(self.subjects))]
+        self.subject_entries = [defs.subject_index_to_str(i, len(self.subjects)) for i in range(len(self.subjects))]
         self.image_shapes: list[tuple[int, ...]] | None = None
-        loc = fmt.LOC_SHAPE_PLACEHOLDER.format("images")
+        loc = defs.LOC_SHAPE_PLACEHOLDER.format(defs.KEY_IMAGES)
         if loc in f:
             self.image_shapes = [tuple(int(v) for v in row) for row in f[loc][()]]
-        self.geometry: list[SubjectGeometry] | None = None
-        if fmt.LOC_IMGPROP_SHAPE in f:
-            sizes = f[fmt.LOC_IMGPROP_SHAPE][()]
-            origins = f[fmt.LOC_IMGPROP_ORIGIN][()]
-            spacings = f[fmt.LOC_IMGPROP_SPACING][()]
-            directions = f[fmt.LOC_IMGPROP_DIRECTION][()]
-            self.geometry = [
-                SubjectGeometry(
-                    size=tuple(int(v) for v in sizes[i]),
-                    origin=tuple(float(v) for v in origins[i]),
-                    spacing=tuple(float(v) for v in spacings[i]),
-                    direction=tuple(float(v) for v in directions[i]),
-                )
-                for i in range(len(self.subjects))
-            ]
+        self.geometry: list[ImageProperties] | None = fmt.read_image_properties(f)
+        """Each subject's image geometry (ITK order), from ``meta/image_props``; None if the file stores none."""
         self.checksums: Checksums | None = None
         if verify:
             block_bytes = self._cache.block_bytes if self._cache is not None else 1 << 20
@@ -186,20 +160,20 @@ class Dataset:
         except KeyError:
             raise NotFound(
                 f"{field}: dataset {self.name!r} stores no entry names for category {bounded(category)} "
-                f"({fmt.LOC_NAMES_PLACEHOLDER.format(category)} is missing)"
+                f"({defs.LOC_NAMES_PLACEHOLDER.format(category)} is missing)"
             ) from None
 
     def require_image_shapes(self) -> list[tuple[int, ...]]:
         if self.image_shapes is None:
             raise FailedPrecondition(
-                f"dataset {self.name!r} has no {fmt.LOC_SHAPE_PLACEHOLDER.format('images')}; "
-                "indexing needs the shapes of category 'images'"
+                f"dataset {self.name!r} has no {defs.LOC_SHAPE_PLACEHOLDER.format(defs.KEY_IMAGES)}; "
+                f"indexing needs the shapes of category {defs.KEY_IMAGES!r}"
             )
         return self.image_shapes
 
-    def require_geometry(self, subject_index: int) -> SubjectGeometry:
+    def require_geometry(self, subject_index: int) -> ImageProperties:
         if self.geometry is None:
-            raise FailedPrecondition(f"dataset {self.name!r} has no image properties ({fmt.LOC_IMGPROP_SHAPE})")
+            raise FailedPrecondition(f"dataset {self.name!r} has no image properties ({defs.LOC_IMGPROP_SHAPE})")
         return self.geometry[subject_index]
 
     # -- raw reads ------------------------------------------------------------------------------------------------
@@ -261,7 +235,7 @@ class Dataset:
         return data
 
     def data_location(self, category: str, subject_index: int) -> str:
-        return f"{fmt.LOC_DATA_PLACEHOLDER.format(category)}/{self.subject_entries[subject_index]}"
+        return f"{defs.LOC_DATA_PLACEHOLDER.format(category)}/{self.subject_entries[subject_index]}"
 
     def array_info(self, subject_index: int) -> list[tuple[str, tuple[int, ...], np.dtype[Any], bool]]:
         """(category, shape, dtype, is_string) of every data array of a subject."""

@@ -85,47 +85,50 @@ _log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
-    """Base of every error the server reports to a client."""
+    """Base of every error the server reports to a client, with the status code it is reported as."""
 
     code = grpc.StatusCode.INTERNAL
 
-
-class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    def __init_subclass__(cls, code: grpc.StatusCode | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
 
-class OutOfRange(ServiceError):
-    code = grpc.StatusCode.OUT_OF_RANGE
+class InvalidArgument(ServiceError, code=grpc.StatusCode.INVALID_ARGUMENT):
+    """A bad spec, parameter or payload."""
 
 
-class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class NotFound(ServiceError, code=grpc.StatusCode.NOT_FOUND):
+    """An unknown dataset, subject, category or entry."""
 
 
-class Unauthenticated(ServiceError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+class OutOfRange(ServiceError, code=grpc.StatusCode.OUT_OF_RANGE):
+    """A sample or subject index past the end."""
 
 
-class PermissionDenied(ServiceError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+class FailedPrecondition(ServiceError, code=grpc.StatusCode.FAILED_PRECONDITION):
+    """The dataset cannot serve the request as it is."""
 
 
-class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+class Unauthenticated(ServiceError, code=grpc.StatusCode.UNAUTHENTICATED):
+    """No credentials, or credentials nobody is configured with."""
 
 
-class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+class PermissionDenied(ServiceError, code=grpc.StatusCode.PERMISSION_DENIED):
+    """The caller's roles or ownership do not allow it."""
+
+
+class ResourceExhausted(ServiceError, code=grpc.StatusCode.RESOURCE_EXHAUSTED):
+    """A configured limit: streams, jobs, bytes, disk."""
+
+
+class Unavailable(ServiceError, code=grpc.StatusCode.UNAVAILABLE):
+    """A dataset that cannot be served right now."""
 
 
 class Internal(ServiceError):
     """The server could not do what it should have (e.g. a disk write failed); nothing the client did wrong."""
-
-    code = grpc.StatusCode.INTERNAL
 
 
 F = TypeVar("F", bound=Callable[..., Any])

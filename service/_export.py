@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, bounded
-from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
+from patchwire.service._pymia_format import SubjectRecord, write_pymia_dataset
 from patchwire.v1 import assembly_service_pb2 as apb
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def export_subject(job: Job, subject_index: int, fmt: int, entry: str) -> tuple[
                     SubjectRecord(
                         subject.name,
                         categories,
-                        ImageGeometry(geometry.size, geometry.origin, geometry.spacing, geometry.direction),
+                        geometry,
                     )
                 ],
             )

@@ -15,21 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 
-from patchwire.service import _pymia_format as fmt
-from patchwire.service._catalog import Dataset, SubjectGeometry, to_str
+from patchwire.service._catalog import Dataset, to_str
 from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
 from patchwire.service._indexing import Expression
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2
-from patchwire.wire.definition import (
-    KEY_FILE_ROOT,
-    KEY_INDEX_EXPR,
-    KEY_PROPERTIES,
-    KEY_SHAPE,
-    KEY_SUBJECT,
-    KEY_SUBJECT_INDEX,
-)
+from patchwire.wire import definition as defs
 from patchwire.wire.geometry import ImageProperties
 from patchwire.wire.indexexpression import IndexExpression
 
@@ -56,8 +49,9 @@ class Params:
     """Arrays must be the sample's own (a transform may modify them in place); False allows read-only views."""
 
 
-def image_properties(g: SubjectGeometry) -> ImageProperties:
-    """What pymia's ImagePropertiesExtractor gives: it rebuilds the properties from a uint8 image."""
+def image_properties(g: ImageProperties) -> ImageProperties:
+    """What pymia's ImagePropertiesExtractor gives for a stored geometry: it rebuilds the properties from a uint8
+    image (one component, pixel id sitkUInt8), as a new object the sample owns."""
     return ImageProperties(g.size, g.origin, g.spacing, g.direction, len(g.size), 1, SITK_UINT8)
 
 
@@ -106,7 +100,7 @@ class _Names(Extractor):
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         for cat, names in self.names.items():
-            extracted[f"{cat}_names"] = list(names)
+            extracted[defs.KEY_PLACEHOLDER_NAMES.format(cat)] = list(names)
 
 
 class _Selective(Extractor):
@@ -124,7 +118,7 @@ class _Selective(Extractor):
         return (self.category,)
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        names_key = f"{self.category}_names"
+        names_key = defs.KEY_PLACEHOLDER_NAMES.format(self.category)
         if names_key not in extracted:
             extracted[names_key] = list(self.names)
         loc = reader.data_location(self.category, params.subject_index)
@@ -135,31 +129,31 @@ class _Selective(Extractor):
                 extracted[self.category] = to_str(data)
                 return
             chosen: Any = self.indices
-            extracted[f"{self.category}_names_selected"] = list(self.selection)
+            extracted[defs.KEY_PLACEHOLDER_NAMES_SELECTED.format(self.category)] = list(self.selection)
         else:
             rng = np.random.RandomState(derive_seed(self.seed, params.sample_index))
             chosen = [rng.choice(self.indices)]
-            extracted[f"{self.category}_names_selected"] = [entry_names[chosen[0]]]
+            extracted[defs.KEY_PLACEHOLDER_NAMES_SELECTED.format(self.category)] = [entry_names[chosen[0]]]
         taken = np.take(data, chosen, axis=-1)
         extracted[self.category] = to_str(taken.tolist()) if isinstance(data, list) else taken
 
 
 class _Subject(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        extracted[KEY_SUBJECT_INDEX] = params.subject_index
-        extracted[KEY_SUBJECT] = reader.subjects[params.subject_index]
+        extracted[defs.KEY_SUBJECT_INDEX] = params.subject_index
+        extracted[defs.KEY_SUBJECT] = reader.subjects[params.subject_index]
 
 
 class _Indexing(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        extracted[KEY_SUBJECT_INDEX] = params.subject_index
-        extracted[KEY_INDEX_EXPR] = IndexExpression.of(params.expression)
+        extracted[defs.KEY_SUBJECT_INDEX] = params.subject_index
+        extracted[defs.KEY_INDEX_EXPR] = IndexExpression.of(params.expression)
 
 
 class _ImageProperties(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         geometry = reader.require_geometry(params.subject_index)
-        extracted[KEY_PROPERTIES] = image_properties(geometry)
+        extracted[defs.KEY_PROPERTIES] = image_properties(geometry)
 
 
 class _ImagePropertyShape(Extractor):
@@ -170,7 +164,7 @@ class _ImagePropertyShape(Extractor):
         shape = list(reader.require_geometry(params.subject_index).size)
         if self.numpy_format:  # pymia swaps first and last (x, y, z -> z, y, x)
             shape[0], shape[-1] = shape[-1], shape[0]
-        extracted[KEY_SHAPE] = tuple(shape)
+        extracted[defs.KEY_SHAPE] = tuple(shape)
 
 
 class _Files(Extractor):
@@ -178,10 +172,10 @@ class _Files(Extractor):
         self.categories = tuple(categories)
 
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
-        extracted[KEY_FILE_ROOT] = to_str(reader.read(fmt.LOC_FILES_ROOT))
+        extracted[defs.KEY_FILE_ROOT] = to_str(reader.read(defs.LOC_FILES_ROOT))
         for cat in self.categories:
-            files = reader.read(fmt.LOC_FILES_PLACEHOLDER.format(cat), (params.subject_index,))
-            extracted[f"{cat}_files"] = to_str(files)
+            files = reader.read(defs.LOC_FILES_PLACEHOLDER.format(cat), (params.subject_index,))
+            extracted[defs.KEY_PLACEHOLDER_FILES.format(cat)] = to_str(files)
 
 
 class _Pad(Extractor):
@@ -264,22 +258,26 @@ def short_field(field: str) -> str:
     return field if len(field) <= 120 else f"{field[:50]}...{field[-60:]}"
 
 
+def spec_choice(msg: Message, oneof: str, field: str, depth: int, nesting: str) -> tuple[str, Any, str]:
+    """(kind, message, field path) of the one choice an extractor or transform spec makes in its ``oneof``, after
+    refusing a spec ``depth`` deep beyond MAX_NESTING (``nesting`` names the specs that nest) and one with no choice."""
+    if depth > MAX_NESTING:
+        raise InvalidArgument(
+            f"{short_field(field)}: {oneof}s nested {depth} deep; {nesting} may be nested at most {MAX_NESTING} deep"
+        )
+    kind = msg.WhichOneof(oneof)
+    if kind is None:
+        raise InvalidArgument(f"{field}: no {oneof} is set")
+    return kind, getattr(msg, kind), f"{field}.{kind}"
+
+
 def compile_extractor(
     msg: spec_pb2.Extractor, dataset: Dataset, field: str = "extractor", max_bytes: int | None = None, depth: int = 1
 ) -> Extractor:
     """Compiles an extractor spec, checking categories and entry names against ``dataset``; ``max_bytes`` bounds
     what PadDataExtractor may pad a category to. ``depth``: how deep ``msg`` lies in nested extractors (refused
     beyond MAX_NESTING before going deeper)."""
-    if depth > MAX_NESTING:
-        raise InvalidArgument(
-            f"{short_field(field)}: extractors nested {depth} deep; ComposeExtractor and PadDataExtractor may be "
-            f"nested at most {MAX_NESTING} deep"
-        )
-    kind = msg.WhichOneof("extractor")
-    if kind is None:
-        raise InvalidArgument(f"{field}: no extractor is set")
-    sub = getattr(msg, kind)
-    where = f"{field}.{kind}"
+    kind, sub, where = spec_choice(msg, "extractor", field, depth, "ComposeExtractor and PadDataExtractor")
     if kind == "compose":
         return _Compose(
             [
@@ -319,7 +317,7 @@ def compile_extractor(
         return _ImagePropertyShape(sub.numpy_format)
     if kind == "files":
         for cat in sub.categories:
-            loc = fmt.LOC_FILES_PLACEHOLDER.format(cat)
+            loc = defs.LOC_FILES_PLACEHOLDER.format(cat)
             dataset.check_category(cat, f"{where}.categories")
             dataset.handle(loc)
         return _Files(list(sub.categories))

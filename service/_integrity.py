@@ -27,8 +27,9 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
-from patchwire.service import _pymia_format as fmt
 from patchwire.service._errors import FailedPrecondition
+from patchwire.service._pymia_format import DATA_GROUP
+from patchwire.wire import definition as defs
 
 __all__ = ["ChecksumMismatch", "Checksums", "FileIdentity", "LayoutError", "validate_layout"]
 
@@ -74,29 +75,30 @@ def _dataset(f: h5py.File, location: str) -> h5py.Dataset:
 
 def validate_layout(f: h5py.File, file_size: int) -> None:
     """Raises LayoutError naming the first thing in ``f`` that pymia's format does not allow (see the module doc)."""
-    subjects = _dataset(f, fmt.LOC_SUBJECT)
+    subjects = _dataset(f, defs.LOC_SUBJECT)
     if subjects.ndim != 1 or h5py.check_string_dtype(subjects.dtype) is None:
-        raise LayoutError(f"{fmt.LOC_SUBJECT} must be a 1-D array of strings, is {subjects.shape} {subjects.dtype}")
+        raise LayoutError(f"{defs.LOC_SUBJECT} must be a 1-D array of strings, is {subjects.shape} {subjects.dtype}")
     n = subjects.shape[0]
     if n == 0:
-        raise LayoutError(f"{fmt.LOC_SUBJECT} is empty: no subjects")
-    data = f.get("data")
+        raise LayoutError(f"{defs.LOC_SUBJECT} is empty: no subjects")
+    data = f.get(DATA_GROUP)
     if not isinstance(data, h5py.Group) or not len(data):
-        raise LayoutError("no data/<category> group")
-    if "images" not in data:
-        raise LayoutError(f"no 'images' category (categories: {', '.join(data)}); pymia indexes by its shapes")
-    _dataset(f, fmt.LOC_SHAPE_PLACEHOLDER.format("images"))
-    entries = [fmt.subject_index_to_str(i, n) for i in range(n)]
+        raise LayoutError(f"no {defs.LOC_DATA_PLACEHOLDER.format('<category>')} group")
+    if defs.KEY_IMAGES not in data:
+        categories = ", ".join(data)
+        raise LayoutError(f"no {defs.KEY_IMAGES!r} category (categories: {categories}); pymia indexes by its shapes")
+    _dataset(f, defs.LOC_SHAPE_PLACEHOLDER.format(defs.KEY_IMAGES))
+    entries = [defs.subject_index_to_str(i, n) for i in range(n)]
     image_shapes: list[tuple[int, ...]] = []
     for category in data:
-        shapes_loc = fmt.LOC_SHAPE_PLACEHOLDER.format(category)
+        shapes_loc = defs.LOC_SHAPE_PLACEHOLDER.format(category)
         shapes = _dataset(f, shapes_loc)[()] if shapes_loc in f else None
         if shapes is not None and (shapes.ndim != 2 or shapes.shape[0] != n):
             raise LayoutError(f"{shapes_loc} has shape {shapes.shape}, expected ({n}, ndim) for {n} subjects")
-        names_loc = fmt.LOC_NAMES_PLACEHOLDER.format(category)
+        names_loc = defs.LOC_NAMES_PLACEHOLDER.format(category)
         n_names = _dataset(f, names_loc).shape[0] if names_loc in f else None
         for i, entry in enumerate(entries):
-            loc = f"{fmt.LOC_DATA_PLACEHOLDER.format(category)}/{entry}"
+            loc = f"{defs.LOC_DATA_PLACEHOLDER.format(category)}/{entry}"
             array = _dataset(f, loc)
             shape = tuple(int(v) for v in array.shape)
             if shapes is not None and tuple(int(v) for v in shapes[i]) != shape:
@@ -105,10 +107,12 @@ def validate_layout(f: h5py.File, file_size: int) -> None:
             if n_names is not None and shape and shape[-1] != n_names:
                 raise LayoutError(f"{loc} has {shape[-1]} channels but {names_loc} names {n_names} entries")
             _check_extent(array, loc, file_size)
-            if category == "images":
+            if category == defs.KEY_IMAGES:
                 image_shapes.append(shape)
         if len(data[category]) != n:
-            raise LayoutError(f"data/{category} holds {len(data[category])} arrays for {n} subjects")
+            raise LayoutError(
+                f"{defs.LOC_DATA_PLACEHOLDER.format(category)} holds {len(data[category])} arrays for {n} subjects"
+            )
     _check_geometry(f, n, image_shapes)
 
 
@@ -122,10 +126,10 @@ def _check_extent(array: h5py.Dataset, loc: str, file_size: int) -> None:
 
 def _check_geometry(f: h5py.File, n: int, image_shapes: list[tuple[int, ...]]) -> None:
     locations = {
-        fmt.LOC_IMGPROP_SHAPE: 3,
-        fmt.LOC_IMGPROP_ORIGIN: 3,
-        fmt.LOC_IMGPROP_SPACING: 3,
-        fmt.LOC_IMGPROP_DIRECTION: 9,
+        defs.LOC_IMGPROP_SHAPE: 3,
+        defs.LOC_IMGPROP_ORIGIN: 3,
+        defs.LOC_IMGPROP_SPACING: 3,
+        defs.LOC_IMGPROP_DIRECTION: 9,
     }
     present = [loc for loc in locations if loc in f]
     if not present:
@@ -137,11 +141,11 @@ def _check_geometry(f: h5py.File, n: int, image_shapes: list[tuple[int, ...]]) -
         shape = _dataset(f, loc).shape
         if shape != (n, width):
             raise LayoutError(f"{loc} has shape {shape}, expected ({n}, {width})")
-    sizes = f[fmt.LOC_IMGPROP_SHAPE][()]
+    sizes = f[defs.LOC_IMGPROP_SHAPE][()]
     for i, shape in enumerate(image_shapes):
         if len(shape) >= 3 and tuple(int(v) for v in sizes[i]) != tuple(reversed(shape[:3])):
             raise LayoutError(
-                f"{fmt.LOC_IMGPROP_SHAPE}[{i}] is {tuple(int(v) for v in sizes[i])} (x, y, z) but the images of "
+                f"{defs.LOC_IMGPROP_SHAPE}[{i}] is {tuple(int(v) for v in sizes[i])} (x, y, z) but the images of "
                 f"subject {i} have shape {shape} (z, y, x, ...)"
             )
 

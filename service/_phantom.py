@@ -23,7 +23,8 @@ from typing import overload
 
 import numpy as np
 
-from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
+from patchwire.service._pymia_format import SubjectRecord, write_pymia_dataset
+from patchwire.wire.geometry import ImageProperties
 
 __all__ = [
     "LABEL_NAMES",
@@ -123,7 +124,7 @@ def make_phantom_subject(index: int, shape: tuple[int, int, int] = DEFAULT_SHAPE
     return SubjectRecord(
         name=name,
         categories={"images": {"T1": t1, "T2": t2}, "labels": {"GT": labels}},
-        geometry=ImageGeometry(size=tuple(reversed(shape)), origin=ORIGIN, spacing=SPACING, direction=DIRECTION),
+        geometry=ImageProperties(size=tuple(reversed(shape)), origin=ORIGIN, spacing=SPACING, direction=DIRECTION),
     )
 
 

@@ -1,4 +1,5 @@
-"""pymia 0.3.4's on-disk HDF5 dataset layout, written without pymia.
+"""pymia 0.3.4's on-disk HDF5 dataset layout, written without pymia, and the image geometry it stores (as
+:class:`~patchwire.wire.geometry.ImageProperties`, checked on the way in and read back on the way out).
 
 pymia (``pymia.data.creation``, ``get_default_callbacks`` + ``Hdf5Writer``) writes one HDF5 file per dataset::
 
@@ -13,7 +14,8 @@ pymia (``pymia.data.creation``, ``get_default_callbacks`` + ``Hdf5Writer``) writ
     meta/image_props/spacing         (N, 3) float64
     meta/image_props/directions      (N, 9) float64, row-major 3x3
 
-``<idx>`` is :func:`subject_index_to_str`. Every dataset is contiguous (no chunking, compression or filters), has no
+``<idx>`` is :func:`~patchwire.wire.definition.subject_index_to_str`; the locations are those of
+:mod:`patchwire.wire.definition`. Every dataset is contiguous (no chunking, compression or filters), has no
 attributes, and the file is created with ``libver='latest'`` (superblock version 3, readable by HDF5 >= 1.10).
 pymia itself is only a test dependency: the tests check that pymia reads these files and that they hold the same
 datasets as files written by pymia's own creation API.
@@ -31,73 +33,42 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-__all__ = [
-    "LOC_DATA_PLACEHOLDER",
-    "LOC_FILES_PLACEHOLDER",
-    "LOC_FILES_ROOT",
-    "LOC_IMGPROP_DIRECTION",
-    "LOC_IMGPROP_ORIGIN",
-    "LOC_IMGPROP_SHAPE",
-    "LOC_IMGPROP_SPACING",
-    "LOC_NAMES_PLACEHOLDER",
-    "LOC_SHAPE_PLACEHOLDER",
-    "LOC_SUBJECT",
-    "ImageGeometry",
-    "SubjectRecord",
-    "subject_index_to_str",
-    "write_pymia_dataset",
-]
+from patchwire.wire import definition as defs
+from patchwire.wire.geometry import ImageProperties
 
-# Locations, exactly as pymia/data/definition.py names them.
-LOC_DATA_PLACEHOLDER = "data/{}"
-LOC_SUBJECT = "meta/subjects"
-LOC_NAMES_PLACEHOLDER = "meta/names/{}_names"
-LOC_SHAPE_PLACEHOLDER = "meta/shapes/{}_shapes"
-LOC_FILES_ROOT = "meta/files/file_root"
-LOC_FILES_PLACEHOLDER = "meta/files/{}_files"
-LOC_IMGPROP_SHAPE = "meta/image_props/shapes"
-LOC_IMGPROP_ORIGIN = "meta/image_props/origins"
-LOC_IMGPROP_DIRECTION = "meta/image_props/directions"
-LOC_IMGPROP_SPACING = "meta/image_props/spacing"
+__all__ = ["DATA_GROUP", "SubjectRecord", "pymia_geometry", "read_image_properties", "write_pymia_dataset"]
 
-# The category pymia's readers index by (Hdf5Reader(category='images')) and take image properties from.
-_IMAGES_CATEGORY = "images"
+DATA_GROUP = defs.LOC_DATA_PLACEHOLDER.partition("/")[0]
+"""``'data'``: the group that holds one ``data/<category>`` group per category."""
 _STR_DTYPE = h5py.string_dtype()  # vlen UTF-8, what pymia's h5py.special_dtype(vlen=str) is
+_GEOMETRY_LENGTHS = (("size", 3), ("origin", 3), ("spacing", 3), ("direction", 9))
+"""What pymia stores of a geometry, and how many values of each (3-D only)."""
 
 
-def subject_index_to_str(i: int, n: int) -> str:
-    """Returns the dataset entry name of subject ``i`` of ``n``: zero-padded to the width of ``str(n)``.
+def pymia_geometry(geometry: ImageProperties) -> ImageProperties:
+    """``geometry`` as pymia's format stores it: 3-D only (3 sizes, origins and spacings, 9 direction values, sizes
+    positive), normalised to tuples of ``int`` / ``float``; a ValueError says what does not fit."""
+    for name, length in _GEOMETRY_LENGTHS:
+        value = tuple(getattr(geometry, name))
+        if len(value) != length:
+            raise ValueError(f"ImageGeometry.{name} needs {length} values (3-D only), got {len(value)}")
+    stored = ImageProperties(geometry.size, geometry.origin, geometry.spacing, geometry.direction)
+    if any(s <= 0 for s in stored.size):
+        raise ValueError(f"ImageGeometry.size must be positive, got {stored.size}")
+    return stored
 
-    ``n=3`` gives ``'0'..'2'``, ``n=11`` gives ``'00'..'10'``, ``n=100`` gives ``'000'..'099'``.
-    """
-    return f"{i:0{len(str(n))}d}"
 
-
-@dataclass(frozen=True)
-class ImageGeometry:
-    """The ITK geometry of a subject's images (pymia stores it per subject, from the first ``images`` entry).
-
-    Only 3-D geometry exists in pymia's format. Values are normalised to tuples of ``int`` / ``float``.
-    """
-
-    size: tuple[int, ...]
-    """ITK size in (x, y, z) order, i.e. the reversed numpy shape (z, y, x)."""
-    origin: tuple[float, ...]
-    """Physical position of the first voxel, (x, y, z)."""
-    spacing: tuple[float, ...]
-    """Voxel spacing, (x, y, z)."""
-    direction: tuple[float, ...]
-    """Direction cosine matrix, 9 values, row-major."""
-
-    def __post_init__(self) -> None:
-        for name, length in (("size", 3), ("origin", 3), ("spacing", 3), ("direction", 9)):
-            value = tuple(getattr(self, name))
-            if len(value) != length:
-                raise ValueError(f"ImageGeometry.{name} needs {length} values (3-D only), got {len(value)}")
-            value = tuple(int(v) for v in value) if name == "size" else tuple(float(v) for v in value)
-            object.__setattr__(self, name, value)
-        if any(s <= 0 for s in self.size):
-            raise ValueError(f"ImageGeometry.size must be positive, got {self.size}")
+def read_image_properties(h5: h5py.File) -> list[ImageProperties] | None:
+    """Every subject's geometry from ``meta/image_props``, in subject order (None if the file stores none); what
+    pymia's ImagePropertiesExtractor rebuilds from it (one component, pixel id sitkUInt8) is
+    :func:`patchwire.service._extraction.image_properties`."""
+    if defs.LOC_IMGPROP_SHAPE not in h5:
+        return None
+    sizes = h5[defs.LOC_IMGPROP_SHAPE][()]
+    origins = h5[defs.LOC_IMGPROP_ORIGIN][()]
+    spacings = h5[defs.LOC_IMGPROP_SPACING][()]
+    directions = h5[defs.LOC_IMGPROP_DIRECTION][()]
+    return [ImageProperties(sizes[i], origins[i], spacings[i], directions[i]) for i in range(len(sizes))]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: equality of dicts of arrays has no single truth value
@@ -110,11 +81,15 @@ class SubjectRecord:
     """Category -> {entry name -> array in numpy (z, y, x[, ...]) order}. Dict order is channel order; every subject
     must have the same categories and the same entry names in the same order, and one category must be
     ``'images'``."""
-    geometry: ImageGeometry
-    """ITK geometry; its ``size`` must be the reversed spatial shape of the first ``images`` entry."""
+    geometry: ImageProperties
+    """ITK geometry (checked and normalised by :func:`pymia_geometry` when the record is made); its ``size`` must be
+    the reversed spatial shape of the first ``images`` entry."""
     files: dict[str, dict[str, str]] | None = None
     """Category -> {entry name -> source file path}, stored in ``meta/files``. ``None`` (for every subject) stores
     synthetic names ``'<subject>/<subject>_<entry>.mha'`` relative to a ``file_root`` of ``'.'``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "geometry", pymia_geometry(self.geometry))
 
 
 def write_pymia_dataset(path: str | os.PathLike[str], subjects: Sequence[SubjectRecord]) -> None:
@@ -151,50 +126,50 @@ def _write(h5: h5py.File, subjects: Sequence[SubjectRecord], n: int) -> None:
     all_files: list[dict[str, list[str]]] = []  # per subject: category -> file paths, in entry order
     synthetic_files = False
 
-    h5.create_dataset(LOC_SUBJECT, (n,), dtype=_STR_DTYPE)
-    h5.create_dataset(LOC_IMGPROP_SHAPE, (n, 3), dtype=np.uint16)
-    h5.create_dataset(LOC_IMGPROP_ORIGIN, (n, 3), dtype=np.float64)
-    h5.create_dataset(LOC_IMGPROP_DIRECTION, (n, 9), dtype=np.float64)
-    h5.create_dataset(LOC_IMGPROP_SPACING, (n, 3), dtype=np.float64)
+    h5.create_dataset(defs.LOC_SUBJECT, (n,), dtype=_STR_DTYPE)
+    h5.create_dataset(defs.LOC_IMGPROP_SHAPE, (n, 3), dtype=np.uint16)
+    h5.create_dataset(defs.LOC_IMGPROP_ORIGIN, (n, 3), dtype=np.float64)
+    h5.create_dataset(defs.LOC_IMGPROP_DIRECTION, (n, 9), dtype=np.float64)
+    h5.create_dataset(defs.LOC_IMGPROP_SPACING, (n, 3), dtype=np.float64)
 
     for i in range(n):
         record = subjects[i]
         if i == 0:
             names = {category: list(entries) for category, entries in record.categories.items()}
-            if _IMAGES_CATEGORY not in names:
+            if defs.KEY_IMAGES not in names:
                 raise ValueError(
                     f"subject {record.name!r} has categories {list(names)}; pymia's readers need an "
-                    f"{_IMAGES_CATEGORY!r} category"
+                    f"{defs.KEY_IMAGES!r} category"
                 )
             synthetic_files = record.files is None
         arrays = _stack_categories(record, names)
         if i == 0:
             ndims = {category: array.ndim for category, array in arrays.items()}
             for category, ndim in ndims.items():
-                h5.create_dataset(LOC_SHAPE_PLACEHOLDER.format(category), (n, ndim), dtype=np.uint16)
+                h5.create_dataset(defs.LOC_SHAPE_PLACEHOLDER.format(category), (n, ndim), dtype=np.uint16)
         _check_geometry(record, names)
 
-        index_str = subject_index_to_str(i, n)
+        index_str = defs.subject_index_to_str(i, n)
         for category, array in arrays.items():
             if array.ndim != ndims[category]:
                 raise ValueError(
                     f"subject {record.name!r}: category {category!r} has {array.ndim} dimensions, "
                     f"the first subject's has {ndims[category]}"
                 )
-            _write_array(h5, f"{LOC_DATA_PLACEHOLDER.format(category)}/{index_str}", array)
-            h5[LOC_SHAPE_PLACEHOLDER.format(category)][i] = array.shape
-        h5[LOC_SUBJECT][i] = record.name
+            _write_array(h5, f"{defs.LOC_DATA_PLACEHOLDER.format(category)}/{index_str}", array)
+            h5[defs.LOC_SHAPE_PLACEHOLDER.format(category)][i] = array.shape
+        h5[defs.LOC_SUBJECT][i] = record.name
         geometry = record.geometry
-        h5[LOC_IMGPROP_SHAPE][i] = geometry.size
-        h5[LOC_IMGPROP_ORIGIN][i] = geometry.origin
-        h5[LOC_IMGPROP_DIRECTION][i] = geometry.direction
-        h5[LOC_IMGPROP_SPACING][i] = geometry.spacing
+        h5[defs.LOC_IMGPROP_SHAPE][i] = geometry.size
+        h5[defs.LOC_IMGPROP_ORIGIN][i] = geometry.origin
+        h5[defs.LOC_IMGPROP_DIRECTION][i] = geometry.direction
+        h5[defs.LOC_IMGPROP_SPACING][i] = geometry.spacing
         all_files.append(_subject_files(record, names, synthetic_files))
         del arrays, record
 
     for category, entry_names in names.items():
         h5.create_dataset(
-            LOC_NAMES_PLACEHOLDER.format(category), data=np.asarray(entry_names, dtype=object), dtype=_STR_DTYPE
+            defs.LOC_NAMES_PLACEHOLDER.format(category), data=np.asarray(entry_names, dtype=object), dtype=_STR_DTYPE
         )
     _write_files(h5, names, all_files, synthetic_files)
 
@@ -224,12 +199,12 @@ def _stack_categories(record: SubjectRecord, names: Mapping[str, list[str]]) -> 
 
 
 def _check_geometry(record: SubjectRecord, names: Mapping[str, list[str]]) -> None:
-    first = record.categories[_IMAGES_CATEGORY][names[_IMAGES_CATEGORY][0]]
+    first = record.categories[defs.KEY_IMAGES][names[defs.KEY_IMAGES][0]]
     spatial = tuple(reversed(np.shape(first)[:3]))
     if len(spatial) != 3 or spatial != record.geometry.size:
         raise ValueError(
             f"subject {record.name!r}: geometry size {record.geometry.size} (ITK x, y, z) does not match the first "
-            f"{_IMAGES_CATEGORY!r} entry's numpy shape {np.shape(first)} (z, y, x)"
+            f"{defs.KEY_IMAGES!r} entry's numpy shape {np.shape(first)} (z, y, x)"
         )
 
 
@@ -279,8 +254,8 @@ def _write_files(
             {category: [os.path.relpath(p, file_root) for p in files] for category, files in subject_files.items()}
             for subject_files in all_files
         ]
-    h5.create_dataset(LOC_FILES_ROOT, data=file_root, dtype=_STR_DTYPE)
+    h5.create_dataset(defs.LOC_FILES_ROOT, data=file_root, dtype=_STR_DTYPE)
     for category, entry_names in names.items():
         data = np.asarray([subject_files[category] for subject_files in relative], dtype=object)
         data = data.reshape(len(relative), len(entry_names))
-        h5.create_dataset(LOC_FILES_PLACEHOLDER.format(category), data=data, dtype=_STR_DTYPE)
+        h5.create_dataset(defs.LOC_FILES_PLACEHOLDER.format(category), data=data, dtype=_STR_DTYPE)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from patchwire.service._errors import MAX_ECHO_CHARS, InvalidArgument, bounded, bounded_list
-from patchwire.service._extraction import MAX_NESTING, short_field
+from patchwire.service._extraction import spec_choice
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2, tensor_pb2
 
@@ -201,16 +201,7 @@ def compile_transform(
 ) -> Transform:
     """A transform spec compiled; ``max_bytes`` bounds what SizeCorrection may pad an entry to. ``depth``: how deep
     ``msg`` lies in ComposeTransforms (refused beyond MAX_NESTING before going deeper)."""
-    if depth > MAX_NESTING:
-        raise InvalidArgument(
-            f"{short_field(field)}: transforms nested {depth} deep; ComposeTransform may be nested at most "
-            f"{MAX_NESTING} deep"
-        )
-    kind = msg.WhichOneof("transform")
-    if kind is None:
-        raise InvalidArgument(f"{field}: no transform is set")
-    sub = getattr(msg, kind)
-    where = f"{field}.{kind}"
+    kind, sub, where = spec_choice(msg, "transform", field, depth, "ComposeTransform")
     entries = tuple(getattr(sub, "entries", ()))
     if kind == "compose":
         return _compose(

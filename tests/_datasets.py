@@ -72,12 +72,13 @@ def make_pymia_dataset(
 def write_arrays_dataset(path: Path, subjects: list[dict[str, dict[str, np.ndarray]]]) -> Path:
     """A pymia-format file written by patchwire's writer from arrays: subject ``S{i}`` gets ``subjects[i]``
     (category -> entry name -> (z, y, x) array), unit spacing at the origin."""
-    from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
+    from patchwire.service._pymia_format import SubjectRecord, write_pymia_dataset
+    from patchwire.wire.geometry import ImageProperties
 
     records = []
     for i, categories in enumerate(subjects):
         shape = next(iter(next(iter(categories.values())).values())).shape[:3]
-        geometry = ImageGeometry(shape[::-1], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        geometry = ImageProperties(shape[::-1], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
         records.append(SubjectRecord(name=f"S{i}", categories=categories, geometry=geometry))
     write_pymia_dataset(path, records)
     return path

@@ -32,7 +32,8 @@ from patchwire.client import extraction as extr
 from patchwire.service import PatchwireServer, _assembly
 from patchwire.service import _journal as journal_module
 from patchwire.service._journal import Journal
-from patchwire.service._pymia_format import ImageGeometry, SubjectRecord, write_pymia_dataset
+from patchwire.service._pymia_format import SubjectRecord, write_pymia_dataset
+from patchwire.wire.geometry import ImageProperties
 
 from _servers import serve_process, server_in_thread
 
@@ -447,8 +448,10 @@ MEM_SUBJECTS = 10
 MEM_SHAPE = (24, 32, 32)
 
 
-def _geometry(shape: tuple[int, int, int]) -> ImageGeometry:
-    return ImageGeometry(size=shape[::-1], origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), direction=np.eye(3).ravel())
+def _geometry(shape: tuple[int, int, int]) -> ImageProperties:
+    return ImageProperties(
+        size=shape[::-1], origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), direction=np.eye(3).ravel()
+    )
 
 
 def _write_dataset(path: Path, subjects: int, shape: tuple[int, int, int]) -> Path:

@@ -266,29 +266,30 @@ def _serve_fails(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _assert_refused(done: subprocess.CompletedProcess[str], returncode: int, message: str) -> None:
+    """``patchwire serve`` ended with ``returncode`` and said ``message``, without a traceback."""
+    assert done.returncode == returncode
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.slow
 def test_serve_command_rejects_a_dataset_without_name(tiny_h5: Path) -> None:
     done = _serve_fails("--dataset", str(tiny_h5))
-    assert done.returncode == 2
-    assert "expected NAME=PATH.h5" in done.stderr
-    assert "Traceback" not in done.stderr
+    _assert_refused(done, 2, "expected NAME=PATH.h5")
 
 
 @pytest.mark.slow
 def test_serve_command_rejects_a_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.h5"
     done = _serve_fails("--dataset", f"brains={missing}")
-    assert done.returncode == 2
-    assert f"dataset 'brains': no such file '{missing}'" in done.stderr
-    assert "Traceback" not in done.stderr
+    _assert_refused(done, 2, f"dataset 'brains': no such file '{missing}'")
 
 
 @pytest.mark.slow
 def test_serve_command_rejects_duplicate_names(tiny_h5: Path, vary_h5: Path) -> None:
     done = _serve_fails("--dataset", f"brains={tiny_h5}", "--dataset", f"brains={vary_h5}")
-    assert done.returncode == 2
-    assert "dataset name given twice: brains" in done.stderr
-    assert "Traceback" not in done.stderr
+    _assert_refused(done, 2, "dataset name given twice: brains")
 
 
 @pytest.mark.slow
@@ -296,9 +297,7 @@ def test_serve_command_reports_a_file_that_is_not_a_dataset(tmp_path: Path) -> N
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not an HDF5 file")
     done = _serve_fails("--dataset", f"brains={bad}")
-    assert done.returncode == 1
-    assert f"patchwire serve: dataset 'brains': cannot open {bad}" in done.stderr
-    assert "Traceback" not in done.stderr
+    _assert_refused(done, 1, f"patchwire serve: dataset 'brains': cannot open {bad}")
 
 
 @pytest.mark.slow
@@ -308,9 +307,7 @@ def test_serve_command_reports_a_port_in_use(tiny_h5: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         done = _serve_fails("--dataset", f"tiny={tiny_h5}", "--port", str(port))
-    assert done.returncode == 1
-    assert f"patchwire serve: Failed to bind to address 127.0.0.1:{port}" in done.stderr
-    assert "Traceback" not in done.stderr
+    _assert_refused(done, 1, f"patchwire serve: Failed to bind to address 127.0.0.1:{port}")
 
 
 # -- datasources in other processes ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The pymia 0.3.4 on-disk format writer and the phantom dataset, checked against pymia itself."""
+"""The pymia 0.3.4 on-disk format writer, its geometry checks and the phantom dataset, checked against pymia itself."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from patchwire.service._phantom import (
     make_phantom_dataset,
     make_phantom_subject,
 )
-from patchwire.service._pymia_format import (
+from patchwire.service._pymia_format import SubjectRecord, write_pymia_dataset
+from patchwire.wire.definition import (
     LOC_DATA_PLACEHOLDER,
     LOC_FILES_PLACEHOLDER,
     LOC_FILES_ROOT,
@@ -34,24 +35,22 @@ from patchwire.service._pymia_format import (
     LOC_NAMES_PLACEHOLDER,
     LOC_SHAPE_PLACEHOLDER,
     LOC_SUBJECT,
-    ImageGeometry,
-    SubjectRecord,
     subject_index_to_str,
-    write_pymia_dataset,
 )
+from patchwire.wire.geometry import ImageProperties
 
 from _pymia_oracle import load_pymia
 
 TINY_SHAPE = (12, 14, 10)
 
 
-def _geometry(index: int, shape: tuple[int, ...]) -> ImageGeometry:
+def _geometry(index: int, shape: tuple[int, ...]) -> ImageProperties:
     """A different, non-trivial geometry per subject (a 3-4-5 rotation about z for odd subjects).
 
     The values survive the text header of .mha files exactly, so pymia's file-based writer sees the same geometry.
     """
     rotation = (0.6, -0.8, 0.0, 0.8, 0.6, 0.0, 0.0, 0.0, 1.0)
-    return ImageGeometry(
+    return ImageProperties(
         size=tuple(reversed(shape)),
         origin=(-90.5 + index, 126.25, -72.0 - 2 * index),
         spacing=(0.5 * (index + 1), 1.25, 2.0),
@@ -354,6 +353,10 @@ def _with(record: SubjectRecord, **categories: dict[str, np.ndarray]) -> Subject
     return dataclasses.replace(record, categories=categories)
 
 
+def _resized(geometry: ImageProperties, size: tuple[int, ...]) -> ImageProperties:
+    return ImageProperties(size, geometry.origin, geometry.spacing, geometry.direction)
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -392,7 +395,7 @@ def _with(record: SubjectRecord, **categories: dict[str, np.ndarray]) -> Subject
         (lambda rs: [_with(rs[0], images={}, labels=rs[0].categories["labels"])], "no entries"),
         (lambda rs: [_with(rs[0], labels=rs[0].categories["labels"])], "'images'"),
         (
-            lambda rs: [dataclasses.replace(rs[0], geometry=dataclasses.replace(rs[0].geometry, size=TINY_SHAPE))],
+            lambda rs: [dataclasses.replace(rs[0], geometry=_resized(rs[0].geometry, TINY_SHAPE))],
             "does not match",
         ),
         (
@@ -441,13 +444,20 @@ def test_invalid_input_raises_and_writes_nothing(
         {"size": (1, 0, 3), "origin": (0, 0, 0), "spacing": (1, 1, 1), "direction": DIRECTION},
     ],
 )
-def test_image_geometry_validates(kwargs: dict) -> None:
+def test_image_geometry_validates(tmp_path: Path, records: list[SubjectRecord], kwargs: dict) -> None:
+    """The writer takes only what pymia's format stores: 3-D geometry with positive sizes."""
     with pytest.raises(ValueError, match="ImageGeometry"):
-        ImageGeometry(**kwargs)
+        write_pymia_dataset(tmp_path / "ours.h5", [dataclasses.replace(records[0], geometry=ImageProperties(**kwargs))])
+    assert os.listdir(tmp_path) == []
 
 
 def test_image_geometry_normalises_to_builtin_tuples() -> None:
-    geometry = ImageGeometry(size=np.array([3, 4, 5]), origin=[0, 1, 2], spacing=(1, 1, 1), direction=list(DIRECTION))
+    record = SubjectRecord(
+        "S",
+        {"images": {"T1": np.zeros((5, 4, 3), np.float32)}},
+        ImageProperties(size=np.array([3, 4, 5]), origin=[0, 1, 2], spacing=(1, 1, 1), direction=list(DIRECTION)),
+    )
+    geometry = record.geometry
     assert geometry.size == (3, 4, 5)
     assert all(type(v) is int for v in geometry.size)
     assert geometry.origin == (0.0, 1.0, 2.0)
@@ -503,7 +513,9 @@ def test_phantom_content() -> None:
         assert t1[wm].mean() > t1[gm].mean() + 100
         assert t2[wm].mean() < t2[gm].mean() - 100
         assert t1[labels == 0].mean() < t1[wm].mean() / 2
-        assert record.geometry == ImageGeometry(size=(60, 72, 60), origin=ORIGIN, spacing=SPACING, direction=DIRECTION)
+        assert record.geometry == ImageProperties(
+            size=(60, 72, 60), origin=ORIGIN, spacing=SPACING, direction=DIRECTION
+        )
     assert not np.array_equal(records[0].categories["labels"]["GT"], records[1].categories["labels"]["GT"])
 
 
