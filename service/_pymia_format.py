@@ -51,10 +51,10 @@ def pymia_geometry(geometry: ImageProperties) -> ImageProperties:
     for name, length in _GEOMETRY_LENGTHS:
         value = tuple(getattr(geometry, name))
         if len(value) != length:
-            raise ValueError(f"ImageGeometry.{name} needs {length} values (3-D only), got {len(value)}")
+            raise ValueError(f"pymia geometry: {name} needs {length} values (3-D only), got {len(value)}")
     stored = ImageProperties(geometry.size, geometry.origin, geometry.spacing, geometry.direction)
     if any(s <= 0 for s in stored.size):
-        raise ValueError(f"ImageGeometry.size must be positive, got {stored.size}")
+        raise ValueError(f"pymia geometry: size must be positive, got {stored.size}")
     return stored
 
 

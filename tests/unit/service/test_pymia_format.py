@@ -446,7 +446,7 @@ def test_invalid_input_raises_and_writes_nothing(
 )
 def test_image_geometry_validates(tmp_path: Path, records: list[SubjectRecord], kwargs: dict) -> None:
     """The writer takes only what pymia's format stores: 3-D geometry with positive sizes."""
-    with pytest.raises(ValueError, match="ImageGeometry"):
+    with pytest.raises(ValueError, match="pymia geometry"):
         write_pymia_dataset(tmp_path / "ours.h5", [dataclasses.replace(records[0], geometry=ImageProperties(**kwargs))])
     assert os.listdir(tmp_path) == []
 
