@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +111,6 @@ class Job:
         self.lock = threading.RLock()
         """Guards the job's state, subjects and events; taken after the store's lock and before the memory pool's.
         Never held while waiting for a subject's volume to be written (:attr:`Subject.finished`)."""
-        self.listeners: list[Callable[[], None]] = []
         shapes = source.dataset.geometry
         if shapes is None:
             raise FailedPrecondition(
