@@ -20,8 +20,6 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from patchwire.service._assembly import AssemblyStore
-from patchwire.service._assembly_service import AssemblyServicer
 from patchwire.service._auth import Authenticator, ReflectionGate, guarded, load_auth_config
 from patchwire.service._cache import BlockCache
 from patchwire.service._catalog import Dataset
@@ -34,6 +32,7 @@ from patchwire.service._served import ServedDataset
 from patchwire.service._shared_regions import SharedRegions
 from patchwire.service._shared_socket import SharedMemorySocket
 from patchwire.service._tls import exposed_without_tls, server_credentials
+from patchwire.service.assembly import AssemblyServicer, AssemblyStore
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc
 from patchwire.wire import compression, framing, shared_memory, tensors
@@ -78,7 +77,7 @@ class ServerConfig:
     cache_bytes: int = 1 << 30
     """Capacity of the block cache shared by all datasets and clients (0 disables it)."""
     assembly_memory_bytes: int = 1 << 30
-    """Most bytes of assembly buffers in memory (see ``_assembly.BufferPool``); the rest are spilled to files."""
+    """Most bytes of assembly buffers in memory (see ``assembly.MemoryPool``); the rest are spilled to files."""
     shared_memory: bool = True
     """Let assembly clients on this host, running as this server's user, post and fetch predictions through
     shared-memory segments instead of the wire: they hand their descriptors over the server's Unix socket

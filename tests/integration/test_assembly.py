@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import patchwire.client as pw
 from patchwire.client import extraction as extr
 from patchwire.service import PatchwireServer
-from patchwire.service._blending import gaussian_weights
+from patchwire.service.assembly.blending import gaussian_weights
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, spec_pb2, tensor_pb2
 from patchwire.wire import framing, tensors

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from patchwire.service import PatchwireServer
-from patchwire.service._journal import confined
+from patchwire.service.assembly.journal import confined
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, spec_pb2, tensor_pb2
 from patchwire.wire import framing

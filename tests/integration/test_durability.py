@@ -29,10 +29,12 @@ import pytest
 import patchwire.client as pw
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
-from patchwire.service import PatchwireServer, _assembly
-from patchwire.service import _journal as journal_module
-from patchwire.service._journal import Journal
+from patchwire.service import PatchwireServer
 from patchwire.service._pymia_format import SubjectRecord, write_pymia_dataset
+from patchwire.service.assembly import job as job_module
+from patchwire.service.assembly import journal as journal_module
+from patchwire.service.assembly import persistence as persistence_module
+from patchwire.service.assembly.journal import Journal
 from patchwire.wire.geometry import ImageProperties
 
 from _servers import serve_process, server_in_thread
@@ -275,7 +277,7 @@ def test_crash_inside_a_forced_finish(
     marker (before or after it is durable). The batch was never acknowledged: after a restart the subjects are in
     progress exactly as before, and a stale marker does not make a subject that later completes look forced."""
     state = tmp_path / "state"
-    write_atomic = _assembly.write_atomic
+    write_atomic = job_module.write_atomic
 
     def crashing(path: Path, data: bytes) -> None:
         if path.name.endswith(".forced.npy"):
@@ -296,7 +298,7 @@ def test_crash_inside_a_forced_finish(
             for batch in FIRST:
                 assembler.add_batch(_batch(batch), batch)
             before = client.job_status(JOB, max_missing=100)
-            monkeypatch.setattr(_assembly, "write_atomic", crashing)
+            monkeypatch.setattr(job_module, "write_atomic", crashing)
             with pytest.raises(pw.ServerError, match=r"forced\.npy"):
                 assembler.add_batch(_batch(FIRST[0]), FIRST[0], last_batch=True)
             monkeypatch.undo()
@@ -326,7 +328,7 @@ def test_a_ready_subject_whose_volume_was_not_written_is_finished_on_restart(
     background. If the server dies before that ("crash": the write never happens) or the write fails ("error": a
     fetch reports it), the journal is still there and a restart finishes the subject again, with no second event."""
     state = tmp_path / "state"
-    fsync_path = _assembly.fsync_path
+    fsync_path = job_module.fsync_path
 
     def failing(path: Path) -> None:
         if path.name == "results":  # making the subject's new result file durable
@@ -335,9 +337,9 @@ def test_a_ready_subject_whose_volume_was_not_written_is_finished_on_restart(
 
     with server_in_thread({"tiny": tiny_h5}, state_dir=state) as server, pw.connect(server.address) as client:
         if failure == "crash":
-            monkeypatch.setattr(_assembly.Job, "_finish_volume", lambda self, subject: None)
+            monkeypatch.setattr(job_module.Job, "_finish_volume", lambda self, subject: None)
         else:
-            monkeypatch.setattr(_assembly, "fsync_path", failing)
+            monkeypatch.setattr(job_module, "fsync_path", failing)
         ds = client.datasource("tiny", extr.SliceIndexing())
         with client.assembler(ds, overlap="average", job_id=JOB, entries={ENTRY: CHANNELS}) as assembler:
             for batch in FIRST:
@@ -371,7 +373,7 @@ def test_a_ready_subject_is_fetched_before_its_volume_is_durable(
     file."""
     state = tmp_path / "state"
     syncing, release = threading.Event(), threading.Event()
-    write_npy = _assembly._write_npy
+    write_npy = job_module.write_npy
 
     def held(path: Path, array: np.ndarray, sync: bool) -> None:
         if path.parent.name == "results":  # the finished subject's volume being made durable
@@ -380,7 +382,7 @@ def test_a_ready_subject_is_fetched_before_its_volume_is_durable(
             assert release.wait(EXIT_TIMEOUT_S)
         write_npy(path, array, sync)
 
-    monkeypatch.setattr(_assembly, "_write_npy", held)
+    monkeypatch.setattr(job_module, "write_npy", held)
     try:
         with server_in_thread({"tiny": tiny_h5}, state_dir=state) as server, pw.connect(server.address) as client:
             ds = client.datasource("tiny", extr.SliceIndexing())
@@ -409,9 +411,10 @@ def test_without_a_state_folder_nothing_is_journalled_or_synced(tiny_h5: Path, m
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("journalled or synced by a server without a state folder")
 
-    monkeypatch.setattr(_assembly.os, "fsync", forbidden)
-    monkeypatch.setattr(_assembly, "fsync_path", forbidden)
-    monkeypatch.setattr(_assembly, "write_atomic", forbidden)
+    monkeypatch.setattr(persistence_module.os, "fsync", forbidden)
+    monkeypatch.setattr(job_module, "fsync_path", forbidden)
+    monkeypatch.setattr(job_module, "write_atomic", forbidden)
+    monkeypatch.setattr(persistence_module, "write_atomic", forbidden)
     monkeypatch.setattr(Journal, "append", forbidden)
     with server_in_thread({"tiny": tiny_h5}) as server, pw.connect(server.address) as client:
         ds = client.datasource("tiny", extr.SliceIndexing())

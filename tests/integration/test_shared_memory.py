@@ -29,10 +29,10 @@ from patchwire.client import extraction as extr
 from patchwire.client.assembly import process
 from patchwire.client.assembly.transports import segment as posting_segment
 from patchwire.service import PatchwireServer
-from patchwire.service import _assembly as service_assembly
-from patchwire.service import _assembly_service as assembly_service
 from patchwire.service._auth import ANONYMOUS, Identity
 from patchwire.service._errors import NotFound
+from patchwire.service.assembly import memory as assembly_memory
+from patchwire.service.assembly import servicer as assembly_servicer
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc
 from patchwire.wire import framing, shared_memory, tensors
@@ -354,7 +354,7 @@ def test_kept_volumes_spilled_beyond_the_budget_are_fetched_from_their_files(
 @pytest.fixture
 def share_small_volumes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Kept volumes of any size live in memory the client maps (the server's default is 4 MiB and up)."""
-    monkeypatch.setattr(service_assembly, "SHARED_VOLUME_MIN_BYTES", 0)
+    monkeypatch.setattr(assembly_memory, "SHARED_VOLUME_MIN_BYTES", 0)
 
 
 @pytest.fixture
@@ -382,15 +382,15 @@ def test_kept_volumes_are_mapped_from_the_servers_memory_and_given_back_for_reus
         first[...] = 0  # a private mapping: the server's volume stays as it was
         again = asm.get_assembled_subject(1)
         np.testing.assert_array_equal(again, images[1])
-        lent = set(pool._leases)
+        lent = pool.leases
         assert len(lent) == 2
         del first, again
         gc.collect()
         np.testing.assert_array_equal(asm.get_assembled_subject(2), images[2])  # (gives back the two leases first)
-        assert not lent & set(pool._leases)
+        assert not lent & pool.leases
         spare_before = pool.spare_bytes
         asm.delete()
-        assert pool.spare_bytes > spare_before and all(m.fd is not None for m in pool._spare)
+        assert pool.spare_bytes > spare_before and pool.spare_shared_bytes == pool.spare_bytes
     with pw.connect(in_memory.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
         post_all_slices(asm, images)
         assert pool.spare_bytes < spare_before + images[0].nbytes, "the next job assembles in the spare memory"
@@ -412,7 +412,7 @@ def test_memory_a_client_still_maps_is_never_reused(
             post_all_slices(asm, images)
             kept = asm.get_assembled_subject(2)  # (the last subject: in memory within any of the budgets)
             asm.delete()
-        assert len(pool._leases) == 1 and pool.held_bytes == kept.nbytes  # dropped by the job, held for the lease
+        assert len(pool.leases) == 1 and pool.held_bytes == kept.nbytes  # dropped by the job, held for the lease
         negated = [-image for image in images]
         for _ in range(2):
             with assembler(c, extr.SliceIndexing(0)) as asm:
@@ -421,14 +421,14 @@ def test_memory_a_client_still_maps_is_never_reused(
                     np.testing.assert_array_equal(asm.get_assembled_subject(s), negated[s])
         np.testing.assert_array_equal(kept, images[2])
         if budget_subjects == 8:
-            assert len(pool._leases) == 1 and pool.held_bytes == kept.nbytes
+            assert len(pool.leases) == 1 and pool.held_bytes == kept.nbytes
         else:  # the later jobs needed the room: the memory went to the client's mapping alone
-            assert not pool._leases and pool.held_bytes == 0
+            assert not pool.leases and pool.held_bytes == 0
         del kept
         gc.collect()
         with assembler(c, extr.SliceIndexing(0)) as asm:
             post_all_slices(asm, images)  # (any fetch or the close gives back what the client no longer maps)
-        assert pool.held_bytes == 0 and not pool._leases
+        assert pool.held_bytes == 0 and not pool.leases
 
 
 def test_a_forked_child_keeps_its_parents_volumes_from_being_reused(
@@ -459,8 +459,8 @@ def test_without_room_for_more_memfds_kept_volumes_are_copied_into_the_clients_s
     """Each memfd holds two descriptors: a server uses at most a quarter of its descriptor limit for them and
     assembles further volumes in anonymous memory, which a fetch copies."""
     pool = pool_of(in_memory)
-    assert pool._memfds_max == resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
-    pool._memfds_max = 2
+    assert pool.memfds_max == resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
+    pool.memfds_max = 2
     with pw.connect(in_memory.address) as c, assembler(c, extr.SliceIndexing(0)) as asm:
         post_all_slices(asm, images)
         assert pool.memfds == 2
@@ -623,7 +623,7 @@ def test_a_region_used_by_another_identity_is_permission_denied(
                     job_id=asm.job_id, subject_index=0, shared_memory=apb.SharedMemory(region=region)
                 )
                 with monkeypatch.context() as patched:
-                    patched.setattr(assembly_service, "current_identity", lambda: Identity("mallory", ANONYMOUS.roles))
+                    patched.setattr(assembly_servicer, "current_identity", lambda: Identity("mallory", ANONYMOUS.roles))
                     with expect_raw(grpc.StatusCode.PERMISSION_DENIED, "shared_memory.region: the region belongs to"):
                         list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
                 responses = list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
@@ -957,7 +957,7 @@ def test_a_volume_in_the_memory_of_a_server_in_another_process(tmp_path: Path, m
         ds = c.datasource("big", extr.EmptyIndexing(), IMAGES)
         image = ds[0]["images"]
         ds.close()
-        assert image.nbytes == service_assembly.SHARED_VOLUME_MIN_BYTES
+        assert image.nbytes == assembly_memory.SHARED_VOLUME_MIN_BYTES
         for _ in range(2):
             with assembler(c, extr.SliceIndexing(0)) as asm:
                 for start in range(0, shape[0], 16):

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 import patchwire.client as pw
 from patchwire.client import extraction as extr
-from patchwire.service._blending import MIN_WEIGHT, gaussian_weights, region_weights
 from patchwire.service._errors import InvalidArgument
 from patchwire.service._indexing import _PatchWise, compile_indexing
+from patchwire.service.assembly.blending import MIN_WEIGHT, gaussian_weights, region_weights
 
 TINY_SHAPE = (20, 24, 16)
 

@@ -1,4 +1,5 @@
-"""AssemblyService: the gRPC face of :mod:`patchwire.service._assembly`."""
+"""AssemblyService: the gRPC face of the assembly store; requests are read and responses built by :mod:`.protos`,
+prediction streams taken in by :mod:`.intake`, finished volumes served by :mod:`.results`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from patchwire.service._assembly import AssemblyStore, Job
 from patchwire.service._auth import Identity, current_identity
 from patchwire.service._errors import (
     FailedPrecondition,
@@ -21,17 +21,17 @@ from patchwire.service._errors import (
     bounded,
     translate_errors,
 )
-from patchwire.service._export import export_subject
 from patchwire.service._extraction import image_properties
-from patchwire.service._limits import check_announced
-from patchwire.service._requests import parse_request
 from patchwire.service._shared_regions import Region, SharedRegions
+from patchwire.service.assembly import protos, results
+from patchwire.service.assembly.export import export_subject
+from patchwire.service.assembly.intake import StreamSegments, received_batches
+from patchwire.service.assembly.job import Job
+from patchwire.service.assembly.store import AssemblyStore
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc
-from patchwire.wire import framing, shared_memory, tensors
-from patchwire.wire.batches import batch_arrays, encode_batch
-from patchwire.wire.errors import FramingError
-from patchwire.wire.framing import BatchReader
+from patchwire.wire import framing, shared_memory
+from patchwire.wire.batches import encode_batch
 from patchwire.wire.geometry import ImageProperties
 
 __all__ = ["AssemblyServicer"]
@@ -87,8 +87,9 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def CreateJob(self, request: Any, context: Any) -> apb.CreateJobResponse:
-        job = await self._run(self._store.create, request, current_identity())
-        return apb.CreateJobResponse(job=job.info())
+        job_id, spec, entries, mode = protos.create_arguments(request)
+        job = await self._run(self._store.create, job_id, spec, entries, mode, current_identity())
+        return apb.CreateJobResponse(job=protos.job_info(job))
 
     @translate_errors
     async def PostPredictions(self, request_iterator: Any, context: Any) -> AsyncIterator[apb.PostPredictionsResponse]:
@@ -98,11 +99,11 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         batches: asyncio.Queue[tuple[Any, dict[str, list[Any]]] | BaseException | None] = asyncio.Queue(maxsize=1)
 
         identity = current_identity()
-        segments = _StreamSegments(lambda ref, field: self._region(ref, identity, True, field))
+        segments = StreamSegments(lambda ref, field: self._region(ref, identity, True, field))
 
         async def receive() -> None:
             try:
-                async for item in _received_batches(request_iterator, segments, self._store, self._job):
+                async for item in received_batches(request_iterator, segments, self._store.limits, self._job):
                     await batches.put(item)
                 await batches.put(None)
             except asyncio.CancelledError:
@@ -125,7 +126,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
                     accepted_samples=result.accepted,
                     duplicate_samples=result.duplicates,
                     ready_subjects=result.ready_subjects,
-                    job=job.info(),
+                    job=protos.job_info(job),
                 )
                 number += 1
         finally:
@@ -147,16 +148,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
         while True:
             while sequence <= len(job.events):
-                e = job.events[sequence - 1]
-                yield apb.SubscribeEventsResponse(
-                    event=apb.Event(
-                        sequence=e.sequence,
-                        type=e.type,
-                        subject_index=e.subject_index,
-                        subject=e.subject,
-                        time_unix_ms=e.time_unix_ms,
-                    )
-                )
+                yield apb.SubscribeEventsResponse(event=protos.event_message(job.events[sequence - 1]))
                 sequence += 1
             if self._store.jobs.get(job.id) is not job:
                 return
@@ -178,7 +170,9 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
         def status() -> apb.GetJobStatusResponse:
             with job.lock:
-                return apb.GetJobStatusResponse(job=job.info(), subjects=job.subject_status(request.max_missing))
+                return apb.GetJobStatusResponse(
+                    job=protos.job_info(job), subjects=protos.subject_statuses(job, request.max_missing)
+                )
 
         return await self._run(status)
 
@@ -186,7 +180,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
     async def ListJobs(self, request: Any, context: Any) -> apb.ListJobsResponse:
         identity = current_identity()
         return apb.ListJobsResponse(
-            jobs=[job.info() for job in list(self._store.jobs.values()) if identity.owns(job.owner)]
+            jobs=[protos.job_info(job) for job in list(self._store.jobs.values()) if identity.owns(job.owner)]
         )
 
     @translate_errors
@@ -203,11 +197,11 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
         def encode() -> tuple[Any, apb.FetchSubjectResponse | None]:
             mappable = region is not None and request.accept_files
-            lent = job.lend_volume(subject_index) if mappable else None  # the server's memory, under leases
-            files = job.result_files(subject_index) if mappable and lent is None else None
+            lent = results.lend_volume(job, subject_index) if mappable else None  # the server's memory, under leases
+            files = results.result_files(job, subject_index) if mappable and lent is None else None
             # (offered at once: a descriptor not collected is closed with the region's connection)
             offered = None if region is None else _offer(self._registry("shared_memory"), region, lent, files)
-            arrays = files if files is not None else job.result(subject_index)
+            arrays = files if files is not None else results.result(job, subject_index)
             sample: dict[str, Any] = dict(arrays)
             sample["properties"] = _properties(job, subject_index)
             encoded = encode_batch([sample])
@@ -271,7 +265,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         await self._run(job.abort)
         _log.info("assembly job %s aborted by %s", job.id, current_identity().name)
         self._notify(job.id)
-        return apb.AbortJobResponse(job=job.info())
+        return apb.AbortJobResponse(job=protos.job_info(job))
 
     @translate_errors
     async def DeleteJob(self, request: Any, context: Any) -> apb.DeleteJobResponse:
@@ -320,65 +314,3 @@ def _shared_files(encoded: Any, files: dict[str, apb.SharedFile]) -> list[apb.Sh
 
 def _properties(job: Job, subject_index: int) -> ImageProperties:
     return image_properties(job.source.dataset.require_geometry(subject_index))
-
-
-class _StreamSegments:
-    """The registered regions a prediction stream posts from, looked up (and their owner checked) for each batch."""
-
-    def __init__(self, region: Callable[[apb.SharedMemory, str], Region]) -> None:
-        self._region = region
-
-    def payloads(self, batch: apb.PredictionBatch) -> list[memoryview]:
-        """The chunked payloads of a batch whose tensors lie in shared memory (views that stay valid while they
-        live, even if the region is unregistered meanwhile)."""
-        segment = self._region(batch.shared_memory, "batch.shared_memory").segment
-        try:
-            sizes = [tensors.announced_nbytes(t) for t in framing.batch_tensors(batch) if t.chunked_nbytes]
-        except ValueError as exc:
-            raise InvalidArgument(f"batch.fields: {exc}") from None
-        if len(sizes) != len(batch.shared_offsets):
-            raise InvalidArgument(
-                f"batch.shared_offsets: {len(batch.shared_offsets)} offsets for {len(sizes)} chunked tensors"
-            )
-        try:
-            return [
-                segment.read(offset, size, f"batch.shared_offsets[{k}]")
-                for k, (offset, size) in enumerate(zip(batch.shared_offsets, sizes, strict=True))
-            ]
-        except shared_memory.SegmentError as exc:
-            raise InvalidArgument(str(exc)) from None
-
-
-async def _received_batches(
-    request_iterator: Any, segments: _StreamSegments, store: AssemblyStore, job_of: Callable[[str, str], Job]
-) -> AsyncIterator[tuple[Any, dict[str, list[Any]]]]:
-    """The complete prediction batches of a PostPredictions stream: (batch message, arrays by field). Before
-    anything a batch announces is allocated or read, its job must exist and be the caller's (``job_of``) and its
-    announced sizes must lie within the store's limits (``check_announced``)."""
-
-    def admit(batch: apb.PredictionBatch) -> list[memoryview] | None:
-        job_of(batch.job_id, "batch.job_id")  # NOT_FOUND or PERMISSION_DENIED before a byte is allocated for it
-        check_announced(batch, store.limits)
-        if batch.HasField("shared_memory"):  # complete as it is: its payloads lie in the client's segment
-            return segments.payloads(batch)
-        if batch.shared_offsets:
-            raise InvalidArgument("batch.shared_offsets: given without batch.shared_memory")
-        return None
-
-    reader = BatchReader(
-        lambda raw: parse_request(apb.PostPredictionsRequest, raw), max_bytes=store.limits.max_post_bytes, admit=admit
-    )
-    try:
-        async for raw in request_iterator:
-            complete = reader.feed(raw)
-            if complete is None:
-                continue
-            batch, payloads = complete
-            try:
-                arrays = batch_arrays(batch, payloads)
-            except (ValueError, TypeError) as exc:
-                raise InvalidArgument(f"batch.fields: {exc}") from None
-            yield batch, arrays
-        reader.finish()
-    except FramingError as exc:
-        raise InvalidArgument(str(exc)) from None

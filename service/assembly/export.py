@@ -17,10 +17,11 @@ import numpy as np
 
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, bounded
 from patchwire.service._pymia_format import SubjectRecord, write_pymia_dataset
+from patchwire.service.assembly.results import result
 from patchwire.v1 import assembly_service_pb2 as apb
 
 if TYPE_CHECKING:
-    from patchwire.service._assembly import Job
+    from patchwire.service.assembly.job import Job
 
 __all__ = ["export_subject"]
 
@@ -40,7 +41,7 @@ def export_subject(job: Job, subject_index: int, fmt: int, entry: str) -> tuple[
     """Returns (file name, file bytes) of an assembled subject."""
     if fmt not in _SUFFIX:
         raise InvalidArgument(f"format: choose EXPORT_FORMAT_NIFTI, _MHA or _HDF5, got {fmt}")
-    results = job.result(subject_index)
+    results = result(job, subject_index)
     subject = job.subject(subject_index)
     geometry = job.source.dataset.require_geometry(subject_index)
     with tempfile.TemporaryDirectory(prefix="patchwire-export-") as tmp:
