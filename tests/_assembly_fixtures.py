@@ -1,5 +1,5 @@
-"""Fixtures and checks shared by the assembly test modules. A module that imports the fixtures defines ``server``
-(a running PatchwireServer): ``client`` and ``stub`` connect to it once per module."""
+"""Checks shared by the assembly test modules: a raw call's status, and waiting for a condition without sleeping
+longer than needed."""
 
 from __future__ import annotations
 
@@ -11,26 +11,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-import patchwire.client as pw
-from patchwire.service import PatchwireServer
-from patchwire.v1 import assembly_service_pb2_grpc
-from patchwire.wire import framing
-
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def client(server: PatchwireServer) -> Iterator[pw.Client]:
-    """One client for the module (closing a channel that waited for readiness takes gRPC about 0.2 s)."""
-    with pw.connect(server.address) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def stub(server: PatchwireServer) -> Iterator[assembly_service_pb2_grpc.AssemblyServiceStub]:
-    """The generated stub, for requests the client never builds."""
-    with grpc.insecure_channel(server.address, options=framing.channel_options()) as channel:
-        yield assembly_service_pb2_grpc.AssemblyServiceStub(channel)
 
 
 @contextlib.contextmanager

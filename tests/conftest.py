@@ -1,15 +1,12 @@
+"""Fixtures every test folder may use: tiny pymia-format datasets written by pymia itself."""
+
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import patchwire.client as pw
-from patchwire.service import PatchwireServer
-
 from _datasets import make_pymia_dataset
-from _servers import server_in_thread
 
 
 @pytest.fixture(scope="session")
@@ -22,15 +19,3 @@ def tiny_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vary_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Like tiny_h5 but subject i has 20 + 2i slices: subjects differ in shape."""
     return make_pymia_dataset(tmp_path_factory.mktemp("vary"), vary_shape=True, seed=7)
-
-
-@pytest.fixture(scope="session")
-def server(tiny_h5: Path, vary_h5: Path) -> Iterator[PatchwireServer]:
-    with server_in_thread({"tiny": tiny_h5, "vary": vary_h5}) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: PatchwireServer) -> Iterator[pw.Client]:
-    with pw.connect(server.address) as c:
-        yield c

@@ -28,14 +28,9 @@ from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, spec_pb2, tensor_pb2
 from patchwire.wire import framing, tensors
 
-import _assembly_fixtures
+from _assembly_fixtures import eventually, expect_raw
 from _pymia_oracle import load_pymia
 from _servers import server_in_thread
-
-client = _assembly_fixtures.client  # module-scoped fixtures on this module's server
-stub = _assembly_fixtures.stub
-expect_raw = _assembly_fixtures.expect_raw
-eventually = _assembly_fixtures.eventually
 
 T = TypeVar("T")
 

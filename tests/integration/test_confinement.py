@@ -18,7 +18,6 @@ from patchwire.service import PatchwireServer
 from patchwire.service.assembly.journal import confined
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, spec_pb2, tensor_pb2
-from patchwire.wire import framing
 
 from _assembly_fixtures import expect_raw
 from _servers import server_in_thread
@@ -36,12 +35,6 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tiny_h5: Path, state_dir: Path) -> Iterator[PatchwireServer]:
     with server_in_thread({"tiny": tiny_h5}, state_dir=state_dir) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def stub(server: PatchwireServer) -> Iterator[assembly_service_pb2_grpc.AssemblyServiceStub]:
-    with grpc.insecure_channel(server.address, options=framing.channel_options()) as channel:
-        yield assembly_service_pb2_grpc.AssemblyServiceStub(channel)
 
 
 def _create(job_id: str, entry: str = "seg") -> apb.CreateJobRequest:

@@ -28,13 +28,6 @@ SERVED = "tiny, vary"
 RPC_TIMEOUT_S = 30
 
 
-@pytest.fixture(scope="module")
-def client(server: PatchwireServer) -> Iterator[pw.Client]:
-    """One client for the module (closing a channel that waited for readiness takes gRPC about 0.2 s)."""
-    with pw.connect(server.address) as c:
-        yield c
-
-
 @pytest.fixture(autouse=True)
 def server_still_serves(client: pw.Client) -> Iterator[None]:
     """After each error, the same server answers a valid request."""

@@ -37,13 +37,9 @@ from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc
 from patchwire.wire import framing, shared_memory, tensors
 
-import _assembly_fixtures
+from _assembly_fixtures import expect_raw
 from _datasets import make_pymia_dataset
 from _servers import serve_process, server_in_thread, server_subprocess
-
-client = _assembly_fixtures.client  # module-scoped fixtures on this module's server
-stub = _assembly_fixtures.stub
-expect_raw = _assembly_fixtures.expect_raw
 
 SHAPE = (24, 40, 36)
 IMAGES = extr.DataExtractor(categories=("images",))
