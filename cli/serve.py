@@ -45,7 +45,7 @@ def _dataset_arg(text: str) -> tuple[str, Path]:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds ``serve`` and its flags to the ``patchwire`` command's subparsers."""
-    from patchwire.service._limits import add_limit_flags
+    from patchwire.cli._limit_flags import add_limit_flags
 
     serve = sub.add_parser("serve", help="run a server")
     serve.add_argument(
@@ -141,8 +141,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def server_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
     """The server's configuration from parsed ``serve`` flags; ``--phantom`` makes the phantom dataset on first use
     (in ``$PATCHWIRE_HOME`` of ``environ``). Raises :class:`UsageError` for flags that do not go together."""
+    from patchwire.cli._limit_flags import limits_from_args
     from patchwire.service import ServerConfig
-    from patchwire.service._limits import limits_from_args
 
     datasets = list(args.dataset)
     if args.phantom:

@@ -6,9 +6,10 @@ Run it with ``patchwire serve --dataset NAME=PATH.h5``, or embed it::
         print(server.port)
 """
 
+from patchwire.service._dataset_service import DatasetServicer
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ServiceError
 from patchwire.service._limits import Limits
-from patchwire.service._server import DatasetServicer, PatchwireServer, ServerConfig
+from patchwire.service._server import PatchwireServer, ServerConfig
 
 __all__ = [
     "DatasetServicer",

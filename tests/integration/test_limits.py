@@ -554,7 +554,7 @@ def test_disk_quota_per_job_in_total_and_after_restart(tiny_h5: Path, tmp_path: 
 
 def test_serve_flags() -> None:
     from patchwire.cli import build_parser as _parser
-    from patchwire.service._limits import limits_from_args
+    from patchwire.cli._limit_flags import limits_from_args
 
     args = _parser().parse_args(["serve", "--max-calls", "7", "--max-post-mb", "0.5", "--max-spec-depth", "3"])
     limits = limits_from_args(args)

@@ -15,7 +15,7 @@ import patchwire.client as pw
 from patchwire.client import _page_pool
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
-from patchwire.service._server import MAX_SAMPLES_PER_MESSAGE
+from patchwire.service._dataset_service import MAX_SAMPLES_PER_MESSAGE
 from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
 from patchwire.wire import framing
 

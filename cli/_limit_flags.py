@@ -1,0 +1,88 @@
+"""``patchwire serve``'s limit flags: one per field of :class:`~patchwire.service._limits.Limits`, with the field's
+docstring as its help and its default, MB flags converted to bytes."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+from collections.abc import Callable
+
+from patchwire.service._limits import Limits
+
+__all__ = ["add_limit_flags", "limits_from_args"]
+
+_MiB = 1 << 20
+
+_FLAGS: dict[str, tuple[str, int]] = {
+    # field -> (flag, unit: 1 for counts, _MiB for the -mb flags)
+    "max_calls_per_identity": ("--max-calls-per-identity", 1),
+    "max_calls": ("--max-calls", 1),
+    "max_jobs_per_identity": ("--max-jobs-per-identity", 1),
+    "max_jobs": ("--max-jobs", 1),
+    "max_job_disk_bytes": ("--max-job-disk-mb", _MiB),
+    "max_disk_bytes": ("--max-disk-mb", _MiB),
+    "max_post_bytes": ("--max-post-mb", _MiB),
+    "max_sample_bytes": ("--max-sample-mb", _MiB),
+    "max_batch_size": ("--max-batch-size", 1),
+    "max_batch_bytes": ("--max-batch-mb", _MiB),
+    "max_indices": ("--max-indices", 1),
+    "max_subjects": ("--max-subjects", 1),
+    "max_spec_depth": ("--max-spec-depth", 1),
+    "max_repeated": ("--max-repeated", 1),
+}
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``patchwire serve`` flag per field of :class:`Limits`, defaulting to the field's default."""
+    group = parser.add_argument_group("limits", "requests over a limit get RESOURCE_EXHAUSTED naming the flag")
+    defaults = Limits()
+    docs = _field_docs()
+    for name, (flag, unit) in _FLAGS.items():
+        default = getattr(defaults, name)
+        group.add_argument(
+            flag,
+            dest=f"limit_{name}",
+            type=_positive(float if unit != 1 else int),
+            default=default / unit if unit != 1 else default,
+            metavar="MB" if unit != 1 else "N",
+            help=f"{docs.get(name, '')} (default {default / unit:g})",
+        )
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """The :class:`Limits` of parsed ``patchwire serve`` flags (MB flags converted to bytes)."""
+    return Limits(**{name: max(1, int(getattr(args, f"limit_{name}") * unit)) for name, (_, unit) in _FLAGS.items()})
+
+
+def _field_docs() -> dict[str, str]:
+    """Each field's docstring, without its flag (for --help)."""
+    import ast
+
+    source = inspect.getsource(Limits)
+    body = ast.parse(source).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs: dict[str, str] = {}
+    previous: str | None = None
+    for node in body.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            previous = node.target.id
+        elif previous and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            text = " ".join(str(node.value.value).split())
+            text = re.sub(r"\s*\(--[a-z-]+\)|;\s*--[a-z-]+", "", text).rstrip(".")
+            docs[previous] = text.replace("%", "%%")
+            previous = None
+    return docs

@@ -1,0 +1,249 @@
+"""DatasetService: datasets listed and described, samples read, extracted and streamed in batches.
+
+Reads, extraction and encoding run on the server's executor threads; a stream prepares its next message while the
+current one is sent, and stops building samples as soon as its call ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from patchwire.service._catalog import Dataset
+from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
+from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
+from patchwire.service._extraction import image_properties
+from patchwire.service._limits import Limits, check_sample_bytes, check_spec, exhausted
+from patchwire.service._served import ServedDataset
+from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc
+from patchwire.wire import compression, framing, tensors
+from patchwire.wire.batches import Encoded, encode_batch
+
+__all__ = ["MAX_SAMPLES_PER_MESSAGE", "DatasetServicer"]
+
+T = TypeVar("T")
+
+#: Most samples in one message (bounds per-message overhead and latency for tiny samples such as voxels).
+MAX_SAMPLES_PER_MESSAGE = 4096
+
+
+class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
+    def __init__(
+        self,
+        datasets: Mapping[str, ServedDataset],
+        executor: ThreadPoolExecutor,
+        cache: DatasourceCache | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self._datasets = datasets
+        self._limits = limits if limits is not None else Limits()
+        self._cache = cache if cache is not None else DatasourceCache(datasets, limits=self._limits)
+        self._executor = executor
+        self.samples_built = 0
+        """Samples read and transformed for GetSamples and StreamBatches so far (how much work calls cost)."""
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @translate_errors
+    async def ListDatasets(self, request: Any, context: Any) -> dataset_service_pb2.ListDatasetsResponse:
+        return await self._run(_summaries, self._datasets)
+
+    @translate_errors
+    async def DescribeDataset(self, request: Any, context: Any) -> dataset_service_pb2.DescribeDatasetResponse:
+        ds = self._cache.dataset(request.dataset)
+        return await self._run(self._cache.consistent, ds, lambda: _describe(ds))
+
+    @translate_errors
+    async def OpenDatasource(self, request: Any, context: Any) -> dataset_service_pb2.OpenDatasourceResponse:
+        src = await self._run(self._cache.get, request.spec)
+        return dataset_service_pb2.OpenDatasourceResponse(
+            length=src.length,
+            subjects=[
+                dataset_service_pb2.SubjectSamples(subject_index=s, first_sample_index=start, sample_count=count)
+                for s, start, count in zip(src.subject_indices, src.starts, src.counts, strict=True)
+            ],
+        )
+
+    @translate_errors
+    async def GetSamples(self, request: Any, context: Any) -> AsyncIterator[dataset_service_pb2.GetSamplesResponse]:
+        compression = _compression(request.integer_compression)
+        if len(request.sample_indices) > self._limits.max_indices:
+            raise exhausted(
+                f"sample_indices: {len(request.sample_indices)} indices in one request",
+                self._limits.max_indices,
+                "--max-indices",
+            )
+        src = await self._run(self._cache.get, request.spec)
+
+        def validated() -> list[int]:  # in the executor: the loop never walks a request's indices
+            indices = [int(i) for i in request.sample_indices]
+            for i in indices:
+                src.locate(i)
+            return indices
+
+        indices = await self._run(validated)
+        async for message in self._stream(
+            src, indices, 1, dataset_service_pb2.GetSamplesResponse, compression=compression
+        ):
+            yield message
+
+    @translate_errors
+    async def DirectExtract(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        ds = self._cache.dataset(request.extraction.dataset, "extraction.dataset")
+        check_spec(request.extraction, self._limits, "extraction")
+
+        def extract() -> Encoded:
+            sample = direct_extract(ds, request.extraction, self._limits.max_sample_bytes)
+            check_sample_bytes(_sample_bytes(sample), self._limits.max_sample_bytes)
+            return encode_batch([sample])
+
+        encoded = await self._run(self._cache.consistent, ds, extract)
+        for message in encoded.messages(dataset_service_pb2.DirectExtractResponse):
+            yield message
+
+    @translate_errors
+    async def StreamBatches(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        shard_count = request.shard_count or 1
+        if request.batch_size <= 0:
+            raise InvalidArgument(f"batch_size: must be positive, got {request.batch_size}")
+        if request.batch_size > self._limits.max_batch_size:
+            raise exhausted(
+                f"batch_size: {request.batch_size} samples", self._limits.max_batch_size, "--max-batch-size"
+            )
+        if shard_count < 0:
+            raise InvalidArgument(f"shard_count: must be positive, got {shard_count}")
+        if not 0 <= request.shard_index < shard_count:
+            raise InvalidArgument(f"shard_index: {request.shard_index} must be in [0, shard_count={shard_count})")
+        if request.start_position < 0:
+            raise InvalidArgument(f"start_position: must not be negative, got {request.start_position}")
+        compression = _compression(request.integer_compression)
+        src = await self._run(self._cache.get, request.spec)
+        if src.extractor is None:
+            raise InvalidArgument("spec.extractor: streaming samples needs an extractor")
+
+        def ordered() -> range | np.ndarray:  # in the executor; a range (never a list) when nothing is shuffled
+            order = src.order(request.shuffle, request.seed, request.epoch)[request.shard_index :: shard_count]
+            if request.drop_last:
+                order = order[: len(order) - len(order) % request.batch_size]
+            return order[request.start_position :]
+
+        async for message in self._stream(
+            src,
+            await self._run(ordered),
+            request.batch_size,
+            dataset_service_pb2.StreamBatchesResponse,
+            first_position=request.start_position,
+            compression=compression,
+        ):
+            yield message
+
+    async def _stream(
+        self,
+        src: CompiledDatasource,
+        indices: Sequence[int] | np.ndarray,
+        batch_size: int,
+        response_type: Any,
+        first_position: int = 0,
+        compression: int = compression.Compression.COMPRESSION_UNSPECIFIED,
+    ) -> AsyncIterator[Any]:
+        """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead.
+        Messages are built in the executor, which stops within one sample once the call ends (``stopped``); a
+        sample over ``max_sample_bytes`` or a message over ``max_batch_bytes`` ends the call with
+        RESOURCE_EXHAUSTED."""
+        stopped = threading.Event()
+        limits = self._limits
+
+        def build(start: int, count: int) -> Encoded | None:
+            chunk = [int(i) for i in indices[start : start + count]]
+
+            def built() -> Encoded | None:
+                samples, nbytes = [], 0
+                for i in chunk:
+                    if stopped.is_set():
+                        return None
+                    sample = src.sample(i)
+                    self.samples_built += 1
+                    size = _sample_bytes(sample)
+                    check_sample_bytes(size, limits.max_sample_bytes, f"sample {i}")
+                    nbytes += size
+                    if nbytes > limits.max_batch_bytes:
+                        raise exhausted(
+                            f"batch: samples from position {first_position + start} hold over {nbytes} bytes",
+                            limits.max_batch_bytes / (1 << 20),
+                            "--max-batch-mb",
+                            " MB",
+                        )
+                    samples.append(sample)
+                return encode_batch(samples, chunk, first_position + start, compression)
+
+            # the file is checked before and after: nothing read across a change is sent
+            return self._cache.consistent(src.dataset, built)
+
+        start, per_message = 0, batch_size  # the first message holds one batch: a short time to first batch
+        pending = asyncio.ensure_future(self._run(build, start, per_message)) if len(indices) else None
+        try:
+            while pending is not None:
+                encoded = await pending
+                assert encoded is not None  # (None only once stopped)
+                count = len(encoded.batch.sample_indices)
+                start += count
+                pending = None
+                if start < len(indices):
+                    per_sample = max(encoded.nbytes / max(count, 1), 1.0)
+                    batches = max(1, math.floor(framing.TARGET_MESSAGE_BYTES / (per_sample * batch_size)))
+                    per_message = min(batches * batch_size, max(MAX_SAMPLES_PER_MESSAGE, batch_size))
+                    pending = asyncio.ensure_future(self._run(build, start, per_message))
+                # chunk messages are made one at a time as gRPC takes them: a batch's payload is not held twice
+                for message in encoded.messages(response_type):
+                    yield message
+        finally:
+            stopped.set()
+            if pending is not None:
+                pending.cancel()
+
+
+def _sample_bytes(sample: Mapping[str, Any]) -> int:
+    """The array bytes of a sample (what its encoding grows with)."""
+    return sum(v.nbytes for v in sample.values() if isinstance(v, np.ndarray | np.generic))
+
+
+def _summaries(datasets: Mapping[str, ServedDataset]) -> dataset_service_pb2.ListDatasetsResponse:
+    out = dataset_service_pb2.ListDatasetsResponse()
+    for name, served in datasets.items():
+        served.refresh()  # a file that changed is opened again (or found unusable) before it is listed
+        try:
+            ds = served.current()
+        except FailedPrecondition:
+            out.datasets.add(name=name, unavailable=True, unavailable_reason=served.public_reason or "unavailable")
+            continue
+        out.datasets.add(name=name, subject_count=len(ds.subjects), categories=ds.categories)
+    return out
+
+
+def _describe(ds: Dataset) -> dataset_service_pb2.DescribeDatasetResponse:
+    out = dataset_service_pb2.DescribeDatasetResponse(name=ds.name)
+    for cat in ds.categories:
+        out.categories.add(name=cat, entry_names=ds.entry_names.get(cat, []))
+    for s, name in enumerate(ds.subjects):
+        subject = out.subjects.add(index=s, name=name)
+        for cat, shape, dtype, is_string in ds.array_info(s):
+            info = subject.arrays.add(category=cat, shape=shape, is_string=is_string)
+            if not is_string:
+                info.dtype = tensors.dtype_to_proto(dtype)
+        if ds.geometry is not None:
+            subject.image_properties.CopyFrom(image_properties(ds.geometry[s]).to_proto())
+    return out
+
+
+def _compression(value: int) -> int:
+    if value not in compression.Compression.values():
+        known = ", ".join(compression.Compression.keys())
+        raise InvalidArgument(f"integer_compression: unknown codec {value} (this server knows {known})")
+    return value
