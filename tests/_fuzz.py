@@ -5,6 +5,8 @@ Three sources, all reproducible from a seed: raw bytes; messages with every kind
 field names steering strings towards names the server knows so that requests get past the first check; and valid
 requests mutated at the byte level or merged with such a message. :func:`send` calls a method with wire bytes (no
 client-side serialisation, so anything can be sent) and returns the status.
+
+Long because it builds requests for every field kind of every message of both services from their descriptors.
 """
 
 from __future__ import annotations

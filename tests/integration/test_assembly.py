@@ -4,6 +4,10 @@ precise errors.
 pymia 0.3.4's SubjectAssembler is the oracle where patchwire promises its behaviour (non-overlapping indexing,
 sequential order); everything else is checked against volumes computed by hand with numpy on the tiny datasets of
 ``conftest.py``: "tiny" (3 subjects of 20x24x16, images T1/T2 float32) and "vary" (20, 22 and 24 slices).
+
+One module for all of it, and long, because every test runs against the same three server configurations (a state
+folder, none, shared memory off), a module-scoped parametrized fixture started once per configuration; the unit tests
+of each assembly module are in ``tests/unit/service/assembly``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Identities (``auth.toml`` written here, plain tokens and digests both): alice and bob (write), reader (read), admin
 (admin), and robot, known by the client certificate ``patchwire certs`` makes (read, write).
+
+Long because the role table is checked method by method against servers with TLS, tokens and client certificates.
 """
 
 from __future__ import annotations

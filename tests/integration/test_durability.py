@@ -9,6 +9,9 @@ journals and syncs nothing.
 
 Memory: partial volumes live in memory-mapped files and at most ``assembly_memory_bytes`` of them are mapped at once
 (a single subject larger than that is mapped alone), checked after every batch with all subjects in flight.
+
+Long because each scenario needs its own crash, restart and repair on a subprocess server; the journal, subjects and
+memory pool alone are unit-tested in ``tests/unit/service/assembly``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Bad input gets a precise status and a message that names the bad field; the server keeps serving.
 
 Through the client, every failure arrives as a patchwire exception (never a raw ``grpc.RpcError``) whose class
-matches the status: InvalidArgumentError (ValueError), NotFoundError (LookupError), OutOfRangeError (IndexError).
+matches the status: InvalidArgumentError (ValueError), NotFoundError (KeyError), OutOfRangeError (IndexError).
 Malformed requests that the client never builds are sent with the generated stub directly.
+
+Long because it lists, per method, every bad input a client can send and the status and message it must get.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ valid requests; derandomized, so a CI run is reproducible) and from a seeded poo
 
 ``PATCHWIRE_FUZZ_EXAMPLES`` (default 4000) sets the pool's size; Hypothesis tests run an eighth of it each (at least
 600). A CI run sends about 6,000 requests in all.
+
+Long because each method family (unary, server-streaming, client-streaming) has its own generators, checks and
+recovery assertions.
 """
 
 from __future__ import annotations

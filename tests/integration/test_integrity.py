@@ -1,5 +1,8 @@
 """Integrity of what is served: broken datasets are reported and left out, files that change under a running server
-are noticed before their data is sent, and ``--verify`` catches what the file's identity cannot."""
+are noticed before their data is sent, and ``--verify`` catches what the file's identity cannot.
+
+Long because each kind of damage (layout, changed file, corrupt block) needs its own file made on disk and a server
+watching it."""
 
 from __future__ import annotations
 

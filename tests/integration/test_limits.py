@@ -1,7 +1,10 @@
 """Limits: every request that would make the server grow beyond a configured limit is refused with
 RESOURCE_EXHAUSTED (INVALID_ARGUMENT where the request is malformed rather than large), the message names the limit's
 flag, and the server goes on serving correct data; work for a client that has gone stops within a sample; refused
-requests leave no memory behind."""
+requests leave no memory behind.
+
+Long because there is one refusal per limit, each on a server configured for it, plus the memory check over all of
+them."""
 
 from __future__ import annotations
 

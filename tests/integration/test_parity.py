@@ -8,6 +8,9 @@ cache state). Compared are keys, types, dtypes, shapes and values; see :func:`as
 
 Where pymia 0.3.4 itself fails (documented bugs) nothing is compared; the tests at the end pin patchwire's
 better-defined behaviour there instead, checked against arrays computed by hand with numpy.
+
+Long because the cases are the oracle's list: one line per indexing, extractor and transform combination that pymia
+defines, all compared against one module-scoped server.
 """
 
 from __future__ import annotations

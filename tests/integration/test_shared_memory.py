@@ -3,6 +3,10 @@ memory cannot be used, precise errors for segments the server cannot use, and a 
 
 The dataset here is larger than "tiny" (24x40x36 with two channels: a subject is 276 KB, a batch of eight slices
 92 KB), so that predictions and volumes are payloads and not inline bytes.
+
+Long because every test runs on both server configurations (with and without a state folder) of one module-scoped
+fixture, and the descriptor hand-over is checked from both ends at once; the transports alone are unit-tested in
+``tests/unit/client/assembly``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The pymia 0.3.4 on-disk format writer, its geometry checks and the phantom dataset, checked against pymia itself."""
+"""The pymia 0.3.4 on-disk format writer, its geometry checks and the phantom dataset, checked against pymia itself.
+
+Long because the writer is compared with pymia's own creation API case by case (single and several subjects, with and
+without files, geometry checks)."""
 
 from __future__ import annotations
 
