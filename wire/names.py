@@ -17,7 +17,9 @@ _BY_VALUE = {v: k for k, v in OVERLAP_MODES.items()}
 
 
 def overlap_mode_name(value: int) -> str:
-    """The name of a wire overlap mode; ValueError for an unknown or unspecified one."""
+    """The name of a wire overlap mode ('unspecified' for the unset value); ValueError for an unknown one."""
+    if value == apb.OVERLAP_MODE_UNSPECIFIED:
+        return "unspecified"
     try:
         return _BY_VALUE[apb.OverlapMode.ValueType(value)]
     except KeyError:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from patchwire.v1 import assembly_service_pb2 as apb
+from patchwire.wire.names import overlap_mode_name
 
 __all__ = ["AssemblyEvent", "JobStatus", "SubjectProgress", "assembly_event", "job_status"]
 
@@ -63,7 +64,7 @@ def job_status(info: apb.JobInfo, subjects: Sequence[apb.SubjectStatus] = ()) ->
         info.job_id,
         info.dataset,
         _enum_name(apb.JobState, info.state, "JOB_STATE_"),
-        _enum_name(apb.OverlapMode, info.overlap_mode, "OVERLAP_MODE_"),
+        overlap_mode_name(info.overlap_mode),
         info.expected_samples,
         info.received_samples,
         info.subject_count,
