@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from patchwire.client._connection import Connection
-from patchwire.client._errors import ConnectionFailed, translate_rpc_errors
+from patchwire.client._errors import ProtocolError, translate_rpc_errors
 from patchwire.client._retry import RetryPolicy, call_with_retries
 from patchwire.v1 import assembly_service_pb2 as apb
 
@@ -58,6 +58,8 @@ def export_subject(
         raise
     if size is None or tmp.stat().st_size != size:
         tmp.unlink(missing_ok=True)
-        raise ConnectionFailed(f"export of subject {subject_index} ended early")
+        raise ProtocolError(
+            f"export of subject {subject_index} ended early: the server sent fewer bytes than it announced"
+        )
     tmp.replace(path)
     return path

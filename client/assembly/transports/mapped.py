@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from patchwire.client._connection import Connection
-from patchwire.client._errors import ConnectionFailed, translate_rpc_errors
+from patchwire.client._errors import ConnectionFailed, ProtocolError, translate_rpc_errors
 from patchwire.client.assembly import process
 from patchwire.client.assembly.posting import Request
 from patchwire.client.assembly.transports.base import Transport
@@ -132,12 +132,10 @@ class MappedVolumes(Transport):
             message = apb.FetchSubjectResponse.FromString(first)
             if message.shared_files:
                 for _ in responses:
-                    raise ConnectionFailed("the server sent chunks after a subject it named files for")
+                    raise ProtocolError("the server sent chunks after a subject it named files for")
                 sizes = _chunked_sizes(message.batch)
                 if len(sizes) != len(message.shared_files):
-                    raise ConnectionFailed(
-                        f"the server named {len(message.shared_files)} files for {len(sizes)} payloads"
-                    )
+                    raise ProtocolError(f"the server named {len(message.shared_files)} files for {len(sizes)} payloads")
                 address = self._connection.address
                 mapped = [map_server_file(address, f, n) for f, n in zip(message.shared_files, sizes, strict=True)]
                 payloads = [m for m in mapped if m is not None]
@@ -151,11 +149,11 @@ class MappedVolumes(Transport):
                 self._segments.give_back(segment)
                 return decoded
             for _ in responses:  # nothing follows the batch: read the stream to its end
-                raise ConnectionFailed("the server sent chunks after a subject it wrote into shared memory")
+                raise ProtocolError("the server sent chunks after a subject it wrote into shared memory")
             sizes = _chunked_sizes(message.batch)
             offsets = list(message.shared_offsets)
             if len(sizes) != len(offsets):
-                raise ConnectionFailed(f"the server gave {len(offsets)} offsets for {len(sizes)} payloads")
+                raise ProtocolError(f"the server gave {len(offsets)} offsets for {len(sizes)} payloads")
         except BaseException:
             self._segments.give_back(segment)
             raise
