@@ -305,6 +305,16 @@ class PatchwireServer:
             await self._server.wait_for_termination()
 
     @property
+    def assembly(self) -> AssemblyStore | None:
+        """The assembly jobs of a running server (None before start and after stop)."""
+        return self._assembly
+
+    @property
+    def shared_memory_socket(self) -> SharedMemorySocket | None:
+        """The Unix socket same-host clients hand their segments over (None where shared memory is off)."""
+        return self._shm_socket
+
+    @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 

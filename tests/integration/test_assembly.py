@@ -717,7 +717,7 @@ def test_a_subscriber_arriving_as_the_job_ends_still_gets_the_final_event(
     that starts then must wait for that event, not end without it."""
     asm = make_asm(open_ds(extr.SliceIndexing()))
     post_slices(asm, images, range(40))
-    job = server._assembly.jobs[asm.job_id]
+    job = server.assembly.jobs[asm.job_id]
     held, release = concurrent.futures.Future[None](), concurrent.futures.Future[None]()
     save_metadata = job.save_metadata
 

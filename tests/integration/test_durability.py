@@ -398,8 +398,8 @@ def test_a_ready_subject_is_fetched_before_its_volume_is_durable(
                 np.testing.assert_array_equal(assembler.get_assembled_subject(0)[ENTRY], _expected(0))
                 assert not result.exists() and _journal(state, 0).exists()  # fetched while still being synced
                 release.set()
-                assert server._assembly is not None
-                finished = server._assembly.get(JOB).subjects[0].finished
+                assert server.assembly is not None
+                finished = server.assembly.get(JOB).subjects[0].finished
                 assert finished is not None and finished.wait(EXIT_TIMEOUT_S)
                 assert result.exists() and not _journal(state, 0).exists()
                 np.testing.assert_array_equal(assembler.get_assembled_subject(0)[ENTRY], _expected(0))
@@ -442,8 +442,8 @@ def test_without_a_state_folder_nothing_is_journalled_or_synced(tiny_h5: Path, m
             forced = assembler.get_assembled_subject(2)[ENTRY]
             np.testing.assert_array_equal(forced[:5], _expected(2)[:5])
             assert not forced[5:].any()  # never predicted: no weight, a zero mean
-            assert server._assembly is not None
-            files = {path.name for path in server._assembly.state_dir.rglob("*") if path.is_file()}
+            assert server.assembly is not None
+            files = {path.name for path in server.assembly.state_dir.rglob("*") if path.is_file()}
             assert not {name for name in files if name.endswith(".journal")}
             assert not files & {"job.json", "events.jsonl"}
 
@@ -513,8 +513,8 @@ def _post_all(
     server: PatchwireServer, oracle: _Oracle, ds: pw.RemoteDatasource, client: pw.Client, budget: int, batches: Any
 ) -> int:
     """Posts every batch, checking the resident bytes after each; returns the largest resident size seen."""
-    assert server._assembly is not None
-    pool = server._assembly.pool
+    assert server.assembly is not None
+    pool = server.assembly.pool
     most = 0
     with client.assembler(ds, overlap="average", entries={"p": oracle.channels}) as assembler:
         for batch in batches:
@@ -560,8 +560,8 @@ def test_memory_of_finished_buffers_is_reused_zeroed(tiny_h5: Path, tmp_path: Pa
     zeroed: a later job's forced subject shows zeros wherever nothing arrived, not the earlier job's values."""
     state = tmp_path / "state" if state_folder else None
     with server_in_thread({"tiny": tiny_h5}, state_dir=state) as server, pw.connect(server.address) as client:
-        assert server._assembly is not None
-        pool = server._assembly.pool
+        assert server.assembly is not None
+        pool = server.assembly.pool
         ds = client.datasource("tiny", extr.SliceIndexing())
         subject = list(range(SUBJECT_SAMPLES))
         with client.assembler(ds, job_id="first", entries={ENTRY: CHANNELS}) as assembler:
@@ -587,8 +587,8 @@ def test_reused_memory_is_zeroed_where_the_samples_leave_gaps(tiny_h5: Path) -> 
     the volume is read; buffers of samples with gaps (8^3 patches without the incomplete ones on a 20x24x16
     subject) get it zeroed: the gaps show zeros, not an earlier job's values."""
     with server_in_thread({"tiny": tiny_h5}) as server, pw.connect(server.address) as client:
-        assert server._assembly is not None
-        pool = server._assembly.pool
+        assert server.assembly is not None
+        pool = server.assembly.pool
         slices = client.datasource("tiny", extr.SliceIndexing())
         subject = list(range(SUBJECT_SAMPLES))
         with client.assembler(slices, entries={ENTRY: CHANNELS}) as assembler:

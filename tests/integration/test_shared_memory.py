@@ -285,8 +285,8 @@ def mapped(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def _wait_until_written(server: PatchwireServer, asm: Any) -> None:
     """Waits until the server's background thread has written every ready subject's volume to results/."""
-    assert server._assembly is not None
-    for subject in server._assembly.get(str(asm.job_id)).subjects.values():
+    assert server.assembly is not None
+    for subject in server.assembly.get(str(asm.job_id)).subjects.values():
         assert subject.finished is None or subject.finished.wait(30)
 
 
@@ -338,8 +338,8 @@ def test_kept_volumes_spilled_beyond_the_budget_are_fetched_from_their_files(
         assembler(c, extr.SliceIndexing(0), shared_memory=shared) as asm,
     ):
         post_all_slices(asm, images)
-        assert srv._assembly is not None
-        job = srv._assembly.get(str(asm.job_id))
+        assert srv.assembly is not None
+        job = srv.assembly.get(str(asm.job_id))
         assert [job.subjects[s].mapped is None for s in range(3)] == [True, True, False]
         for s in (0, 2):
             np.testing.assert_array_equal(asm.get_assembled_subject(s), images[s])
@@ -364,8 +364,8 @@ def in_memory(h5: Path, share_small_volumes: None) -> Iterator[PatchwireServer]:
 
 
 def pool_of(server: PatchwireServer) -> Any:
-    assert server._assembly is not None
-    return server._assembly.pool
+    assert server.assembly is not None
+    return server.assembly.pool
 
 
 def test_kept_volumes_are_mapped_from_the_servers_memory_and_given_back_for_reuse(
@@ -579,8 +579,8 @@ def test_a_registered_segment_is_named_by_a_random_region_id(stub: Any, server: 
             socket_path = stub.RegisterSharedMemory(apb.RegisterSharedMemoryRequest()).socket_path
             folder = Path(socket_path).parent
             assert folder.name.startswith("patchwire-shm-") and folder.stat().st_mode & 0o777 == 0o700
-            assert Path(socket_path).is_socket() and server._shm_socket is not None
-            assert server._shm_socket.path == socket_path
+            assert Path(socket_path).is_socket() and server.shared_memory_socket is not None
+            assert server.shared_memory_socket.path == socket_path
     finally:
         segment.close()
 
@@ -684,8 +684,8 @@ def test_posting_needs_a_sealed_segment_and_fetching_a_writable_one(stub: Any) -
 
 
 def test_closing_a_segment_unregisters_it(server: PatchwireServer, stub: Any) -> None:
-    assert server._shm_socket is not None
-    registry = server._shm_socket.registry
+    assert server.shared_memory_socket is not None
+    registry = server.shared_memory_socket.registry
     segment = shared_memory.Segment(4096, sealed=True)
     with registered(stub, segment) as region:
         assert registry.region(region, ANONYMOUS, True, "shared_memory").id == region
@@ -711,8 +711,8 @@ def test_a_ticket_is_used_once(stub: Any) -> None:
 def test_closing_the_connection_frees_its_regions(
     server: PatchwireServer, client: pw.Client, stub: Any, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert server._shm_socket is not None
-    registry = server._shm_socket.registry
+    assert server.shared_memory_socket is not None
+    registry = server.shared_memory_socket.registry
     gone = threading.Event()
     real = registry.disconnect
 
@@ -748,8 +748,8 @@ def test_closing_the_connection_frees_its_regions(
 
 def test_a_peer_of_another_user_id_is_refused_and_the_client_uses_the_wire(h5: Path, images: list[np.ndarray]) -> None:
     with server_in_thread({"big": h5}, shared_memory_uids=(os.getuid() + 1,)) as srv, pw.connect(srv.address) as c:
-        assert srv._shm_socket is not None
-        folder = Path(srv._shm_socket.path).parent
+        assert srv.shared_memory_socket is not None
+        folder = Path(srv.shared_memory_socket.path).parent
         assert folder.stat().st_mode & 0o777 == 0o711, "other user ids must reach the socket: their uid is checked"
         with assembler(c, extr.SliceIndexing(0)) as asm:
             post_all_slices(asm, images)
