@@ -32,7 +32,7 @@ from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, spec_pb2, tensor_pb2
 from patchwire.wire import framing, tensors
 
-from _assembly_fixtures import eventually, expect_raw
+from _checks import eventually, expect, expect_raw
 from _pymia_oracle import load_pymia
 from _servers import server_in_thread
 
@@ -106,19 +106,6 @@ def make_asm(client: pw.Client) -> Iterator[Callable[..., pw.RemoteSubjectAssemb
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def expect(error: type[pw.RpcError], code: grpc.StatusCode, *fragments: str) -> Iterator[None]:
-    """The block raises ``error`` with status ``code`` and a message holding every fragment."""
-    with pytest.raises(error) as info:
-        yield
-    exc = info.value
-    assert not isinstance(exc, grpc.RpcError), f"a raw gRPC error reached the user: {exc!r}"
-    assert exc.code == code, exc
-    for fragment in fragments:
-        assert fragment in str(exc), f"{fragment!r} not in {str(exc)!r}"
-        assert fragment in exc.details, f"{fragment!r} not in the server's details {exc.details!r}"
 
 
 def region_shape(expression: Any, shape: Sequence[int] = SHAPE) -> tuple[int, ...]:

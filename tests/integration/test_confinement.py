@@ -19,7 +19,7 @@ from patchwire.service.assembly.journal import confined
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, spec_pb2, tensor_pb2
 
-from _assembly_fixtures import expect_raw
+from _checks import expect_raw
 from _servers import server_in_thread
 
 BAD_JOB_IDS = ("..", ".", "../..", "../jobs", "a/../..", "/etc", ".hidden", "-rf", "a\x00b", "jobs/..", "")

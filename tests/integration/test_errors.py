@@ -24,6 +24,8 @@ from patchwire.client import transformation as tfm
 from patchwire.service import PatchwireServer
 from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
 
+import _checks
+
 TINY_IMAGE_SHAPE = (20, 24, 16, 2)
 TINY_SLICES = 3 * 20
 SERVED = "tiny, vary"
@@ -43,18 +45,9 @@ def server_still_serves(client: pw.Client) -> Iterator[None]:
         ds.close()
 
 
-@contextlib.contextmanager
-def expect(error: type[pw.RpcError], code: grpc.StatusCode, *fragments: str) -> Iterator[None]:
-    """The block raises ``error`` with status ``code`` and a message holding every fragment."""
-    with pytest.raises(error) as info:
-        yield
-    exc = info.value
-    assert not isinstance(exc, grpc.RpcError), f"a raw gRPC error reached the user: {exc!r}"
-    assert isinstance(exc, pw.PatchwireError)
-    assert exc.code == code, exc
-    for fragment in fragments:
-        assert fragment in str(exc), f"{fragment!r} not in {str(exc)!r}"
-        assert fragment in exc.details, f"{fragment!r} not in the server's details {exc.details!r}"
+def expect(error: type[pw.RpcError], code: grpc.StatusCode, *fragments: str) -> contextlib.AbstractContextManager[None]:
+    """The block raises ``error`` with status ``code``, the fragments in the server's own words."""
+    return _checks.expect(error, code, *fragments, in_details=True)
 
 
 def first_sample(

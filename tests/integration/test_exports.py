@@ -9,96 +9,38 @@ import pytest
 import patchwire.client as pw
 from patchwire.client import definition
 
-EXPECTED = {
-    "patchwire.client": {
-        "ArrayInfo",
-        "AssemblyEvent",
-        "AuthenticationError",
-        "Client",
-        "ConnectionFailed",
-        "Credentials",
-        "DatasetInfo",
-        "DeadlineExceeded",
-        "FailedPreconditionError",
-        "InvalidArgumentError",
-        "JobStatus",
-        "NotFoundError",
-        "OutOfRangeError",
-        "PatchwireError",
-        "PermissionDeniedError",
-        "ProtocolError",
-        "RemoteDatasource",
-        "RemoteSubjectAssembler",
-        "ResourceExhaustedError",
-        "RetriesExhausted",
-        "RetryPolicy",
-        "RpcError",
-        "ServerError",
-        "ServerUnavailable",
-        "SubjectInfo",
-        "SubjectProgress",
-        "SubjectSamples",
-        "connect",
-    },
-    "patchwire.client.assembly": {  # the facade, what it reports, how its payloads travel
-        "RemoteSubjectAssembler",
-        "AssemblyEvent",
-        "JobStatus",
-        "SubjectProgress",
-        "Transport",
-        "TransportStatistics",
-        "MemoryTransport",
-    },
-    "patchwire.client.extraction": {
-        "ComposeExtractor",
-        "DataExtractor",
-        "EmptyIndexing",
-        "Extractor",
-        "FilesExtractor",
-        "ImagePropertiesExtractor",
-        "ImagePropertyShapeExtractor",
-        "IndexExpression",
-        "IndexingExtractor",
-        "IndexingStrategy",
-        "NamesExtractor",
-        "PadDataExtractor",
-        "PatchWiseIndexing",
-        "RandomDataExtractor",
-        "RemoteDatasource",
-        "SelectiveDataExtractor",
-        "SliceIndexing",
-        "SubjectExtractor",
-        "VoxelWiseIndexing",
-    },
-    "patchwire.client.transformation": {
-        "ClipPercentile",
-        "ComposeTransform",
-        "IntensityNormalization",
-        "IntensityRescale",
-        "LambdaTransform",
-        "LoopEntryTransform",
-        "Mask",
-        "Permute",
-        "Relabel",
-        "Reshape",
-        "SizeCorrection",
-        "Squeeze",
-        "Transform",
-        "UnSqueeze",
-    },
-    "patchwire.client.torch": {"PytorchDatasetAdapter", "PytorchStreamingDataset", "collate_batch"},
-    "patchwire.client.tensorflow": {"get_tf_dataset", "get_tf_generator", "infer_output_signature"},
-    "patchwire.service": {
-        "DatasetServicer",
-        "FailedPrecondition",
-        "InvalidArgument",
-        "Limits",
-        "NotFound",
-        "OutOfRange",
-        "PatchwireServer",
-        "ServerConfig",
-        "ServiceError",
-    },
+
+def _names(text: str) -> set[str]:
+    return set(text.split())
+
+
+EXPECTED: dict[str, set[str]] = {
+    "patchwire.client": _names(
+        "ArrayInfo AssemblyEvent AuthenticationError Client ConnectionFailed Credentials DatasetInfo "
+        "DeadlineExceeded FailedPreconditionError InvalidArgumentError JobStatus NotFoundError "
+        "OutOfRangeError PatchwireError PermissionDeniedError ProtocolError RemoteDatasource "
+        "RemoteSubjectAssembler ResourceExhaustedError RetriesExhausted RetryPolicy RpcError ServerError "
+        "ServerUnavailable SubjectInfo SubjectProgress SubjectSamples connect"
+    ),
+    "patchwire.client.assembly": _names(
+        "AssemblyEvent JobStatus MemoryTransport RemoteSubjectAssembler SubjectProgress Transport TransportStatistics"
+    ),
+    "patchwire.client.extraction": _names(
+        "ComposeExtractor DataExtractor EmptyIndexing Extractor FilesExtractor ImagePropertiesExtractor "
+        "ImagePropertyShapeExtractor IndexExpression IndexingExtractor IndexingStrategy NamesExtractor "
+        "PadDataExtractor PatchWiseIndexing RandomDataExtractor RemoteDatasource SelectiveDataExtractor "
+        "SliceIndexing SubjectExtractor VoxelWiseIndexing"
+    ),
+    "patchwire.client.transformation": _names(
+        "ClipPercentile ComposeTransform IntensityNormalization IntensityRescale LambdaTransform "
+        "LoopEntryTransform Mask Permute Relabel Reshape SizeCorrection Squeeze Transform UnSqueeze"
+    ),
+    "patchwire.client.torch": _names("PytorchDatasetAdapter PytorchStreamingDataset collate_batch"),
+    "patchwire.client.tensorflow": _names("get_tf_dataset get_tf_generator infer_output_signature"),
+    "patchwire.service": _names(
+        "DatasetServicer FailedPrecondition InvalidArgument Limits NotFound OutOfRange PatchwireServer "
+        "ServerConfig ServiceError"
+    ),
 }
 
 
@@ -127,5 +69,5 @@ def test_definition_keys_have_pymia_values() -> None:
 def test_errors_are_also_builtin_errors() -> None:
     assert issubclass(pw.OutOfRangeError, IndexError)
     assert issubclass(pw.InvalidArgumentError, ValueError)
-    assert issubclass(pw.NotFoundError, LookupError)
+    assert issubclass(pw.NotFoundError, LookupError) and issubclass(pw.NotFoundError, KeyError)
     assert all(issubclass(e, pw.PatchwireError) for e in (pw.ConnectionFailed, pw.RpcError, pw.ServerError))

@@ -33,7 +33,7 @@ from patchwire.v1 import (
 )
 from patchwire.wire import framing, tensors
 
-from _assembly_fixtures import eventually, expect_raw
+from _checks import eventually, expect_raw
 from _datasets import make_pymia_dataset
 from _servers import serve_process, threaded_server
 

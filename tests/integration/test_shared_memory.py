@@ -41,7 +41,7 @@ from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc
 from patchwire.wire import framing, shared_memory, tensors
 
-from _assembly_fixtures import expect_raw
+from _checks import expect_raw
 from _datasets import make_pymia_dataset
 from _servers import serve_process, server_in_thread, server_subprocess
 

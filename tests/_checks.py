@@ -1,5 +1,5 @@
-"""Checks shared by the assembly test modules: a raw call's status, and waiting for a condition without sleeping
-longer than needed."""
+"""Checks the integration tests share: a client error's class, status and message; a raw call's status; waiting for
+a condition without sleeping longer than needed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,27 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+import patchwire.client as pw
+
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def expect(
+    error: type[pw.RpcError], code: grpc.StatusCode, *fragments: str, in_details: bool = False
+) -> Iterator[None]:
+    """The block raises ``error`` with status ``code`` and a message holding every fragment, as a patchwire error
+    (never a raw gRPC error); ``in_details``: the fragments are in the server's own words (``details``) too."""
+    with pytest.raises(error) as info:
+        yield
+    exc = info.value
+    assert not isinstance(exc, grpc.RpcError), f"a raw gRPC error reached the user: {exc!r}"
+    assert isinstance(exc, pw.PatchwireError)
+    assert exc.code == code, exc
+    for fragment in fragments:
+        assert fragment in str(exc), f"{fragment!r} not in {str(exc)!r}"
+        if in_details:
+            assert fragment in exc.details, f"{fragment!r} not in the server's details {exc.details!r}"
 
 
 @contextlib.contextmanager
