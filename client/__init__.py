@@ -33,6 +33,7 @@ from patchwire.client._errors import (
     ServerUnavailable,
 )
 from patchwire.client._retry import RetryPolicy
+from patchwire.client._stats import LoaderStats, LoaderStatsSnapshot
 from patchwire.client.assembly import AssemblyEvent, JobStatus, RemoteSubjectAssembler, SubjectProgress
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "FailedPreconditionError",
     "InvalidArgumentError",
     "JobStatus",
+    "LoaderStats",
+    "LoaderStatsSnapshot",
     "NotFoundError",
     "OutOfRangeError",
     "PatchwireError",

@@ -15,6 +15,7 @@ from patchwire.client._connection import Connection
 from patchwire.client._decoding import DecodedBatch, decode_stream
 from patchwire.client._errors import translate_rpc_errors
 from patchwire.client._prefetch import prefetched
+from patchwire.client._stats import LoaderStats, recorded
 from patchwire.client.transformation import split_transform
 from patchwire.v1 import dataset_service_pb2, spec_pb2
 from patchwire.wire import compression
@@ -89,6 +90,8 @@ class RemoteDatasource:
         self.extractor = extractor
         self.transform = transform
         self.subject_subset = None if subject_subset is None else list(subject_subset)
+        self.stats = LoaderStats()
+        """Samples, bytes, waits and retries of this datasource's loops (see :class:`LoaderStats`)."""
         self._open()
 
     def _open(self) -> None:
@@ -136,6 +139,7 @@ class RemoteDatasource:
         (sample,) = self.get_samples([operator.index(item)])  # a float or str is a TypeError, as for a list
         return sample
 
+    @recorded
     def get_samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """``[ds[i] for i in indices]`` in one call."""
         request = dataset_service_pb2.GetSamplesRequest(
@@ -217,6 +221,7 @@ class RemoteDatasource:
             call.cancel()
             decoded_messages.close()  # a consumer that stops early: the prefetch thread ends here, not at collection
 
+    @recorded
     def batches(
         self,
         batch_size: int = 1,
@@ -251,6 +256,7 @@ class RemoteDatasource:
             batch[defs.KEY_SAMPLE_INDEX] = np.asarray(decoded.sample_indices, dtype=np.int64)
             yield batch
 
+    @recorded
     def samples(
         self,
         shuffle: bool = False,

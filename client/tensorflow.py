@@ -3,6 +3,8 @@
 ``get_tf_generator(ds)`` is pymia's: a generator function yielding ``ds[i]`` in order, for
 ``tf.data.Dataset.from_generator``; here it reads the server's stream instead of one call per sample.
 :func:`get_tf_dataset` builds the ``tf.data.Dataset`` itself with a correct ``output_signature``.
+Both read the datasource's stream, so ``datasource.stats`` counts their samples; ``datasource.stats.timed(dataset)``
+times what the training loop waits for.
 """
 
 from __future__ import annotations

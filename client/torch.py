@@ -24,6 +24,7 @@ import torch
 import torch.utils.data as torch_data
 
 from patchwire.client._datasource import PREFETCH_MESSAGES, RemoteDatasource
+from patchwire.client._stats import LoaderStats
 
 __all__ = ["PytorchDatasetAdapter", "PytorchStreamingDataset", "collate_batch"]
 
@@ -39,6 +40,11 @@ class PytorchDatasetAdapter(torch_data.Dataset[dict[str, Any]]):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.datasource[index]
+
+    @property
+    def stats(self) -> LoaderStats:
+        """The datasource's statistics; DataLoader workers add to them (``stats.timed(loader)`` times the loop)."""
+        return self.datasource.stats
 
 
 def collate_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +92,11 @@ class PytorchStreamingDataset(torch_data.IterableDataset[dict[str, Any]]):
         self.shard_count = shard_count
         self.prefetch = prefetch
         self.epoch = 0
+
+    @property
+    def stats(self) -> LoaderStats:
+        """The datasource's statistics; DataLoader workers add to them (``stats.timed(loader)`` times the loop)."""
+        return self.datasource.stats
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose order the next iteration streams (call it before each epoch when shuffling)."""
