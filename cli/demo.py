@@ -50,6 +50,8 @@ class DemoSummary:
     seconds: float = 0.0
     megabytes: float = 0.0
     job_id: str = ""
+    input_stats: str = ""
+    """The datasource's statistics of the prediction loop (:meth:`patchwire.client.LoaderStats.summary`)."""
 
 
 def run_seed_pipeline(
@@ -103,7 +105,9 @@ def run_seed_pipeline(
     nb_batches = len(loader)
     start = time.perf_counter()
     with torch.no_grad():
-        for i, batch in enumerate(tqdm(loader, desc="predicting and assembling", unit="batch", disable=not progress)):
+        timed = datasource.stats.timed(loader)  # what the loop waits for, also with DataLoader workers
+        bar = tqdm(timed, desc="predicting and assembling", unit="batch", total=nb_batches, disable=not progress)
+        for i, batch in enumerate(bar):
             x, sample_indices = batch[defs.KEY_IMAGES], batch[defs.KEY_SAMPLE_INDEX]
             prediction = network(x)
             numpy_prediction = prediction.numpy().transpose((0, 2, 3, 1))  # back to (B)HWC, channel last
@@ -131,6 +135,7 @@ def run_seed_pipeline(
                     int((subject_of == subject_index).sum()),
                 )
     summary.seconds = time.perf_counter() - start
+    summary.input_stats = datasource.stats.summary()
     summary.job_id = assembler.job_id or ""
     assembler.close()
     datasource.close()
@@ -225,4 +230,5 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{summary.seconds:.2f} s ({total / summary.seconds:.0f} slices/s, "
         f"{summary.megabytes / summary.seconds:.0f} MB/s of input; job {summary.job_id})"
     )
+    print(f"input: {summary.input_stats}")
     return 0 if summary.subjects and all(r.checked for r in summary.subjects.values()) else 1

@@ -150,4 +150,6 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         expected = f"Subject_{s}: assembled 181x217x181x1 float32 from 181 slices, checked,"
         assert any(line.strip().startswith(expected) for line in lines), result.stdout
     assert any(line.startswith("724 slices of 4 subjects predicted and assembled") for line in lines), result.stdout
+    (stats,) = [line for line in lines if line.startswith("input: waited for data ")]
+    assert "% of " in stats and " 724 samples, " in stats and stats.endswith(("input-bound", "compute-bound")), stats
     assert (tmp_path / "phantom-v1.h5").is_file()
