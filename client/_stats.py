@@ -123,7 +123,9 @@ class LoaderStats:
             os.ftruncate(fd, _SIZE * 8)
         self._fd = fd
         weakref.finalize(self, os.close, fd)
-        self._values = np.frombuffer(mmap.mmap(fd, _SIZE * 8), dtype=np.float64)
+        block = mmap.mmap(fd, _SIZE * 8)
+        self._values = np.frombuffer(block, dtype=np.float64)  # for reading and clearing all at once
+        self._slots = memoryview(block).cast("d")  # for updating one slot (Python floats: faster than numpy's)
         self._local = threading.local()
         self._explicit = 0  # timed() loops running in this process
         self._thread_lock = threading.Lock()
@@ -158,7 +160,7 @@ class LoaderStats:
     def add_retry(self, count: int = 1) -> None:
         """Counts ``count`` retried calls."""
         with self._locked():
-            self._values[_RETRIES] += count
+            self._slots[_RETRIES] += count
 
     def timed(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yields ``iterable``'s items, timing each ``next`` as one wait for data: wrap the training loop's
@@ -224,8 +226,9 @@ class LoaderStats:
 
     def _record(self, start: float, end: float, samples: int = 0, nbytes: int = 0, wait: bool = False) -> None:
         seconds = max(0.0, end - start)
-        with self._locked():
-            v = self._values
+        self._acquire()
+        try:
+            v = self._slots
             self._touch(start)
             self._touch(end)
             v[_SAMPLES] += samples
@@ -236,11 +239,13 @@ class LoaderStats:
                 v[_WAIT_MIN] = min(v[_WAIT_MIN], seconds)
                 v[_WAIT_MAX] = max(v[_WAIT_MAX], seconds)
                 v[_HIST + _bucket(seconds)] += 1
+        finally:
+            self._release()
 
     # -- internals --------------------------------------------------------------------------------------------------
 
     def _touch(self, t: float) -> None:
-        v = self._values
+        v = self._slots
         v[_FIRST] = t if math.isnan(v[_FIRST]) else min(v[_FIRST], t)
         v[_LAST] = t if math.isnan(v[_LAST]) else max(v[_LAST], t)
 
@@ -252,16 +257,27 @@ class LoaderStats:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _acquire(self) -> None:
         """Excludes this process's other threads (a lock of its own) and other processes (a POSIX record lock on the
         block, which the system releases when its holder dies: a killed DataLoader worker cannot hang training)."""
         if self._thread_lock_pid != os.getpid():  # forked: the inherited lock may be held by a thread left behind
             self._thread_lock, self._thread_lock_pid = threading.Lock(), os.getpid()
-        with self._thread_lock:
+        self._thread_lock.acquire()
+        try:
             fcntl.lockf(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def _release(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
 
     def __getstate__(self) -> dict[str, Any]:
         """While a worker process is being started (spawn, forkserver) the block travels with the object; any other
