@@ -31,6 +31,7 @@ import math
 import mmap
 import multiprocessing.context
 import os
+import tempfile
 import threading
 import time
 import weakref
@@ -113,7 +114,7 @@ class LoaderStats:
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock = clock
-        self._attach(os.memfd_create("patchwire-loader-stats", os.MFD_CLOEXEC), fresh=True)
+        self._attach(_shared_fd(), fresh=True)
         self._owner = os.getpid()
         self._clear()
 
@@ -294,9 +295,18 @@ class LoaderStats:
             self._attach(state["fd"].detach(), fresh=False)
             self._owner = state["owner"]
         else:
-            self._attach(os.memfd_create("patchwire-loader-stats", os.MFD_CLOEXEC), fresh=True)
+            self._attach(_shared_fd(), fresh=True)
             self._owner = os.getpid()
             self._values[:] = state["values"]
+
+
+def _shared_fd() -> int:
+    """A descriptor of fresh memory for the counters: a memfd (Linux), else an unlinked temporary file (inherited by
+    forked workers all the same, and lockable)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("patchwire-loader-stats", os.MFD_CLOEXEC)
+    with tempfile.TemporaryFile(prefix="patchwire-loader-stats-") as f:
+        return os.dup(f.fileno())
 
 
 def _bucket(seconds: float) -> int:
