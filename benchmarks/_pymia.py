@@ -19,7 +19,7 @@ import numpy as np
 
 @functools.cache
 def load_pymia() -> types.SimpleNamespace:
-    """pymia's ``extraction`` and ``assembler`` modules, after restoring the NumPy aliases."""
+    """pymia's ``extraction``, ``transformation`` and ``assembler`` modules, after restoring the NumPy aliases."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NumPy < 1.24 warns when the deprecated aliases are touched
         missing = [name for name in ("float", "int", "object", "bool") if not hasattr(np, name)]
@@ -27,8 +27,13 @@ def load_pymia() -> types.SimpleNamespace:
         setattr(np, name, getattr(builtins, name))
     import pymia.data.assembler
     import pymia.data.extraction
+    import pymia.data.transformation
 
-    return types.SimpleNamespace(extraction=pymia.data.extraction, assembler=pymia.data.assembler)
+    return types.SimpleNamespace(
+        extraction=pymia.data.extraction,
+        transformation=pymia.data.transformation,
+        assembler=pymia.data.assembler,
+    )
 
 
 def load_pymia_torch() -> Any:

@@ -169,6 +169,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['_mode'].assembly_runs} interleaved run(s) of each",
         "  assembler; every run's are in the JSON (runs_seconds).",
     ]
+    lines += ["", *_seed_loop_lines(report)]
     rss = report["rss"]
     lines.append("")
     lines.append("server peak RSS MB (VmHWM, reset per pattern):")
@@ -191,3 +192,21 @@ def format_table(report: dict[str, Any]) -> str:
     passed = sum(t["passed"] for t in report["targets"])
     lines.append(f"{passed}/{len(report['targets'])} targets met")
     return "\n".join(lines)
+
+
+def _seed_loop_lines(report: dict[str, Any]) -> list[str]:
+    """Section f: pymia's seed loop, only the construction lines changed (samples/s, median of interleaved rounds)."""
+    labels = {p.key: p.label for p in patterns(report["_mode"])}
+    lines = [
+        "seed loop (DataExtractor images+labels, Permute, map-style PytorchDatasetAdapter, DataLoader batch 2), "
+        "samples/s:",
+        f"  {'pattern':<24} {'shuffle':>7} {'workers':>7} {'pymia local':>12} {'patchwire':>10} {'ratio':>7}",
+    ]
+    for key, cells in report["seed_loop"].items():
+        for cell_key, cell in cells.items():
+            shuffle, workers = cell_key.removeprefix("shuffle").split("_workers")
+            lines.append(
+                f"  {labels[key]:<24} {'yes' if shuffle == '1' else 'no':>7} {workers:>7} {cell['pymia']:>12.0f} "
+                f"{cell['patchwire']:>10.0f} {cell['ratio']:>6.2f}x"
+            )
+    return lines

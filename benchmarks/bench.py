@@ -26,7 +26,10 @@ d. **assembly** — every prediction (the images, float32, channel-last) of ever
    acknowledgement) and one without (jobs in memory, like pymia's; the target uses this one), both as a client on
    their host uses them by default (payloads through shared memory), and the one without over the wire
    (``shared_memory=False``), as a client on another host would.
-e. **time to first batch** (iterator created -> first batch) and **peak RSS** of the server (``VmHWM`` of the
+e. **seed loop** — pymia's example loop with only the construction lines changed (``DataExtractor(images, labels)``,
+   ``Permute``, map-style ``PytorchDatasetAdapter``, ``DataLoader(batch_size=2)``), pymia locally vs patchwire, for
+   axial slices and patches, shuffle off and on, ``num_workers`` 0 and 2 (``benchmarks/_seed_loop.py``).
+f. **time to first batch** (iterator created -> first batch) and **peak RSS** of the server (``VmHWM`` of the
    subprocess, reset per pattern through ``/proc/PID/clear_refs``) and of this client process.
 
 Streaming patterns run for a time budget (several epochs if one is short, a new iterator per epoch), not a fixed
@@ -61,6 +64,7 @@ from _machine import machine_info, peak_rss_mb, reset_peak_rss
 from _plan import FULL, HERE, MB, SMOKE, Mode, progress
 from _plot import plot
 from _report import format_table, targets
+from _seed_loop import bench_seed_loop
 from _streaming import bench_patchwire_streaming, bench_pymia_streaming, bench_training_step, bench_verify
 
 from patchwire.cli.serve import DEFAULT_CACHE_MB
@@ -133,6 +137,7 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
         reset_peak_rss()
         report["assembly"], assembly_rss = bench_assembly(mode, data, work, logs)
         client_peak["assembly"] = peak_rss_mb()
+        report["seed_loop"] = bench_seed_loop(mode, data, work, logs)
 
     report["ttfb"] = {
         "patchwire_ms": {k: r["ttfb_ms"] for k, r in report["patchwire"].items()},

@@ -16,7 +16,8 @@ orders, shards and batches, and the DataLoader is used with ``batch_size=None``:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import operator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,22 +25,52 @@ import torch
 import torch.utils.data as torch_data
 
 from patchwire.client._datasource import PREFETCH_MESSAGES, RemoteDatasource
+from patchwire.client._readahead import ReadAhead, sample_bytes
 from patchwire.client._stats import LoaderStats
 
 __all__ = ["PytorchDatasetAdapter", "PytorchStreamingDataset", "collate_batch"]
 
 
 class PytorchDatasetAdapter(torch_data.Dataset[dict[str, Any]]):
-    """A map-style torch Dataset over a RemoteDatasource: ``len`` and ``[i]`` as the datasource."""
+    """A map-style torch Dataset over a RemoteDatasource: ``len`` and ``[i]`` as the datasource.
 
-    def __init__(self, datasource: RemoteDatasource) -> None:
+    ``__getitems__`` (used by torch's DataLoader for a whole batch) fetches the batch in one call. ``read_ahead``:
+    requests that follow a steady pattern (sequential, or every k-th batch in a DataLoader worker) are fetched ahead
+    in a bounded window by a background thread, per process; False fetches each request when it is made.
+    """
+
+    def __init__(self, datasource: RemoteDatasource, read_ahead: bool = True) -> None:
         self.datasource = datasource
+        self.read_ahead = read_ahead
+        self._window: tuple[object, ReadAhead[dict[str, Any]]] | None = None
 
     def __len__(self) -> int:
         return len(self.datasource)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.datasource[index]
+        if not self.read_ahead:
+            return self.datasource[index]
+        return self.__getitems__([operator.index(index)])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """``[self[i] for i in indices]`` in one call (or from the read-ahead window)."""
+        if not self.read_ahead:
+            return self.datasource.get_samples(list(indices))
+        spec = self.datasource._spec  # a new spec (set_transform, ...) makes what was read ahead stale
+        if self._window is None or self._window[0] is not spec:
+            if self._window is not None:
+                self._window[1].stop()
+            window = ReadAhead(self.datasource.get_samples, len(self.datasource), sample_bytes, fetch_ahead=self._ahead)
+            self._window = (spec, window)
+        return self._window[1].get(indices)
+
+    def _ahead(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A read-ahead fetch: its samples count in the statistics, but the loop does not wait for it."""
+        with self.datasource.stats.untimed():
+            return self.datasource.get_samples(indices)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_window": None}  # a window and its thread belong to one process
 
     @property
     def stats(self) -> LoaderStats:

@@ -50,6 +50,7 @@ def test_smoke_run_exits_zero_and_prints_the_table(smoke_run: tuple[subprocess.C
     assert "targets met" in proc.stdout
     assert "ceiling: raw gRPC streaming" in proc.stdout
     assert "assembly context: with a state dir every batch is journalled" in proc.stdout
+    assert "seed loop (DataExtractor images+labels" in proc.stdout
 
 
 @pytest.mark.slow
@@ -101,6 +102,13 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
             assert len(result[assembler]["runs_seconds"]) == report["mode"]["assembly_runs"]
         assert result["patchwire"]["shared_memory"] and result["patchwire_in_memory"]["shared_memory"]
         assert not result["patchwire_in_memory_wire"]["shared_memory"]
+
+    assert set(report["seed_loop"]) == {"axial", "patches"}
+    for pattern, cells in report["seed_loop"].items():
+        assert set(cells) == {f"shuffle{s}_workers{w}" for s in (0, 1) for w in (0, 2)}
+        for cell_key, cell in cells.items():
+            for metric in ("pymia", "patchwire", "ratio"):
+                _positive(cell[metric], f"seed loop {pattern} {cell_key} {metric}")
 
     rss = report["rss"]
     _positive(rss["server_streaming_peak_mb"], "server streaming RSS")
