@@ -15,7 +15,7 @@ from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bou
 from patchwire.service._extraction import Extractor, Params, compile_extractor
 from patchwire.service._indexing import Expression, compile_indexing
 from patchwire.service._limits import Limits, check_spec
-from patchwire.service._transforms import Transform, compile_transform
+from patchwire.service._transforms import Transform, compile_transform, writes_in_place
 from patchwire.v1 import spec_pb2
 from patchwire.wire.indexexpression import expression_from_proto
 
@@ -43,6 +43,9 @@ class CompiledDatasource:
             if spec.HasField("transform")
             else None
         )
+        self.private = self.transform is not None and writes_in_place(spec.transform)
+        """Whether samples need arrays of their own: only a transform that writes into them does (a sample that is
+        only encoded, or only permuted or reshaped, may view the cached blocks)."""
         subset: set[str] | None = None
         if spec.HasField("subject_subset"):
             subset = set(spec.subject_subset.values)
@@ -86,8 +89,8 @@ class CompiledDatasource:
         s, expr = self.locate(sample_index)
         position = sample_index + self.length if sample_index < 0 else sample_index  # seeds as ds[n - k] would
         extracted: dict[str, Any] = {}
-        # without a transform nothing modifies the sample before it is encoded: cached blocks can be read in place
-        self.extractor.extract(self.dataset, Params(s, expr, position, self.transform is not None), extracted)
+        # unless a transform writes into the sample, cached blocks can be read in place
+        self.extractor.extract(self.dataset, Params(s, expr, position, self.private), extracted)
         if self.transform is not None:
             extracted = self.transform(extracted)
         return extracted

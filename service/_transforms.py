@@ -17,7 +17,7 @@ from patchwire.service._extraction import spec_choice
 from patchwire.service._limits import check_sample_bytes
 from patchwire.v1 import spec_pb2, tensor_pb2
 
-__all__ = ["Transform", "compile_transform"]
+__all__ = ["Transform", "compile_transform", "writes_in_place"]
 
 Sample = dict[str, Any]
 Transform = Callable[[Sample], Sample]
@@ -194,6 +194,26 @@ def _labelled(name: str, transform: Transform) -> Transform:
             raise InvalidArgument(f"{name}: {exc}") from exc
 
     return apply
+
+
+_VIEWS = frozenset({"permute", "squeeze", "un_squeeze", "reshape", "size_correction"})
+"""Transforms that give views or new arrays and never write into the arrays they are given."""
+_NEW_ARRAYS_UNLESS_LOOPED = frozenset({"intensity_normalization", "intensity_rescale"})
+"""Transforms that compute new arrays, except with ``loop_axis``, where they write each slice back in place."""
+
+
+def writes_in_place(msg: spec_pb2.Transform) -> bool:
+    """Whether a transform spec may write into the arrays of the sample it is given (Relabel, Mask, ClipPercentile,
+    anything with ``loop_axis``). Samples for a transform that does not are extracted without private copies of the
+    cached blocks: Permute, Squeeze, UnSqueeze, Reshape and SizeCorrection only make views or new arrays."""
+    kind = msg.WhichOneof("transform")
+    if kind == "compose":
+        return any(writes_in_place(t) for t in msg.compose.transforms)
+    if kind in _VIEWS:
+        return False
+    if kind in _NEW_ARRAYS_UNLESS_LOOPED:
+        return getattr(msg, kind).HasField("loop_axis")
+    return True
 
 
 def compile_transform(

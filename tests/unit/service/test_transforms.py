@@ -10,7 +10,7 @@ import pytest
 from patchwire.client import transformation as tfm
 from patchwire.service._errors import InvalidArgument, ResourceExhausted
 from patchwire.service._extraction import MAX_NESTING
-from patchwire.service._transforms import compile_transform
+from patchwire.service._transforms import compile_transform, writes_in_place
 from patchwire.v1 import spec_pb2
 
 from _pymia_oracle import load_pymia
@@ -78,3 +78,46 @@ def test_size_correction_is_bounded_by_max_bytes() -> None:
     transform = compile_transform(tfm.SizeCorrection((600, 600))._to_proto(), max_bytes=1 << 20)
     with pytest.raises(ResourceExhausted):
         transform(sample())
+
+
+@pytest.mark.parametrize(
+    ("make", "writes"),
+    [
+        (lambda: tfm.Permute((2, 0, 1)), False),
+        (lambda: tfm.Squeeze(), False),
+        (lambda: tfm.UnSqueeze(0), False),
+        (lambda: tfm.Reshape({"images": (-1, 2)}), False),
+        (lambda: tfm.SizeCorrection((4, 11)), False),
+        (lambda: tfm.IntensityNormalization(), False),
+        (lambda: tfm.IntensityNormalization(loop_axis=-1), True),
+        (lambda: tfm.IntensityRescale(0.0, 1.0, loop_axis=0), True),
+        (lambda: tfm.ClipPercentile(95), True),
+        (lambda: tfm.Relabel({1: 2}), True),
+        (lambda: tfm.Mask("mask"), True),
+        (lambda: tfm.ComposeTransform([tfm.Permute((2, 0, 1)), tfm.Squeeze()]), False),
+        (lambda: tfm.ComposeTransform([tfm.Permute((2, 0, 1)), tfm.Relabel({1: 2})]), True),
+    ],
+)
+def test_which_transforms_write_into_their_sample(make: Any, writes: bool) -> None:
+    """Samples for a transform that never writes into its arrays are cut from the cached blocks without copies."""
+    assert writes_in_place(make()._to_proto()) is writes
+
+
+def test_a_view_transform_leaves_read_only_input_untouched() -> None:
+    original = sample()
+    frozen = {k: v for k, v in original.items()}
+    for value in frozen.values():
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False  # as views of the server's cached blocks are
+    spec = tfm.ComposeTransform([tfm.Permute((2, 0, 1, 3)), tfm.SizeCorrection((4, 11)), tfm.Squeeze()])._to_proto()
+    assert not writes_in_place(spec)
+    out = compile_transform(spec)(dict(frozen))
+    theirs = pm.transformation.ComposeTransform(
+        [
+            pm.transformation.Permute((2, 0, 1, 3)),
+            pm.transformation.SizeCorrection((4, 11)),
+            pm.transformation.Squeeze(),
+        ]
+    )(sample())
+    for key in ("images", "labels"):
+        np.testing.assert_array_equal(out[key], theirs[key])
