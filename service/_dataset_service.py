@@ -80,17 +80,24 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 self._limits.max_indices,
                 "--max-indices",
             )
-        src = await self._run(self._cache.get, request.spec)
 
-        def validated() -> list[int]:  # in the executor: the loop never walks a request's indices
+        def resolved() -> tuple[CompiledDatasource, list[int]]:  # in the executor: the loop never walks the indices
+            src = self._cache.get(request.spec)
             indices = [int(i) for i in request.sample_indices]
             for i in indices:
                 src.locate(i)
-            return indices
+            return src, indices
 
-        indices = await self._run(validated)
+        src, indices = await self._run(resolved)
+        # the caller waits for every sample: as many per message as fit TARGET_MESSAGE_BYTES, from the first one
         async for message in self._stream(
-            src, indices, 1, dataset_service_pb2.GetSamplesResponse, compression=compression
+            src,
+            indices,
+            1,
+            dataset_service_pb2.GetSamplesResponse,
+            compression=compression,
+            first=len(indices),
+            budget=framing.TARGET_MESSAGE_BYTES,
         ):
             yield message
 
@@ -152,11 +159,14 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         response_type: Any,
         first_position: int = 0,
         compression: int = compression.Compression.COMPRESSION_UNSPECIFIED,
+        first: int | None = None,
+        budget: int | None = None,
     ) -> AsyncIterator[Any]:
         """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead.
-        Messages are built in the executor, which stops within one sample once the call ends (``stopped``); a
-        sample over ``max_sample_bytes`` or a message over ``max_batch_bytes`` ends the call with
-        RESOURCE_EXHAUSTED."""
+        The first message holds ``first`` samples (default one batch: a short time to first batch); with ``budget``
+        (batches of one sample only) a message also ends once its samples hold that many bytes. Messages are built
+        in the executor, which stops within one sample once the call ends (``stopped``); a sample over
+        ``max_sample_bytes`` or a message over ``max_batch_bytes`` ends the call with RESOURCE_EXHAUSTED."""
         stopped = threading.Event()
         limits = self._limits
 
@@ -181,12 +191,14 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                             " MB",
                         )
                     samples.append(sample)
-                return encode_batch(samples, chunk, first_position + start, compression)
+                    if budget is not None and nbytes >= budget:
+                        break
+                return encode_batch(samples, chunk[: len(samples)], first_position + start, compression)
 
             # the file is checked before and after: nothing read across a change is sent
             return self._cache.consistent(src.dataset, built)
 
-        start, per_message = 0, batch_size  # the first message holds one batch: a short time to first batch
+        start, per_message = 0, batch_size if first is None else first
         pending = asyncio.ensure_future(self._run(build, start, per_message)) if len(indices) else None
         try:
             while pending is not None:
