@@ -33,6 +33,7 @@ from patchwire.client._errors import (
     ServerUnavailable,
 )
 from patchwire.client._retry import RetryPolicy
+from patchwire.client._timeouts import Timeouts
 from patchwire.client.assembly import AssemblyEvent, JobStatus, RemoteSubjectAssembler, SubjectProgress
 
 __all__ = [
@@ -63,5 +64,6 @@ __all__ = [
     "SubjectInfo",
     "SubjectProgress",
     "SubjectSamples",
+    "Timeouts",
     "connect",
 ]
