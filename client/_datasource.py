@@ -223,31 +223,6 @@ class RemoteDatasource:
         prefetch: int,
     ) -> Iterator[DecodedBatch]:
         """The stream's batches, resumed at the cursor after a retriable failure (no deadline: see _timeouts)."""
-        address = self._connection.address
-        what = f"streaming dataset {self.dataset!r} from {address}"
-        return resumed_stream(
-            lambda position: self._stream_from(
-                batch_size, shuffle, seed, epoch, shard_index, shard_count, drop_last, position, prefetch
-            ),
-            start_position,
-            self.retry,
-            address,
-            what,
-            self._count_retry,
-        )
-
-    def _stream_from(
-        self,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        epoch: int,
-        shard_index: int,
-        shard_count: int,
-        drop_last: bool,
-        start_position: int,
-        prefetch: int,
-    ) -> Iterator[DecodedBatch]:
         request = dataset_service_pb2.StreamBatchesRequest(
             spec=self._spec,
             batch_size=batch_size,
@@ -260,6 +235,19 @@ class RemoteDatasource:
             start_position=start_position,
             integer_compression=self._compression,
         )
+
+        def from_position(position: int) -> Iterator[DecodedBatch]:
+            resumed = dataset_service_pb2.StreamBatchesRequest()
+            resumed.CopyFrom(request)
+            resumed.start_position = position
+            return self._stream_from(resumed, prefetch)
+
+        address = self._connection.address
+        what = f"streaming dataset {self.dataset!r} from {address}"
+        return resumed_stream(from_position, start_position, self.retry, address, what, self._count_retry)
+
+    def _stream_from(self, request: dataset_service_pb2.StreamBatchesRequest, prefetch: int) -> Iterator[DecodedBatch]:
+        batch_size = request.batch_size
         call = self._connection.raw_stream(STREAM_BATCHES)(request)
         pool = self._connection.buffers
         decoded_messages = (
