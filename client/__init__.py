@@ -34,6 +34,7 @@ from patchwire.client._errors import (
 )
 from patchwire.client._retry import RetryPolicy
 from patchwire.client._stats import LoaderStats, LoaderStatsSnapshot
+from patchwire.client._timeouts import Timeouts
 from patchwire.client.assembly import AssemblyEvent, JobStatus, RemoteSubjectAssembler, SubjectProgress
 
 __all__ = [
@@ -66,5 +67,6 @@ __all__ = [
     "SubjectInfo",
     "SubjectProgress",
     "SubjectSamples",
+    "Timeouts",
     "connect",
 ]

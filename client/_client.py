@@ -11,6 +11,7 @@ from patchwire.client._credentials import Credentials, PathOrBytes
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client._errors import translate_rpc_errors
 from patchwire.client._retry import RetryPolicy
+from patchwire.client._timeouts import Timeouts
 from patchwire.client.assembly import RemoteSubjectAssembler
 from patchwire.client.assembly.status import JobStatus, job_status
 from patchwire.client.conversion import ImageProperties
@@ -57,27 +58,38 @@ class DatasetInfo:
 class Client:
     """A connection to one patchwire server. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
+    def __init__(self, address: str, credentials: Credentials | None = None, timeouts: Timeouts | None = None) -> None:
         self.address = address
-        self._connection = Connection(address, credentials)
+        self._connection = Connection(address, credentials, timeouts)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        """Deadlines of this client's calls, and the default of the datasources it makes."""
+        return self._connection.timeouts
 
     def datasets(self) -> list[str]:
         """Names of the datasets the server serves (see :meth:`unavailable_datasets` for those it cannot)."""
-        with translate_rpc_errors("listing datasets"):
-            response = self._connection.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest())
+        with translate_rpc_errors(f"listing datasets at {self.address}"):
+            response = self._connection.datasets.ListDatasets(
+                dataset_service_pb2.ListDatasetsRequest(), timeout=self.timeouts.unary_s
+            )
         return [d.name for d in response.datasets if not d.unavailable]
 
     def unavailable_datasets(self) -> dict[str, str]:
         """Datasets the server knows but cannot serve, each with the reason (a file that does not open or is not a
         consistent pymia dataset, one that changed into such a file, a block that failed its checksum)."""
-        with translate_rpc_errors("listing datasets"):
-            response = self._connection.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest())
+        with translate_rpc_errors(f"listing datasets at {self.address}"):
+            response = self._connection.datasets.ListDatasets(
+                dataset_service_pb2.ListDatasetsRequest(), timeout=self.timeouts.unary_s
+            )
         return {d.name: d.unavailable_reason for d in response.datasets if d.unavailable}
 
     def describe(self, dataset: str) -> DatasetInfo:
         """Subjects (in file order), categories, entry names, array shapes and dtypes, image properties."""
-        with translate_rpc_errors(f"describing dataset {dataset!r}"):
-            r = self._connection.datasets.DescribeDataset(dataset_service_pb2.DescribeDatasetRequest(dataset=dataset))
+        with translate_rpc_errors(f"describing dataset {dataset!r} at {self.address}"):
+            r = self._connection.datasets.DescribeDataset(
+                dataset_service_pb2.DescribeDatasetRequest(dataset=dataset), timeout=self.timeouts.unary_s
+            )
         subjects = []
         for s in r.subjects:
             arrays = tuple(
@@ -103,20 +115,26 @@ class Client:
         transform: Any = None,
         subject_subset: Sequence[str] | None = None,
         label_compression: str | None = None,
+        *,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
     ) -> RemoteDatasource:
         """pymia's ``PymiaDatasource(path, indexing_strategy, extractor, transform, subject_subset)``, served.
 
         ``label_compression='lz4'`` has the server LZ4-compress integer and bool arrays (label maps, masks) where
         that makes them smaller; they arrive decompressed, bit for bit. Worth it where the network, not the CPU, is
-        the limit (see the README); None (the default) sends them raw."""
+        the limit (see the README); None (the default) sends them raw. ``timeouts``: deadlines of its calls (default:
+        the client's); ``retry``: how long reads and streams are retried while the server is unreachable or
+        restarting (default ``RetryPolicy()``, 60 s); a stream resumes where it broke off."""
         return RemoteDatasource(
-            self._connection.reopened(),
+            self._connection.reopened(timeouts),
             dataset,
             indexing_strategy,
             extractor,
             transform,
             subject_subset,
             label_compression,
+            retry,
         )
 
     def assembler(
@@ -147,15 +165,15 @@ class Client:
 
     def jobs(self) -> list[JobStatus]:
         """Every assembly job on the server."""
-        with translate_rpc_errors("listing assembly jobs"):
-            response = self._connection.assembly.ListJobs(apb.ListJobsRequest())
+        with translate_rpc_errors(f"listing assembly jobs at {self.address}"):
+            response = self._connection.assembly.ListJobs(apb.ListJobsRequest(), timeout=self.timeouts.unary_s)
         return [job_status(j) for j in response.jobs]
 
     def job_status(self, job_id: str, max_missing: int = 16) -> JobStatus:
         """Status of an assembly job, with per-subject progress."""
-        with translate_rpc_errors(f"reading the status of assembly job {job_id!r}"):
+        with translate_rpc_errors(f"reading the status of assembly job {job_id!r} at {self.address}"):
             response = self._connection.assembly.GetJobStatus(
-                apb.GetJobStatusRequest(job_id=job_id, max_missing=max_missing)
+                apb.GetJobStatusRequest(job_id=job_id, max_missing=max_missing), timeout=self.timeouts.unary_s
             )
         return job_status(response.job, response.subjects)
 
@@ -182,6 +200,8 @@ def connect(
     client_key: PathOrBytes | None = None,
     tls: bool = False,
     credentials: Credentials | None = None,
+    timeouts: Timeouts | None = None,
+    wait_for_server: bool = False,
 ) -> Client:
     """Connects to the patchwire server at ``address`` (HOST:PORT), waiting up to ``timeout`` seconds for it.
 
@@ -190,14 +210,19 @@ def connect(
     mutual TLS; ``token`` is sent as a bearer token on every call (TLS only). Or pass one ready ``credentials``.
     Datasources, streaming datasets and assemblers made from the client, and DataLoader workers they are pickled
     into, use the same credentials. An unknown token or certificate raises AuthenticationError; a client
-    certificate the server does not accept fails the TLS handshake (ConnectionFailed)."""
+    certificate the server does not accept fails the TLS handshake (ConnectionFailed).
+
+    Where nothing listens, ServerUnavailable is raised at once; ``wait_for_server=True`` waits up to ``timeout``
+    for a server that is still starting instead. A server that accepts connections but does not answer raises
+    DeadlineExceeded after ``timeout``. ``timeouts``: deadlines of every later call and how fast a dead server is
+    detected (:class:`Timeouts`)."""
     if credentials is None:
         credentials = Credentials.make(token, root_certificates, client_certificate, client_key, tls)
     elif token or root_certificates or client_certificate or client_key or tls:
         raise ValueError("give either credentials or token/root_certificates/client_certificate/client_key/tls")
-    client = Client(address, credentials)
+    client = Client(address, credentials, timeouts)
     try:
-        client._connection.wait_ready(timeout)
+        client._connection.wait_ready(timeout, wait_for_server)
     except BaseException:
         client.close()
         raise

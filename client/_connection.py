@@ -3,7 +3,7 @@
 gRPC's state is invalid in a forked child while the parent holds a live channel (calls fail with "Wrong file
 descriptor generation"). torch DataLoader workers are forked, so every patchwire object that talks to a server
 keeps its channel in a :class:`Connection`: the channel is closed right before any fork and reopened on first use
-in whichever process uses it next. Pickling a Connection keeps only the address and its credentials.
+in whichever process uses it next. Pickling a Connection keeps only the address, its credentials and timeouts.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import grpc
 
 from patchwire.client import _page_pool
 from patchwire.client._credentials import Credentials
-from patchwire.client._errors import ConnectionFailed, from_grpc
+from patchwire.client._errors import DeadlineExceeded, ServerUnavailable, from_grpc
 from patchwire.client._retry import RECONNECT_OPTIONS
+from patchwire.client._timeouts import Timeouts
 from patchwire.v1 import (
     assembly_service_pb2,
     assembly_service_pb2_grpc,
@@ -36,10 +37,12 @@ _live_lock = threading.Lock()
 
 
 class Connection:
-    def __init__(self, address: str, credentials: Credentials | None = None) -> None:
+    def __init__(self, address: str, credentials: Credentials | None = None, timeouts: Timeouts | None = None) -> None:
         self.address = address
         self.credentials = credentials or Credentials()
         """TLS and identification for every channel this connection opens."""
+        self.timeouts = timeouts or Timeouts()
+        """Deadlines of this connection's calls and its channel's keepalive."""
         self._channel: grpc.Channel | None = None
         self._stub: dataset_service_pb2_grpc.DatasetServiceStub | None = None
         self._assembly: assembly_service_pb2_grpc.AssemblyServiceStub | None = None
@@ -102,26 +105,36 @@ class Connection:
         with self._lock:
             if self._channel is None or self._pid != os.getpid():
                 tune_client_process()
-                options = [*framing.channel_options(), *RECONNECT_OPTIONS]
+                options = [*framing.channel_options(), *RECONNECT_OPTIONS, *self.timeouts.channel_options()]
                 self._channel = self.credentials.channel(self.address, options)
                 self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
                 self._assembly = assembly_service_pb2_grpc.AssemblyServiceStub(self._channel)
                 self._raw = {}
                 self._pid = os.getpid()
 
-    def wait_ready(self, timeout: float) -> None:
-        """Waits until the server answers (a ListDatasets call that waits for the channel to connect).
+    def wait_ready(self, timeout: float, wait_for_server: bool = False) -> None:
+        """Checks that the server answers (a ListDatasets call) within ``timeout`` seconds.
 
-        Unlike ``grpc.channel_ready_future`` this starts no polling thread, which would still be inside gRPC
-        when a DataLoader forks its workers. A server that refuses the call for want of a role (PERMISSION_DENIED)
-        has answered: the connection is ready for what the caller may do.
+        A refused connection (nothing listens) fails at once with ServerUnavailable, unless ``wait_for_server``:
+        then the call waits up to ``timeout`` for a server that is still starting. A server that accepts the
+        connection but does not answer fails with DeadlineExceeded after ``timeout``. Unlike
+        ``grpc.channel_ready_future`` this starts no polling thread, which would still be inside gRPC when a
+        DataLoader forks its workers. A server that refuses the call for want of a role (PERMISSION_DENIED) has
+        answered: the connection is ready for what the caller may do.
         """
         try:
-            self.datasets.ListDatasets(dataset_service_pb2.ListDatasetsRequest(), timeout=timeout, wait_for_ready=True)
+            self.datasets.ListDatasets(
+                dataset_service_pb2.ListDatasetsRequest(), timeout=timeout, wait_for_ready=wait_for_server
+            )
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise ConnectionFailed(
-                    f"no patchwire server answered at {self.address} within {timeout:g} s ({exc.code().name})"
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                waited = f" within {timeout:g} s" if wait_for_server else ""
+                raise ServerUnavailable(
+                    f"no patchwire server answered at {self.address}{waited} ({exc.code().name}: {exc.details()})"
+                ) from None
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(
+                    f"the patchwire server at {self.address} did not answer within {timeout:g} s (DEADLINE_EXCEEDED)"
                 ) from None
             if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
                 return
@@ -139,15 +152,15 @@ class Connection:
         self._channel, self._stub, self._assembly, self._pid = None, None, None, -1
         self._lock = threading.Lock()
 
-    def reopened(self) -> Connection:
-        """A new connection to the same server with the same credentials."""
-        return Connection(self.address, self.credentials)
+    def reopened(self, timeouts: Timeouts | None = None) -> Connection:
+        """A new connection to the same server with the same credentials (and timeouts, unless given)."""
+        return Connection(self.address, self.credentials, timeouts or self.timeouts)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"address": self.address, "credentials": self.credentials}
+        return {"address": self.address, "credentials": self.credentials, "timeouts": self.timeouts}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["address"], state.get("credentials"))  # type: ignore[misc]
+        self.__init__(state["address"], state.get("credentials"), state.get("timeouts"))  # type: ignore[misc]
 
 
 def _identity(data: bytes) -> bytes:

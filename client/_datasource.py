@@ -6,15 +6,16 @@ import operator
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from patchwire.client import definition as defs
 from patchwire.client._connection import Connection
 from patchwire.client._decoding import DecodedBatch, decode_stream
-from patchwire.client._errors import translate_rpc_errors
 from patchwire.client._prefetch import prefetched
+from patchwire.client._resume import read_with_retries, resumed_stream
+from patchwire.client._retry import RetryPolicy
 from patchwire.client._stats import LoaderStats, recorded
 from patchwire.client.transformation import split_transform
 from patchwire.v1 import dataset_service_pb2, spec_pb2
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["RemoteDatasource", "SubjectSamples"]
 
 ClientStep = Callable[[dict[str, Any]], Any]
+T = TypeVar("T")
 #: Decoded messages a stream keeps ready ahead of its consumer (see ``_prefetch``).
 PREFETCH_MESSAGES = 2
 GET_SAMPLES = "/patchwire.v1.DatasetService/GetSamples"
@@ -68,6 +70,9 @@ class RemoteDatasource:
     Build it with :meth:`patchwire.client.Client.datasource`. The spec is validated by the server when the
     datasource is made, so bad parameters fail here, not at the first sample. A datasource can be pickled and
     used from forked or spawned worker processes: each process opens its own channel.
+
+    Every read has a deadline (``Timeouts``); reads and streams are retried under ``retry`` while the server is
+    unreachable or restarting, a stream resuming at the first sample not yet delivered (:mod:`._resume`).
     """
 
     def __init__(
@@ -79,10 +84,15 @@ class RemoteDatasource:
         transform: Any,
         subject_subset: Sequence[str] | None,
         label_compression: str | None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         """Opens the datasource on the server (the arguments and their defaults are those of
         :meth:`patchwire.client.Client.datasource`, which builds it)."""
         self._connection = connection
+        self.retry = retry or RetryPolicy()
+        """How long reads and streams are retried while the server is unreachable or restarting."""
+        self.retries = 0
+        """Attempts repeated so far after a retriable failure (counted in this process)."""
         self.dataset = dataset
         self.label_compression = label_compression
         self._compression = compression.compression_from_name(label_compression)
@@ -106,8 +116,12 @@ class RemoteDatasource:
         if self.subject_subset is not None:
             spec.subject_subset.values.extend(self.subject_subset)
         self._spec = spec
-        with translate_rpc_errors(f"opening a datasource on dataset {self.dataset!r}"):
-            response = self._connection.datasets.OpenDatasource(dataset_service_pb2.OpenDatasourceRequest(spec=spec))
+        response = self._read(
+            f"opening a datasource on dataset {self.dataset!r}",
+            lambda: self._connection.datasets.OpenDatasource(
+                dataset_service_pb2.OpenDatasourceRequest(spec=spec), timeout=self._connection.timeouts.unary_s
+            ),
+        )
         self._length = int(response.length)
         self.subjects = [
             SubjectSamples(s.subject_index, s.first_sample_index, s.sample_count) for s in response.subjects
@@ -146,13 +160,17 @@ class RemoteDatasource:
             spec=self._spec, sample_indices=indices, integer_compression=self._compression
         )
         what = f"reading samples {list(indices)[:8]}{'...' if len(indices) > 8 else ''} of dataset {self.dataset!r}"
+
+        def read() -> list[DecodedBatch]:
+            call = self._connection.raw_stream(GET_SAMPLES)(request, timeout=self._connection.timeouts.read_s)
+            return list(decode_stream(call, self._connection.buffers))
+
         out = []
-        with translate_rpc_errors(what):
-            for decoded in decode_stream(self._connection.raw_stream(GET_SAMPLES)(request), self._connection.buffers):
-                for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
-                    sample = _finish(sample, self._pickled, self._client_steps)
-                    sample[defs.KEY_SAMPLE_INDEX] = i
-                    out.append(sample)
+        for decoded in self._read(what, read):
+            for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
+                sample = _finish(sample, self._pickled, self._client_steps)
+                sample[defs.KEY_SAMPLE_INDEX] = i
+                out.append(sample)
         return out
 
     def direct_extract(
@@ -168,17 +186,32 @@ class RemoteDatasource:
         if server_transform is not None:
             extraction.transform.CopyFrom(server_transform)
         request = dataset_service_pb2.DirectExtractRequest(extraction=extraction)
-        with translate_rpc_errors(f"direct extraction from subject {subject_index} of dataset {self.dataset!r}"):
-            (decoded,) = list(decode_stream(self._connection.raw_stream(DIRECT_EXTRACT)(request)))
+        timeout = self._connection.timeouts.read_s
+        (decoded,) = self._read(
+            f"direct extraction from subject {subject_index} of dataset {self.dataset!r}",
+            lambda: list(decode_stream(self._connection.raw_stream(DIRECT_EXTRACT)(request, timeout=timeout))),
+        )
         return _finish(decoded.sample(0), pickled, steps)
 
     def get_subjects(self) -> list[str]:
         """Names of all subjects of the dataset, in file order (as pymia: the subset does not apply)."""
-        with translate_rpc_errors(f"describing dataset {self.dataset!r}"):
-            response = self._connection.datasets.DescribeDataset(
-                dataset_service_pb2.DescribeDatasetRequest(dataset=self.dataset)
-            )
+        response = self._read(
+            f"describing dataset {self.dataset!r}",
+            lambda: self._connection.datasets.DescribeDataset(
+                dataset_service_pb2.DescribeDatasetRequest(dataset=self.dataset),
+                timeout=self._connection.timeouts.unary_s,
+            ),
+        )
         return [s.name for s in response.subjects]
+
+    def _read(self, what: str, call: Callable[[], T]) -> T:
+        """``call()`` with errors translated (naming the server), retried under ``self.retry``."""
+        address = self._connection.address
+        return read_with_retries(self.retry, address, f"{what} at {address}", call, self._count_retry)
+
+    def _count_retry(self) -> None:
+        self.retries += 1
+        self.stats.add_retry()
 
     # -- streaming ------------------------------------------------------------------------------------------------
 
@@ -194,6 +227,7 @@ class RemoteDatasource:
         start_position: int,
         prefetch: int,
     ) -> Iterator[DecodedBatch]:
+        """The stream's batches, resumed at the cursor after a retriable failure (no deadline: see _timeouts)."""
         request = dataset_service_pb2.StreamBatchesRequest(
             spec=self._spec,
             batch_size=batch_size,
@@ -206,6 +240,19 @@ class RemoteDatasource:
             start_position=start_position,
             integer_compression=self._compression,
         )
+
+        def from_position(position: int) -> Iterator[DecodedBatch]:
+            resumed = dataset_service_pb2.StreamBatchesRequest()
+            resumed.CopyFrom(request)
+            resumed.start_position = position
+            return self._stream_from(resumed, prefetch)
+
+        address = self._connection.address
+        what = f"streaming dataset {self.dataset!r} from {address}"
+        return resumed_stream(from_position, start_position, self.retry, address, what, self._count_retry)
+
+    def _stream_from(self, request: dataset_service_pb2.StreamBatchesRequest, prefetch: int) -> Iterator[DecodedBatch]:
+        batch_size = request.batch_size
         call = self._connection.raw_stream(STREAM_BATCHES)(request)
         pool = self._connection.buffers
         decoded_messages = (
@@ -214,9 +261,8 @@ class RemoteDatasource:
             else decode_stream(call, pool)
         )
         try:
-            with translate_rpc_errors(f"streaming dataset {self.dataset!r}"):
-                for decoded in decoded_messages:
-                    yield from decoded.split(batch_size)
+            for decoded in decoded_messages:
+                yield from decoded.split(batch_size)
         finally:
             call.cancel()
             decoded_messages.close()  # a consumer that stops early: the prefetch thread ends here, not at collection

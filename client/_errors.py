@@ -5,7 +5,8 @@
     PatchwireError
      ├── ConnectionFailed (ConnectionError)        the call did not get through to a working server
      │    ├── ServerUnavailable                        UNAVAILABLE: nothing listens, the connection broke, TLS failed
-     │    ├── DeadlineExceeded (TimeoutError)          DEADLINE_EXCEEDED: no answer within the call's deadline
+     │    ├── DeadlineExceeded (TimeoutError)          DEADLINE_EXCEEDED: no answer within the call's deadline,
+     │    │                                            or keepalive pings unanswered (a wedged server)
      │    └── RetriesExhausted                         ... and stayed so for a whole retry budget (.address, .elapsed_s)
      ├── ProtocolError (ValueError)                a server's messages break the wire format (a corrupt stream)
      └── RpcError                                  the server answered with an error status (.code, .details)
@@ -28,6 +29,7 @@ how long) is :mod:`patchwire.client._retry`'s business: it retries ``ConnectionF
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import grpc
@@ -161,10 +163,16 @@ _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
 }
 
 
+_WEDGED = re.compile(r"keepalive|ping timeout|timed out before receiving SETTINGS", re.IGNORECASE)
+"""What gRPC says (with UNAVAILABLE) of a server that accepts connections but answers nothing, not even pings."""
+
+
 def from_grpc(exc: grpc.RpcError, what: str) -> PatchwireError:
     """The patchwire error for a gRPC error of the call described by ``what``."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE and _WEDGED.search(details):  # see _timeouts
+        return DeadlineExceeded(f"{what}: the server stopped answering ({code.name}): {details}")
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServerUnavailable(f"{what}: server unavailable ({code.name}): {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -13,13 +13,15 @@
      └── Unavailable             UNAVAILABLE       (a dataset that cannot be served right now)
 
 Handlers raise these; :func:`translate_errors` turns them into ``context.abort`` calls, so that the server keeps
-serving and a client receives a status code plus a message that names the offending field. Anything a client sent
-that appears in a message goes through :func:`bounded`, and messages are cut at ``MAX_MESSAGE_CHARS``: a request
-never makes a status or a log line larger than a few hundred bytes.
+serving and a client receives a status code plus a message that names the offending field. A call the client has
+ended (cancelled, disconnected, deadline passed) is normal: one DEBUG or INFO line, never an ERROR traceback.
+Anything a client sent that appears in a message goes through :func:`bounded`, and messages are cut at
+``MAX_MESSAGE_CHARS``: a request never makes a status or a log line larger than a few hundred bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -134,7 +136,22 @@ class Internal(ServiceError):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _client_gone(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the client has already ended the call (cancelled it, disconnected, or let its deadline pass)."""
+    try:
+        return bool(context.cancelled() or context.done())
+    except Exception:  # a context without these (a test double): assume the client still listens
+        return False
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if _client_gone(context):  # nobody reads the status: one quiet line, never a traceback
+        _log.info(
+            "%s: ended by the client (cancelled, disconnected or timed out) while failing: %s",
+            method,
+            _cut(f"{type(exc).__name__}: {exc}"),
+        )
+        await context.abort(grpc.StatusCode.CANCELLED, "the client ended the call")
     if isinstance(exc, MemoryError):  # a request whose memory the server could not get: refused, not a crash
         exc = ResourceExhausted(f"{method}: the server has no memory for this request")
     elif isinstance(exc, EncodingError):  # samples a request's spec made that cannot travel (e.g. a list of objects)
@@ -166,6 +183,9 @@ def translate_errors(handler: F) -> F:
                     yield item
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:  # the client cancelled, disconnected or timed out: normal, not an error
+                _log.debug("%s: stream ended by the client", name)
+                raise
             except Exception as exc:
                 await _abort(context, exc, name)
 
@@ -176,6 +196,9 @@ def translate_errors(handler: F) -> F:
         try:
             return await handler(self, request, context)
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            _log.debug("%s: call ended by the client", name)
             raise
         except Exception as exc:
             await _abort(context, exc, name)

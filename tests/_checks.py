@@ -1,5 +1,5 @@
-"""Checks the integration tests share: a client error's class, status and message; a raw call's status; waiting for
-a condition without sleeping longer than needed."""
+"""Checks the tests share: a client error's class, status and message; a raw call's status; waiting for a condition
+without sleeping longer than needed; and a stand-in for the errors grpc raises."""
 
 from __future__ import annotations
 
@@ -54,3 +54,18 @@ def eventually(read: Callable[[], T], ok: Callable[[T], bool], timeout_s: float 
             return value
         assert time.monotonic() < deadline, f"still {value!r} after {timeout_s} s"
         time.sleep(0.01)
+
+
+class FakeRpcError(grpc.RpcError):
+    """What grpc raises: an RpcError that is also a Call, with a code and details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "the server's words") -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details

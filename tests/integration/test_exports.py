@@ -20,7 +20,7 @@ EXPECTED: dict[str, set[str]] = {
         "DeadlineExceeded FailedPreconditionError InvalidArgumentError JobStatus NotFoundError "
         "OutOfRangeError PatchwireError PermissionDeniedError ProtocolError RemoteDatasource "
         "RemoteSubjectAssembler ResourceExhaustedError RetriesExhausted RetryPolicy RpcError ServerError "
-        "ServerUnavailable SubjectInfo SubjectProgress SubjectSamples connect "
+        "ServerUnavailable SubjectInfo SubjectProgress SubjectSamples Timeouts connect "
         "LoaderStats LoaderStatsSnapshot"
     ),
     "patchwire.client.assembly": _names(

@@ -12,21 +12,7 @@ import patchwire.client as pw
 from patchwire.client._errors import from_grpc, translate_rpc_errors
 from patchwire.wire.errors import FramingError, WireError
 
-
-class FakeRpcError(grpc.RpcError):
-    """What grpc raises: an RpcError that is also a Call, with a code and details."""
-
-    def __init__(self, code: grpc.StatusCode, details: str = "the server's words") -> None:
-        super().__init__(details)
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
+from _checks import FakeRpcError
 
 EXPECTED: dict[grpc.StatusCode, tuple[type[pw.PatchwireError], tuple[type[BaseException], ...]]] = {
     grpc.StatusCode.OK: (pw.ServerError, ()),
