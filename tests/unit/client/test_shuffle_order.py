@@ -155,3 +155,13 @@ def test_a_wrong_prediction_is_cancelled_and_the_requests_fetched_directly() -> 
     assert asked == [(5, 6), (3, 2), (1, 7)]
     assert fetch.direct == [[5, 6], [3, 2], [1, 7]]
     assert [4, 9] in [b[:2] for b in fetch.ahead]
+
+
+def test_persistent_workers_get_their_later_epochs_right_unpredicted() -> None:
+    orders: dict[bool, list[list[int]]] = {}
+    for read_ahead in (False, True):
+        torch.manual_seed(6)
+        adapter = PytorchDatasetAdapter(FakeDatasource(), read_ahead=read_ahead)  # type: ignore[arg-type]
+        loader = torch_data.DataLoader(adapter, batch_size=2, shuffle=True, num_workers=2, persistent_workers=True)
+        orders[read_ahead] = [epoch(loader)[0] for _ in range(3)]
+    assert orders[True] == orders[False]
