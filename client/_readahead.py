@@ -8,6 +8,10 @@ held ahead, estimated from the samples already received); it is refilled when ha
 that is not the predicted next one cancels the window and is fetched directly; an error of a fetch ahead is raised
 by the request that reaches the first batch of that fetch. Results are the fetch function's, in request order.
 
+An explicit prediction (``predict``, e.g. a shuffled DataLoader's order, see ``_shuffle_order``) is asked for the
+batches to come after each request that was not predicted; while it holds, its batches are fetched ahead instead of
+the step's. It is verified the same way: the first request that is not its next batch cancels it.
+
 Each process predicts from its own requests only. The thread is stopped before any ``fork()`` (an ``os`` fork hook,
 registered after the connection's so it runs first: no thread is inside gRPC when channels are closed and the
 process forks) and restarted on the next request; a forked child starts with an empty window and no thread.
@@ -21,7 +25,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -76,7 +80,8 @@ class ReadAhead(Generic[T]):
 
     ``fetch(indices)`` returns one result per index, in order; ``size(result)`` its bytes (for the window's bound);
     ``length`` bounds predictions to ``range(length)``; ``fetch_ahead`` (default ``fetch``) is what the background
-    thread calls (e.g. a fetch that the loop's statistics do not count as a wait).
+    thread calls (e.g. a fetch that the loop's statistics do not count as a wait); ``predict(request)``, called
+    with each request that was not predicted, returns the batches expected after it (or None: the step decides).
     """
 
     def __init__(
@@ -87,9 +92,11 @@ class ReadAhead(Generic[T]):
         max_samples: int = MAX_SAMPLES,
         max_bytes: int = MAX_BYTES,
         fetch_ahead: Callable[[list[int]], list[T]] | None = None,
+        predict: Callable[[tuple[int, ...]], Iterator[tuple[int, ...]] | None] | None = None,
     ) -> None:
         self._fetch = fetch
         self._fetch_ahead = fetch_ahead or fetch
+        self._predict = predict
         self._length = length
         self._size = size
         self.max_samples = max_samples
@@ -105,6 +112,7 @@ class ReadAhead(Generic[T]):
         self._jobs: queue.SimpleQueue[_Job[T] | None] | None = None
         self._thread: threading.Thread | None = None
         self._sample_bytes = 0
+        self._plan: Iterator[tuple[int, ...]] | None = None
 
     @property
     def ahead(self) -> list[tuple[int, ...]]:
@@ -121,6 +129,8 @@ class ReadAhead(Generic[T]):
             else:
                 self._cancel()
                 out = self._fetch(list(key))
+                if self._predict is not None:
+                    self._plan = self._predict(key)
             if out and not self._sample_bytes:
                 self._sample_bytes = max(1, sum(self._size(r) for r in out) // len(out))
             self._history.append(key)
@@ -146,7 +156,7 @@ class ReadAhead(Generic[T]):
 
     def _top_up(self) -> None:
         step = self._step()
-        if step is None:
+        if step is None and self._plan is None:
             return
         batch = len(self._history[-1])
         window = max(1, min(self.max_samples, self.max_bytes // max(1, self._sample_bytes)) // batch)
@@ -155,8 +165,12 @@ class ReadAhead(Generic[T]):
         tail = self._ahead[-1].indices if self._ahead else self._history[-1]
         batches: list[tuple[int, ...]] = []
         while len(self._ahead) + len(batches) < window:
-            tail = tuple(i + step for i in tail)
-            if not all(0 <= i < self._length for i in tail):
+            if self._plan is not None:
+                tail = next(self._plan, ())
+            else:
+                assert step is not None
+                tail = tuple(i + step for i in tail)
+            if not tail or not all(0 <= i < self._length for i in tail):
                 break
             batches.append(tail)
         if not batches:
@@ -189,6 +203,7 @@ class ReadAhead(Generic[T]):
             job.done.set()
 
     def _cancel(self) -> None:
+        self._plan = None
         for slot in self._ahead:
             slot.job.cancelled = True
         self._ahead.clear()

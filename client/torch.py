@@ -26,6 +26,7 @@ import torch.utils.data as torch_data
 
 from patchwire.client._datasource import PREFETCH_MESSAGES, RemoteDatasource
 from patchwire.client._readahead import ReadAhead, sample_bytes
+from patchwire.client._shuffle_order import ShuffleOrder
 from patchwire.client._stats import LoaderStats
 
 __all__ = ["PytorchDatasetAdapter", "PytorchStreamingDataset", "collate_batch"]
@@ -36,15 +37,21 @@ class PytorchDatasetAdapter(torch_data.Dataset[dict[str, Any]]):
 
     ``__getitems__`` (used by torch's DataLoader for a whole batch) fetches the batch in one call. ``read_ahead``:
     requests that follow a steady pattern (sequential, or every k-th batch in a DataLoader worker) are fetched ahead
-    in a bounded window by a background thread, per process; False fetches each request when it is made.
+    in a bounded window by a background thread, per process; so are the batches of a shuffling DataLoader
+    (``shuffle=True``, with or without workers), whose order is predicted from the torch generator states seen at
+    ``len`` and at the workers' start (``_shuffle_order``), a hint checked against each request. False fetches each
+    request when it is made.
     """
 
     def __init__(self, datasource: RemoteDatasource, read_ahead: bool = True) -> None:
         self.datasource = datasource
         self.read_ahead = read_ahead
         self._window: tuple[object, ReadAhead[dict[str, Any]]] | None = None
+        self._order = ShuffleOrder()
 
     def __len__(self) -> int:
+        if self.read_ahead:
+            self._order.observe()  # a shuffling sampler draws its order right after asking for the length
         return len(self.datasource)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -60,7 +67,14 @@ class PytorchDatasetAdapter(torch_data.Dataset[dict[str, Any]]):
         if self._window is None or self._window[0] is not spec:
             if self._window is not None:
                 self._window[1].stop()
-            window = ReadAhead(self.datasource.get_samples, len(self.datasource), sample_bytes, fetch_ahead=self._ahead)
+            n = len(self.datasource)
+            window = ReadAhead(
+                self.datasource.get_samples,
+                n,
+                sample_bytes,
+                fetch_ahead=self._ahead,
+                predict=lambda request: self._order.predict(request, n),
+            )
             self._window = (spec, window)
         return self._window[1].get(indices)
 
