@@ -70,9 +70,10 @@ class Snapshot:
                 seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
                 generator = torch.Generator()
                 generator.manual_seed(seed)
-            order = torch.randperm(n, generator=generator).numpy()
-            inverse = np.empty(n, dtype=np.int64)
-            inverse[order] = np.arange(n)
+            index = np.int32 if n < 2**31 else np.int64  # (half the memory for any real dataset)
+            order = torch.randperm(n, generator=generator).numpy().astype(index)
+            inverse = np.empty(n, dtype=index)
+            inverse[order] = np.arange(n, dtype=index)
             self._order = (n, order, inverse)
         return self._order[1], self._order[2]
 
@@ -106,8 +107,12 @@ _at_fork: list[Snapshot] = []
 
 
 def _before_fork() -> None:
+    """Runs before every ``fork()`` of a process that imported this module: it must never fail the fork."""
     global _at_fork
-    _at_fork = _current(_FORK_FRAMES)
+    try:
+        _at_fork = _current(_FORK_FRAMES)
+    except Exception:  # a hint only: no snapshot, no prediction
+        _at_fork = []
 
 
 os.register_at_fork(before=_before_fork)
@@ -120,8 +125,13 @@ class ShuffleOrder:
         self._snapshots: collections.deque[Snapshot] = collections.deque(maxlen=KEEP)
 
     def observe(self) -> None:
-        """Called from the dataset's ``__len__``: keeps the generators' states at that moment."""
-        for snapshot in _current(3):  # this, __len__, its caller
+        """Called from the dataset's ``__len__``: keeps the generators' states at that moment (never raises: a hint
+        must not fail ``len``)."""
+        try:
+            snapshots = _current(3)  # this, __len__, its caller
+        except Exception:
+            return
+        for snapshot in snapshots:
             if not any(snapshot.same(kept) for kept in self._snapshots):
                 self._snapshots.append(snapshot)
 

@@ -120,10 +120,17 @@ class RemoteSubjectAssembler:
                 for name, (c, dt) in entries.items()
             ],
         )
-        response = self._retrying("creating an assembly job", lambda: self._connection.assembly.CreateJob(request))
+        response = self._retrying(
+            "creating an assembly job", lambda: self._connection.assembly.CreateJob(request, timeout=self._unary_s)
+        )
         self.job_id = response.job.job_id
         self._single = list(entries) == [PREDICTION_KEY]
         self._created = True
+
+    @property
+    def _unary_s(self) -> float:
+        """The deadline of the job's unary calls (the connection's ``Timeouts.unary_s``)."""
+        return self._connection.timeouts.unary_s
 
     def _retrying(self, what: str, call: Callable[[], T], read: bool = False) -> T:
         """``call()`` with gRPC errors translated, retried under ``self.retry`` while the server is unreachable."""
@@ -253,7 +260,9 @@ class RemoteSubjectAssembler:
         """Job and per-subject progress: expected, received, missing (the first ``max_missing`` indices), state."""
         request = apb.GetJobStatusRequest(job_id=self._job(), max_missing=max_missing)
         what = f"reading the status of assembly job {self.job_id!r}"
-        response = self._retrying(what, lambda: self._connection.assembly.GetJobStatus(request), read=True)
+        response = self._retrying(
+            what, lambda: self._connection.assembly.GetJobStatus(request, timeout=self._unary_s), read=True
+        )
         return job_status(response.job, response.subjects)
 
     def events(self, from_sequence: int = 1) -> Iterator[AssemblyEvent]:
@@ -288,14 +297,16 @@ class RemoteSubjectAssembler:
 
     def abort(self) -> JobStatus:
         with translate_rpc_errors(f"aborting assembly job {self.job_id!r}"):
-            response = self._connection.assembly.AbortJob(apb.AbortJobRequest(job_id=self._job()))
+            response = self._connection.assembly.AbortJob(
+                apb.AbortJobRequest(job_id=self._job()), timeout=self._unary_s
+            )
         return job_status(response.job)
 
     def delete(self) -> None:
         """Deletes the job and everything the server holds for it."""
         process.give_back_leases(self._connection)
         with translate_rpc_errors(f"deleting assembly job {self.job_id!r}"):
-            self._connection.assembly.DeleteJob(apb.DeleteJobRequest(job_id=self._job()))
+            self._connection.assembly.DeleteJob(apb.DeleteJobRequest(job_id=self._job()), timeout=self._unary_s)
         self._ready.clear()
 
     def close(self) -> None:

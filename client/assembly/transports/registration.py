@@ -44,6 +44,9 @@ class Registrar:
             return region
         request = apb.RegisterSharedMemoryRequest(for_posting=for_posting)
         register = self._connection.assembly.RegisterSharedMemory
-        response = self._retrying("registering shared memory with the server", lambda: register(request), read=True)
+        timeout = self._connection.timeouts.unary_s
+        response = self._retrying(
+            "registering shared memory with the server", lambda: register(request, timeout=timeout), read=True
+        )
         channel = process.CHANNELS.connect(address, response.socket_path)
         return segment.register(channel, response.ticket)
