@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from patchwire.client import RetryPolicy, RpcError
+from patchwire.client import RetryPolicy, RpcError, Timeouts
 from patchwire.client.assembly import MemoryTransport, RemoteSubjectAssembler
 from patchwire.client.assembly.process import FetchSegments
 from patchwire.client.assembly.transports import (
@@ -287,13 +287,15 @@ class _Acks:
 
 
 class _Assembly:
-    def CreateJob(self, request: apb.CreateJobRequest) -> apb.CreateJobResponse:
+    def CreateJob(self, request: apb.CreateJobRequest, timeout: float | None = None) -> apb.CreateJobResponse:
+        assert timeout == Timeouts().unary_s  # every job call has a deadline
         return apb.CreateJobResponse(job=apb.JobInfo(job_id=request.job_id))
 
 
 class FakeServerConnection:
     address = ADDRESS
     assembly = _Assembly()
+    timeouts = Timeouts()
 
     def post_predictions(self) -> Callable[[Iterator[Any]], _Acks]:
         return _Acks
