@@ -7,10 +7,13 @@ num_workers=...)`` works as with pymia; each worker process opens its own channe
 orders, shards and batches, and the DataLoader is used with ``batch_size=None``::
 
     stream = PytorchStreamingDataset(ds, batch_size=16, shuffle=True, seed=0)
-    loader = DataLoader(stream, batch_size=None, num_workers=2)
+    loader = DataLoader(stream, batch_size=None, num_workers=0)
     for epoch in range(10):
         stream.set_epoch(epoch)
         for batch in loader: ...
+
+``num_workers=0`` is what the benchmark measures (decoding already runs ahead in a thread, ``prefetch``); on its
+2-core machine workers cost more than they give (README, Benchmarks). Measure on yours.
 """
 
 from __future__ import annotations
