@@ -142,7 +142,8 @@ class ShuffleOrder:
 
     def predict(self, request: tuple[int, ...], n: int) -> Iterator[tuple[int, ...]] | None:
         """The batches this process will request after ``request``, if a snapshot's order of ``range(n)`` holds
-        ``request`` as one of its batches; None if none does."""
+        ``request`` as one of its batches, or, in a DataLoader worker, if ``request`` is a batch of the sequential
+        order (a DataLoader that does not shuffle); None otherwise."""
         size = len(request)
         if not size or not all(0 <= i < n for i in request):
             return None
@@ -153,4 +154,9 @@ class ShuffleOrder:
                 info = torch_data.get_worker_info()
                 stride = size * (info.num_workers if info is not None else 1)
                 return (tuple(order[s : s + size].tolist()) for s in range(start + stride, n, stride))
+        info = torch_data.get_worker_info()
+        if info is not None and request[0] % size == 0 and request == tuple(range(request[0], request[0] + size)):
+            # a worker of a DataLoader that does not shuffle: every num_workers-th batch of range(n)
+            stride = size * info.num_workers
+            return (tuple(range(s, min(s + size, n))) for s in range(request[0] + stride, n, stride))
         return None

@@ -140,3 +140,14 @@ def test_a_fork_stops_the_thread_and_the_child_starts_empty() -> None:
     assert window.ahead == []
     assert window.get([6, 7]) == [60, 70]
     window.stop()
+
+
+def test_from_an_empty_window_the_next_batch_is_fetched_alone_first() -> None:
+    """The consumer asks for the next batch at once: it waits for one batch's fetch, not the whole window's."""
+    fetch = FakeFetch()
+    window = ReadAhead(fetch, LENGTH, size=lambda _: 4, max_samples=8, predict=lambda _: iter([(2, 3), (4, 5), (6, 7)]))
+    window.get([0, 1])
+    assert window.ahead == [(2, 3), (4, 5), (6, 7)]
+    assert window.get([2, 3]) == [20, 30]
+    window.stop()
+    assert fetch.calls[:3] == [[0, 1], [2, 3], [4, 5, 6, 7]]

@@ -6,6 +6,7 @@ import contextlib
 import pickle
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,27 @@ def test_shuffled_epochs_deliver_the_samplers_order_mostly_fetched_ahead(workers
         # each process fetches its first batch directly (and, with workers, none of its last ones ahead late)
         assert direct <= 2 * max(1, workers), (ahead, direct)
         assert ahead >= LENGTH - 2 * max(1, workers)
+
+
+def test_workers_of_a_loader_that_does_not_shuffle_fetch_ahead_from_their_first_batch() -> None:
+    adapter = PytorchDatasetAdapter(FakeDatasource())  # type: ignore[arg-type]
+    loader = torch_data.DataLoader(adapter, batch_size=2, num_workers=2)
+    order, ahead, direct = epoch(loader)
+    assert order == list(range(LENGTH))
+    assert direct <= 4 and ahead >= LENGTH - 4, (ahead, direct)  # each worker's first batch only, then predicted
+
+
+def test_a_sequential_batch_is_predicted_only_in_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    shuffle = ShuffleOrder()
+    assert shuffle.predict((4, 5), LENGTH) is None, "the main process keeps to the step it sees"
+    info = SimpleNamespace(num_workers=3, id=1)
+    monkeypatch.setattr(torch_data, "get_worker_info", lambda: info)
+    plan = shuffle.predict((2, 3), LENGTH)
+    assert plan is not None and list(plan)[:2] == [(8, 9), (14, 15)]
+    assert shuffle.predict((3, 4), LENGTH) is None  # not aligned to the batch size
+    assert shuffle.predict((2, 4), LENGTH) is None  # not consecutive
+    last = shuffle.predict((0, 1, 2), 7)
+    assert last is not None and list(last) == [], "nothing after the end"
 
 
 def test_without_read_ahead_nothing_is_predicted() -> None:
