@@ -118,6 +118,7 @@ class Client:
         *,
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
+        shared_memory: bool = True,
     ) -> RemoteDatasource:
         """pymia's ``PymiaDatasource(path, indexing_strategy, extractor, transform, subject_subset)``, served.
 
@@ -125,7 +126,10 @@ class Client:
         that makes them smaller; they arrive decompressed, bit for bit. Worth it where the network, not the CPU, is
         the limit (see the README); None (the default) sends them raw. ``timeouts``: deadlines of its calls (default:
         the client's); ``retry``: how long reads and streams are retried while the server is unreachable or
-        restarting (default ``RetryPolicy()``, 60 s); a stream resumes where it broke off."""
+        restarting (default ``RetryPolicy()``, 60 s); a stream resumes where it broke off. ``shared_memory``: on the
+        server's host, the server writes the samples that ``ds[i]`` and ``get_samples`` read (the map-style torch
+        adapter's) into this process's shared memory instead of sending them through gRPC (where it cannot, they
+        come over the wire); False: always over the wire."""
         return RemoteDatasource(
             self._connection.reopened(timeouts),
             dataset,
@@ -135,6 +139,7 @@ class Client:
             subject_subset,
             label_compression,
             retry,
+            shared_memory,
         )
 
     def assembler(

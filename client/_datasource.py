@@ -16,6 +16,7 @@ from patchwire.client._decoding import DecodedBatch, decode_stream
 from patchwire.client._prefetch import prefetched
 from patchwire.client._resume import read_with_retries, resumed_stream
 from patchwire.client._retry import RetryPolicy
+from patchwire.client._shared_reads import SharedReads
 from patchwire.client._stats import LoaderStats, recorded
 from patchwire.client.transformation import split_transform
 from patchwire.v1 import dataset_service_pb2, spec_pb2
@@ -85,6 +86,7 @@ class RemoteDatasource:
         subject_subset: Sequence[str] | None,
         label_compression: str | None,
         retry: RetryPolicy | None = None,
+        shared_memory: bool = True,
     ) -> None:
         """Opens the datasource on the server (the arguments and their defaults are those of
         :meth:`patchwire.client.Client.datasource`, which builds it)."""
@@ -102,6 +104,7 @@ class RemoteDatasource:
         self.subject_subset = None if subject_subset is None else list(subject_subset)
         self.stats = LoaderStats()
         """Samples, bytes, waits and retries of this datasource's loops (see :class:`LoaderStats`)."""
+        self._shared = SharedReads(connection, shared_memory)
         self._open()
 
     def _open(self) -> None:
@@ -147,6 +150,13 @@ class RemoteDatasource:
     def __len__(self) -> int:
         return self._length
 
+    @property
+    def uses_shared_memory(self) -> bool | None:
+        """Whether this process reads samples (``ds[i]``, ``get_samples``) through shared memory: True once a segment
+        was registered with the server, False where none can be (another host, shared memory off on either side),
+        None before the first read."""
+        return self._shared.usable
+
     def __getitem__(self, item: int) -> dict[str, Any]:
         if isinstance(item, slice):
             raise TypeError("RemoteDatasource takes one integer index; use batches() for many samples")
@@ -156,14 +166,26 @@ class RemoteDatasource:
     @recorded
     def get_samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """``[ds[i] for i in indices]`` in one call."""
-        request = dataset_service_pb2.GetSamplesRequest(
-            spec=self._spec, sample_indices=indices, integer_compression=self._compression
-        )
         what = f"reading samples {list(indices)[:8]}{'...' if len(indices) > 8 else ''} of dataset {self.dataset!r}"
 
         def read() -> list[DecodedBatch]:
+            request = dataset_service_pb2.GetSamplesRequest(
+                spec=self._spec, sample_indices=indices, integer_compression=self._compression
+            )
+            target = self._shared.target()
+            if target is not None:
+                request.shared_memory.region = target.region
             call = self._connection.raw_stream(GET_SAMPLES)(request, timeout=self._connection.timeouts.read_s)
-            return list(decode_stream(call, self._connection.buffers))
+            ok = False
+            try:
+                decoded = list(
+                    decode_stream(call, self._connection.buffers, None if target is None else target.payloads)
+                )
+                ok = True
+            finally:
+                if target is not None:
+                    target.finish(ok)
+            return decoded
 
         out = []
         for decoded in self._read(what, read):

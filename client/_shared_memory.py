@@ -1,20 +1,25 @@
-"""The shared-memory resources one client process keeps across its assemblers: spare segments (``SPARES``), leases of
+"""The shared-memory resources one client process keeps across its datasources and assemblers: spare segments
+(``SPARES``: the posting segment of the last assembler, the segments samples and subjects are fetched into), leases of
 servers' memory (``LEASES``) and connections to servers' sockets (``CHANNELS``), with the fork hook that gives a
-forked child none of its parent's and the exit hook that closes this process's connections."""
+forked child none of its parent's and the exit hook that closes this process's connections; and :class:`Registrar`,
+which registers this process's segments with a server."""
 
 from __future__ import annotations
 
 import atexit
 import logging
+import mmap
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
 
 from patchwire.client._connection import Connection
+from patchwire.client._errors import RpcError
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.wire import shared_memory
 
@@ -22,9 +27,12 @@ __all__ = [
     "CHANNELS",
     "LEASES",
     "SPARES",
+    "UNUSABLE",
     "Channels",
     "FetchSegments",
     "Leases",
+    "Registrar",
+    "Registration",
     "Spares",
     "give_back_leases",
 ]
@@ -40,16 +48,22 @@ RELEASE_TIMEOUT_S = 10.0
 
 
 class FetchSegments:
-    """The segments subjects are fetched into. A segment whose subject's arrays are all gone is used again: the
+    """The segments subjects and samples are fetched into. A segment whose arrays are all gone is used again: the
     server then writes into pages this process already has, where fresh pages cost more than the copy itself on the
-    machines measured. At most ``keep`` unused segments are kept (each holds the pages of the largest subject fetched
-    into it) and at most ``lent`` are tracked while their arrays live (each keeps a descriptor open)."""
+    machines measured. At most ``keep`` unused segments are kept (each holds the pages of the largest payloads
+    fetched into it) and at most ``lent`` are tracked while their arrays live (each keeps a descriptor open).
+
+    A segment is never used again where the server might still write into it (:meth:`retire`: a call that failed,
+    whose server-side work may not have ended) or where another process may still read it: one lent out when this
+    process forks is closed when its arrays are gone here (a forked child inherits the arrays and the mapping
+    under them)."""
 
     def __init__(self, keep: int = 2, lent: int = 8) -> None:
         self._keep = keep
         self._lent_max = lent
         self._free: list[shared_memory.Segment] = []
-        self._lent = 0
+        self._lent: set[shared_memory.Segment] = set()
+        self._retired: set[shared_memory.Segment] = set()
         self._closed = False
         self._lock = threading.Lock()
 
@@ -63,33 +77,57 @@ class FetchSegments:
         with self._lock:
             if self._free:
                 return self._free.pop()
-        return shared_memory.Segment(FETCH_SEGMENT_BYTES, sealed=False, name="patchwire-fetch")
+        # sealed against resizing: the server may then write through a mapping of its own (one copy, strided arrays
+        # included) instead of pwrite (a contiguous copy first)
+        return shared_memory.Segment(FETCH_SEGMENT_BYTES, sealed=True, name="patchwire-fetch")
 
-    def views(self, segment: shared_memory.Segment, offsets: Sequence[int], sizes: Sequence[int]) -> list[np.ndarray]:
-        """The payloads the server wrote into ``segment``, in a mapping of their own: the segment goes back to the
-        pool when the last array viewing it is gone (or is closed now if too many are out)."""
-        mapping = segment.map(max(o + n for o, n in zip(offsets, sizes, strict=True)))
+    def lend(self, segment: shared_memory.Segment, length: int) -> mmap.mmap:
+        """A mapping of the segment's first ``length`` bytes for arrays to view: the segment comes back to the pool
+        when the last of them is gone (or is closed now if too many are out)."""
+        mapping = segment.map(length)
         with self._lock:
-            track = self._lent < self._lent_max
-            self._lent += track
+            track = len(self._lent) < self._lent_max
+            if track:
+                self._lent.add(segment)
         if track:
             weakref.finalize(mapping, self._returned, segment)
         else:
             segment.close()
+        return mapping
+
+    def views(self, segment: shared_memory.Segment, offsets: Sequence[int], sizes: Sequence[int]) -> list[np.ndarray]:
+        """The payloads the server wrote into ``segment``, in a mapping of their own (see :meth:`lend`)."""
+        mapping = self.lend(segment, max(o + n for o, n in zip(offsets, sizes, strict=True)))
         return [np.frombuffer(mapping, dtype=np.uint8, count=n, offset=o) for o, n in zip(offsets, sizes, strict=True)]
 
     def _returned(self, segment: shared_memory.Segment) -> None:
         with self._lock:
-            self._lent -= 1
+            self._lent.discard(segment)
         self.give_back(segment)
+
+    def retire(self, segment: shared_memory.Segment) -> None:
+        """Never uses ``segment`` again: closes it now, or once its arrays are gone where it is lent out."""
+        with self._lock:
+            lent = segment in self._lent
+            if lent:
+                self._retired.add(segment)
+        if not lent:
+            segment.close()
 
     def give_back(self, segment: shared_memory.Segment) -> None:
         """A segment taken but not lent out (the fetch failed or came over the wire), or one whose arrays are gone."""
         with self._lock:
-            if not self._closed and len(self._free) < self._keep:
+            retired = segment in self._retired
+            self._retired.discard(segment)
+            if not retired and not self._closed and len(self._free) < self._keep:
                 self._free.append(segment)
                 return
         segment.close()
+
+    def before_fork(self) -> None:
+        """The segments lent out now are shared with the child from here on: never used again by this process."""
+        with self._lock:
+            self._retired |= self._lent
 
     def close(self) -> None:
         with self._lock:
@@ -235,6 +273,44 @@ def give_back_leases(connection: Connection) -> None:
         _log.info("could not give back %d leases of the server's memory: %s", len(leases), exc)
 
 
+UNUSABLE = (RpcError, OSError, shared_memory.SegmentError)
+"""What registering a segment raises where shared memory cannot be used (then the transports fall back). A server
+that stays unreachable raises ConnectionFailed, which is an OSError too: callers let it through first."""
+
+
+class Registration(Protocol):
+    def register(self, segment: shared_memory.Segment, for_posting: bool) -> bytes:
+        """The region ``segment`` is registered as; raises one of ``UNUSABLE`` where it cannot be."""
+        ...
+
+
+class Registrar:
+    """Registers segments with ``connection``'s server; ``retrying(what, call, read)`` makes the RPC under the
+    assembler's retry policy."""
+
+    def __init__(self, connection: Connection, retrying: Callable[..., Any]) -> None:
+        self._connection = connection
+        self._retrying = retrying
+
+    def register(self, segment: shared_memory.Segment, for_posting: bool) -> bytes:
+        """The region ``segment`` is registered as with the server: registered now where it is not yet (over this
+        process's connection to the server's socket). Raises RpcError, OSError (the socket cannot be reached) or
+        SegmentError (the server refused it, with the reason)."""
+        address = self._connection.address
+        channel = CHANNELS.get(address)
+        region = None if channel is None else segment.region_on(channel)
+        if region is not None:
+            return region
+        request = apb.RegisterSharedMemoryRequest(for_posting=for_posting)
+        register = self._connection.assembly.RegisterSharedMemory
+        timeout = self._connection.timeouts.unary_s
+        response = self._retrying(
+            "registering shared memory with the server", lambda: register(request, timeout=timeout), read=True
+        )
+        channel = CHANNELS.connect(address, response.socket_path)
+        return segment.register(channel, response.ticket)
+
+
 SPARES = Spares()
 LEASES = Leases()
 CHANNELS = Channels()
@@ -247,5 +323,10 @@ def _forget_in_child() -> None:
     CHANNELS.forget()
 
 
+def _before_fork() -> None:
+    LEASES.before_fork()
+    SPARES.fetching.before_fork()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=LEASES.before_fork, after_in_child=_forget_in_child)
+    os.register_at_fork(before=_before_fork, after_in_child=_forget_in_child)

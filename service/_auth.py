@@ -106,7 +106,7 @@ _log = logging.getLogger(__name__)
 
 _DATASET = "/patchwire.v1.DatasetService/"
 _ASSEMBLY = "/patchwire.v1.AssemblyService/"
-METHOD_ROLES: Mapping[str, str] = {
+METHOD_ROLES: Mapping[str, str | None] = {
     **{
         _DATASET + m: READ
         for m in ("ListDatasets", "DescribeDataset", "OpenDatasource", "GetSamples", "DirectExtract", "StreamBatches")
@@ -120,21 +120,22 @@ METHOD_ROLES: Mapping[str, str] = {
             "GetJobStatus",
             "ListJobs",
             "FetchSubject",
-            "RegisterSharedMemory",
             "ReleaseSharedFiles",
             "ExportSubject",
             "AbortJob",
             "DeleteJob",
         )
     },
+    # a region is used only by calls that need their own role (reading samples, posting, fetching subjects)
+    _ASSEMBLY + "RegisterSharedMemory": None,
 }
-"""The role each method needs. Assembly methods need ``write``; which jobs a caller may touch is then decided by
-ownership (:meth:`Identity.owns`)."""
+"""The role each method needs (None: any known identity). Assembly methods need ``write``; which jobs a caller may
+touch is then decided by ownership (:meth:`Identity.owns`)."""
 
 
-def required_role(method: str) -> str:
-    """The role ``method`` (``/package.Service/Method``) needs; a method missing from the table needs ``admin``
-    (a new method is closed until it is listed)."""
+def required_role(method: str) -> str | None:
+    """The role ``method`` (``/package.Service/Method``) needs (None: any known identity); a method missing from the
+    table needs ``admin`` (a new method is closed until it is listed)."""
     return METHOD_ROLES.get(method, ADMIN)
 
 

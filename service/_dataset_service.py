@@ -15,15 +15,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from patchwire.service._auth import current_identity
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
 from patchwire.service._extraction import image_properties
 from patchwire.service._limits import Limits, check_sample_bytes, check_spec, exhausted
 from patchwire.service._served import ServedDataset
+from patchwire.service._shared_regions import SharedRegions, named_region, write_payloads
 from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc
-from patchwire.wire import compression, framing, tensors
+from patchwire.wire import compression, framing, shared_memory, tensors
 from patchwire.wire.batches import Encoded, encode_batch
+from patchwire.wire.compression import Compression
 
 __all__ = ["MAX_SAMPLES_PER_MESSAGE", "DatasetServicer"]
 
@@ -40,8 +43,11 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         executor: ThreadPoolExecutor,
         cache: DatasourceCache | None = None,
         limits: Limits | None = None,
+        regions: SharedRegions | None = None,
     ) -> None:
+        """``regions``: the registry of same-host clients' shared-memory segments (None: shared memory is off)."""
         self._datasets = datasets
+        self._regions = regions
         self._limits = limits if limits is not None else Limits()
         self._cache = cache if cache is not None else DatasourceCache(datasets, limits=self._limits)
         self._executor = executor
@@ -88,6 +94,13 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 src.locate(i)
             return src, indices
 
+        deliver = None
+        if request.HasField("shared_memory"):
+            region = named_region(
+                self._regions, request.shared_memory.region, current_identity(), False, "shared_memory"
+            )
+            deliver = _SharedDelivery(region.segment)
+            compression = Compression.COMPRESSION_UNSPECIFIED  # nothing crosses a link
         src, indices = await self._run(resolved)
         # the caller waits for every sample: as many per message as fit TARGET_MESSAGE_BYTES, from the first one
         async for message in self._stream(
@@ -98,6 +111,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             compression=compression,
             first=len(indices),
             budget=framing.TARGET_MESSAGE_BYTES,
+            deliver=deliver,
         ):
             yield message
 
@@ -161,19 +175,22 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         compression: int = compression.Compression.COMPRESSION_UNSPECIFIED,
         first: int | None = None,
         budget: int | None = None,
+        deliver: _SharedDelivery | None = None,
     ) -> AsyncIterator[Any]:
         """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead.
         The first message holds ``first`` samples (default one batch: a short time to first batch); with ``budget``
         (batches of one sample only) a message also ends once its samples hold that many bytes. Messages are built
         in the executor, which stops within one sample once the call ends (``stopped``); a sample over
-        ``max_sample_bytes`` or a message over ``max_batch_bytes`` ends the call with RESOURCE_EXHAUSTED."""
+        ``max_sample_bytes`` or a message over ``max_batch_bytes`` ends the call with RESOURCE_EXHAUSTED. With
+        ``deliver`` (a client's segment) a message's payloads are written there, where they fit, and the message
+        carries their offsets instead of being followed by chunks."""
         stopped = threading.Event()
         limits = self._limits
 
-        def build(start: int, count: int) -> Encoded | None:
+        def build(start: int, count: int) -> tuple[Encoded, list[int] | None] | None:
             chunk = [int(i) for i in indices[start : start + count]]
 
-            def built() -> Encoded | None:
+            def built() -> tuple[Encoded, list[int] | None] | None:
                 samples, nbytes = [], 0
                 for i in chunk:
                     if stopped.is_set():
@@ -193,7 +210,14 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                     samples.append(sample)
                     if budget is not None and nbytes >= budget:
                         break
-                return encode_batch(samples, chunk[: len(samples)], first_position + start, compression)
+                # for a segment, strided arrays (a Permute's) are copied once, straight into it
+                encoded = encode_batch(
+                    samples, chunk[: len(samples)], first_position + start, compression, contiguous=deliver is None
+                )
+                offsets = None if deliver is None else deliver.place(encoded)
+                if deliver is not None and offsets is None:
+                    encoded.make_contiguous()  # for the wire after all (copied here, not on the event loop)
+                return encoded, offsets
 
             # the file is checked before and after: nothing read across a change is sent
             return self._cache.consistent(src.dataset, built)
@@ -202,8 +226,9 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         pending = asyncio.ensure_future(self._run(build, start, per_message)) if len(indices) else None
         try:
             while pending is not None:
-                encoded = await pending
-                assert encoded is not None  # (None only once stopped)
+                done = await pending
+                assert done is not None  # (None only once stopped)
+                encoded, offsets = done
                 count = len(encoded.batch.sample_indices)
                 start += count
                 pending = None
@@ -212,6 +237,9 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                     batches = max(1, math.floor(framing.TARGET_MESSAGE_BYTES / (per_sample * batch_size)))
                     per_message = min(batches * batch_size, max(MAX_SAMPLES_PER_MESSAGE, batch_size))
                     pending = asyncio.ensure_future(self._run(build, start, per_message))
+                if offsets is not None:  # its payloads lie in the client's segment
+                    yield response_type(batch=encoded.batch, shared_offsets=offsets)
+                    continue
                 # chunk messages are made one at a time as gRPC takes them: a batch's payload is not held twice
                 for message in encoded.messages(response_type):
                     yield message
@@ -219,6 +247,26 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             stopped.set()
             if pending is not None:
                 pending.cancel()
+
+
+class _SharedDelivery:
+    """A GetSamples call's payloads written into the caller's segment, one message after another (messages are built
+    one at a time, in order)."""
+
+    def __init__(self, segment: shared_memory.OpenedSegment) -> None:
+        self._segment = segment
+        self._end = shared_memory.HEADER_BYTES
+
+    def place(self, encoded: Encoded) -> list[int] | None:
+        """The offsets of the message's payloads, written into the segment; None where it has none or they do not fit
+        (they follow as chunks)."""
+        if not encoded.payloads:
+            return None
+        written = write_payloads(self._segment, encoded.batch, encoded.payloads, self._end)
+        if written is None:
+            return None
+        offsets, self._end = written
+        return offsets
 
 
 def _sample_bytes(sample: Mapping[str, Any]) -> int:

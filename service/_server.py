@@ -217,7 +217,7 @@ class PatchwireServer:
                 regions = SharedRegions(cfg.shared_memory_uids)
                 self._shm_socket = SharedMemorySocket(regions, cfg.shared_memory_dir)
                 self._shm_socket.start()
-            self.servicer = DatasetServicer(self._datasets, self._executor, cache, cfg.limits)
+            self.servicer = DatasetServicer(self._datasets, self._executor, cache, cfg.limits, regions)
             server = grpc.aio.server(
                 options=[*KEEPALIVE_OPTIONS, *cfg.options],
                 interceptors=[ReflectionGate(auth)] if auth is not None else None,

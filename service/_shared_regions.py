@@ -26,14 +26,15 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from patchwire.service._auth import Identity
-from patchwire.service._errors import FailedPrecondition, NotFound, PermissionDenied
-from patchwire.wire import shared_memory
+from patchwire.service._errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from patchwire.wire import framing, shared_memory
 
-__all__ = ["Connection", "Refused", "Region", "SharedRegions"]
+__all__ = ["Connection", "Refused", "Region", "SharedRegions", "named_region", "write_payloads"]
 
 MAX_REGION_BYTES = 1 << 37
 """The largest segment registered by default (128 GiB: fetch segments are sparse and nominally 64 GiB)."""
@@ -156,7 +157,10 @@ class SharedRegions:
             if found.expires <= self._clock():
                 raise Refused("ticket: expired (ask RegisterSharedMemory for a new one)")
             size = self._check_descriptor(fd, found.for_posting)
-            segment = shared_memory.OpenedSegment(fd, size, readable_map=found.for_posting)
+            sealed = shared_memory.seals(fd) & shared_memory._SEAL_SHRINK
+            segment = shared_memory.OpenedSegment(
+                fd, size, readable_map=found.for_posting, writable_map=not found.for_posting and bool(sealed)
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -275,3 +279,39 @@ class SharedRegions:
 
 def _access_mode(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
+
+def named_region(
+    regions: SharedRegions | None, region_id: bytes, identity: Identity, for_posting: bool, field: str
+) -> Region:
+    """The region a request's ``field`` (a SharedMemory message's ``region``) names, for the caller ``identity``
+    (see :meth:`SharedRegions.region`); FailedPrecondition where shared memory is off on this server, InvalidArgument
+    for an id of the wrong length."""
+    if regions is None:
+        raise FailedPrecondition(
+            f"{field}: shared memory is off on this server (--no-shared-memory): send payloads on the wire"
+        )
+    if len(region_id) != shared_memory.REGION_ID_BYTES:
+        raise InvalidArgument(
+            f"{field}.region: a region id is {shared_memory.REGION_ID_BYTES} bytes, got {len(region_id)}"
+        )
+    return regions.region(region_id, identity, for_posting, field)
+
+
+def write_payloads(
+    segment: shared_memory.OpenedSegment, batch: Any, payloads: Sequence[Any], start: int = shared_memory.HEADER_BYTES
+) -> tuple[list[int], int] | None:
+    """Writes the payloads of ``batch``'s chunked tensors (``payloads``, in announcement order: each a buffer or a
+    list of parts) into a client's segment, one after another from ``start`` (aligned as ``shared_memory.layout``);
+    returns their offsets and the end of the last, or None where they do not fit (the wire carries them then).
+    Raises FailedPrecondition where the segment cannot be written (shrunk by its client, unregistered meanwhile)."""
+    sizes = [t.chunked_nbytes for t in framing.batch_tensors(batch) if t.chunked_nbytes]
+    offsets, end = shared_memory.layout(sizes, start)
+    try:
+        if end > segment.current_size():
+            return None
+        for offset, payload in zip(offsets, payloads, strict=True):
+            segment.write(offset, payload if isinstance(payload, list) else [payload])
+    except shared_memory.SegmentError as exc:
+        raise FailedPrecondition(f"shared_memory: {exc}") from None
+    return offsets, end

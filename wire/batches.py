@@ -53,6 +53,13 @@ class Encoded:
         self.payloads = payloads
         self.nbytes = batch.ByteSize() + sum(t.chunked_nbytes for t in framing.batch_tensors(batch))
 
+    def make_contiguous(self) -> None:
+        """Payload parts that are arrays (``encode_batch(contiguous=False)``) made C-order bytes, for the wire."""
+        self.payloads = [
+            [tensors.contiguous_bytes(p) for p in payload] if isinstance(payload, list) else payload
+            for payload in self.payloads
+        ]
+
     def messages(self, response_type: Any) -> Iterator[Any]:
         """Messages of the given type: the batch, then every chunk, pre-serialised (sent with
         ``framing.passthrough_serializer``: the payload is copied once, into the chunk's wire bytes), made lazily."""
@@ -106,9 +113,12 @@ def encode_batch(
     sample_indices: Sequence[int] = (),
     position: int = 0,
     compression: int = Compression.COMPRESSION_UNSPECIFIED,
+    contiguous: bool = True,
 ) -> Encoded:
     """Encodes samples: arrays equal in shape and dtype across the batch are stacked into one tensor per key;
-    ``compression`` applies to integer and bool tensors (``tensors.stacked_to_tensor``)."""
+    ``compression`` applies to integer and bool tensors (``tensors.stacked_to_tensor``). ``contiguous`` False: the
+    parts of stacked payloads may be strided arrays (for shared memory; :meth:`Encoded.make_contiguous` before the
+    wire)."""
     batch = dataset_service_pb2.Batch(sample_indices=sample_indices, position=position)
     payloads: list[Any] = []
     keys = list(samples[0]) if samples else []
@@ -124,7 +134,7 @@ def encode_batch(
         field = batch.fields.add(key=key)
         if same_shape_and_dtype(values):
             arrays: list[np.ndarray] = values  # type: ignore[assignment]
-            tensor, parts = tensors.stacked_to_tensor(arrays, compression=compression)
+            tensor, parts = tensors.stacked_to_tensor(arrays, compression=compression, contiguous=contiguous)
             field.stacked.CopyFrom(tensor)
             if parts is not None:
                 payloads.append(parts)

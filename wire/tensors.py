@@ -24,6 +24,7 @@ __all__ = [
     "DataType",
     "announced_nbytes",
     "array_to_tensor",
+    "contiguous_bytes",
     "detached_tensor",
     "dtype_from_proto",
     "dtype_to_proto",
@@ -148,13 +149,23 @@ def array_to_tensor(
     return tensor, None
 
 
+def contiguous_bytes(part: np.ndarray | memoryview) -> memoryview:
+    """A payload part as C-order bytes: a view of a contiguous array, else a contiguous copy."""
+    if isinstance(part, np.ndarray):
+        return np.ascontiguousarray(part).reshape(-1).data.cast("B")
+    return part
+
+
 def stacked_to_tensor(
     arrays: Sequence[np.ndarray],
     inline_bytes: int = INLINE_MAX_BYTES,
     compression: int = Compression.COMPRESSION_UNSPECIFIED,
-) -> tuple[tensor_pb2.Tensor, list[memoryview] | None]:
+    contiguous: bool = True,
+) -> tuple[tensor_pb2.Tensor, list[memoryview] | list[np.ndarray] | None]:
     """Like ``array_to_tensor(np.stack(arrays))`` without building the stacked array: a chunked payload is returned
-    as one part per array (views of their memory), copied once, into the chunk messages.
+    as one part per array (views of their memory), copied once, into the chunk messages. ``contiguous`` False: the
+    parts of a chunked raw payload are the arrays themselves, strided ones too (copied once, into shared memory;
+    :func:`contiguous_bytes` makes them bytes where they go to the wire after all).
 
     ``compression`` (``COMPRESSION_LZ4``) compresses integer and bool arrays of at least MIN_COMPRESS_BYTES when
     that makes them smaller (label maps shrink 15-25x); other dtypes and incompressible data travel raw."""
@@ -165,7 +176,10 @@ def stacked_to_tensor(
         return tensor, None if payload is None else [payload]
     tensor = tensor_pb2.Tensor(dtype=dtype_to_proto(dt), shape=(len(arrays), *first.shape))
     nbytes = first.nbytes * len(arrays)
-    parts = [np.ascontiguousarray(a).reshape(-1).data.cast("B") for a in arrays]
+    if not contiguous and nbytes > inline_bytes and compression == Compression.COMPRESSION_UNSPECIFIED:
+        tensor.chunked_nbytes = nbytes
+        return tensor, list(arrays)
+    parts = [contiguous_bytes(a) for a in arrays]
     packed = _compression.compress(parts, nbytes, dt, compression)
     if packed is not None:
         tensor, payload = _packed(tensor, packed, inline_bytes)

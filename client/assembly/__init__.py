@@ -26,8 +26,8 @@ can reach, a user id the server allows, shared memory not turned off on the serv
 
 The package, one idea per module: :mod:`~patchwire.client.assembly.assembler` (the facade),
 :mod:`~patchwire.client.assembly.posting` (the posting window), :mod:`~patchwire.client.assembly.transports` (how
-payloads travel, with :class:`MemoryTransport` for tests), :mod:`~patchwire.client.assembly.process` (the process's
-segments and socket connections), :mod:`~patchwire.client.assembly.status` (job status and events).
+payloads travel, with :class:`MemoryTransport` for tests), :mod:`~patchwire.client.assembly.status` (job status and
+events); the process's segments and socket connections are :mod:`patchwire.client._shared_memory`'s.
 """
 
 from patchwire.client.assembly.assembler import RemoteSubjectAssembler

@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from patchwire.client import _shared_memory as process
 from patchwire.client._connection import Connection
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client._errors import PatchwireError, translate_rpc_errors
 from patchwire.client._retry import Outage, RetryPolicy, call_with_retries, retriable
-from patchwire.client.assembly import process
 from patchwire.client.assembly.export import export_subject
 from patchwire.client.assembly.posting import GrpcPostStream, PostingWindow, Request
 from patchwire.client.assembly.status import AssemblyEvent, JobStatus, assembly_event, job_status

@@ -13,6 +13,7 @@ from patchwire.service._requests import parse_request
 from patchwire.service._shared_regions import Region
 from patchwire.service.assembly.job import Job
 from patchwire.v1 import assembly_service_pb2 as apb
+from patchwire.v1 import tensor_pb2
 from patchwire.wire import framing, shared_memory, tensors
 from patchwire.wire.batches import batch_arrays
 from patchwire.wire.framing import BatchReader, FramingError
@@ -23,7 +24,7 @@ __all__ = ["StreamSegments", "received_batches"]
 class StreamSegments:
     """The registered regions a prediction stream posts from, looked up (and their owner checked) for each batch."""
 
-    def __init__(self, region: Callable[[apb.SharedMemory, str], Region]) -> None:
+    def __init__(self, region: Callable[[tensor_pb2.SharedMemory, str], Region]) -> None:
         self._region = region
 
     def payloads(self, batch: apb.PredictionBatch) -> list[memoryview]:

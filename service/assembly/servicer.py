@@ -22,15 +22,15 @@ from patchwire.service._errors import (
     translate_errors,
 )
 from patchwire.service._extraction import image_properties
-from patchwire.service._shared_regions import Region, SharedRegions
+from patchwire.service._shared_regions import Region, SharedRegions, named_region, write_payloads
 from patchwire.service.assembly import protos, results
 from patchwire.service.assembly.export import export_subject
 from patchwire.service.assembly.intake import StreamSegments, received_batches
 from patchwire.service.assembly.job import Job
 from patchwire.service.assembly.store import AssemblyStore
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc
-from patchwire.wire import framing, shared_memory
+from patchwire.v1 import assembly_service_pb2_grpc, tensor_pb2
+from patchwire.wire import framing
 from patchwire.wire.batches import encode_batch
 from patchwire.wire.geometry import ImageProperties
 
@@ -61,13 +61,8 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
             )
         return self._regions
 
-    def _region(self, ref: apb.SharedMemory, identity: Identity, for_posting: bool, field: str) -> Region:
-        registry = self._registry(field)
-        if len(ref.region) != shared_memory.REGION_ID_BYTES:
-            raise InvalidArgument(
-                f"{field}.region: a region id is {shared_memory.REGION_ID_BYTES} bytes, got {len(ref.region)}"
-            )
-        return registry.region(ref.region, identity, for_posting, field)
+    def _region(self, ref: tensor_pb2.SharedMemory, identity: Identity, for_posting: bool, field: str) -> Region:
+        return named_region(self._regions, ref.region, identity, for_posting, field)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -211,18 +206,12 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
                 return encoded, apb.FetchSubjectResponse(
                     batch=encoded.batch, shared_files=_shared_files(encoded, offered)
                 )
-            sizes = [t.chunked_nbytes for t in framing.batch_tensors(encoded.batch) if t.chunked_nbytes]
-            offsets, end = shared_memory.layout(sizes)
-            if end > segment.current_size():  # does not fit: the wire carries it
+            written = write_payloads(segment, encoded.batch, encoded.payloads)
+            if written is None:  # does not fit: the wire carries it
                 return encoded, None
-            for offset, payload in zip(offsets, encoded.payloads, strict=True):
-                segment.write(offset, payload if isinstance(payload, list) else [payload])
-            return encoded, apb.FetchSubjectResponse(batch=encoded.batch, shared_offsets=offsets)
+            return encoded, apb.FetchSubjectResponse(batch=encoded.batch, shared_offsets=written[0])
 
-        try:
-            encoded, shared = await self._run(encode)
-        except shared_memory.SegmentError as exc:
-            raise FailedPrecondition(f"shared_memory: {exc}") from None
+        encoded, shared = await self._run(encode)
         if shared is not None:
             yield shared
             return

@@ -426,9 +426,11 @@ def test_hostile_shared_memory_regions_are_invalid_argument(served: Served, regi
     """A region id is 32 bytes the server made: anything else (a path, '..', nothing, a megabyte) is refused by its
     length, before any lookup, with a message that repeats none of it; a fetch and a post alike."""
     fetch = apb.FetchSubjectRequest(
-        job_id=DONE_JOB, subject_index=1, shared_memory=apb.SharedMemory(region=region), accept_files=True
+        job_id=DONE_JOB, subject_index=1, shared_memory=tensor_pb2.SharedMemory(region=region), accept_files=True
     )
-    batch = apb.PredictionBatch(job_id=LIVE_JOB, sample_indices=[3], shared_memory=apb.SharedMemory(region=region))
+    batch = apb.PredictionBatch(
+        job_id=LIVE_JOB, sample_indices=[3], shared_memory=tensor_pb2.SharedMemory(region=region)
+    )
     batch.fields.add(key="prediction").stacked.CopyFrom(
         tensor_pb2.Tensor(dtype=tensors.DataType.DATA_TYPE_FLOAT32, shape=[1, SHAPE[1], SHAPE[2], 1])
     )

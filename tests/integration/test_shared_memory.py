@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 
 import patchwire.client as pw
+from patchwire.client import _shared_memory as process
 from patchwire.client import extraction as extr
-from patchwire.client.assembly import process
 from patchwire.client.assembly.transports import segment as posting_segment
 from patchwire.service import PatchwireServer
 from patchwire.service._auth import ANONYMOUS, Identity
@@ -38,7 +38,7 @@ from patchwire.service._errors import NotFound
 from patchwire.service.assembly import memory as assembly_memory
 from patchwire.service.assembly import servicer as assembly_servicer
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import assembly_service_pb2_grpc
+from patchwire.v1 import assembly_service_pb2_grpc, tensor_pb2
 from patchwire.wire import framing, shared_memory, tensors
 
 from _checks import expect_raw
@@ -590,9 +590,9 @@ def test_a_request_cannot_name_a_path_or_a_descriptor(client: pw.Client, stub: A
     included). That cannot be expressed any more; what is left of such a message names no region, and a region id
     made of a path is simply unknown, with a status that says nothing about the server's descriptors."""
     with pytest.raises(ValueError, match="path"):
-        apb.SharedMemory(path=f"/proc/{os.getpid()}/fd/3")  # type: ignore[call-arg]
+        tensor_pb2.SharedMemory(path=f"/proc/{os.getpid()}/fd/3")  # type: ignore[call-arg]
     old = b"\x0a\x10" + b"/proc/1234/fd/10" + b"\x12\x20" + bytes(32)  # path and token, as the old fields 1 and 2
-    ref = apb.SharedMemory.FromString(old)
+    ref = tensor_pb2.SharedMemory.FromString(old)
     assert ref.region == b""
     with assembler(client, extr.SliceIndexing(0)) as asm:
         post_all_slices(asm, images)
@@ -620,7 +620,7 @@ def test_a_region_used_by_another_identity_is_permission_denied(
         try:
             with registered(stub, segment, for_posting=False) as region:
                 request = apb.FetchSubjectRequest(
-                    job_id=asm.job_id, subject_index=0, shared_memory=apb.SharedMemory(region=region)
+                    job_id=asm.job_id, subject_index=0, shared_memory=tensor_pb2.SharedMemory(region=region)
                 )
                 with monkeypatch.context() as patched:
                     patched.setattr(assembly_servicer, "current_identity", lambda: Identity("mallory", ANONYMOUS.roles))
@@ -781,7 +781,10 @@ def test_leases_are_collected_only_over_the_connection_they_were_offered_to(
             try:
                 region = segment.register(mine, ticket)
                 request = apb.FetchSubjectRequest(
-                    job_id=asm.job_id, subject_index=1, accept_files=True, shared_memory=apb.SharedMemory(region=region)
+                    job_id=asm.job_id,
+                    subject_index=1,
+                    accept_files=True,
+                    shared_memory=tensor_pb2.SharedMemory(region=region),
                 )
                 (response,) = stub.FetchSubject(request, timeout=RPC_TIMEOUT_S)
                 (ref,) = response.shared_files
@@ -844,7 +847,9 @@ def shared_batch(
     tensor, payload = tensors.array_to_tensor(np.ascontiguousarray(prediction))
     assert payload is not None
     segment.view(shared_memory.HEADER_BYTES, len(payload))[:] = np.frombuffer(payload, dtype=np.uint8)
-    batch = apb.PredictionBatch(job_id=job_id, sample_indices=indices, shared_memory=apb.SharedMemory(region=region))
+    batch = apb.PredictionBatch(
+        job_id=job_id, sample_indices=indices, shared_memory=tensor_pb2.SharedMemory(region=region)
+    )
     batch.fields.add(key="__prediction", stacked=tensor)
     batch.shared_offsets.append(shared_memory.HEADER_BYTES)
     return apb.PostPredictionsRequest(batch=batch)
@@ -898,7 +903,7 @@ def test_a_fetch_into_a_segment_too_small_sends_chunks(client: pw.Client, stub: 
         try:
             with registered(stub, segment, for_posting=False) as region:
                 request = apb.FetchSubjectRequest(
-                    job_id=asm.job_id, subject_index=1, shared_memory=apb.SharedMemory(region=region)
+                    job_id=asm.job_id, subject_index=1, shared_memory=tensor_pb2.SharedMemory(region=region)
                 )
                 responses = list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
         finally:

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 from patchwire.client._connection import Connection
 from patchwire.client._errors import ConnectionFailed
+from patchwire.client._shared_memory import UNUSABLE, Registrar, Registration
 from patchwire.client.assembly.transports.base import Transport, TransportStatistics
 from patchwire.client.assembly.transports.mapped import MappedVolumes
 from patchwire.client.assembly.transports.memory import MemoryTransport
-from patchwire.client.assembly.transports.registration import UNUSABLE, Registrar, Registration
 from patchwire.client.assembly.transports.segment import PostingSegment
 from patchwire.client.assembly.transports.wire import WireTransport
 from patchwire.wire import shared_memory

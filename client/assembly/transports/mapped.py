@@ -14,12 +14,12 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from patchwire.client import _shared_memory as process
 from patchwire.client._connection import Connection
 from patchwire.client._errors import ConnectionFailed, ProtocolError, translate_rpc_errors
-from patchwire.client.assembly import process
+from patchwire.client._shared_memory import UNUSABLE, Registration
 from patchwire.client.assembly.posting import Request
 from patchwire.client.assembly.transports.base import Transport
-from patchwire.client.assembly.transports.registration import UNUSABLE, Registration
 from patchwire.client.assembly.transports.segment import PostingSegment
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.wire import framing, shared_memory

@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from patchwire.client import _shared_memory as process
 from patchwire.client._errors import ConnectionFailed
-from patchwire.client.assembly import process
+from patchwire.client._shared_memory import UNUSABLE, Registration
 from patchwire.client.assembly.posting import Request
 from patchwire.client.assembly.transports.base import Transport
-from patchwire.client.assembly.transports.registration import UNUSABLE, Registration
 from patchwire.client.assembly.transports.wire import WireTransport
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.wire import shared_memory

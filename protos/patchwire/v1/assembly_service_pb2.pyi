@@ -133,33 +133,6 @@ EXPORT_FORMAT_HDF5: ExportFormat.ValueType  # 3
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 @_typing.final
-class SharedMemory(_message.Message):
-    """A client's shared-memory segment on the server's host, registered with the server (RegisterSharedMemory): a memfd
-    whose descriptor the client handed over itself. The server never opens a path a request names. Payload offsets
-    count from the start of the segment. The server never runs or trusts anything in a segment: it copies element
-    bytes out of it (posting) or into it (fetching). A region that is unknown (never registered, unregistered, or its
-    socket connection closed) is NOT_FOUND; one registered by another identity is PERMISSION_DENIED.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REGION_FIELD_NUMBER: _builtins.int
-    region: _builtins.bytes
-    """The 32-byte region id the server gave at registration."""
-    def __init__(
-        self,
-        *,
-        region: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SharedMemory: _TypeAlias = SharedMemory  # noqa: Y015
-
-@_typing.final
 class RegisterSharedMemoryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -460,7 +433,7 @@ class PredictionBatch(_message.Message):
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[_dataset_service_pb2.BatchField]: ...
     @_builtins.property
-    def shared_memory(self) -> Global___SharedMemory:
+    def shared_memory(self) -> _tensor_pb2.SharedMemory:
         """When set, the payloads of chunked tensors are not sent as TensorChunk messages but lie in this segment, at
         `shared_offsets` (one per chunked tensor, in announcement order). The client leaves them unchanged until the
         batch is acknowledged.
@@ -475,7 +448,7 @@ class PredictionBatch(_message.Message):
         sample_indices: _abc.Iterable[_builtins.int] | None = ...,
         fields: _abc.Iterable[_dataset_service_pb2.BatchField] | None = ...,
         last_batch: _builtins.bool = ...,
-        shared_memory: Global___SharedMemory | None = ...,
+        shared_memory: _tensor_pb2.SharedMemory | None = ...,
         shared_offsets: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
@@ -720,7 +693,7 @@ class FetchSubjectRequest(_message.Message):
     the client to collect over the region's socket connection and map (see FetchSubjectResponse.shared_files).
     """
     @_builtins.property
-    def shared_memory(self) -> Global___SharedMemory:
+    def shared_memory(self) -> _tensor_pb2.SharedMemory:
         """Optional: a registered segment (for fetching) to write the payloads of chunked tensors into instead of sending them as TensorChunk
         messages. Used when the subject fits; the batch message's `shared_offsets` then say where each payload lies.
         """
@@ -730,7 +703,7 @@ class FetchSubjectRequest(_message.Message):
         *,
         job_id: _builtins.str = ...,
         subject_index: _builtins.int = ...,
-        shared_memory: Global___SharedMemory | None = ...,
+        shared_memory: _tensor_pb2.SharedMemory | None = ...,
         accept_files: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015

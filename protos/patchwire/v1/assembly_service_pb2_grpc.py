@@ -177,6 +177,8 @@ class AssemblyServiceServicer:
         for the caller. The client then connects to that socket (same host, a user id the server allows) and sends the
         ticket with the segment's descriptor attached (SCM_RIGHTS); the server answers with the region id that
         SharedMemory.region carries. FAILED_PRECONDITION where shared memory is off on the server (clients use the wire).
+        A region serves every call that takes a SharedMemory: posting and fetching subjects here, and reading samples
+        (DatasetService.GetSamples); any identity the server knows may register one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,6 +65,8 @@ class AssemblyServiceStub:
     for the caller. The client then connects to that socket (same host, a user id the server allows) and sends the
     ticket with the segment's descriptor attached (SCM_RIGHTS); the server answers with the region id that
     SharedMemory.region carries. FAILED_PRECONDITION where shared memory is off on the server (clients use the wire).
+    A region serves every call that takes a SharedMemory: posting and fetching subjects here, and reading samples
+    (DatasetService.GetSamples); any identity the server knows may register one.
     """
     ReleaseSharedFiles: _grpc.UnaryUnaryMultiCallable[_assembly_service_pb2.ReleaseSharedFilesRequest, _assembly_service_pb2.ReleaseSharedFilesResponse]
     """Gives back leases of the server's memory (SharedFile.lease) whose mappings the client no longer has, so that the
@@ -108,6 +110,8 @@ class AssemblyServiceAsyncStub(AssemblyServiceStub):
     for the caller. The client then connects to that socket (same host, a user id the server allows) and sends the
     ticket with the segment's descriptor attached (SCM_RIGHTS); the server answers with the region id that
     SharedMemory.region carries. FAILED_PRECONDITION where shared memory is off on the server (clients use the wire).
+    A region serves every call that takes a SharedMemory: posting and fetching subjects here, and reading samples
+    (DatasetService.GetSamples); any identity the server knows may register one.
     """
     ReleaseSharedFiles: _aio.UnaryUnaryMultiCallable[_assembly_service_pb2.ReleaseSharedFilesRequest, _assembly_service_pb2.ReleaseSharedFilesResponse]  # type: ignore[assignment]
     """Gives back leases of the server's memory (SharedFile.lease) whose mappings the client no longer has, so that the
@@ -208,6 +212,8 @@ class AssemblyServiceServicer(metaclass=_abc_1.ABCMeta):
         for the caller. The client then connects to that socket (same host, a user id the server allows) and sends the
         ticket with the segment's descriptor attached (SCM_RIGHTS); the server answers with the region id that
         SharedMemory.region carries. FAILED_PRECONDITION where shared memory is off on the server (clients use the wire).
+        A region serves every call that takes a SharedMemory: posting and fetching subjects here, and reading samples
+        (DatasetService.GetSamples); any identity the server knows may register one.
         """
 
     @_abc_1.abstractmethod

@@ -383,22 +383,34 @@ class GetSamplesRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     SAMPLE_INDICES_FIELD_NUMBER: _builtins.int
     INTEGER_COMPRESSION_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     integer_compression: _tensor_pb2.Compression.ValueType
-    """Compress tensors of integer or bool dtype (label maps, masks) with this codec where that makes them smaller."""
+    """Compress tensors of integer or bool dtype (label maps, masks) with this codec where that makes them smaller.
+    Ignored for payloads written into shared_memory.
+    """
     @_builtins.property
     def spec(self) -> _spec_pb2.DatasourceSpec: ...
     @_builtins.property
     def sample_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def shared_memory(self) -> _tensor_pb2.SharedMemory:
+        """Optional, for a client on the server's host: a region registered for fetching (AssemblyService.
+        RegisterSharedMemory) to write the payloads of chunked tensors into instead of sending them as TensorChunk
+        messages. The server lays the call's payloads out one after another from the end of the segment's first page
+        (4096 bytes), each at a multiple of 64 bytes; a batch whose payloads do not fit in the segment comes as chunks.
+        """
+
     def __init__(
         self,
         *,
         spec: _spec_pb2.DatasourceSpec | None = ...,
         sample_indices: _abc.Iterable[_builtins.int] | None = ...,
         integer_compression: _tensor_pb2.Compression.ValueType = ...,
+        shared_memory: _tensor_pb2.SharedMemory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["integer_compression", b"integer_compression", "sample_indices", b"sample_indices", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["integer_compression", b"integer_compression", "sample_indices", b"sample_indices", "shared_memory", b"shared_memory", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,19 +422,27 @@ class GetSamplesResponse(_message.Message):
 
     BATCH_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    SHARED_OFFSETS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def batch(self) -> Global___Batch: ...
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk: ...
+    @_builtins.property
+    def shared_offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With the batch, when its chunked payloads were written into the request's segment: their offsets, one per
+        chunked tensor in announcement order (no TensorChunk messages follow for this batch).
+        """
+
     def __init__(
         self,
         *,
         batch: Global___Batch | None = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
+        shared_offsets: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "payload", b"payload", "shared_offsets", b"shared_offsets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["batch", "chunk"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

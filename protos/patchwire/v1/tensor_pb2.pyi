@@ -194,3 +194,31 @@ class Scalar(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Scalar: _TypeAlias = Scalar  # noqa: Y015
+
+@_typing.final
+class SharedMemory(_message.Message):
+    """A client's shared-memory segment on the server's host, registered with the server (AssemblyService.
+    RegisterSharedMemory): a memfd whose descriptor the client handed over itself. The server never opens a path a
+    request names. Payload offsets count from the start of the segment. The server never runs or trusts anything in a
+    segment: it copies element bytes out of it (posting) or into it (fetching subjects, reading samples). A region that
+    is unknown (never registered, unregistered, or its socket connection closed) is NOT_FOUND; one registered by
+    another identity is PERMISSION_DENIED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    region: _builtins.bytes
+    """The 32-byte region id the server gave at registration."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemory: _TypeAlias = SharedMemory  # noqa: Y015

@@ -88,6 +88,8 @@ def test_roles_of_methods_and_permission_denied() -> None:
     assert required_role("/patchwire.v1.DatasetService/StreamBatches") == READ
     assert required_role("/patchwire.v1.AssemblyService/DeleteJob") == WRITE
     assert required_role("/patchwire.v1.AssemblyService/SomethingNew") == ADMIN  # closed until listed
+    # any known identity may register shared memory: each call that uses a region needs its own role
+    assert required_role("/patchwire.v1.AssemblyService/RegisterSharedMemory") is None
     reader = parse_auth_config(
         tomllib.loads('[[identity]]\nname = "r"\nroles = ["read"]\ntoken = "reader-token-0123456789"')
     )

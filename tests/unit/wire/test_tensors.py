@@ -109,3 +109,15 @@ def test_shape_text_is_cut() -> None:
     assert tensors.shape_text((1, 2)) == "(1, 2)"
     text = tensors.shape_text(tuple(range(100)))
     assert len(text) < 120 and text.endswith("(100 axes)")
+
+
+def test_stacked_parts_for_shared_memory_are_the_arrays_themselves() -> None:
+    volume = np.arange(2 * 40 * 30 * 20, dtype=np.float32).reshape(40, 30, 20, 2)
+    strided = [volume.transpose(3, 0, 1, 2), volume[::-1].transpose(3, 0, 1, 2)]
+    tensor, parts = tensors.stacked_to_tensor(strided, contiguous=False)
+    assert parts is not None and all(p is a for p, a in zip(parts, strided, strict=True))
+    assert tensor.chunked_nbytes == 2 * strided[0].nbytes and list(tensor.shape) == [2, 2, 40, 30, 20]
+    wire = b"".join(bytes(tensors.contiguous_bytes(p)) for p in parts)
+    assert wire == np.stack(strided).tobytes()
+    small, inline = tensors.stacked_to_tensor([np.ones(3, np.float32)], contiguous=False)
+    assert inline is None and small.data == np.ones(3, np.float32).tobytes()  # small ones stay inline

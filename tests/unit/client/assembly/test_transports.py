@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from patchwire.client import RetryPolicy, RpcError, Timeouts
+from patchwire.client._shared_memory import FetchSegments
 from patchwire.client.assembly import MemoryTransport, RemoteSubjectAssembler
-from patchwire.client.assembly.process import FetchSegments
 from patchwire.client.assembly.transports import (
     MappedVolumes,
     PostingSegment,
