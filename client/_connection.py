@@ -53,10 +53,10 @@ class Connection:
             _live.add(self)
 
     @property
-    def buffers(self) -> _page_pool.PagePool:
+    def buffers(self) -> _page_pool.ProcessBuffers:
         """Payload buffers of this connection's streams: the process's pool, recycled across calls and connections
-        (made on first use: a client that never streams maps no reserve)."""
-        return _page_pool.process_pool()
+        (made when first needed: a client that never receives a large payload over the wire maps no reserve)."""
+        return _page_pool.PROCESS_BUFFERS
 
     @property
     def channel(self) -> grpc.Channel:
