@@ -66,6 +66,7 @@ TARGET_AXIAL_VS_PYMIA_W2 = 1.0
 TARGET_AXIS2_VS_PYMIA = 10.0
 TARGET_PATCH_VS_PYMIA = 1.5
 TARGET_ASSEMBLY_VS_PYMIA = 1.0
+TARGET_SEED_LOOP_VS_PYMIA = 1.0  # the drop-in: pymia's loop, only the construction lines changed
 TARGET_TTFB_MS = 150.0
 TARGET_SERVER_RSS_MB = 400.0  # + the server's configured block cache
 

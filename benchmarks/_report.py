@@ -12,6 +12,7 @@ from _plan import (
     TARGET_AXIAL_VS_PYMIA_W2,
     TARGET_AXIS2_VS_PYMIA,
     TARGET_PATCH_VS_PYMIA,
+    TARGET_SEED_LOOP_VS_PYMIA,
     TARGET_SERVER_RSS_MB,
     TARGET_TTFB_MS,
     TARGET_VS_CEILING,
@@ -72,6 +73,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             TARGET_ASSEMBLY_VS_PYMIA,
             "x",
         )
+    for key, cells in report.get("seed_loop", {}).items():
+        for cell_key, cell in cells.items():
+            shuffle, workers = cell_key.removeprefix("shuffle").split("_workers")
+            name = f"seed loop {labels[key]}, {'shuffled' if shuffle == '1' else 'in order'}, w={workers}"
+            add(f"{name}: patchwire / pymia", cell["ratio"], ">=", TARGET_SEED_LOOP_VS_PYMIA, "x")
     for key, ms in report["ttfb"]["patchwire_ms"].items():
         add(f"{labels[key]}: patchwire time to first batch", ms, "<=", TARGET_TTFB_MS, "ms")
     add(
