@@ -3,10 +3,12 @@
 A DataLoader over a map-style dataset asks for one batch of indices after another. When the last three requests
 were each the one before shifted by the same step (``[0, 1], [2, 3], [4, 5]``; a DataLoader worker that gets every
 k-th batch: ``[0, 1], [4, 5], [8, 9]``), the next ones are predicted by that step and fetched ahead, several batches
-in one call, so the consumer finds them ready. The window is bounded (``max_samples`` and ``max_bytes`` of samples
-held ahead, estimated from the samples already received); it is refilled when half of it is consumed. A request
-that is not the predicted next one cancels the window and is fetched directly; an error of a fetch ahead is raised
-by the request that reaches the first batch of that fetch. Results are the fetch function's, in request order.
+in one call, so the consumer finds them ready (from an empty window in jobs that grow from one batch, 1, 2, 4, ...
+batches, so that the next batch does not wait for a whole window's fetch). The window is bounded (``max_samples``
+and ``max_bytes`` of samples held ahead, estimated from the samples already received); it is refilled when half of it
+is consumed. A request that is not the predicted next one cancels the window and is fetched directly; an error of a
+fetch ahead is raised by the request that reaches the first batch of that fetch. Results are the fetch function's, in
+request order.
 
 An explicit prediction (``predict``, e.g. a shuffled DataLoader's order, see ``_shuffle_order``) is asked for the
 batches to come after each request that was not predicted; while it holds, its batches are fetched ahead instead of
@@ -178,8 +180,14 @@ class ReadAhead(Generic[T]):
             batches.append(tail)
         if not batches:
             return
-        # from an empty window the next batch comes alone first: the consumer asks for it next, and waits for its job
-        jobs = [batches[:1], batches[1:]] if not self._ahead and len(batches) > 1 else [batches]
+        # from an empty window the jobs grow from one batch (1, 2, 4, ...): the consumer asks for the next batch at
+        # once and waits for the whole job that holds it
+        jobs = [batches]
+        if not self._ahead:
+            jobs, size = [], 1
+            while batches:
+                jobs.append(batches[:size])
+                batches, size = batches[size:], 2 * size
         for part in jobs:
             job: _Job[T] = _Job(part)
             self._ahead.extend(_Slot(b, job, k) for k, b in enumerate(part))

@@ -151,3 +151,16 @@ def test_from_an_empty_window_the_next_batch_is_fetched_alone_first() -> None:
     assert window.get([2, 3]) == [20, 30]
     window.stop()
     assert fetch.calls[:3] == [[0, 1], [2, 3], [4, 5, 6, 7]]
+
+
+def test_from_an_empty_window_the_calls_grow_from_one_batch() -> None:
+    fetch = FakeFetch()
+    plan = [(i, i + 1) for i in range(2, 32, 2)]
+    window = ReadAhead(fetch, LENGTH, size=lambda _: 4, max_samples=32, predict=lambda _: iter(plan))
+    window.get([0, 1])
+    assert window.ahead == plan
+    for request in plan[:3]:
+        window.get(list(request))
+    window.stop()
+    sizes = [len(call) // 2 for call in fetch.calls[1:]]
+    assert sizes[:4] == [1, 2, 4, 8], sizes
