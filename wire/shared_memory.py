@@ -35,6 +35,8 @@ Where ``memfd_create`` is missing (not Linux), :func:`available` is False and cl
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import mmap
 import os
@@ -81,14 +83,41 @@ _GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 _ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 
 
+def _libc_madvise() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_MADVISE = _libc_madvise()
+
+
 def _populate(mapping: mmap.mmap, advice: int, start: int, end: int) -> None:
     """Maps the pages of ``[start, end)`` of ``mapping`` in one call (Linux >= 5.14), allocating them where they are
-    new: far cheaper than one fault per page on the virtual machines measured (a no-op where unsupported)."""
+    new: far cheaper than one fault per page on the virtual machines measured (a no-op where unsupported). Called
+    through ctypes, which lets go of the GIL (``mmap.madvise`` holds it, and allocating tens of MB of pages took a
+    server's event loop away for milliseconds)."""
     start -= start % mmap.PAGESIZE
     end = min(len(mapping), end)
-    if end > start:
+    if end <= start or _MADVISE is None:
+        return
+    try:
+        anchor = ctypes.c_char.from_buffer(mapping)  # (exported only to read the address)
+    except (TypeError, ValueError):  # a read-only mapping
+        anchor = None
+    if anchor is None:
         with contextlib.suppress(OSError, ValueError):
             mapping.madvise(advice, start, end - start)
+        return
+    address = ctypes.addressof(anchor)
+    del anchor
+    _MADVISE(address + start, end - start, advice)  # (a failure, e.g. an older kernel, only costs the faults)
 
 
 class SegmentError(Exception):
