@@ -73,6 +73,7 @@ MESSAGE_MAX_BYTES = 1024
 """No request or reply on the socket is longer."""
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)
 REGISTER, UNREGISTER, COLLECT = b"R", b"U", b"C"
 OK, ERROR = b"O", b"E"
 _SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
@@ -191,8 +192,35 @@ class Segment:
         self._mapped_bytes = 0
         self._regions: list[tuple[Channel, bytes]] = []
 
+    @classmethod
+    def adopt(cls, fd: int) -> Segment:
+        """A segment over a memfd descriptor this process already holds (e.g. opened anew from an inherited one):
+        the segment owns ``fd`` from now on."""
+        segment = cls.__new__(cls)
+        segment._fd = fd
+        segment.size = os.fstat(fd).st_size
+        segment.sealed = bool(seals(fd) & _SEAL_SHRINK)
+        segment._map = None
+        segment._mapped_bytes = 0
+        segment._regions = []
+        return segment
+
     def fileno(self) -> int:
         return self._fd
+
+    @property
+    def touched_bytes(self) -> int:
+        """How far into the segment this process's views have reached (where its pages may be)."""
+        return self._mapped_bytes
+
+    def release_pages(self, start: int) -> None:
+        """Gives the pages from ``start`` on back to the system (``MADV_REMOVE``: they read as zeros afterwards);
+        only while no array views them."""
+        if self._map is not None and self._mapped_bytes > start:
+            start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+            with contextlib.suppress(OSError, ValueError):
+                self._map.madvise(_MADV_REMOVE, start, self._mapped_bytes - start)
+            self._mapped_bytes = start
 
     def region_on(self, channel: Channel) -> bytes | None:
         """The region this segment is registered as over ``channel``, if it is and the channel is still usable."""

@@ -183,6 +183,29 @@ def test_dataloader_workers_read_through_shared_memory(client: pw.Client) -> Non
         wire.close()
 
 
+def test_workers_of_later_epochs_read_into_the_pages_earlier_ones_left(
+    client: pw.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inheritance = _shared_reads.Inheritance(count=4)
+    monkeypatch.setattr(_shared_reads, "INHERITANCE", inheritance)
+    ds, wire = datasource(client), datasource(client, shared_memory=False)  # (a datasource that reads shared: wanted)
+    try:
+        expected = np.stack([s["images"] for s in wire.get_samples(list(range(len(ds))))])
+        loader = torch_data.DataLoader(PytorchDatasetAdapter(ds), batch_size=8, shuffle=True, num_workers=2)
+        for _ in range(3):
+            got = {}
+            for batch in loader:
+                for i, image in zip(batch["sample_index"].tolist(), batch["images"].numpy(), strict=True):
+                    got[i] = image
+            assert sorted(got) == list(range(len(ds)))
+            np.testing.assert_array_equal(np.stack([got[i] for i in range(len(ds))]), expected)
+        kept = inheritance._own
+        assert len(kept) == 4 and any(os.fstat(s.fileno()).st_blocks for s in kept), "the workers' pages are kept"
+    finally:
+        ds.close()
+        wire.close()
+
+
 def test_a_server_without_shared_memory_serves_samples_over_the_wire(h5: Path) -> None:
     with server_in_thread({"big": h5}, shared_memory=False) as srv, pw.connect(srv.address) as client:
         ds = datasource(client)
