@@ -29,7 +29,9 @@ from patchwire.client import transformation as pw_tfm
 from patchwire.client.torch import PytorchDatasetAdapter
 
 SEED_BATCH_SIZE = 2
-SEED_ROUNDS = 3
+SEED_ROUNDS = 5
+"""Measured rounds per cell (after one warm-up round): with workers a round of 64^3 patches is one short epoch, most
+of it torch starting the workers, and single rounds of either loader varied by 10% on the benchmark machine."""
 
 
 def seed_patterns(mode: Mode) -> list[Pattern]:
