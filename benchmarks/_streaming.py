@@ -141,6 +141,36 @@ def bench_patchwire_streaming(
     return results, server_rss, reset_ok
 
 
+def _pooled(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two runs of the same loaders: the first's numbers with its throughputs replaced by the two runs' means (both
+    kept in ``runs_samples_per_s``)."""
+    pooled: dict[str, Any] = {}
+    for key, a in first.items():
+        b = second[key]
+        pooled[key] = {
+            **a,
+            "samples_per_s": (a["samples_per_s"] + b["samples_per_s"]) / 2,
+            "bytes_per_s": (a["bytes_per_s"] + b["bytes_per_s"]) / 2,
+            "mb_per_s": (a["mb_per_s"] + b["mb_per_s"]) / 2,
+            "runs_samples_per_s": [a["samples_per_s"], b["samples_per_s"]],
+        }
+    return pooled
+
+
+def bench_default_and_lz4(
+    mode: Mode, data: Path, work: Path, logs: Path
+) -> tuple[dict[str, Any], dict[str, float | None], bool, dict[str, Any]]:
+    """The default configuration and ``label_compression='lz4'`` (default block cache), each twice, in the order
+    default, lz4, lz4, default: the machine's speed drifts within a run (the ceiling before and after streaming
+    differs by up to a fifth), and measured one after the other the later one gained from it. Each configuration's
+    numbers are the means of its two runs; the default's RSS and time to first batch are its first run's."""
+    default, rss, reset_ok = bench_patchwire_streaming(mode, data, work, logs, None, "default cache", None)
+    lz4_first, _, _ = bench_patchwire_streaming(mode, data, work, logs, None, "lz4 labels", "lz4")
+    lz4_second, _, _ = bench_patchwire_streaming(mode, data, work, logs, None, "lz4 labels, again", "lz4")
+    default_second, _, _ = bench_patchwire_streaming(mode, data, work, logs, None, "default cache, again", None)
+    return _pooled(default, default_second), rss, reset_ok, _pooled(lz4_first, lz4_second)
+
+
 def bench_verify(mode: Mode, data: Path, work: Path, logs: Path, cache_mib: float) -> dict[str, Any]:
     """Axial slices without and with ``patchwire serve --verify`` (a CRC-32 of every stored block taken at start,
     every block read from disk checked before it is cached or served), with the default block cache (blocks are read

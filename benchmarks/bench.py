@@ -12,10 +12,11 @@ a. **ceiling** — raw gRPC server streaming of 1 MiB ``bytes`` messages over lo
    streaming and again right after it; the median of all those runs is the run's ceiling.
 b. **patchwire** — ``patchwire serve`` in a subprocess; here ``PytorchStreamingDataset(ds, batch_size=16,
    shuffle=True, seed=0)`` in ``DataLoader(batch_size=None, num_workers=0)`` for axial slices, axis-2 slices and
-   cubic patches, each with ``DataExtractor(categories=('images', 'labels'))`` and the client's defaults; three
-   times: with the server's default block cache (the dataset fits; the throughput targets use this run), with
-   ``--cache-mb`` (default half the dataset file, so the dataset is larger than the cache; the RSS target uses this
-   run), and with the default cache and ``label_compression='lz4'`` (what LZ4 label maps cost or bring here).
+   cubic patches, each with ``DataExtractor(categories=('images', 'labels'))`` and the client's defaults: with the
+   server's default block cache (the dataset fits; the throughput targets use these runs) and with the default cache
+   and ``label_compression='lz4'`` (what LZ4 label maps cost or bring here), twice each, in the order default, lz4,
+   lz4, default (the machine's speed drifts within a run; the means count), and once with ``--cache-mb`` (default
+   half the dataset file, so the dataset is larger than the cache; the RSS target uses this run).
    Then axial slices and patches once more with a stand-in training step after every batch (a sleep of about a
    batch's receiving time), with the client's prefetch thread and without it.
 c. **pymia** — ``PymiaDatasource`` + ``PytorchDatasetAdapter`` + ``DataLoader(batch_size=16, shuffle=True)`` (default
@@ -65,7 +66,13 @@ from _plan import FULL, HERE, MB, SMOKE, Mode, progress
 from _plot import plot
 from _report import format_table, targets
 from _seed_loop import bench_seed_loop
-from _streaming import bench_patchwire_streaming, bench_pymia_streaming, bench_training_step, bench_verify
+from _streaming import (
+    bench_default_and_lz4,
+    bench_patchwire_streaming,
+    bench_pymia_streaming,
+    bench_training_step,
+    bench_verify,
+)
 
 from patchwire.cli.serve import DEFAULT_CACHE_MB
 from patchwire.wire.malloc import tune_client_process
@@ -113,14 +120,11 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
         progress(f"ceiling {statistics.median(ceiling_before['runs_bytes_per_s']) / 1e9:.2f} GB/s")
 
         reset_peak_rss()
-        report["patchwire"], stream_rss, reset_ok = bench_patchwire_streaming(
-            mode, data, work, logs, None, "default cache", None
+        report["patchwire"], stream_rss, reset_ok, report["patchwire_lz4_labels"] = bench_default_and_lz4(
+            mode, data, work, logs
         )
         report["patchwire_small_cache"], small_rss, small_reset_ok = bench_patchwire_streaming(
             mode, data, work, logs, cache_mib, "small cache", None
-        )
-        report["patchwire_lz4_labels"], _, _ = bench_patchwire_streaming(
-            mode, data, work, logs, None, "lz4 labels", "lz4"
         )
         report["training_step"] = bench_training_step(mode, data, work, logs)
         report["verify"] = bench_verify(mode, data, work, logs, cache_mib)
