@@ -45,6 +45,19 @@ def expect_raw(code: grpc.StatusCode, *fragments: str) -> Iterator[None]:
         assert fragment in exc.details(), f"{fragment!r} not in {exc.details()!r}"
 
 
+@contextlib.contextmanager
+def region_of_another_identity(monkeypatch: pytest.MonkeyPatch, servicer_module: Any) -> Iterator[None]:
+    """The block (a raw stub call naming a region) is served, by the service of ``servicer_module``, as another
+    identity than the region's owner's (a server without authentication serves everyone as ANONYMOUS), and fails
+    with PERMISSION_DENIED."""
+    from patchwire.service._auth import ANONYMOUS, Identity
+
+    with monkeypatch.context() as patched:
+        patched.setattr(servicer_module, "current_identity", lambda: Identity("mallory", ANONYMOUS.roles))
+        with expect_raw(grpc.StatusCode.PERMISSION_DENIED, "shared_memory.region: the region belongs to"):
+            yield
+
+
 def eventually(read: Callable[[], T], ok: Callable[[T], bool], timeout_s: float = 10.0) -> T:
     """``read()`` until ``ok`` holds for it (state that the server settles on its own threads), or fail."""
     deadline = time.monotonic() + timeout_s

@@ -33,7 +33,7 @@ from patchwire.client import _shared_memory as process
 from patchwire.client import extraction as extr
 from patchwire.client.assembly.transports import segment as posting_segment
 from patchwire.service import PatchwireServer
-from patchwire.service._auth import ANONYMOUS, Identity
+from patchwire.service._auth import ANONYMOUS
 from patchwire.service._errors import NotFound
 from patchwire.service.assembly import memory as assembly_memory
 from patchwire.service.assembly import servicer as assembly_servicer
@@ -41,7 +41,7 @@ from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, tensor_pb2
 from patchwire.wire import framing, shared_memory, tensors
 
-from _checks import expect_raw
+from _checks import expect_raw, region_of_another_identity
 from _datasets import make_pymia_dataset
 from _servers import serve_process, server_in_thread, server_subprocess
 
@@ -622,10 +622,8 @@ def test_a_region_used_by_another_identity_is_permission_denied(
                 request = apb.FetchSubjectRequest(
                     job_id=asm.job_id, subject_index=0, shared_memory=tensor_pb2.SharedMemory(region=region)
                 )
-                with monkeypatch.context() as patched:
-                    patched.setattr(assembly_servicer, "current_identity", lambda: Identity("mallory", ANONYMOUS.roles))
-                    with expect_raw(grpc.StatusCode.PERMISSION_DENIED, "shared_memory.region: the region belongs to"):
-                        list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
+                with region_of_another_identity(monkeypatch, assembly_servicer):
+                    list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
                 responses = list(stub.FetchSubject(request, timeout=RPC_TIMEOUT_S))
                 assert responses[0].shared_offsets, "its owner still writes into it"
         finally:

@@ -22,12 +22,11 @@ from patchwire.client import transformation as tfm
 from patchwire.client.torch import PytorchDatasetAdapter
 from patchwire.service import PatchwireServer
 from patchwire.service import _dataset_service as dataset_service
-from patchwire.service._auth import ANONYMOUS, Identity
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, tensor_pb2
 from patchwire.wire import framing, shared_memory
 
-from _checks import expect_raw
+from _checks import expect_raw, region_of_another_identity
 from _datasets import make_pymia_dataset
 from _servers import server_in_thread
 
@@ -263,10 +262,8 @@ def test_regions_that_cannot_be_used_are_refused_precisely(
     channel, region = registered_region(stub, segment, for_posting=False)
     try:
         request = samples_request(client, region, CALL)
-        with monkeypatch.context() as patched:
-            patched.setattr(dataset_service, "current_identity", lambda: Identity("mallory", ANONYMOUS.roles))
-            with expect_raw(grpc.StatusCode.PERMISSION_DENIED, "shared_memory.region: the region belongs to"):
-                list(dataset_stub.GetSamples(request, timeout=RPC_TIMEOUT_S))
+        with region_of_another_identity(monkeypatch, dataset_service):
+            list(dataset_stub.GetSamples(request, timeout=RPC_TIMEOUT_S))
         responses = list(dataset_stub.GetSamples(request, timeout=RPC_TIMEOUT_S))
         assert responses[0].shared_offsets, "its owner still reads into it"
         assert all(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -12,6 +13,16 @@ import pytest
 from patchwire.wire import shared_memory
 
 pytestmark = pytest.mark.skipif(not shared_memory.available(), reason="shared memory needs Linux with memfd_create")
+
+
+@pytest.fixture
+def sealed() -> Iterator[tuple[shared_memory.Segment, shared_memory.OpenedSegment]]:
+    """A small segment sealed against resizing, and the server's writable hold of it."""
+    segment = shared_memory.Segment(8192, sealed=True)
+    server = opened(segment, writable=True)
+    yield segment, server
+    server.close()
+    segment.close()
 
 
 def opened(segment: shared_memory.Segment, writable: bool) -> shared_memory.OpenedSegment:
@@ -39,31 +50,26 @@ def test_the_server_writes_bytes_and_strided_arrays_as_c_order_elements(sealed: 
         segment.close()
 
 
-def test_writes_outside_the_segment_are_refused_and_nothing_is_written() -> None:
-    segment = shared_memory.Segment(8192, sealed=True)
-    server = opened(segment, writable=True)
-    try:
-        with pytest.raises(shared_memory.SegmentError, match="lie outside"):
-            server.write(segment.size - 4, [np.zeros(8, dtype=np.uint8)])
-        with pytest.raises(shared_memory.SegmentError, match="lie outside"):
-            server.write(-1, [memoryview(b"x")])
-        assert not segment.view(0, segment.size).any()
-    finally:
-        server.close()
-        segment.close()
+def test_writes_outside_the_segment_are_refused_and_nothing_is_written(
+    sealed: tuple[shared_memory.Segment, shared_memory.OpenedSegment],
+) -> None:
+    segment, server = sealed
+    with pytest.raises(shared_memory.SegmentError, match="lie outside"):
+        server.write(segment.size - 4, [np.zeros(8, dtype=np.uint8)])
+    with pytest.raises(shared_memory.SegmentError, match="lie outside"):
+        server.write(-1, [memoryview(b"x")])
+    assert not segment.view(0, segment.size).any()
 
 
-def test_a_closed_region_is_an_error_not_a_crash() -> None:
-    segment = shared_memory.Segment(8192, sealed=True)
-    server = opened(segment, writable=True)
+def test_a_closed_region_is_an_error_not_a_crash(
+    sealed: tuple[shared_memory.Segment, shared_memory.OpenedSegment],
+) -> None:
+    segment, server = sealed
     server.write(shared_memory.HEADER_BYTES, [memoryview(b"ok")])
     server.close()
-    try:
-        with pytest.raises(shared_memory.SegmentError, match="unregistered"):
-            server.write(shared_memory.HEADER_BYTES, [memoryview(b"late")])
-        assert bytes(segment.view(shared_memory.HEADER_BYTES, 2)) == b"ok"
-    finally:
-        segment.close()
+    with pytest.raises(shared_memory.SegmentError, match="unregistered"):
+        server.write(shared_memory.HEADER_BYTES, [memoryview(b"late")])
+    assert bytes(segment.view(shared_memory.HEADER_BYTES, 2)) == b"ok"
 
 
 def test_a_segment_sealed_against_writing_is_an_error_not_a_crash() -> None:
