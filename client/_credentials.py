@@ -100,14 +100,57 @@ class Credentials:
         if not self.secure:
             return grpc.insecure_channel(address, options=options)
         credentials = grpc.ssl_channel_credentials(self.root_certificates, self.client_key, self.client_certificate)
-        if self.token is not None:
-            credentials = grpc.composite_channel_credentials(
-                credentials, grpc.access_token_call_credentials(self.token)
-            )
-        return grpc.secure_channel(address, credentials, options=options)
+        channel = grpc.secure_channel(address, credentials, options=options)
+        if self.token is None:
+            return channel
+        # the token as metadata of each call, added on the calling thread: gRPC's call credentials run a metadata
+        # plugin on a thread of their own, which a fork then waited a minute for (and DataLoader workers fork)
+        return grpc.intercept_channel(channel, _BearerToken(self.token))
 
     def __repr__(self) -> str:  # never the token or the key
         return (
             f"Credentials(token={'***' if self.token else None}, tls={self.secure}, "
             f"client_certificate={self.client_certificate is not None})"
         )
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call's metadata (over TLS only: a secure channel)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._metadata]
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(
+        self, method: str, timeout: Any, metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any
+    ) -> None:
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression

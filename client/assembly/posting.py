@@ -1,11 +1,19 @@
 """The posting window: batches sent on one PostPredictions stream, at most ``window`` of them unacknowledged,
 acknowledgements read in order, and every unacknowledged batch sent again on a new stream after a dropped one (under
-the assembler's :class:`~patchwire.client.RetryPolicy`; posting is idempotent on the server)."""
+the assembler's :class:`~patchwire.client.RetryPolicy`; posting is idempotent on the server).
+
+A stream's request thread waits inside the gRPC call for the next batch, and a process must not fork while a thread
+is inside gRPC (gRPC waited a minute and then forked without its fork handlers, and a DataLoader worker forked that
+way could crash). So before a fork every window of the process closes its stream, once its batches in flight are
+acknowledged; the next batch opens a new one."""
 
 from __future__ import annotations
 
 import collections
+import logging
+import os
 import queue
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -18,6 +26,9 @@ __all__ = ["GrpcPostStream", "PostStream", "PostingWindow", "Request"]
 
 Request = apb.PostPredictionsRequest | bytes
 """One message of a PostPredictions stream; chunk messages travel pre-serialised."""
+
+_log = logging.getLogger(__name__)
+_windows: weakref.WeakSet[PostingWindow] = weakref.WeakSet()
 
 
 class PostStream(Protocol):
@@ -86,6 +97,9 @@ class PostingWindow:
         self._acknowledged = acknowledged
         self._stream: PostStream | None = None
         self._inflight: collections.deque[list[Request]] = collections.deque()
+        self._pid = os.getpid()
+        self._deferred: BaseException | None = None
+        _windows.add(self)
 
     @property
     def unacknowledged(self) -> int:
@@ -95,6 +109,7 @@ class PostingWindow:
     def post(self, requests: list[Request], last_batch: bool = False) -> None:
         """Sends a batch; waits for acknowledgements while ``window`` batches are unacknowledged (all of them after
         a last batch)."""
+        self._raise_deferred()
         self._inflight.append(requests)
         if self._stream is None:
             self._stream = self._open_stream()
@@ -104,6 +119,7 @@ class PostingWindow:
 
     def flush(self) -> None:
         """Waits until every batch sent so far is acknowledged (durable on the server)."""
+        self._raise_deferred()
         while self._inflight:
             self._read_ack()
 
@@ -149,8 +165,36 @@ class PostingWindow:
             for requests in self._inflight:
                 self._stream.put(requests)
 
+    def _raise_deferred(self) -> None:
+        if self._deferred is not None:
+            exc, self._deferred = self._deferred, None
+            raise exc
+
+    def before_fork(self) -> None:
+        """Closes the stream once the batches in flight are acknowledged; an error that raises then is raised by the
+        next ``post`` or ``flush``."""
+        if self._stream is None or self._pid != os.getpid():
+            return
+        try:
+            while self._inflight:
+                self._read_ack()
+        except BaseException as exc:  # (a fork hook must not fail the fork: kept for the caller)
+            self._deferred = exc
+        self.close()
+
     def close(self) -> None:
         """Closes the stream (a later batch opens a new one); unacknowledged batches stay counted."""
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+
+def _before_fork() -> None:
+    for window in list(_windows):
+        try:
+            window.before_fork()
+        except Exception:  # never fails the fork
+            _log.exception("could not close a posting stream before a fork")
+
+
+os.register_at_fork(before=_before_fork)

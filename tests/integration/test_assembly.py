@@ -15,6 +15,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +36,7 @@ from patchwire.wire import framing, tensors
 
 from _checks import eventually, expect, expect_raw
 from _pymia_oracle import load_pymia
-from _servers import server_in_thread
+from _servers import serve_process, server_in_thread
 
 T = TypeVar("T")
 
@@ -1271,3 +1273,26 @@ def test_window_reports_a_rejected_batch_and_keeps_the_later_ones(open_ds, make_
 def test_window_must_be_positive(open_ds, client) -> None:
     with pytest.raises(ValueError, match="window"):
         client.assembler(open_ds(extr.SliceIndexing(0)), window=0)
+
+
+def test_a_fork_while_a_post_stream_is_open_neither_waits_nor_loses_a_batch(tiny_h5: Path) -> None:
+    """A post stream's request thread waits inside gRPC for the next batch; a DataLoader that forks its workers
+    between two batches then made gRPC wait a minute and fork without its fork handlers. The stream is closed before
+    the fork (its batches acknowledged first) and the next batch opens a new one."""
+    with serve_process({"tiny": tiny_h5}) as (_, address), pw.connect(address) as client:
+        ds = client.datasource("tiny", extr.SliceIndexing(), extr.DataExtractor(categories=("images",)))
+        images = np.stack([ds[i]["images"][..., :1] for i in range(len(ds))]).astype(np.float32)
+        with client.assembler(ds, entries={"seg": 1}, window=2, shared_memory=False) as asm:
+            asm.add_batch({"seg": images[:30]}, np.arange(30))  # in flight: window 2
+            started = time.monotonic()
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            forked_s = time.monotonic() - started
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            assert forked_s < 5, f"the fork took {forked_s:.1f} s"
+            asm.add_batch({"seg": images[30:]}, np.arange(30, len(ds)), last_batch=True)
+            volumes = [asm.fetch(s)[0]["seg"] for s in range(3)]
+            np.testing.assert_array_equal(np.concatenate(volumes), images)
+            asm.delete()
+        ds.close()
