@@ -7,6 +7,7 @@ reopens its channel with the same credentials.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -144,13 +145,8 @@ class _BearerToken(
         return continuation(self._details(details), requests)
 
 
-class _CallDetails(grpc.ClientCallDetails):
-    def __init__(
-        self, method: str, timeout: Any, metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any
-    ) -> None:
-        self.method = method
-        self.timeout = timeout
-        self.metadata = metadata
-        self.credentials = credentials
-        self.wait_for_ready = wait_for_ready
-        self.compression = compression
+class _CallDetails(
+    collections.namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+    grpc.ClientCallDetails,
+):
+    """A call's details with other metadata (gRPC's own are read-only)."""

@@ -424,7 +424,7 @@ def test_many_unknown_subjects_are_listed_in_a_few_words(served: Served) -> None
 )
 def test_hostile_shared_memory_regions_are_invalid_argument(served: Served, region: bytes) -> None:
     """A region id is 32 bytes the server made: anything else (a path, '..', nothing, a megabyte) is refused by its
-    length, before any lookup, with a message that repeats none of it; a fetch and a post alike."""
+    length, before any lookup, with a message that repeats none of it; a fetch, a post and a read alike."""
     fetch = apb.FetchSubjectRequest(
         job_id=DONE_JOB, subject_index=1, shared_memory=tensor_pb2.SharedMemory(region=region), accept_files=True
     )
@@ -437,7 +437,11 @@ def test_hostile_shared_memory_regions_are_invalid_argument(served: Served, regi
     batch.fields[0].stacked.chunked_nbytes = SHAPE[1] * SHAPE[2] * 4
     batch.shared_offsets.append(4096)
     post = [apb.PostPredictionsRequest(batch=batch).SerializeToString()]
-    for name, request in (("FetchSubject", fetch.SerializeToString()), ("PostPredictions", post)):
+    samples = dataset_service_pb2.GetSamplesRequest(
+        spec=_fuzz.slice_spec(_fuzz._images()), sample_indices=[0], shared_memory=tensor_pb2.SharedMemory(region=region)
+    )
+    requests = (("FetchSubject", fetch.SerializeToString()), ("PostPredictions", post))
+    for name, request in (*requests, ("GetSamples", samples.SerializeToString())):
         outcome = call(served, _method(name), request)
         assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (name, outcome)
         assert f"region id is 32 bytes, got {len(region)}" in outcome.details, (name, outcome)
