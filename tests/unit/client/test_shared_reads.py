@@ -148,3 +148,36 @@ def test_a_process_that_reads_nothing_through_shared_memory_keeps_no_segments_fo
     inheritance.before_fork()
     inheritance.after_fork_in_child()
     assert inheritance.claim() is None
+
+
+@pytest.mark.parametrize(
+    ("offsets", "message"),
+    [
+        ([-64], "outside the shared segment"),
+        ([0], "outside the shared segment"),  # inside the header page
+        ([1 << 40], "outside the shared segment"),
+        ([4096, 8192], "2 offsets for 1 payloads"),
+        ([], "0 offsets for 1 payloads"),
+    ],
+    ids=["negative", "header", "huge", "too-many", "none"],
+)
+def test_offsets_a_server_names_are_checked_before_anything_is_read(
+    offsets: list[int], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GetSamplesResponse.shared_offsets`` comes from the server: offsets outside the segment, or not one per
+    payload, are a ProtocolError, never a read out of bounds."""
+    from patchwire.client._errors import ProtocolError
+    from patchwire.client._shared_reads import Target
+    from patchwire.v1 import dataset_service_pb2, tensor_pb2
+
+    segments = ReadSegments()
+    monkeypatch.setattr(_shared_reads, "SEGMENTS", segments)
+    segment = segments.take()
+    batch = dataset_service_pb2.Batch(sample_indices=[0])
+    tensor = batch.fields.add(key="images").stacked
+    tensor.CopyFrom(
+        tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[1, 64, 64], chunked_nbytes=64 * 64 * 4)
+    )
+    with pytest.raises(ProtocolError, match=message):
+        Target(segment, bytes(32), None).payloads(batch, offsets)
+    assert segments.lent == 0, "nothing of the segment was lent out"
