@@ -171,6 +171,25 @@ async def refuse(context: grpc.aio.ServicerContext, exc: BaseException, method: 
     raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 
 
+class _PeerGone(logging.Filter):
+    """gRPC logs at ERROR when a streaming handler's next message cannot be sent because the client is gone
+    (cancelled, disconnected, timed out): a normal event, said here at DEBUG in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR and message.startswith("ExecuteBatchError raised in core by servicer"):
+            _log.debug("%s: stream ended by the client (%s)", message.rsplit("[", 1)[-1].rstrip("]"), message)
+            return False
+        return True
+
+
+def quiet_client_endings() -> None:
+    """Installs the filter on gRPC's logger (idempotent)."""
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _PeerGone) for f in logger.filters):
+        logger.addFilter(_PeerGone())
+
+
 def translate_errors(handler: F) -> F:
     """Maps ServiceError (and anything unexpected) raised by a unary or server-streaming handler to a status."""
     name = handler.__name__

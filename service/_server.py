@@ -23,7 +23,7 @@ from patchwire.service._auth import Authenticator, ReflectionGate, guarded, load
 from patchwire.service._cache import BlockCache
 from patchwire.service._dataset_service import DatasetServicer
 from patchwire.service._datasource import DatasourceCache
-from patchwire.service._errors import FailedPrecondition
+from patchwire.service._errors import FailedPrecondition, quiet_client_endings
 from patchwire.service._limits import CallLimiter, Limits
 from patchwire.service._requests import parsed
 from patchwire.service._served import ServedDataset
@@ -218,6 +218,7 @@ class PatchwireServer:
                 self._shm_socket = SharedMemorySocket(regions, cfg.shared_memory_dir)
                 self._shm_socket.start()
             self.servicer = DatasetServicer(self._datasets, self._executor, cache, cfg.limits, regions)
+            quiet_client_endings()  # a client gone under a stream is not a server error
             server = grpc.aio.server(
                 options=[*KEEPALIVE_OPTIONS, *cfg.options],
                 interceptors=[ReflectionGate(auth)] if auth is not None else None,
