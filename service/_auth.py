@@ -109,7 +109,15 @@ _ASSEMBLY = "/patchwire.v1.AssemblyService/"
 METHOD_ROLES: Mapping[str, str | None] = {
     **{
         _DATASET + m: READ
-        for m in ("ListDatasets", "DescribeDataset", "OpenDatasource", "GetSamples", "DirectExtract", "StreamBatches")
+        for m in (
+            "ListDatasets",
+            "DescribeDataset",
+            "OpenDatasource",
+            "GetSamples",
+            "DirectExtract",
+            "StreamBatches",
+            "SelectIndices",
+        )
     },
     **{
         _ASSEMBLY + m: WRITE

@@ -184,6 +184,7 @@ def test_reflection_describes_the_dataset_service(channel: grpc.Channel) -> None
         "GetSamples",
         "DirectExtract",
         "StreamBatches",
+        "SelectIndices",
     ]
 
 

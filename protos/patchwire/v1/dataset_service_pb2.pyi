@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from patchwire.v1 import spec_pb2 as _spec_pb2
 from patchwire.v1 import tensor_pb2 as _tensor_pb2
 from patchwire.v1 import values_pb2 as _values_pb2
@@ -20,6 +21,33 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ShardBalance:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShardBalanceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShardBalance.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHARD_BALANCE_UNSPECIFIED: _ShardBalance.ValueType  # 0
+    """Shards differ by at most one sample."""
+    SHARD_BALANCE_PAD: _ShardBalance.ValueType  # 1
+    """The order is extended by repeating its first positions until every shard has as many samples (torch's
+    DistributedSampler with drop_last=False).
+    """
+    SHARD_BALANCE_DROP: _ShardBalance.ValueType  # 2
+    """The order's last positions are dropped until every shard has as many samples."""
+
+class ShardBalance(_ShardBalance, metaclass=_ShardBalanceEnumTypeWrapper): ...
+
+SHARD_BALANCE_UNSPECIFIED: ShardBalance.ValueType  # 0
+"""Shards differ by at most one sample."""
+SHARD_BALANCE_PAD: ShardBalance.ValueType  # 1
+"""The order is extended by repeating its first positions until every shard has as many samples (torch's
+DistributedSampler with drop_last=False).
+"""
+SHARD_BALANCE_DROP: ShardBalance.ValueType  # 2
+"""The order's last positions are dropped until every shard has as many samples."""
+Global___ShardBalance: _TypeAlias = ShardBalance  # noqa: Y015
 
 @_typing.final
 class ListDatasetsRequest(_message.Message):
@@ -384,10 +412,15 @@ class GetSamplesRequest(_message.Message):
     SAMPLE_INDICES_FIELD_NUMBER: _builtins.int
     INTEGER_COMPRESSION_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     integer_compression: _tensor_pb2.Compression.ValueType
     """Compress tensors of integer or bool dtype (label maps, masks) with this codec where that makes them smaller.
     Ignored for payloads written into shared_memory.
     """
+    seed: _builtins.int
+    """Randomness of patch sampling and random transforms: a sample's draws depend on (seed, epoch, sample index)."""
+    epoch: _builtins.int
     @_builtins.property
     def spec(self) -> _spec_pb2.DatasourceSpec: ...
     @_builtins.property
@@ -407,10 +440,12 @@ class GetSamplesRequest(_message.Message):
         sample_indices: _abc.Iterable[_builtins.int] | None = ...,
         integer_compression: _tensor_pb2.Compression.ValueType = ...,
         shared_memory: _tensor_pb2.SharedMemory | None = ...,
+        seed: _builtins.int = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["integer_compression", b"integer_compression", "sample_indices", b"sample_indices", "shared_memory", b"shared_memory", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "integer_compression", b"integer_compression", "sample_indices", b"sample_indices", "seed", b"seed", "shared_memory", b"shared_memory", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -510,6 +545,14 @@ class StreamBatchesRequest(_message.Message):
     DROP_LAST_FIELD_NUMBER: _builtins.int
     START_POSITION_FIELD_NUMBER: _builtins.int
     INTEGER_COMPRESSION_FIELD_NUMBER: _builtins.int
+    SAMPLE_SUBSET_FIELD_NUMBER: _builtins.int
+    SAMPLE_WEIGHTS_FIELD_NUMBER: _builtins.int
+    SAMPLES_PER_EPOCH_FIELD_NUMBER: _builtins.int
+    SUBJECTS_PER_WINDOW_FIELD_NUMBER: _builtins.int
+    SHARD_BALANCE_FIELD_NUMBER: _builtins.int
+    GLOBAL_START_FIELD_NUMBER: _builtins.int
+    BATCH_SHARD_INDEX_FIELD_NUMBER: _builtins.int
+    BATCH_SHARD_COUNT_FIELD_NUMBER: _builtins.int
     batch_size: _builtins.int
     """Samples per batch handed to the consumer (pymia / DataLoader batch size). Several batches may share a message."""
     shuffle: _builtins.bool
@@ -526,8 +569,37 @@ class StreamBatchesRequest(_message.Message):
     """Skip this many samples of this consumer's order (resume)."""
     integer_compression: _tensor_pb2.Compression.ValueType
     """Compress tensors of integer or bool dtype (label maps, masks) with this codec where that makes them smaller."""
+    samples_per_epoch: _builtins.int
+    """With sample_weights: draws per epoch (0: the population's size)."""
+    subjects_per_window: _builtins.int
+    """With shuffle: 0 shuffles the epoch as one permutation; n > 0 permutes the subjects, then the samples of each n
+    consecutive subjects among themselves, so a stream holds about n subjects' data at a time (TorchIO's Queue).
+    """
+    shard_balance: Global___ShardBalance.ValueType
+    """How shards are evened out: every shard then has the same number of samples."""
+    global_start: _builtins.int
+    """Skip this many positions of the epoch's order before it is sharded and balanced (an elastic resume: consumers
+    that took the first global_start positions, in any number, are followed by any number of others).
+    """
+    batch_shard_index: _builtins.int
+    """This consumer takes batches batch_shard_index, batch_shard_index + batch_shard_count, ... of its shard's batches
+    (DataLoader workers of one rank: the rank's batches are the same whatever the number of workers).
+    """
+    batch_shard_count: _builtins.int
+    """0 is read as 1."""
     @_builtins.property
     def spec(self) -> _spec_pb2.DatasourceSpec: ...
+    @_builtins.property
+    def sample_subset(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The epoch covers these sample indices (each at most once, in the order given unless shuffled) instead of all."""
+
+    @_builtins.property
+    def sample_weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One non-negative weight per sample of the epoch's population (sample_subset, or every sample): the epoch is
+        samples_per_epoch draws with replacement in proportion to the weights, from a generator seeded by
+        (seed, epoch) (torch's WeightedRandomSampler). shuffle is then implied.
+        """
+
     def __init__(
         self,
         *,
@@ -541,14 +613,75 @@ class StreamBatchesRequest(_message.Message):
         drop_last: _builtins.bool = ...,
         start_position: _builtins.int = ...,
         integer_compression: _tensor_pb2.Compression.ValueType = ...,
+        sample_subset: _abc.Iterable[_builtins.int] | None = ...,
+        sample_weights: _abc.Iterable[_builtins.float] | None = ...,
+        samples_per_epoch: _builtins.int = ...,
+        subjects_per_window: _builtins.int = ...,
+        shard_balance: Global___ShardBalance.ValueType = ...,
+        global_start: _builtins.int = ...,
+        batch_shard_index: _builtins.int = ...,
+        batch_shard_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "drop_last", b"drop_last", "epoch", b"epoch", "integer_compression", b"integer_compression", "seed", b"seed", "shard_count", b"shard_count", "shard_index", b"shard_index", "shuffle", b"shuffle", "spec", b"spec", "start_position", b"start_position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_shard_count", b"batch_shard_count", "batch_shard_index", b"batch_shard_index", "batch_size", b"batch_size", "drop_last", b"drop_last", "epoch", b"epoch", "global_start", b"global_start", "integer_compression", b"integer_compression", "sample_subset", b"sample_subset", "sample_weights", b"sample_weights", "samples_per_epoch", b"samples_per_epoch", "seed", b"seed", "shard_balance", b"shard_balance", "shard_count", b"shard_count", "shard_index", b"shard_index", "shuffle", b"shuffle", "spec", b"spec", "start_position", b"start_position", "subjects_per_window", b"subjects_per_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamBatchesRequest: _TypeAlias = StreamBatchesRequest  # noqa: Y015
+
+@_typing.final
+class SelectIndicesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    SELECTION_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    seed: _builtins.int
+    """Randomness of the datasource's patch sampling and random transforms (see GetSamplesRequest)."""
+    epoch: _builtins.int
+    @_builtins.property
+    def spec(self) -> _spec_pb2.DatasourceSpec: ...
+    @_builtins.property
+    def selection(self) -> _spec_pb2.Selection: ...
+    def __init__(
+        self,
+        *,
+        spec: _spec_pb2.DatasourceSpec | None = ...,
+        selection: _spec_pb2.Selection | None = ...,
+        seed: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["selection", b"selection", "spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "seed", b"seed", "selection", b"selection", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SelectIndicesRequest: _TypeAlias = SelectIndicesRequest  # noqa: Y015
+
+@_typing.final
+class SelectIndicesResponse(_message.Message):
+    """Accepted indices in ascending order, over one or more messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        indices: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SelectIndicesResponse: _TypeAlias = SelectIndicesResponse  # noqa: Y015
 
 @_typing.final
 class StreamBatchesResponse(_message.Message):

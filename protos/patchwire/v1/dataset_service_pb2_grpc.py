@@ -65,6 +65,11 @@ class DatasetServiceStub:
                 request_serializer=patchwire_dot_v1_dot_dataset__service__pb2.StreamBatchesRequest.SerializeToString,
                 response_deserializer=patchwire_dot_v1_dot_dataset__service__pb2.StreamBatchesResponse.FromString,
                 _registered_method=True)
+        self.SelectIndices = channel.unary_stream(
+                '/patchwire.v1.DatasetService/SelectIndices',
+                request_serializer=patchwire_dot_v1_dot_dataset__service__pb2.SelectIndicesRequest.SerializeToString,
+                response_deserializer=patchwire_dot_v1_dot_dataset__service__pb2.SelectIndicesResponse.FromString,
+                _registered_method=True)
 
 
 class DatasetServiceServicer:
@@ -113,6 +118,13 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SelectIndices(self, request, context):
+        """The indices of the samples a selection strategy accepts, in order (pymia's select_indices), evaluated here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatasetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +157,11 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.StreamBatches,
                     request_deserializer=patchwire_dot_v1_dot_dataset__service__pb2.StreamBatchesRequest.FromString,
                     response_serializer=patchwire_dot_v1_dot_dataset__service__pb2.StreamBatchesResponse.SerializeToString,
+            ),
+            'SelectIndices': grpc.unary_stream_rpc_method_handler(
+                    servicer.SelectIndices,
+                    request_deserializer=patchwire_dot_v1_dot_dataset__service__pb2.SelectIndicesRequest.FromString,
+                    response_serializer=patchwire_dot_v1_dot_dataset__service__pb2.SelectIndicesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +327,33 @@ class DatasetService:
             '/patchwire.v1.DatasetService/StreamBatches',
             patchwire_dot_v1_dot_dataset__service__pb2.StreamBatchesRequest.SerializeToString,
             patchwire_dot_v1_dot_dataset__service__pb2.StreamBatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SelectIndices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/patchwire.v1.DatasetService/SelectIndices',
+            patchwire_dot_v1_dot_dataset__service__pb2.SelectIndicesRequest.SerializeToString,
+            patchwire_dot_v1_dot_dataset__service__pb2.SelectIndicesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class DatasetServiceStub:
     """Extracts from one subject with any extractor, bypassing indexing (pymia's direct_extract)."""
     StreamBatches: _grpc.UnaryStreamMultiCallable[_dataset_service_pb2.StreamBatchesRequest, _dataset_service_pb2.StreamBatchesResponse]
     """Streams an epoch (or this consumer's shard of it) as batches."""
+    SelectIndices: _grpc.UnaryStreamMultiCallable[_dataset_service_pb2.SelectIndicesRequest, _dataset_service_pb2.SelectIndicesResponse]
+    """The indices of the samples a selection strategy accepts, in order (pymia's select_indices), evaluated here."""
 
 @_typing.type_check_only
 class DatasetServiceAsyncStub(DatasetServiceStub):
@@ -63,6 +65,8 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     """Extracts from one subject with any extractor, bypassing indexing (pymia's direct_extract)."""
     StreamBatches: _aio.UnaryStreamMultiCallable[_dataset_service_pb2.StreamBatchesRequest, _dataset_service_pb2.StreamBatchesResponse]  # type: ignore[assignment]
     """Streams an epoch (or this consumer's shard of it) as batches."""
+    SelectIndices: _aio.UnaryStreamMultiCallable[_dataset_service_pb2.SelectIndicesRequest, _dataset_service_pb2.SelectIndicesResponse]  # type: ignore[assignment]
+    """The indices of the samples a selection strategy accepts, in order (pymia's select_indices), evaluated here."""
 
 class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
     """Serves pymia-format HDF5 datasets: a catalog, indexed and transformed samples, and a batched stream."""
@@ -114,5 +118,13 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_dataset_service_pb2.StreamBatchesResponse], _abc.AsyncIterator[_dataset_service_pb2.StreamBatchesResponse]]:
         """Streams an epoch (or this consumer's shard of it) as batches."""
+
+    @_abc_1.abstractmethod
+    def SelectIndices(
+        self,
+        request: _dataset_service_pb2.SelectIndicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dataset_service_pb2.SelectIndicesResponse], _abc.AsyncIterator[_dataset_service_pb2.SelectIndicesResponse]]:
+        """The indices of the samples a selection strategy accepts, in order (pymia's select_indices), evaluated here."""
 
 def add_DatasetServiceServicer_to_server(servicer: DatasetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from patchwire.v1 import tensor_pb2 as _tensor_pb2
 from patchwire.v1 import values_pb2 as _values_pb2
 import builtins as _builtins
@@ -19,6 +20,39 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Interpolation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InterpolationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Interpolation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTERPOLATION_UNSPECIFIED: _Interpolation.ValueType  # 0
+    """Linear."""
+    INTERPOLATION_NEAREST: _Interpolation.ValueType  # 1
+    INTERPOLATION_LINEAR: _Interpolation.ValueType  # 2
+    INTERPOLATION_BSPLINE: _Interpolation.ValueType  # 3
+    """Cubic B-spline (pymia's elastic default for images)."""
+
+class Interpolation(_Interpolation, metaclass=_InterpolationEnumTypeWrapper):
+    """---------------------------------------------------------------------------------------------------------------------
+    Augmentation (pymia.data.augmentation, and the random transforms TorchIO and MONAI users reach for first)
+
+    A random transform draws from its own generator, seeded by (seed, epoch, sample position, its place in the
+    transform chain) only: an augmented epoch is the same, byte for byte, whatever the order, batching, workers or
+    ranks. `p` is the probability that a sample is transformed (absent: the default the message names). Spatial
+    transforms move all their entries together; arrays of integer or bool dtype (label maps) are always resampled
+    nearest-neighbour, floating ones with `interpolation`. `spatial_axes`: the axes a spatial transform acts on
+    (empty: every axis but the last, pymia's channel-last layout); every entry must have the same size along them.
+    """
+
+INTERPOLATION_UNSPECIFIED: Interpolation.ValueType  # 0
+"""Linear."""
+INTERPOLATION_NEAREST: Interpolation.ValueType  # 1
+INTERPOLATION_LINEAR: Interpolation.ValueType  # 2
+INTERPOLATION_BSPLINE: Interpolation.ValueType  # 3
+"""Cubic B-spline (pymia's elastic default for images)."""
+Global___Interpolation: _TypeAlias = Interpolation  # noqa: Y015
 
 @_typing.final
 class EmptyIndexing(_message.Message):
@@ -117,6 +151,204 @@ class VoxelWiseIndexing(_message.Message):
 Global___VoxelWiseIndexing: _TypeAlias = VoxelWiseIndexing  # noqa: Y015
 
 @_typing.final
+class PatchSampling(_message.Message):
+    """Random patches drawn on the server (TorchIO's samplers, MONAI's RandCropBy*): each subject has
+    samples_per_volume samples per epoch; sample k of a subject is a patch of patch_shape whose centre is drawn by the
+    sampler from a generator seeded by (seed, epoch, sample index) only, so an epoch's patches are the same whatever
+    the order, batching, workers or ranks, and differ from epoch to epoch. The centre is the voxel at patch_shape // 2
+    of the patch (TorchIO's convention); a patch reaching past the volume is padded with zeros. A subject that has no
+    voxel the sampler may choose (a label absent from it) has its centres drawn uniformly instead.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATCH_SHAPE_FIELD_NUMBER: _builtins.int
+    SAMPLES_PER_VOLUME_FIELD_NUMBER: _builtins.int
+    UNIFORM_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    POSITIVE_NEGATIVE_FIELD_NUMBER: _builtins.int
+    WEIGHTED_FIELD_NUMBER: _builtins.int
+    samples_per_volume: _builtins.int
+    """At least 1."""
+    @_builtins.property
+    def patch_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """One size per spatial axis (the image's leading axes; entries stay whole), each at least 1."""
+
+    @_builtins.property
+    def uniform(self) -> Global___UniformSampler: ...
+    @_builtins.property
+    def label(self) -> Global___LabelSampler: ...
+    @_builtins.property
+    def positive_negative(self) -> Global___PositiveNegativeSampler: ...
+    @_builtins.property
+    def weighted(self) -> Global___WeightedSampler: ...
+    def __init__(
+        self,
+        *,
+        patch_shape: _abc.Iterable[_builtins.int] | None = ...,
+        samples_per_volume: _builtins.int = ...,
+        uniform: Global___UniformSampler | None = ...,
+        label: Global___LabelSampler | None = ...,
+        positive_negative: Global___PositiveNegativeSampler | None = ...,
+        weighted: Global___WeightedSampler | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "positive_negative", b"positive_negative", "sampler", b"sampler", "uniform", b"uniform", "weighted", b"weighted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "patch_shape", b"patch_shape", "positive_negative", b"positive_negative", "sampler", b"sampler", "samples_per_volume", b"samples_per_volume", "uniform", b"uniform", "weighted", b"weighted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_sampler: _TypeAlias = _typing.Literal["uniform", "label", "positive_negative", "weighted"]  # noqa: Y015
+    _WhichOneofArgType_sampler: _TypeAlias = _typing.Literal["sampler", b"sampler"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_sampler) -> _WhichOneofReturnType_sampler | None: ...
+
+Global___PatchSampling: _TypeAlias = PatchSampling  # noqa: Y015
+
+@_typing.final
+class UniformSampler(_message.Message):
+    """Centres uniform over the volume's voxels (TorchIO UniformSampler, but patches may reach past the border)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UniformSampler: _TypeAlias = UniformSampler  # noqa: Y015
+
+@_typing.final
+class LabelProbability(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    label: _builtins.int
+    probability: _builtins.float
+    def __init__(
+        self,
+        *,
+        label: _builtins.int = ...,
+        probability: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "probability", b"probability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelProbability: _TypeAlias = LabelProbability  # noqa: Y015
+
+@_typing.final
+class MapEntry(_message.Message):
+    """Where the sampler reads a map from: a category and one of its entries (channels)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    """Empty: "labels"."""
+    entry: _builtins.str
+    """Entry (channel) name; empty: the category's first entry."""
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        entry: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapEntry: _TypeAlias = MapEntry  # noqa: Y015
+
+@_typing.final
+class LabelSampler(_message.Message):
+    """The centre's label is drawn with the given probabilities (renormalised over the labels the subject holds), then
+    the centre uniformly among that label's voxels (TorchIO LabelSampler, MONAI RandCropByLabelClasses). No
+    probabilities: every label present in the subject is equally likely.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_MAP_FIELD_NUMBER: _builtins.int
+    PROBABILITIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def label_map(self) -> Global___MapEntry: ...
+    @_builtins.property
+    def probabilities(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelProbability]: ...
+    def __init__(
+        self,
+        *,
+        label_map: Global___MapEntry | None = ...,
+        probabilities: _abc.Iterable[Global___LabelProbability] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["label_map", b"label_map"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_map", b"label_map", "probabilities", b"probabilities"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelSampler: _TypeAlias = LabelSampler  # noqa: Y015
+
+@_typing.final
+class PositiveNegativeSampler(_message.Message):
+    """A foreground centre (label > 0) with probability positive / (positive + negative), else a background one
+    (MONAI RandCropByPosNegLabel).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_MAP_FIELD_NUMBER: _builtins.int
+    POSITIVE_FIELD_NUMBER: _builtins.int
+    NEGATIVE_FIELD_NUMBER: _builtins.int
+    positive: _builtins.float
+    negative: _builtins.float
+    @_builtins.property
+    def label_map(self) -> Global___MapEntry: ...
+    def __init__(
+        self,
+        *,
+        label_map: Global___MapEntry | None = ...,
+        positive: _builtins.float = ...,
+        negative: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["label_map", b"label_map"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_map", b"label_map", "negative", b"negative", "positive", b"positive"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PositiveNegativeSampler: _TypeAlias = PositiveNegativeSampler  # noqa: Y015
+
+@_typing.final
+class WeightedSampler(_message.Message):
+    """Centres drawn with probability proportional to a non-negative map (TorchIO WeightedSampler)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROBABILITY_MAP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def probability_map(self) -> Global___MapEntry: ...
+    def __init__(
+        self,
+        *,
+        probability_map: Global___MapEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["probability_map", b"probability_map"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["probability_map", b"probability_map"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightedSampler: _TypeAlias = WeightedSampler  # noqa: Y015
+
+@_typing.final
 class IndexingStrategy(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -124,6 +356,7 @@ class IndexingStrategy(_message.Message):
     SLICE_FIELD_NUMBER: _builtins.int
     PATCH_WISE_FIELD_NUMBER: _builtins.int
     VOXEL_WISE_FIELD_NUMBER: _builtins.int
+    PATCH_SAMPLING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def empty(self) -> Global___EmptyIndexing: ...
     @_builtins.property
@@ -132,6 +365,8 @@ class IndexingStrategy(_message.Message):
     def patch_wise(self) -> Global___PatchWiseIndexing: ...
     @_builtins.property
     def voxel_wise(self) -> Global___VoxelWiseIndexing: ...
+    @_builtins.property
+    def patch_sampling(self) -> Global___PatchSampling: ...
     def __init__(
         self,
         *,
@@ -139,12 +374,13 @@ class IndexingStrategy(_message.Message):
         slice: Global___SliceIndexing | None = ...,
         patch_wise: Global___PatchWiseIndexing | None = ...,
         voxel_wise: Global___VoxelWiseIndexing | None = ...,
+        patch_sampling: Global___PatchSampling | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["empty", b"empty", "patch_wise", b"patch_wise", "slice", b"slice", "strategy", b"strategy", "voxel_wise", b"voxel_wise"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["empty", b"empty", "patch_sampling", b"patch_sampling", "patch_wise", b"patch_wise", "slice", b"slice", "strategy", b"strategy", "voxel_wise", b"voxel_wise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty", b"empty", "patch_wise", b"patch_wise", "slice", b"slice", "strategy", b"strategy", "voxel_wise", b"voxel_wise"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty", b"empty", "patch_sampling", b"patch_sampling", "patch_wise", b"patch_wise", "slice", b"slice", "strategy", b"strategy", "voxel_wise", b"voxel_wise"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["empty", "slice", "patch_wise", "voxel_wise"]  # noqa: Y015
+    _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["empty", "slice", "patch_wise", "voxel_wise", "patch_sampling"]  # noqa: Y015
     _WhichOneofArgType_strategy: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_strategy) -> _WhichOneofReturnType_strategy | None: ...
 
@@ -867,6 +1103,509 @@ class ComposeTransform(_message.Message):
 Global___ComposeTransform: _TypeAlias = ComposeTransform  # noqa: Y015
 
 @_typing.final
+class RandomCrop(_message.Message):
+    """Absent optional p: 1.0 (pymia's default), except where noted.
+
+    pymia RandomCrop: crops `axis[i]` to `shape[i]` at a random anchor (same for every entry).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAPE_FIELD_NUMBER: _builtins.int
+    AXIS_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    p: _builtins.float
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def axis(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Empty: 0, 1, ... len(shape) - 1."""
+
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        axis: _abc.Iterable[_builtins.int] | None = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "axis", b"axis", "entries", b"entries", "p", b"p", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomCrop: _TypeAlias = RandomCrop  # noqa: Y015
+
+@_typing.final
+class RandomMirror(_message.Message):
+    """pymia RandomMirror: flips along `axis`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AXIS_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    axis: _builtins.int
+    p: _builtins.float
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        axis: _builtins.int = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "axis", b"axis", "entries", b"entries", "p", b"p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomMirror: _TypeAlias = RandomMirror  # noqa: Y015
+
+@_typing.final
+class RandomRotation90(_message.Message):
+    """pymia RandomRotation90: rotates by 90, 180 or 270 degrees in the plane of `axes` (two axes of equal size)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AXES_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    p: _builtins.float
+    @_builtins.property
+    def axes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        axes: _abc.Iterable[_builtins.int] | None = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "axes", b"axes", "entries", b"entries", "p", b"p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomRotation90: _TypeAlias = RandomRotation90  # noqa: Y015
+
+@_typing.final
+class RandomShift(_message.Message):
+    """pymia RandomShift: rolls `axis[i]` by an integer drawn from [-shift[i] * size, shift[i] * size)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHIFT_FIELD_NUMBER: _builtins.int
+    AXIS_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    p: _builtins.float
+    @_builtins.property
+    def shift(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def axis(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        shift: _abc.Iterable[_builtins.float] | None = ...,
+        axis: _abc.Iterable[_builtins.int] | None = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "axis", b"axis", "entries", b"entries", "p", b"p", "shift", b"shift"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomShift: _TypeAlias = RandomShift  # noqa: Y015
+
+@_typing.final
+class RandomElasticDeformation(_message.Message):
+    """pymia RandomElasticDeformation: a B-spline displacement field with num_control_points per spatial axis and
+    Gaussian control-point displacements of deformation_sigma voxels. Absent p: 0.5 (pymia's default).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_CONTROL_POINTS_FIELD_NUMBER: _builtins.int
+    DEFORMATION_SIGMA_FIELD_NUMBER: _builtins.int
+    INTERPOLATORS_FIELD_NUMBER: _builtins.int
+    SPATIAL_AXES_FIELD_NUMBER: _builtins.int
+    FILL_VALUE_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    num_control_points: _builtins.int
+    deformation_sigma: _builtins.float
+    fill_value: _builtins.float
+    p: _builtins.float
+    @_builtins.property
+    def interpolators(self) -> _containers.RepeatedScalarFieldContainer[Global___Interpolation.ValueType]:
+        """One per entry; empty: B-spline for floating arrays."""
+
+    @_builtins.property
+    def spatial_axes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        num_control_points: _builtins.int = ...,
+        deformation_sigma: _builtins.float = ...,
+        interpolators: _abc.Iterable[Global___Interpolation.ValueType] | None = ...,
+        spatial_axes: _abc.Iterable[_builtins.int] | None = ...,
+        fill_value: _builtins.float = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "deformation_sigma", b"deformation_sigma", "entries", b"entries", "fill_value", b"fill_value", "interpolators", b"interpolators", "num_control_points", b"num_control_points", "p", b"p", "spatial_axes", b"spatial_axes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomElasticDeformation: _TypeAlias = RandomElasticDeformation  # noqa: Y015
+
+@_typing.final
+class RandomFlip(_message.Message):
+    """TorchIO RandomFlip / MONAI RandFlip: each of `axes` (empty: every spatial axis) flipped with probability
+    flip_probability (absent: 0.5).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AXES_FIELD_NUMBER: _builtins.int
+    FLIP_PROBABILITY_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    flip_probability: _builtins.float
+    p: _builtins.float
+    @_builtins.property
+    def axes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        axes: _abc.Iterable[_builtins.int] | None = ...,
+        flip_probability: _builtins.float | None = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_flip_probability", b"_flip_probability", "_p", b"_p", "flip_probability", b"flip_probability", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_flip_probability", b"_flip_probability", "_p", b"_p", "axes", b"axes", "entries", b"entries", "flip_probability", b"flip_probability", "p", b"p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__flip_probability: _TypeAlias = _typing.Literal["flip_probability"]  # noqa: Y015
+    _WhichOneofArgType__flip_probability: _TypeAlias = _typing.Literal["_flip_probability", b"_flip_probability"]  # noqa: Y015
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__flip_probability) -> _WhichOneofReturnType__flip_probability | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomFlip: _TypeAlias = RandomFlip  # noqa: Y015
+
+@_typing.final
+class Range(_message.Message):
+    """A closed interval to draw a parameter from uniformly."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    high: _builtins.float
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Range: _TypeAlias = Range  # noqa: Y015
+
+@_typing.final
+class RandomAffine(_message.Message):
+    """TorchIO RandomAffine / MONAI RandAffine: scaling, rotation (degrees) and translation (voxels) about the centre,
+    each drawn per spatial axis from its range (one range for all axes, or one per spatial axis; absent: identity).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCALES_FIELD_NUMBER: _builtins.int
+    DEGREES_FIELD_NUMBER: _builtins.int
+    TRANSLATION_FIELD_NUMBER: _builtins.int
+    INTERPOLATION_FIELD_NUMBER: _builtins.int
+    SPATIAL_AXES_FIELD_NUMBER: _builtins.int
+    FILL_VALUE_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    interpolation: Global___Interpolation.ValueType
+    fill_value: _builtins.float
+    """Value outside the input (TorchIO's default_pad_value=0 for images and labels alike)."""
+    p: _builtins.float
+    @_builtins.property
+    def scales(self) -> _containers.RepeatedCompositeFieldContainer[Global___Range]: ...
+    @_builtins.property
+    def degrees(self) -> _containers.RepeatedCompositeFieldContainer[Global___Range]: ...
+    @_builtins.property
+    def translation(self) -> _containers.RepeatedCompositeFieldContainer[Global___Range]: ...
+    @_builtins.property
+    def spatial_axes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        scales: _abc.Iterable[Global___Range] | None = ...,
+        degrees: _abc.Iterable[Global___Range] | None = ...,
+        translation: _abc.Iterable[Global___Range] | None = ...,
+        interpolation: Global___Interpolation.ValueType = ...,
+        spatial_axes: _abc.Iterable[_builtins.int] | None = ...,
+        fill_value: _builtins.float = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "degrees", b"degrees", "entries", b"entries", "fill_value", b"fill_value", "interpolation", b"interpolation", "p", b"p", "scales", b"scales", "spatial_axes", b"spatial_axes", "translation", b"translation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomAffine: _TypeAlias = RandomAffine  # noqa: Y015
+
+@_typing.final
+class RandomElastic(_message.Message):
+    """TorchIO RandomElasticDeformation: a coarse grid of num_control_points per axis (absent: 7), displacements drawn
+    uniformly up to max_displacement voxels (absent: 7.5) and smoothed by cubic B-spline interpolation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_CONTROL_POINTS_FIELD_NUMBER: _builtins.int
+    MAX_DISPLACEMENT_FIELD_NUMBER: _builtins.int
+    INTERPOLATION_FIELD_NUMBER: _builtins.int
+    SPATIAL_AXES_FIELD_NUMBER: _builtins.int
+    FILL_VALUE_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    num_control_points: _builtins.int
+    max_displacement: _builtins.float
+    interpolation: Global___Interpolation.ValueType
+    fill_value: _builtins.float
+    p: _builtins.float
+    @_builtins.property
+    def spatial_axes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        num_control_points: _builtins.int | None = ...,
+        max_displacement: _builtins.float | None = ...,
+        interpolation: Global___Interpolation.ValueType = ...,
+        spatial_axes: _abc.Iterable[_builtins.int] | None = ...,
+        fill_value: _builtins.float = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_displacement", b"_max_displacement", "_num_control_points", b"_num_control_points", "_p", b"_p", "max_displacement", b"max_displacement", "num_control_points", b"num_control_points", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_displacement", b"_max_displacement", "_num_control_points", b"_num_control_points", "_p", b"_p", "entries", b"entries", "fill_value", b"fill_value", "interpolation", b"interpolation", "max_displacement", b"max_displacement", "num_control_points", b"num_control_points", "p", b"p", "spatial_axes", b"spatial_axes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_displacement: _TypeAlias = _typing.Literal["max_displacement"]  # noqa: Y015
+    _WhichOneofArgType__max_displacement: _TypeAlias = _typing.Literal["_max_displacement", b"_max_displacement"]  # noqa: Y015
+    _WhichOneofReturnType__num_control_points: _TypeAlias = _typing.Literal["num_control_points"]  # noqa: Y015
+    _WhichOneofArgType__num_control_points: _TypeAlias = _typing.Literal["_num_control_points", b"_num_control_points"]  # noqa: Y015
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_displacement) -> _WhichOneofReturnType__max_displacement | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_control_points) -> _WhichOneofReturnType__num_control_points | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomElastic: _TypeAlias = RandomElastic  # noqa: Y015
+
+@_typing.final
+class RandomGamma(_message.Message):
+    """TorchIO RandomGamma: x -> sign(x) * |x| ** exp(g), g ~ U(log_gamma) (absent: [-0.3, 0.3])."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOG_GAMMA_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    p: _builtins.float
+    @_builtins.property
+    def log_gamma(self) -> Global___Range: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        log_gamma: Global___Range | None = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "log_gamma", b"log_gamma", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "entries", b"entries", "log_gamma", b"log_gamma", "p", b"p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomGamma: _TypeAlias = RandomGamma  # noqa: Y015
+
+@_typing.final
+class RandomNoise(_message.Message):
+    """TorchIO RandomNoise / MONAI RandGaussianNoise: adds N(mean, std) noise, std ~ U(std) (absent: [0, 0.25])."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    mean: _builtins.float
+    p: _builtins.float
+    @_builtins.property
+    def std(self) -> Global___Range: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        mean: _builtins.float = ...,
+        std: Global___Range | None = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "p", b"p", "std", b"std"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "entries", b"entries", "mean", b"mean", "p", b"p", "std", b"std"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomNoise: _TypeAlias = RandomNoise  # noqa: Y015
+
+@_typing.final
+class RandomBiasField(_message.Message):
+    """TorchIO RandomBiasField: multiplies by exp of a polynomial of `order` (absent: 3) over the spatial axes with
+    coefficients ~ U(-coefficients, coefficients) (absent: 0.5).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COEFFICIENTS_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    SPATIAL_AXES_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    coefficients: _builtins.float
+    order: _builtins.int
+    p: _builtins.float
+    @_builtins.property
+    def spatial_axes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        coefficients: _builtins.float | None = ...,
+        order: _builtins.int | None = ...,
+        spatial_axes: _abc.Iterable[_builtins.int] | None = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_coefficients", b"_coefficients", "_order", b"_order", "_p", b"_p", "coefficients", b"coefficients", "order", b"order", "p", b"p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_coefficients", b"_coefficients", "_order", b"_order", "_p", b"_p", "coefficients", b"coefficients", "entries", b"entries", "order", b"order", "p", b"p", "spatial_axes", b"spatial_axes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__coefficients: _TypeAlias = _typing.Literal["coefficients"]  # noqa: Y015
+    _WhichOneofArgType__coefficients: _TypeAlias = _typing.Literal["_coefficients", b"_coefficients"]  # noqa: Y015
+    _WhichOneofReturnType__order: _TypeAlias = _typing.Literal["order"]  # noqa: Y015
+    _WhichOneofArgType__order: _TypeAlias = _typing.Literal["_order", b"_order"]  # noqa: Y015
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__coefficients) -> _WhichOneofReturnType__coefficients | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__order) -> _WhichOneofReturnType__order | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomBiasField: _TypeAlias = RandomBiasField  # noqa: Y015
+
+@_typing.final
+class RandomIntensityScaleShift(_message.Message):
+    """MONAI RandScaleIntensity and RandShiftIntensity in one: x * (1 + s) + o, s ~ U(scale), o ~ U(shift) (absent: 0)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCALE_FIELD_NUMBER: _builtins.int
+    SHIFT_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    p: _builtins.float
+    @_builtins.property
+    def scale(self) -> Global___Range: ...
+    @_builtins.property
+    def shift(self) -> Global___Range: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        scale: Global___Range | None = ...,
+        shift: Global___Range | None = ...,
+        p: _builtins.float | None = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "p", b"p", "scale", b"scale", "shift", b"shift"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_p", b"_p", "entries", b"entries", "p", b"p", "scale", b"scale", "shift", b"shift"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__p: _TypeAlias = _typing.Literal["p"]  # noqa: Y015
+    _WhichOneofArgType__p: _TypeAlias = _typing.Literal["_p", b"_p"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p) -> _WhichOneofReturnType__p | None: ...
+
+Global___RandomIntensityScaleShift: _TypeAlias = RandomIntensityScaleShift  # noqa: Y015
+
+@_typing.final
 class Transform(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -881,6 +1620,18 @@ class Transform(_message.Message):
     SIZE_CORRECTION_FIELD_NUMBER: _builtins.int
     MASK_FIELD_NUMBER: _builtins.int
     COMPOSE_FIELD_NUMBER: _builtins.int
+    RANDOM_CROP_FIELD_NUMBER: _builtins.int
+    RANDOM_MIRROR_FIELD_NUMBER: _builtins.int
+    RANDOM_ROTATION90_FIELD_NUMBER: _builtins.int
+    RANDOM_SHIFT_FIELD_NUMBER: _builtins.int
+    RANDOM_ELASTIC_DEFORMATION_FIELD_NUMBER: _builtins.int
+    RANDOM_FLIP_FIELD_NUMBER: _builtins.int
+    RANDOM_AFFINE_FIELD_NUMBER: _builtins.int
+    RANDOM_ELASTIC_FIELD_NUMBER: _builtins.int
+    RANDOM_GAMMA_FIELD_NUMBER: _builtins.int
+    RANDOM_NOISE_FIELD_NUMBER: _builtins.int
+    RANDOM_BIAS_FIELD_FIELD_NUMBER: _builtins.int
+    RANDOM_INTENSITY_SCALE_SHIFT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def permute(self) -> Global___Permute: ...
     @_builtins.property
@@ -903,6 +1654,30 @@ class Transform(_message.Message):
     def mask(self) -> Global___Mask: ...
     @_builtins.property
     def compose(self) -> Global___ComposeTransform: ...
+    @_builtins.property
+    def random_crop(self) -> Global___RandomCrop: ...
+    @_builtins.property
+    def random_mirror(self) -> Global___RandomMirror: ...
+    @_builtins.property
+    def random_rotation90(self) -> Global___RandomRotation90: ...
+    @_builtins.property
+    def random_shift(self) -> Global___RandomShift: ...
+    @_builtins.property
+    def random_elastic_deformation(self) -> Global___RandomElasticDeformation: ...
+    @_builtins.property
+    def random_flip(self) -> Global___RandomFlip: ...
+    @_builtins.property
+    def random_affine(self) -> Global___RandomAffine: ...
+    @_builtins.property
+    def random_elastic(self) -> Global___RandomElastic: ...
+    @_builtins.property
+    def random_gamma(self) -> Global___RandomGamma: ...
+    @_builtins.property
+    def random_noise(self) -> Global___RandomNoise: ...
+    @_builtins.property
+    def random_bias_field(self) -> Global___RandomBiasField: ...
+    @_builtins.property
+    def random_intensity_scale_shift(self) -> Global___RandomIntensityScaleShift: ...
     def __init__(
         self,
         *,
@@ -917,16 +1692,205 @@ class Transform(_message.Message):
         size_correction: Global___SizeCorrection | None = ...,
         mask: Global___Mask | None = ...,
         compose: Global___ComposeTransform | None = ...,
+        random_crop: Global___RandomCrop | None = ...,
+        random_mirror: Global___RandomMirror | None = ...,
+        random_rotation90: Global___RandomRotation90 | None = ...,
+        random_shift: Global___RandomShift | None = ...,
+        random_elastic_deformation: Global___RandomElasticDeformation | None = ...,
+        random_flip: Global___RandomFlip | None = ...,
+        random_affine: Global___RandomAffine | None = ...,
+        random_elastic: Global___RandomElastic | None = ...,
+        random_gamma: Global___RandomGamma | None = ...,
+        random_noise: Global___RandomNoise | None = ...,
+        random_bias_field: Global___RandomBiasField | None = ...,
+        random_intensity_scale_shift: Global___RandomIntensityScaleShift | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["clip_percentile", b"clip_percentile", "compose", b"compose", "intensity_normalization", b"intensity_normalization", "intensity_rescale", b"intensity_rescale", "mask", b"mask", "permute", b"permute", "relabel", b"relabel", "reshape", b"reshape", "size_correction", b"size_correction", "squeeze", b"squeeze", "transform", b"transform", "un_squeeze", b"un_squeeze"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clip_percentile", b"clip_percentile", "compose", b"compose", "intensity_normalization", b"intensity_normalization", "intensity_rescale", b"intensity_rescale", "mask", b"mask", "permute", b"permute", "random_affine", b"random_affine", "random_bias_field", b"random_bias_field", "random_crop", b"random_crop", "random_elastic", b"random_elastic", "random_elastic_deformation", b"random_elastic_deformation", "random_flip", b"random_flip", "random_gamma", b"random_gamma", "random_intensity_scale_shift", b"random_intensity_scale_shift", "random_mirror", b"random_mirror", "random_noise", b"random_noise", "random_rotation90", b"random_rotation90", "random_shift", b"random_shift", "relabel", b"relabel", "reshape", b"reshape", "size_correction", b"size_correction", "squeeze", b"squeeze", "transform", b"transform", "un_squeeze", b"un_squeeze"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_percentile", b"clip_percentile", "compose", b"compose", "intensity_normalization", b"intensity_normalization", "intensity_rescale", b"intensity_rescale", "mask", b"mask", "permute", b"permute", "relabel", b"relabel", "reshape", b"reshape", "size_correction", b"size_correction", "squeeze", b"squeeze", "transform", b"transform", "un_squeeze", b"un_squeeze"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_percentile", b"clip_percentile", "compose", b"compose", "intensity_normalization", b"intensity_normalization", "intensity_rescale", b"intensity_rescale", "mask", b"mask", "permute", b"permute", "random_affine", b"random_affine", "random_bias_field", b"random_bias_field", "random_crop", b"random_crop", "random_elastic", b"random_elastic", "random_elastic_deformation", b"random_elastic_deformation", "random_flip", b"random_flip", "random_gamma", b"random_gamma", "random_intensity_scale_shift", b"random_intensity_scale_shift", "random_mirror", b"random_mirror", "random_noise", b"random_noise", "random_rotation90", b"random_rotation90", "random_shift", b"random_shift", "relabel", b"relabel", "reshape", b"reshape", "size_correction", b"size_correction", "squeeze", b"squeeze", "transform", b"transform", "un_squeeze", b"un_squeeze"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_transform: _TypeAlias = _typing.Literal["permute", "squeeze", "un_squeeze", "reshape", "intensity_normalization", "intensity_rescale", "clip_percentile", "relabel", "size_correction", "mask", "compose"]  # noqa: Y015
+    _WhichOneofReturnType_transform: _TypeAlias = _typing.Literal["permute", "squeeze", "un_squeeze", "reshape", "intensity_normalization", "intensity_rescale", "clip_percentile", "relabel", "size_correction", "mask", "compose", "random_crop", "random_mirror", "random_rotation90", "random_shift", "random_elastic_deformation", "random_flip", "random_affine", "random_elastic", "random_gamma", "random_noise", "random_bias_field", "random_intensity_scale_shift"]  # noqa: Y015
     _WhichOneofArgType_transform: _TypeAlias = _typing.Literal["transform", b"transform"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_transform) -> _WhichOneofReturnType_transform | None: ...
 
 Global___Transform: _TypeAlias = Transform  # noqa: Y015
+
+@_typing.final
+class NonBlackSelection(_message.Message):
+    """---------------------------------------------------------------------------------------------------------------------
+    Selection strategies (pymia.data.extraction.selection), evaluated on the server on each sample as the datasource
+    gives it (after extraction and transform).
+
+    True when any value of `images` is above black_value.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLACK_VALUE_FIELD_NUMBER: _builtins.int
+    black_value: _builtins.float
+    def __init__(
+        self,
+        *,
+        black_value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["black_value", b"black_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NonBlackSelection: _TypeAlias = NonBlackSelection  # noqa: Y015
+
+@_typing.final
+class NonConstantSelection(_message.Message):
+    """True when `images` is not constant; with loop_axis, when any slice along it is not constant (pymia's fails)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOOP_AXIS_FIELD_NUMBER: _builtins.int
+    loop_axis: _builtins.int
+    def __init__(
+        self,
+        *,
+        loop_axis: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_loop_axis", b"_loop_axis", "loop_axis", b"loop_axis"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loop_axis", b"_loop_axis", "loop_axis", b"loop_axis"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__loop_axis: _TypeAlias = _typing.Literal["loop_axis"]  # noqa: Y015
+    _WhichOneofArgType__loop_axis: _TypeAlias = _typing.Literal["_loop_axis", b"_loop_axis"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__loop_axis) -> _WhichOneofReturnType__loop_axis | None: ...
+
+Global___NonConstantSelection: _TypeAlias = NonConstantSelection  # noqa: Y015
+
+@_typing.final
+class PercentileSelection(_message.Message):
+    """True when every value of `images` is at least its own `percentile`-th percentile (pymia's meaning; rarely true)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENTILE_FIELD_NUMBER: _builtins.int
+    percentile: _builtins.float
+    def __init__(
+        self,
+        *,
+        percentile: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["percentile", b"percentile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PercentileSelection: _TypeAlias = PercentileSelection  # noqa: Y015
+
+@_typing.final
+class WithForegroundSelection(_message.Message):
+    """True when `labels` has any non-zero value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WithForegroundSelection: _TypeAlias = WithForegroundSelection  # noqa: Y015
+
+@_typing.final
+class SubjectSelection(_message.Message):
+    """True for samples of the named subjects (names, or subject indices in file order)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECTS_FIELD_NUMBER: _builtins.int
+    SUBJECT_INDICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subjects(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def subject_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        subjects: _abc.Iterable[_builtins.str] | None = ...,
+        subject_indices: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject_indices", b"subject_indices", "subjects", b"subjects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubjectSelection: _TypeAlias = SubjectSelection  # noqa: Y015
+
+@_typing.final
+class ComposeSelection(_message.Message):
+    """True when every strategy is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STRATEGIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def strategies(self) -> _containers.RepeatedCompositeFieldContainer[Global___Selection]: ...
+    def __init__(
+        self,
+        *,
+        strategies: _abc.Iterable[Global___Selection] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["strategies", b"strategies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComposeSelection: _TypeAlias = ComposeSelection  # noqa: Y015
+
+@_typing.final
+class Selection(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NON_BLACK_FIELD_NUMBER: _builtins.int
+    NON_CONSTANT_FIELD_NUMBER: _builtins.int
+    PERCENTILE_FIELD_NUMBER: _builtins.int
+    WITH_FOREGROUND_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    COMPOSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def non_black(self) -> Global___NonBlackSelection: ...
+    @_builtins.property
+    def non_constant(self) -> Global___NonConstantSelection: ...
+    @_builtins.property
+    def percentile(self) -> Global___PercentileSelection: ...
+    @_builtins.property
+    def with_foreground(self) -> Global___WithForegroundSelection: ...
+    @_builtins.property
+    def subject(self) -> Global___SubjectSelection: ...
+    @_builtins.property
+    def compose(self) -> Global___ComposeSelection: ...
+    def __init__(
+        self,
+        *,
+        non_black: Global___NonBlackSelection | None = ...,
+        non_constant: Global___NonConstantSelection | None = ...,
+        percentile: Global___PercentileSelection | None = ...,
+        with_foreground: Global___WithForegroundSelection | None = ...,
+        subject: Global___SubjectSelection | None = ...,
+        compose: Global___ComposeSelection | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compose", b"compose", "non_black", b"non_black", "non_constant", b"non_constant", "percentile", b"percentile", "strategy", b"strategy", "subject", b"subject", "with_foreground", b"with_foreground"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compose", b"compose", "non_black", b"non_black", "non_constant", b"non_constant", "percentile", b"percentile", "strategy", b"strategy", "subject", b"subject", "with_foreground", b"with_foreground"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["non_black", "non_constant", "percentile", "with_foreground", "subject", "compose"]  # noqa: Y015
+    _WhichOneofArgType_strategy: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_strategy) -> _WhichOneofReturnType_strategy | None: ...
+
+Global___Selection: _TypeAlias = Selection  # noqa: Y015
 
 @_typing.final
 class DatasourceSpec(_message.Message):
