@@ -15,6 +15,7 @@ from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bou
 from patchwire.service._extraction import Extractor, Params, compile_extractor
 from patchwire.service._indexing import Expression, compile_indexing
 from patchwire.service._limits import Limits, check_spec
+from patchwire.service._randomness import Draw
 from patchwire.service._transforms import Transform, compile_transform, writes_in_place
 from patchwire.v1 import spec_pb2
 from patchwire.wire.indexexpression import expression_from_proto
@@ -82,8 +83,9 @@ class CompiledDatasource:
         s = self.subject_indices[pos]
         return s, self.indexing.expression(self.dataset.require_image_shapes()[s], i - self.starts[pos])
 
-    def sample(self, sample_index: int) -> dict[str, Any]:
-        """pymia's ``datasource[i]`` without the ``sample_index`` key (the client adds it after its transforms)."""
+    def sample(self, sample_index: int, draw: Draw | None = None) -> dict[str, Any]:
+        """pymia's ``datasource[i]`` without the ``sample_index`` key (the client adds it after its transforms);
+        ``draw``: the sample's randomness (default: that of its index, seed 0, epoch 0)."""
         if self.extractor is None:
             raise InvalidArgument("spec.extractor: samples need an extractor (pymia fails the same way without one)")
         s, expr = self.locate(sample_index)
@@ -92,7 +94,7 @@ class CompiledDatasource:
         # unless a transform writes into the sample, cached blocks can be read in place
         self.extractor.extract(self.dataset, Params(s, expr, position, self.private), extracted)
         if self.transform is not None:
-            extracted = self.transform(extracted)
+            extracted = self.transform(extracted, draw if draw is not None else Draw.of_index(position))
         return extracted
 
     def order(self, shuffle: bool, seed: int, epoch: int) -> range | np.ndarray:

@@ -6,22 +6,39 @@ for the Python values the user wrote; results are bit-identical to pymia 0.3.4's
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from patchwire.service._augmentation import AUGMENTATIONS, compile_augmentation
 from patchwire.service._errors import MAX_ECHO_CHARS, InvalidArgument, bounded, bounded_list
 from patchwire.service._extraction import spec_choice
 from patchwire.service._limits import check_sample_bytes
+from patchwire.service._randomness import Draw
 from patchwire.v1 import spec_pb2, tensor_pb2
 
 __all__ = ["Transform", "compile_transform", "writes_in_place"]
 
 Sample = dict[str, Any]
-Transform = Callable[[Sample], Sample]
+Step = Callable[[Sample], Sample]
+"""A deterministic transform."""
 EntryFn = Callable[[np.ndarray, str], np.ndarray]
+_NO_DRAW = Draw(0, 0, 0, 0)
+
+
+class Transform:
+    """A compiled transform chain: ``transform(sample, draw)``; its random transforms draw from ``draw`` (each from
+    its own generator, numbered in chain order), the others ignore it."""
+
+    def __init__(self, apply: Callable[[Sample, Draw], Sample]) -> None:
+        self._apply = apply
+
+    def __call__(self, sample: Sample, draw: Draw = _NO_DRAW) -> Sample:
+        return self._apply(sample, draw)
+
 
 MAX_SIZE = 1 << 16
 """Largest axis SizeCorrection pads to (more than any image has: larger sizes are malformed)."""
@@ -55,7 +72,7 @@ def _loop_entries(sample: Sample, fn: EntryFn, entries: Sequence[str], loop_axis
     return sample
 
 
-def _entry_transform(fn: EntryFn, entries: Sequence[str], loop_axis: int | None = None) -> Transform:
+def _entry_transform(fn: EntryFn, entries: Sequence[str], loop_axis: int | None = None) -> Step:
     entries = tuple(entries)
     return lambda sample: _loop_entries(sample, fn, entries, loop_axis)
 
@@ -114,7 +131,7 @@ def _relabel(changes: list[tuple[Any, Any]]) -> EntryFn:
 
 def _size_correction(
     shape: list[int | None], pad_value: Any, entries: Sequence[str], max_bytes: int | None = None
-) -> Transform:
+) -> Step:
     def apply(sample: Sample) -> Sample:
         for entry in entries:
             if entry not in sample:
@@ -146,9 +163,7 @@ def _size_correction(
     return apply
 
 
-def _mask(
-    mask_key: str, mask_value: Any, masking_value: Any, loop_axis: int | None, entries: Sequence[str]
-) -> Transform:
+def _mask(mask_key: str, mask_value: Any, masking_value: Any, loop_axis: int | None, entries: Sequence[str]) -> Step:
     def apply(sample: Sample) -> Sample:
         if mask_key not in sample:
             raise ValueError(f'Mask: mask entry "{_name(mask_key)}" was not extracted')
@@ -174,26 +189,26 @@ def _mask(
 
 
 def _compose(transforms: list[Transform]) -> Transform:
-    def apply(sample: Sample) -> Sample:
+    def apply(sample: Sample, draw: Draw) -> Sample:
         for t in transforms:
-            sample = t(sample)
+            sample = t(sample, draw)
         return sample
 
-    return apply
+    return Transform(apply)
 
 
-def _labelled(name: str, transform: Transform) -> Transform:
+def _labelled(name: str, transform: Callable[[Sample, Draw], Sample]) -> Transform:
     """Reports which transform failed, with numpy's own message."""
 
-    def apply(sample: Sample) -> Sample:
+    def apply(sample: Sample, draw: Draw) -> Sample:
         try:
-            return transform(sample)
+            return transform(sample, draw)
         except InvalidArgument:
             raise
         except (ValueError, TypeError, IndexError, OverflowError, np.exceptions.AxisError) as exc:
             raise InvalidArgument(f"{name}: {exc}") from exc
 
-    return apply
+    return Transform(apply)
 
 
 _VIEWS = frozenset({"permute", "squeeze", "un_squeeze", "reshape", "size_correction"})
@@ -205,31 +220,43 @@ _NEW_ARRAYS_UNLESS_LOOPED = frozenset({"intensity_normalization", "intensity_res
 def writes_in_place(msg: spec_pb2.Transform) -> bool:
     """Whether a transform spec may write into the arrays of the sample it is given (Relabel, Mask, ClipPercentile,
     anything with ``loop_axis``). Samples for a transform that does not are extracted without private copies of the
-    cached blocks: Permute, Squeeze, UnSqueeze, Reshape and SizeCorrection only make views or new arrays."""
+    cached blocks: Permute, Squeeze, UnSqueeze, Reshape and SizeCorrection only make views or new arrays, and the
+    random transforms only new arrays."""
     kind = msg.WhichOneof("transform")
     if kind == "compose":
         return any(writes_in_place(t) for t in msg.compose.transforms)
-    if kind in _VIEWS:
+    if kind in _VIEWS or kind in AUGMENTATIONS:
         return False
     if kind in _NEW_ARRAYS_UNLESS_LOOPED:
         return getattr(msg, kind).HasField("loop_axis")
     return True
 
 
-def compile_transform(
-    msg: spec_pb2.Transform, field: str = "transform", max_bytes: int | None = None, depth: int = 1
+def compile_transform(msg: spec_pb2.Transform, field: str = "transform", max_bytes: int | None = None) -> Transform:
+    """A transform spec compiled; ``max_bytes`` bounds what SizeCorrection may pad an entry to."""
+    return _compile(msg, field, max_bytes, 1, itertools.count())
+
+
+def _compile(
+    msg: spec_pb2.Transform, field: str, max_bytes: int | None, depth: int, streams: Iterator[int]
 ) -> Transform:
-    """A transform spec compiled; ``max_bytes`` bounds what SizeCorrection may pad an entry to. ``depth``: how deep
-    ``msg`` lies in ComposeTransforms (refused beyond MAX_NESTING before going deeper)."""
+    """``depth``: how deep ``msg`` lies in ComposeTransforms (refused beyond MAX_NESTING before going deeper);
+    ``streams`` numbers the random transforms in chain order (each draws from its own generator)."""
     kind, sub, where = spec_choice(msg, "transform", field, depth, "ComposeTransform")
     entries = tuple(getattr(sub, "entries", ()))
     if kind == "compose":
         return _compose(
             [
-                compile_transform(t, f"{where}.transforms[{i}]", max_bytes, depth + 1)
+                _compile(t, f"{where}.transforms[{i}]", max_bytes, depth + 1, streams)
                 for i, t in enumerate(sub.transforms)
             ]
         )
+    label = f"{where} (entries {bounded_list(entries, quote=False) or '-'})"
+    if kind in AUGMENTATIONS:
+        random_step = compile_augmentation(kind, sub, where, max_bytes)
+        stream = next(streams)
+        return _labelled(label, lambda sample, draw: random_step(sample, draw.generator(stream)))
+    t: Step
     if kind == "permute":
         perm = tuple(int(p) for p in sub.permutation)
         if sorted(perm) != list(range(len(perm))):
@@ -287,4 +314,5 @@ def compile_transform(
         )
     else:
         raise InvalidArgument(f"{field}: unknown transform {kind!r}")
-    return _labelled(f"{where} (entries {bounded_list(entries, quote=False) or '-'})", t)
+    step = t
+    return _labelled(label, lambda sample, draw: step(sample))
