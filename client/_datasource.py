@@ -13,6 +13,7 @@ import numpy as np
 from patchwire.client import definition as defs
 from patchwire.client._connection import Connection
 from patchwire.client._decoding import DecodedBatch, decode_stream
+from patchwire.client._epochs import EpochOptions
 from patchwire.client._prefetch import prefetched
 from patchwire.client._resume import read_with_retries, resumed_stream
 from patchwire.client._retry import RetryPolicy
@@ -248,6 +249,7 @@ class RemoteDatasource:
         drop_last: bool,
         start_position: int,
         prefetch: int,
+        epoch_options: EpochOptions | None = None,
     ) -> Iterator[DecodedBatch]:
         """The stream's batches, resumed at the cursor after a retriable failure (no deadline: see _timeouts)."""
         request = dataset_service_pb2.StreamBatchesRequest(
@@ -262,6 +264,8 @@ class RemoteDatasource:
             start_position=start_position,
             integer_compression=self._compression,
         )
+        if epoch_options is not None:
+            epoch_options.fill(request)
 
         def from_position(position: int) -> Iterator[DecodedBatch]:
             resumed = dataset_service_pb2.StreamBatchesRequest()
@@ -301,6 +305,7 @@ class RemoteDatasource:
         drop_last: bool = False,
         start_position: int = 0,
         prefetch: int = PREFETCH_MESSAGES,
+        epoch_options: EpochOptions | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Streams this consumer's share of an epoch as batches: dicts of stacked arrays (or lists where samples
         differ in shape or are not arrays) with ``sample_index`` as an int64 array.
@@ -308,13 +313,23 @@ class RemoteDatasource:
         ``shuffle`` orders the epoch by a permutation derived from (``seed``, ``epoch``) alone; consumer
         ``shard_index`` of ``shard_count`` takes every ``shard_count``-th sample of that order, so the shards are
         disjoint and together cover the epoch once. ``start_position`` skips that many of this consumer's samples
-        (resume). The server sends several batches per message when samples are small and streams big tensors in
-        chunks; the next message is prepared while this one is consumed. A thread receives and decodes up to
-        ``prefetch`` messages ahead of the consumer (0: decode on the consumer's thread), so a training step and the
-        stream overlap.
+        (resume). ``epoch_options`` (:class:`EpochOptions`): a subset, weights, subject windows, balanced shards, an
+        elastic start and per-worker batch shards. The server sends several batches per message when samples are
+        small and streams big tensors in chunks; the next message is prepared while this one is consumed. A thread
+        receives and decodes up to ``prefetch`` messages ahead of the consumer (0: decode on the consumer's thread),
+        so a training step and the stream overlap.
         """
         for decoded in self._stream(
-            batch_size, shuffle, seed, epoch, shard_index, shard_count, drop_last, start_position, prefetch
+            batch_size,
+            shuffle,
+            seed,
+            epoch,
+            shard_index,
+            shard_count,
+            drop_last,
+            start_position,
+            prefetch,
+            epoch_options,
         ):
             if self._pickled or self._client_steps:
                 samples = [_finish(s, self._pickled, self._client_steps) for s in decoded.samples()]
@@ -334,10 +349,11 @@ class RemoteDatasource:
         shard_count: int = 1,
         start_position: int = 0,
         prefetch: int = PREFETCH_MESSAGES,
+        epoch_options: EpochOptions | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Streams samples one by one (as ``ds[i]`` returns them) in this consumer's order; see :meth:`batches`."""
         for decoded in self._stream(
-            64, shuffle, seed, epoch, shard_index, shard_count, False, start_position, prefetch
+            64, shuffle, seed, epoch, shard_index, shard_count, False, start_position, prefetch, epoch_options
         ):
             for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
                 sample = _finish(sample, self._pickled, self._client_steps)

@@ -18,9 +18,11 @@ import numpy as np
 from patchwire.service._auth import current_identity
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
+from patchwire.service._epoch_order import consumer_share, global_order
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
 from patchwire.service._extraction import image_properties
 from patchwire.service._limits import Limits, check_sample_bytes, check_spec, exhausted
+from patchwire.service._randomness import Draw
 from patchwire.service._served import ServedDataset
 from patchwire.service._shared_regions import SharedRegions, named_region, write_payloads
 from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc
@@ -112,6 +114,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             first=len(indices),
             budget=framing.TARGET_MESSAGE_BYTES,
             deliver=deliver,
+            draws=(int(request.seed), int(request.epoch), None),
         ):
             yield message
 
@@ -149,19 +152,20 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         if src.extractor is None:
             raise InvalidArgument("spec.extractor: streaming samples needs an extractor")
 
-        def ordered() -> range | np.ndarray:  # in the executor; a range (never a list) when nothing is shuffled
-            order = src.order(request.shuffle, request.seed, request.epoch)[request.shard_index :: shard_count]
-            if request.drop_last:
-                order = order[: len(order) - len(order) % request.batch_size]
-            return order[request.start_position :]
+        def ordered() -> tuple[np.ndarray | range, np.ndarray | range]:  # in the executor: orders can be long
+            order = global_order(request, src.length, src.starts)
+            share = consumer_share(request, len(order))
+            return share.indices(order, request.global_start), share.positions
 
+        indices, positions = await self._run(ordered)
         async for message in self._stream(
             src,
-            await self._run(ordered),
+            indices,
             request.batch_size,
             dataset_service_pb2.StreamBatchesResponse,
             first_position=request.start_position,
             compression=compression,
+            draws=(int(request.seed), int(request.epoch), positions),
         ):
             yield message
 
@@ -176,6 +180,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         first: int | None = None,
         budget: int | None = None,
         deliver: _SharedDelivery | None = None,
+        draws: tuple[int, int, np.ndarray | range | None] = (0, 0, None),
     ) -> AsyncIterator[Any]:
         """Sends ``indices`` in messages of whole batches sized towards TARGET_MESSAGE_BYTES, one message ahead.
         The first message holds ``first`` samples (default one batch: a short time to first batch); with ``budget``
@@ -183,19 +188,25 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         in the executor, which stops within one sample once the call ends (``stopped``); a sample over
         ``max_sample_bytes`` or a message over ``max_batch_bytes`` ends the call with RESOURCE_EXHAUSTED. With
         ``deliver`` (a client's segment) a message's payloads are written there, where they fit, and the message
-        carries their offsets instead of being followed by chunks."""
+        carries their offsets instead of being followed by chunks. ``draws``: (seed, epoch, positions) of the
+        samples' randomness; positions aligned with ``indices`` (None: each sample's index)."""
         stopped = threading.Event()
+        seed, epoch, positions = draws
         limits = self._limits
 
         def build(start: int, count: int) -> tuple[Encoded, list[int] | None] | None:
             chunk = [int(i) for i in indices[start : start + count]]
+            if positions is None:  # each sample's own index (negative ones count from the end, as in pymia)
+                where = [i + src.length if i < 0 else i for i in chunk]
+            else:
+                where = [int(p) for p in positions[start : start + count]]
 
             def built() -> tuple[Encoded, list[int] | None] | None:
                 samples, nbytes = [], 0
-                for i in chunk:
+                for i, position in zip(chunk, where, strict=True):
                     if stopped.is_set():
                         return None
-                    sample = src.sample(i)
+                    sample = src.sample(i, Draw(seed, epoch, position, i + src.length if i < 0 else i))
                     self.samples_built += 1
                     size = _sample_bytes(sample)
                     check_sample_bytes(size, limits.max_sample_bytes, f"sample {i}")

@@ -8,8 +8,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-
 from patchwire.service._catalog import Dataset
 from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
 from patchwire.service._extraction import Extractor, Params, compile_extractor
@@ -96,13 +94,6 @@ class CompiledDatasource:
         if self.transform is not None:
             extracted = self.transform(extracted, draw if draw is not None else Draw.of_index(position))
         return extracted
-
-    def order(self, shuffle: bool, seed: int, epoch: int) -> range | np.ndarray:
-        """The epoch's sample order: identity (a ``range``: nothing materialised), or a permutation (an int64 array)
-        derived from (seed, epoch) alone."""
-        if not shuffle:
-            return range(self.length)
-        return np.random.default_rng([int(seed), int(epoch)]).permutation(self.length)
 
 
 def direct_extract(
