@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from patchwire.service import _selection
 from patchwire.service._auth import current_identity
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
@@ -54,7 +55,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         self._cache = cache if cache is not None else DatasourceCache(datasets, limits=self._limits)
         self._executor = executor
         self.samples_built = 0
-        """Samples read and transformed for GetSamples and StreamBatches so far (how much work calls cost)."""
+        """Samples read and transformed for GetSamples, StreamBatches and SelectIndices so far (what calls cost)."""
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -131,6 +132,33 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         encoded = await self._run(self._cache.consistent, ds, extract)
         for message in encoded.messages(dataset_service_pb2.DirectExtractResponse):
             yield message
+
+    @translate_errors
+    async def SelectIndices(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        src = await self._run(self._cache.get, request.spec)
+
+        def prepared() -> _selection.SelectionScan:  # in the executor: subject names resolve against the dataset
+            selection = _selection.compile_selection(request.selection, src.dataset, self._limits)
+            return _selection.SelectionScan(src, selection, int(request.seed), int(request.epoch))
+
+        scan = await self._run(prepared)
+        stopped = threading.Event()
+        most = _selection.MAX_INDICES_PER_MESSAGE
+
+        def step(want: int) -> list[int]:  # a bounded step of the scan, with the file checked around it
+            indices, built = self._cache.consistent(src.dataset, lambda: scan.step(want, stopped))
+            self.samples_built += built
+            return indices
+
+        try:
+            accepted: list[int] = []
+            while not scan.done:
+                accepted.extend(await self._run(step, most - len(accepted)))
+                if len(accepted) == most or (scan.done and accepted):
+                    yield dataset_service_pb2.SelectIndicesResponse(indices=accepted)
+                    accepted = []
+        finally:
+            stopped.set()  # a cancelled call: the step in the executor ends within one sample
 
     @translate_errors
     async def StreamBatches(self, request: Any, context: Any) -> AsyncIterator[Any]:
