@@ -94,7 +94,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             src = self._cache.get(request.spec)
             indices = [int(i) for i in request.sample_indices]
             for i in indices:
-                src.locate(i)
+                src.subject_of(i)
             return src, indices
 
         deliver = None

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from patchwire.service._catalog import Dataset
 from patchwire.service._errors import InvalidArgument, NotFound, OutOfRange, bounded, bounded_list
 from patchwire.service._extraction import Extractor, Params, compile_extractor
-from patchwire.service._indexing import Expression, compile_indexing
+from patchwire.service._indexing import Expression, Indexing, compile_indexing
 from patchwire.service._limits import Limits, check_spec
 from patchwire.service._randomness import Draw
+from patchwire.service._sampling import PatchSampler, compile_sampler
 from patchwire.service._transforms import Transform, compile_transform, writes_in_place
 from patchwire.v1 import spec_pb2
 from patchwire.wire.indexexpression import expression_from_proto
@@ -31,7 +32,13 @@ class CompiledDatasource:
 
     def __init__(self, dataset: Dataset, spec: spec_pb2.DatasourceSpec, max_sample_bytes: int | None = None) -> None:
         self.dataset = dataset
-        self.indexing = compile_indexing(spec.indexing_strategy if spec.HasField("indexing_strategy") else None)
+        strategy = spec.indexing_strategy if spec.HasField("indexing_strategy") else None
+        self.sampler: PatchSampler | None = None
+        """Set for random patches (PatchSampling): each sample's window comes from its draw, not from its index."""
+        if strategy is not None and strategy.WhichOneof("strategy") == "patch_sampling":
+            self.sampler = compile_sampler(strategy.patch_sampling, dataset, max_sample_bytes)
+        self.max_sample_bytes = max_sample_bytes
+        self.indexing: Indexing = self.sampler if self.sampler is not None else compile_indexing(strategy)
         self.extractor: Extractor | None = (
             compile_extractor(spec.extractor, dataset, "spec.extractor", max_sample_bytes)
             if spec.HasField("extractor")
@@ -63,6 +70,8 @@ class CompiledDatasource:
             if subset is not None and name not in subset:
                 continue
             self.indexing.validate(shapes[s], f"subject {s} ({name!r})")
+            if self.sampler is not None:
+                self.sampler.check_subject(s, f"subject {s} ({name!r})")
             count = self.indexing.count(shapes[s])
             self.subject_indices.append(s)
             self.starts.append(total)
@@ -70,29 +79,42 @@ class CompiledDatasource:
             total += count
         self.length = total
 
-    def locate(self, sample_index: int, field: str = "sample_indices") -> tuple[int, Expression]:
-        """(subject index, index expression) of a sample; negative indices count from the end, as in pymia."""
+    def subject_of(self, sample_index: int, field: str = "sample_indices") -> tuple[int, int]:
+        """(subject index, the sample's number among its subject's) of a sample; negative indices count from the
+        end, as in pymia; OutOfRange past either end."""
         i = sample_index + self.length if sample_index < 0 else sample_index
         if not 0 <= i < self.length:
             raise OutOfRange(
                 f"{field}: sample index {sample_index} is out of range for a datasource of {self.length} samples"
             )
         pos = bisect.bisect_right(self.starts, i) - 1
-        s = self.subject_indices[pos]
-        return s, self.indexing.expression(self.dataset.require_image_shapes()[s], i - self.starts[pos])
+        return self.subject_indices[pos], i - self.starts[pos]
+
+    def locate(self, sample_index: int, field: str = "sample_indices") -> tuple[int, Expression]:
+        """(subject index, index expression) of a sample; negative indices count from the end, as in pymia.
+        InvalidArgument for sampled patches, which have no fixed place (assembly cannot use them)."""
+        s, k = self.subject_of(sample_index, field)
+        return s, self.indexing.expression(self.dataset.require_image_shapes()[s], k)
 
     def sample(self, sample_index: int, draw: Draw | None = None) -> dict[str, Any]:
         """pymia's ``datasource[i]`` without the ``sample_index`` key (the client adds it after its transforms);
         ``draw``: the sample's randomness (default: that of its index, seed 0, epoch 0)."""
         if self.extractor is None:
             raise InvalidArgument("spec.extractor: samples need an extractor (pymia fails the same way without one)")
-        s, expr = self.locate(sample_index)
         position = sample_index + self.length if sample_index < 0 else sample_index  # seeds as ds[n - k] would
+        if draw is None:
+            draw = Draw.of_index(position)
+        if self.sampler is None:
+            s, expr = self.locate(sample_index)
+            params = Params(s, expr, position, self.private)
+        else:  # a window drawn from the sample's index, zero-padded where it reaches past the volume
+            s, _ = self.subject_of(sample_index)
+            params = Params(s, self.sampler.window(s, draw), position, self.private, True, self.max_sample_bytes)
         extracted: dict[str, Any] = {}
         # unless a transform writes into the sample, cached blocks can be read in place
-        self.extractor.extract(self.dataset, Params(s, expr, position, self.private), extracted)
+        self.extractor.extract(self.dataset, params, extracted)
         if self.transform is not None:
-            extracted = self.transform(extracted, draw if draw is not None else Draw.of_index(position))
+            extracted = self.transform(extracted, draw)
         return extracted
 
 

@@ -47,6 +47,12 @@ class Params:
     """Position in the datasource (None for direct extraction); seeds per-sample randomness."""
     private: bool = True
     """Arrays must be the sample's own (a transform may modify them in place); False allows read-only views."""
+    pad: bool = False
+    """``expression`` is a window (a tuple of ``slice(start, stop)``) that may reach past the subject's arrays, as a
+    sampled patch does: data extractors read the part inside and zero-pad the rest to the window's shape, as
+    PadDataExtractor does (without it, h5py clamps what reaches past the end, as in pymia)."""
+    max_bytes: int | None = None
+    """With ``pad``: most bytes a padded array may have, checked before it is allocated."""
 
 
 def image_properties(g: ImageProperties) -> ImageProperties:
@@ -59,6 +65,52 @@ def derive_seed(seed: int, sample_index: int | None) -> int:
     """Seed of a sample's RandomState: depends on (seed, sample index) only, never on order or batching."""
     key = 0 if sample_index is None else int(sample_index) + 1
     return int(np.random.SeedSequence([int(seed), key]).generate_state(1)[0])
+
+
+def inside(starts: Sequence[int], stops: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """The part of the window ``[starts, stops)`` (per leading axis) that lies inside an array of ``shape``: empty
+    along an axis where the window lies outside it."""
+    out = []
+    for start, stop, dim in zip(starts, stops, shape, strict=False):
+        first = min(max(int(start), 0), int(dim))
+        out.append(slice(first, min(max(int(stop), first), int(dim))))
+    return tuple(out)
+
+
+def zero_padded(data: Any, starts: Sequence[int], stops: Sequence[int], max_bytes: int | None, what: str) -> np.ndarray:
+    """``data``, read from the part of the window ``[starts, stops)`` that lies inside its array (:func:`inside`),
+    placed into zeros of the window's shape along the leading axes: a window of ``np.pad(array, ...)``. Returned as
+    it is when it fills the window. ``max_bytes`` bounds the padded array (RESOURCE_EXHAUSTED naming ``what``, before
+    it is allocated); an array of strings cannot be padded (INVALID_ARGUMENT)."""
+    if not isinstance(data, np.ndarray):
+        raise InvalidArgument(f"{what}: holds strings, which cannot be padded with zeros")
+    window = tuple(int(e) - int(s) for s, e in zip(starts, stops, strict=True))
+    full_shape = window + data.shape[len(window) :]
+    if max_bytes is not None:
+        check_sample_bytes(math.prod(full_shape) * data.dtype.itemsize, max_bytes, what)
+    if full_shape == data.shape:
+        return data
+    out = np.zeros(full_shape, dtype=data.dtype)
+    offsets = (max(-int(s), 0) for s in starts)
+    out[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape, strict=False))] = data
+    return out
+
+
+def read_data(reader: Dataset, location: str, params: Params, private: bool, what: str) -> Any:
+    """``location``'s data under ``params``: pymia's read of ``params.expression``, or with ``params.pad`` the
+    window it names, zero-padded where it reaches past the array."""
+    if not params.pad:
+        return reader.read(location, params.expression, private)
+    window = params.expression
+    if not isinstance(window, tuple) or not all(isinstance(item, slice) for item in window):
+        raise InvalidArgument(f"window {bounded(window)}: a padded window is a tuple of slices")
+    starts = [item.start for item in window if isinstance(item, slice)]
+    stops = [item.stop for item in window if isinstance(item, slice)]
+    shape = reader.handle(location).shape
+    if len(shape) < len(window):
+        raise OutOfRange(f"window {bounded(window)} has {len(window)} axes but {location} has {len(shape)}")
+    data = reader.read(location, inside(starts, stops, shape), private)
+    return zero_padded(data, starts, stops, params.max_bytes, f"patch of {what}")
 
 
 class Extractor(abc.ABC):
@@ -90,7 +142,7 @@ class _Data(Extractor):
     def extract(self, reader: Dataset, params: Params, extracted: dict[str, Any]) -> None:
         for cat in self.categories:
             loc = reader.data_location(cat, params.subject_index)
-            data = reader.read(loc) if self.ignore_indexing else reader.read(loc, params.expression, params.private)
+            data = reader.read(loc) if self.ignore_indexing else read_data(reader, loc, params, params.private, cat)
             extracted[cat] = to_str(data)
 
 
@@ -122,7 +174,7 @@ class _Selective(Extractor):
         if names_key not in extracted:
             extracted[names_key] = list(self.names)
         loc = reader.data_location(self.category, params.subject_index)
-        data = reader.read(loc, params.expression)
+        data = read_data(reader, loc, params, True, self.category)
         entry_names = extracted[names_key]
         if self.seed is None:
             if self.selection is None:
@@ -216,7 +268,8 @@ class _Pad(Extractor):
                 stop = shape[axis] if item.stop is None else item.stop
             else:
                 start, stop = item, item + 1
-            if not 0 <= stop - start <= shape[axis] or not -shape[axis] <= start <= shape[axis]:
+            # a sampled patch's window (``pad``) may reach past the volume already: the sampler bounded it
+            if not params.pad and (not 0 <= stop - start <= shape[axis] or not -shape[axis] <= start <= shape[axis]):
                 raise OutOfRange(
                     f"index expression {bounded(expr)}: axis {axis} selects [{start}, {stop}), which does not lie "
                     f"within the {shape[axis]} voxels of subject {params.subject_index} that padding can extend"
@@ -227,17 +280,8 @@ class _Pad(Extractor):
         self.inner.extract(
             reader, Params(params.subject_index, read_expr, params.sample_index, params.private), extracted
         )
-        padded_shape = tuple(e - s for s, e in zip(starts, stops, strict=True))
-        offsets = tuple(max(-s, 0) for s in starts)
         for cat in self.categories:
-            data = extracted[cat]
-            full_shape = padded_shape + data.shape[len(padded_shape) :]
-            if self.max_bytes is not None:
-                check_sample_bytes(math.prod(full_shape) * data.dtype.itemsize, self.max_bytes, f"padded {cat!r}")
-            if full_shape != data.shape:
-                out = np.zeros(full_shape, dtype=data.dtype)
-                out[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape, strict=False))] = data
-                extracted[cat] = out
+            extracted[cat] = zero_padded(extracted[cat], starts, stops, self.max_bytes, f"padded {cat!r}")
 
 
 def _selection(msg: spec_pb2.StringList | None, has: bool) -> list[str] | None:

@@ -118,6 +118,11 @@ class AssemblyStore:
                 raise FailedPrecondition(f"job_id: job {job_id!r} already exists with other parameters")
             self._admit(identity)
             source = self.resolve(spec)
+            if source.sampler is not None:
+                raise InvalidArgument(
+                    "spec.indexing_strategy.patch_sampling: sampled patches lie at random places, so predictions "
+                    "on them cannot be assembled into volumes: assemble with a deterministic indexing strategy"
+                )
             if source.length == 0:
                 raise InvalidArgument(f"spec: the datasource on {spec.dataset!r} has no samples: nothing to assemble")
             try:
