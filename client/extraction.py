@@ -31,15 +31,19 @@ __all__ = [
     "IndexExpression",
     "IndexingExtractor",
     "IndexingStrategy",
+    "LabelSampler",
     "NamesExtractor",
     "PadDataExtractor",
     "PatchWiseIndexing",
+    "PositiveNegativeSampler",
     "RandomDataExtractor",
     "RemoteDatasource",
     "SelectiveDataExtractor",
     "SliceIndexing",
     "SubjectExtractor",
+    "UniformSampler",
     "VoxelWiseIndexing",
+    "WeightedSampler",
 ]
 
 
@@ -154,6 +158,133 @@ class PatchWiseIndexing(IndexingStrategy):
     def __repr__(self) -> str:
         text = f"PatchWiseIndexing (patch shape={self.patch_shape}, ignore incomplete={self.ignore_incomplete}"
         return text + (")" if self.stride is None else f", stride={self.stride})")
+
+
+# -- patch samplers (random patches drawn on the server) ---------------------------------------------------------------
+
+
+class _PatchSampler(IndexingStrategy):
+    """Random patches drawn on the server (TorchIO's samplers): each subject has ``samples_per_volume`` samples per
+    epoch, each a patch of ``patch_size`` (one size per spatial axis; an int is a cube of three axes) centred on a
+    voxel the sampler draws. The draw depends only on (seed, epoch, sample index), so an epoch's patches are the
+    same whatever the order, batching, workers or ranks, and the next epoch's differ: pass ``seed`` and ``epoch``
+    to ``batches()`` (or ``get_samples()``). The centre is the voxel at ``patch_size // 2`` of the patch; a patch
+    reaching past the volume is padded with zeros, and its index expression (IndexingExtractor) is its window as it
+    is, with negative starts or stops past the end there. A subject without a voxel the sampler may choose has its
+    centres drawn uniformly. Sampled patches have no fixed place, so they cannot be assembled."""
+
+    def __init__(self, patch_size: int | Sequence[int], samples_per_volume: int = 1) -> None:
+        if isinstance(patch_size, Iterable):
+            self.patch_size = tuple(operator.index(p) for p in patch_size)
+        else:
+            self.patch_size = (operator.index(patch_size),) * 3
+        self.samples_per_volume = operator.index(samples_per_volume)
+
+    def _sampling(self) -> spec_pb2.PatchSampling:
+        return spec_pb2.PatchSampling(patch_shape=self.patch_size, samples_per_volume=self.samples_per_volume)
+
+    def _to_proto(self) -> spec_pb2.IndexingStrategy:
+        return spec_pb2.IndexingStrategy(patch_sampling=self._sampling())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} (patch size={self.patch_size}, samples per volume={self.samples_per_volume})"
+
+
+def _map_entry(category: str, entry: str | None) -> spec_pb2.MapEntry:
+    return spec_pb2.MapEntry(category=category, entry=entry or "")
+
+
+class UniformSampler(_PatchSampler):
+    """Random patches centred on voxels drawn uniformly over the volume (TorchIO's ``UniformSampler``, except that
+    patches may reach past the border, where they are zero-padded)."""
+
+    def _sampling(self) -> spec_pb2.PatchSampling:
+        msg = super()._sampling()
+        msg.uniform.SetInParent()
+        return msg
+
+
+class LabelSampler(_PatchSampler):
+    """Random patches whose centre's label is drawn with ``label_probabilities`` ({label: probability}, need not sum
+    to one; labels left out are never chosen), renormalised over the labels each subject holds, then the centre
+    uniformly among that label's voxels (TorchIO's ``LabelSampler``, MONAI's ``RandCropByLabelClasses``). ``None``:
+    every label a subject holds (background included) alike. The label map is ``label_entry`` of
+    ``label_category`` (``None``: its first entry)."""
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int],
+        label_probabilities: dict[int, float] | None = None,
+        samples_per_volume: int = 1,
+        label_category: str = defs.KEY_LABELS,
+        label_entry: str | None = None,
+    ) -> None:
+        super().__init__(patch_size, samples_per_volume)
+        self.label_probabilities = (
+            None
+            if label_probabilities is None
+            else {operator.index(k): float(v) for k, v in label_probabilities.items()}
+        )
+        self.label_category = label_category
+        self.label_entry = label_entry
+
+    def _sampling(self) -> spec_pb2.PatchSampling:
+        msg = super()._sampling()
+        msg.label.label_map.CopyFrom(_map_entry(self.label_category, self.label_entry))
+        for label, probability in (self.label_probabilities or {}).items():
+            msg.label.probabilities.add(label=label, probability=probability)
+        return msg
+
+
+class PositiveNegativeSampler(_PatchSampler):
+    """Random patches centred on a foreground voxel (label > 0) with probability ``positive / (positive +
+    negative)``, else on a background one (label <= 0), each uniformly among its kind (MONAI's
+    ``RandCropByPosNegLabel``); a subject with voxels of one kind only has all its centres there. The label map is
+    ``label_entry`` of ``label_category`` (``None``: its first entry)."""
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int],
+        positive: float = 1.0,
+        negative: float = 1.0,
+        samples_per_volume: int = 1,
+        label_category: str = defs.KEY_LABELS,
+        label_entry: str | None = None,
+    ) -> None:
+        super().__init__(patch_size, samples_per_volume)
+        self.positive = float(positive)
+        self.negative = float(negative)
+        self.label_category = label_category
+        self.label_entry = label_entry
+
+    def _sampling(self) -> spec_pb2.PatchSampling:
+        msg = super()._sampling()
+        msg.positive_negative.label_map.CopyFrom(_map_entry(self.label_category, self.label_entry))
+        msg.positive_negative.positive = self.positive
+        msg.positive_negative.negative = self.negative
+        return msg
+
+
+class WeightedSampler(_PatchSampler):
+    """Random patches centred on voxels drawn with probability proportional to a non-negative map: entry
+    ``probability_entry`` (``None``: the first) of ``probability_category`` (TorchIO's ``WeightedSampler``). A
+    subject whose map is zero everywhere has its centres drawn uniformly."""
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int],
+        probability_category: str,
+        probability_entry: str | None = None,
+        samples_per_volume: int = 1,
+    ) -> None:
+        super().__init__(patch_size, samples_per_volume)
+        self.probability_category = probability_category
+        self.probability_entry = probability_entry
+
+    def _sampling(self) -> spec_pb2.PatchSampling:
+        msg = super()._sampling()
+        msg.weighted.probability_map.CopyFrom(_map_entry(self.probability_category, self.probability_entry))
+        return msg
 
 
 # -- extractors ------------------------------------------------------------------------------------------------------

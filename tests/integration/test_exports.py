@@ -30,7 +30,8 @@ EXPECTED: dict[str, set[str]] = {
         "ComposeExtractor DataExtractor EmptyIndexing Extractor FilesExtractor ImagePropertiesExtractor "
         "ImagePropertyShapeExtractor IndexExpression IndexingExtractor IndexingStrategy NamesExtractor "
         "PadDataExtractor PatchWiseIndexing RandomDataExtractor RemoteDatasource SelectiveDataExtractor "
-        "SliceIndexing SubjectExtractor VoxelWiseIndexing"
+        "SliceIndexing SubjectExtractor VoxelWiseIndexing "
+        "UniformSampler LabelSampler PositiveNegativeSampler WeightedSampler"
     ),
     "patchwire.client.transformation": _names(
         "ClipPercentile ComposeTransform IntensityNormalization IntensityRescale LambdaTransform "
