@@ -37,6 +37,10 @@ EXPECTED: dict[str, set[str]] = {
         "ClipPercentile ComposeTransform IntensityNormalization IntensityRescale LambdaTransform "
         "LoopEntryTransform Mask Permute Relabel Reshape SizeCorrection Squeeze Transform UnSqueeze"
     ),
+    "patchwire.client.augmentation": _names(
+        "RandomAffine RandomBiasField RandomCrop RandomElastic RandomElasticDeformation RandomFlip RandomGamma "
+        "RandomIntensityScaleShift RandomMirror RandomNoise RandomRotation90 RandomShift RandomTransform"
+    ),
     "patchwire.client.torch": _names("PytorchDatasetAdapter PytorchStreamingDataset collate_batch"),
     "patchwire.client.tensorflow": _names("get_tf_dataset get_tf_generator infer_output_signature"),
     "patchwire.service": _names(
