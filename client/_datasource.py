@@ -165,13 +165,14 @@ class RemoteDatasource:
         return sample
 
     @recorded
-    def get_samples(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """``[ds[i] for i in indices]`` in one call."""
+    def get_samples(self, indices: Sequence[int], seed: int = 0, epoch: int = 0) -> list[dict[str, Any]]:
+        """``[ds[i] for i in indices]`` in one call; ``seed`` and ``epoch`` seed the server's random transforms and
+        patch sampling (each sample's draws depend on them and its index only, so a call repeats exactly)."""
         what = f"reading samples {list(indices)[:8]}{'...' if len(indices) > 8 else ''} of dataset {self.dataset!r}"
 
         def read() -> list[DecodedBatch]:
             request = dataset_service_pb2.GetSamplesRequest(
-                spec=self._spec, sample_indices=indices, integer_compression=self._compression
+                spec=self._spec, sample_indices=indices, integer_compression=self._compression, seed=seed, epoch=epoch
             )
             target = self._shared.target()
             if target is not None:

@@ -42,7 +42,7 @@ EXPECTED: dict[str, set[str]] = {
         "RandomIntensityScaleShift RandomMirror RandomNoise RandomRotation90 RandomShift RandomTransform"
     ),
     "patchwire.client.torch": _names("PytorchDatasetAdapter PytorchStreamingDataset collate_batch"),
-    "patchwire.client.tensorflow": _names("get_tf_dataset get_tf_generator infer_output_signature"),
+    "patchwire.client.tensorflow": _names("EpochCounter get_tf_dataset get_tf_generator infer_output_signature"),
     "patchwire.service": _names(
         "DatasetServicer FailedPrecondition InvalidArgument Limits NotFound OutOfRange PatchwireServer "
         "ServerConfig ServiceError"
