@@ -9,7 +9,9 @@
     dataset = client.datasource("brains", extr.SliceIndexing(), extr.DataExtractor(categories=(defs.KEY_IMAGES,)),
                                 tfm.Permute(permutation=(2, 0, 1), entries=(defs.KEY_IMAGES,)))
 
-Framework adapters live in :mod:`patchwire.client.torch` and :mod:`patchwire.client.tensorflow`.
+pymia's selection strategies and ``select_indices``, evaluated by the server, live in
+:mod:`patchwire.client.selection`. Framework adapters live in :mod:`patchwire.client.torch` and
+:mod:`patchwire.client.tensorflow`.
 """
 
 from patchwire.client._client import ArrayInfo, Client, DatasetInfo, SubjectInfo, connect

@@ -373,6 +373,26 @@ class RemoteDatasource:
     def close(self) -> None:
         self._connection.close()
 
+    def select(self, selection: spec_pb2.Selection, seed: int = 0, epoch: int = 0) -> list[int]:
+        """The indices of the samples ``selection`` accepts, ascending, evaluated by the server on the samples as it
+        makes them (after extraction and the server's part of the transform; client-side callables do not run),
+        each drawing its randomness from (``seed``, ``epoch``, its index). Like a stream it has no
+        deadline (it may scan every sample); a retriable failure repeats the whole call.
+        :func:`patchwire.client.selection.select_indices` builds ``selection`` from pymia's strategies."""
+        request = dataset_service_pb2.SelectIndicesRequest(spec=self._spec, selection=selection, seed=seed, epoch=epoch)
+
+        def read() -> list[int]:
+            call = self._connection.datasets.SelectIndices(request)
+            try:
+                indices: list[int] = []
+                for response in call:
+                    indices.extend(response.indices)
+                return indices
+            finally:
+                call.cancel()  # an interrupted caller: the server stops scanning
+
+        return self._read(f"selecting samples of dataset {self.dataset!r}", read)
+
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}

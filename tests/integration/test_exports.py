@@ -33,6 +33,10 @@ EXPECTED: dict[str, set[str]] = {
         "SliceIndexing SubjectExtractor VoxelWiseIndexing "
         "UniformSampler LabelSampler PositiveNegativeSampler WeightedSampler"
     ),
+    "patchwire.client.selection": _names(
+        "ComposeSelection NonBlackSelection NonConstantSelection PercentileSelection SelectionStrategy "
+        "SubjectSelection WithForegroundSelection select_indices"
+    ),
     "patchwire.client.transformation": _names(
         "ClipPercentile ComposeTransform IntensityNormalization IntensityRescale LambdaTransform "
         "LoopEntryTransform Mask Permute Relabel Reshape SizeCorrection Squeeze Transform UnSqueeze"
