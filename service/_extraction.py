@@ -110,7 +110,7 @@ def read_data(reader: Dataset, location: str, params: Params, private: bool, wha
     if len(shape) < len(window):
         raise OutOfRange(f"window {bounded(window)} has {len(window)} axes but {location} has {len(shape)}")
     data = reader.read(location, inside(starts, stops, shape), private)
-    return zero_padded(data, starts, stops, params.max_bytes, f"patch of {what}")
+    return zero_padded(data, starts, stops, params.max_bytes, f"patch of {what!r}")
 
 
 class Extractor(abc.ABC):

@@ -337,8 +337,8 @@ class PatchSampler(Indexing):
         elif self.kind == "label":
             assert self.labels is not None
             weights = self.probabilities[np.searchsorted(self.labels, index.classes)] * (totals > 0)
-        else:
-            weights = self.probabilities * (totals > 0)
+        else:  # classes 1 (positive) and 0 (negative), in the index's order
+            weights = np.where(index.classes == 1, self.probabilities[0], self.probabilities[1]) * (totals > 0)
         total = weights.sum()
         if not total > 0:
             return None
