@@ -212,6 +212,32 @@ def test_client_side_evaluation_agrees_with_the_server(client: pw.Client, datase
     assert sel.select_indices(ds, custom) == on_server
 
 
+def test_random_transforms_draw_as_get_samples_does(client: pw.Client) -> None:
+    """Each sample is evaluated with the randomness of its index under (seed, epoch), as GetSamples (and an unshuffled
+    stream, where the client evaluates) makes it."""
+    from patchwire.client import augmentation
+
+    shift = augmentation.RandomIntensityScaleShift(scale=0.0, shift=30.0)
+    ds = client.datasource("tiny", extr.SliceIndexing(0), extr.DataExtractor(), shift)
+    answers = {}
+    for seed, epoch in ((3, 0), (3, 1), (4, 0)):
+        expected = [
+            s["sample_index"]
+            for s in ds.get_samples(range(len(ds)), seed=seed, epoch=epoch)
+            if (s["images"] > 190).any()
+        ]
+        answers[seed, epoch] = sel.select_indices(ds, sel.NonBlackSelection(190), seed=seed, epoch=epoch)
+        assert answers[seed, epoch] == expected
+    assert len(set(map(tuple, answers.values()))) == 3  # the draws differ
+    lambda_ds = client.datasource(
+        "tiny",
+        extr.SliceIndexing(0),
+        extr.DataExtractor(),
+        tfm.ComposeTransform([shift, tfm.LambdaTransform(lambda a: a)]),
+    )
+    assert sel.select_indices(lambda_ds, sel.NonBlackSelection(190), seed=3, epoch=1) == answers[3, 1]
+
+
 # -- messages, errors, cancellation ---------------------------------------------------------------------------------
 
 
