@@ -13,22 +13,24 @@ epoch::
 
 **Epochs.** Every iteration of the dataset streams an epoch whose order (and whose samples' randomness: random
 patches and transforms) the server derives from (``seed``, epoch): each ``model.fit`` epoch sees a new shuffle.
-The epoch comes from an :class:`EpochCounter`: an iteration streams the counter's epoch, and an iteration that
-delivers its last element moves the counter on by one; an iteration abandoned early (``take(n)``, a look at the
-first batch) does not, so ``fit(epochs=n)`` streams epochs ``epoch``, ``epoch + 1``, ... ``epoch + n - 1``. Pass
-a counter of your own as ``epoch`` to set it explicitly (``counter.set_epoch(e)`` before an iteration), or add
+The epoch comes from an :class:`EpochCounter`, read when an iteration asks for its first element (Keras makes an
+iterator before it needs one: that streams nothing); an iteration that delivers its last element moves the counter
+on by one, an iteration abandoned early (``take(n)``, a look at the first batch) does not. So ``fit(epochs=n)``
+streams epochs ``epoch`` to ``epoch + n - 1``, with or without a ``prefetch`` after the dataset. Pass a counter of
+your own as ``epoch`` to set it explicitly (``counter.set_epoch(e)`` before an iteration), or add
 ``counter.keras_callback()`` to ``fit``'s callbacks to stream Keras's own epoch number (``initial_epoch``
-included) whatever else iterates the dataset. A ``prefetch`` of the whole epoch (a dataset of a few batches) can
-run an iteration that Keras opens and abandons to its end: the orders still differ, the numbers may skip one.
+included) whatever else iterates the dataset (an evaluation of it also moves the counter on).
 
 **Distribution.** With ``input_context`` (``strategy.distribute_datasets_from_function(lambda ctx:
 get_tf_dataset(ds, batch_size=GLOBAL, input_context=ctx, ...))``) the pipeline ``input_pipeline_id`` of
 ``num_input_pipelines`` streams every ``num_input_pipelines``-th sample of the epoch's one global order, in
 batches of ``ctx.get_per_replica_batch_size(GLOBAL)``; the shards are evened out (``EpochOptions.shard_balance``:
 "pad" by default, repeating the epoch's first samples as torch's DistributedSampler does, or "drop"), so every
-pipeline has as many batches. ``epoch_options`` (:class:`patchwire.client._epochs.EpochOptions`) adds subsets,
-weighted draws, subject windows, an elastic ``global_start`` and ``batch_shard`` (this reader takes every
-count-th batch of its shard); the cardinality accounts for all of them.
+pipeline has as many batches (a given ``epoch_options`` keeps its own balance, and pipelines that would get
+different batch counts are refused: a strategy needs as many steps from each). ``epoch_options``
+(:class:`patchwire.client._epochs.EpochOptions`) adds subsets, weighted draws, subject windows, an elastic
+``global_start`` and ``batch_shard`` (this reader takes every count-th batch of its shard); the cardinality
+accounts for all of them.
 
 Both functions read the datasource's stream, so ``datasource.stats`` counts their samples;
 ``datasource.stats.timed(dataset)`` times what the training loop waits for.

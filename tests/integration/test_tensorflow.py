@@ -68,25 +68,37 @@ def _fit(model: Any, dataset: Any, **kwargs: Any) -> Any:
     return history
 
 
-def test_keras_fit_streams_a_new_epoch_each_time(ds: pw.RemoteDatasource) -> None:
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_keras_fit_streams_a_new_epoch_each_time(ds: pw.RemoteDatasource, prefetch: bool) -> None:
     counter = EpochCounter()
     dataset = get_tf_dataset(ds, batch_size=8, shuffle=True, seed=3, epoch=counter)
     assert int(dataset.cardinality()) == len(dataset) == 8  # 60 slices: 7 batches of 8 and one of 4
     seen: list[list[int]] = []
-    history = _fit(_model(), dataset.map(_recording(seen)), epochs=2)
-    assert len(history.history["loss"]) == 2
-    assert [len(b) for b in seen] == ([8] * 7 + [4]) * 2
-    epochs = [[i for b in seen[:8] for i in b], [i for b in seen[8:] for i in b]]
+    train = dataset.map(_recording(seen))
+    if prefetch:  # Keras makes the next epoch's iterator early: a prefetch must not start (or finish) an epoch
+        train = train.prefetch(tf.data.AUTOTUNE)
+    history = _fit(_model(), train, epochs=3)
+    assert len(history.history["loss"]) == 3
+    assert [len(b) for b in seen] == ([8] * 7 + [4]) * 3
+    epochs = [[i for b in seen[k : k + 8] for i in b] for k in (0, 8, 16)]
     for e, order in enumerate(epochs):
-        assert sorted(order) == list(range(SAMPLES))
-        assert order == _order(ds, 8, 3, e)  # the server's order of (seed, epoch)
-    assert epochs[0] != epochs[1]
-    assert counter.epoch == 2
+        assert sorted(order) == list(range(SAMPLES))  # each epoch covers the data once
+        assert order == _order(ds, 8, 3, e)  # in the server's order of (seed, epoch)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert counter.epoch == 3
 
 
-def test_batches_carry_the_samples(ds: pw.RemoteDatasource) -> None:
+def test_batches_carry_the_samples(client: pw.Client) -> None:
+    ds = client.datasource(
+        "tiny",
+        extr.SliceIndexing(),
+        extr.ComposeExtractor(
+            [extr.DataExtractor(categories=(defs.KEY_IMAGES, defs.KEY_LABELS)), extr.SubjectExtractor()]
+        ),
+    )
     dataset = get_tf_dataset(ds, batch_size=16, shuffle=True, seed=1)
     assert dataset.element_spec[defs.KEY_IMAGES].shape.as_list() == [None, 24, 16, 2]
+    assert dataset.element_spec[defs.KEY_SUBJECT] == tf.TensorSpec([None], tf.string)
     sizes = []
     for batch in dataset:
         sizes.append(len(batch[defs.KEY_SAMPLE_INDEX]))
@@ -94,6 +106,8 @@ def test_batches_carry_the_samples(ds: pw.RemoteDatasource) -> None:
             sample = ds[i]
             assert np.array_equal(batch[defs.KEY_IMAGES][row].numpy(), sample[defs.KEY_IMAGES])
             assert np.array_equal(batch[defs.KEY_LABELS][row].numpy(), sample[defs.KEY_LABELS])
+            assert batch[defs.KEY_SUBJECT][row].numpy().decode() == sample[defs.KEY_SUBJECT]
+            assert int(batch[defs.KEY_SUBJECT_INDEX][row]) == sample[defs.KEY_SUBJECT_INDEX]
     assert sizes == [16, 16, 16, 12]
 
 
