@@ -66,7 +66,7 @@ __all__ = [
 _SPATIAL = (defs.KEY_IMAGES, defs.KEY_LABELS)
 _INTENSITY = (defs.KEY_IMAGES,)
 
-_INTERPOLATIONS: dict[Any, int] = {
+_INTERPOLATIONS: dict[str | int, spec_pb2.Interpolation.ValueType] = {
     "nearest": spec_pb2.INTERPOLATION_NEAREST,
     "linear": spec_pb2.INTERPOLATION_LINEAR,
     "bspline": spec_pb2.INTERPOLATION_BSPLINE,
@@ -85,7 +85,7 @@ def _interpolation(value: str | int) -> spec_pb2.Interpolation.ValueType:
             f"unknown interpolation {value!r}: use 'nearest', 'linear', 'bspline' or SimpleITK's "
             "sitkNearestNeighbor, sitkLinear, sitkBSpline"
         )
-    return _INTERPOLATIONS[key]  # type: ignore[return-value]
+    return _INTERPOLATIONS[key]
 
 
 def _probability(value: float, name: str = "p") -> float:
@@ -97,7 +97,9 @@ def _probability(value: float, name: str = "p") -> float:
 def _tuple(value: int | float | Sequence[Any] | None) -> tuple[Any, ...]:
     if value is None:
         return ()
-    return (value,) if isinstance(value, numbers.Number) else tuple(value)
+    if isinstance(value, int | float | numbers.Number):
+        return (value,)
+    return tuple(value)
 
 
 def _axes(value: int | Sequence[int] | None) -> tuple[int, ...]:

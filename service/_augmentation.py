@@ -13,6 +13,8 @@ entry's dtype, in a new sample dict.
 
 Spatial transforms move all their entries together; integer and bool arrays (label maps) are always resampled
 nearest-neighbour, floating ones with the spec's interpolation (computed in float32 for float32 and float16 arrays).
+Output voxels that map outside the input's voxels take fill_value (scipy's ``grid-constant`` mode, under which
+nearest-neighbour resampling gives exactly what SimpleITK, pymia's and TorchIO's resampler, gives).
 Intensity transforms refuse integer and bool entries (a label map augmented by mistake fails loudly). Everything a
 spec sets is checked when it is compiled, with bounds on whatever sizes the server would allocate from (control
 points, polynomial order, crop sizes); what depends on the sample (axes, sizes) is checked when it runs.
@@ -63,7 +65,7 @@ MAX_INTENSITY = 1e6
 MAX_BIAS_COEFFICIENT = 10.0
 ENTRY_NOT_EXTRACTED = 'Transform can not be applied because entry "{}" was not extracted'
 
-_ORDERS = {
+_ORDERS: dict[int, int] = {
     spec_pb2.INTERPOLATION_UNSPECIFIED: 1,
     spec_pb2.INTERPOLATION_NEAREST: 0,
     spec_pb2.INTERPOLATION_LINEAR: 1,
@@ -291,7 +293,7 @@ def _rotation90(sub: spec_pb2.RandomRotation90, where: str, entries: tuple[str, 
         if sizes[0] != sizes[1]:  # pymia warns and turns the shape; a batch of mixed shapes fails later
             raise ValueError(f"the plane of axes {axes} must be square, entries have sizes {sizes}")
         k = int(rng.integers(1, 4))
-        return [np.rot90(arr, k, axes=own).copy() for arr, own in zip(arrays, resolved, strict=True)]
+        return [np.rot90(arr, k, axes=(own[0], own[1])).copy() for arr, own in zip(arrays, resolved, strict=True)]
 
     return body
 
@@ -349,7 +351,7 @@ def _elastic_warp(
     coordinates += np.indices(sizes, dtype=np.float32)
 
     def apply(channel: np.ndarray, output: np.ndarray, order: int, cval: float) -> None:
-        ndimage.map_coordinates(channel, coordinates, output=output, order=order, mode="constant", cval=cval)
+        ndimage.map_coordinates(channel, coordinates, output=output, order=order, mode="grid-constant", cval=cval)
 
     return [_resample(arr, own, order, fill, apply) for arr, own, order in zip(arrays, resolved, orders, strict=True)]
 
@@ -458,7 +460,7 @@ def _affine(sub: spec_pb2.RandomAffine, where: str, entries: tuple[str, ...]) ->
 
         def apply(channel: np.ndarray, output: np.ndarray, order: int, cval: float) -> None:
             ndimage.affine_transform(
-                channel, inverse, offset=offset, output=output, order=order, mode="constant", cval=cval
+                channel, inverse, offset=offset, output=output, order=order, mode="grid-constant", cval=cval
             )
 
         return [_resample(arr, own, order, fill, apply) for arr, own in zip(arrays, resolved, strict=True)]
@@ -557,7 +559,7 @@ def _bias_field(sub: spec_pb2.RandomBiasField, where: str, entries: tuple[str, .
         tensor = np.zeros([order + 1] * d, dtype=np.float32)
         for e, c in zip(exponents, rng.uniform(-largest, largest, len(exponents)), strict=True):
             tensor[e] = c
-        field = tensor
+        field: np.ndarray = tensor
         for size in sizes:  # contracts the first remaining exponent axis; the new voxel axis goes last
             powers = np.linspace(-1.0, 1.0, size, dtype=np.float32)[:, None] ** np.arange(order + 1, dtype=np.float32)
             field = np.tensordot(field, powers, axes=([0], [1]))
