@@ -25,8 +25,9 @@ label; positive or negative) the cumulative number of its voxels over the slices
 weighted map the cumulative sums of its slices. A draw picks the class, then its j-th voxel: the slice that holds it
 from the cumulative counts, then the voxel by ``np.flatnonzero`` over that one slice, read through the dataset's
 block cache (where the index build left it, so a subject's volume is read from disk once while its patches are cut).
-A 181 x 217 x 181 label map with six labels thus costs 181 x 6 x 8 bytes instead of 57 MB of int64 positions, and a
-draw one slice of work (40 thousand voxels).
+A 181 x 217 x 181 label map with six labels thus costs 181 x 6 counts (4 KB) instead of 57 MB of int64 positions,
+and a draw one slice of work (40 thousand voxels). A LabelSampler without probabilities takes at most MAX_LABELS
+distinct values as labels (a map of intensities is refused as soon as a slab shows it).
 """
 
 from __future__ import annotations
@@ -114,11 +115,13 @@ class IndexCache:
                     return hit
             try:
                 index = build()
-            finally:
+            except BaseException:
                 with self._lock:
                     self._building.pop(full, None)
-            with self._lock:
+                raise
+            with self._lock:  # stored before the build lock is dropped: nobody builds it again meanwhile
                 self.builds += 1
+                self._building.pop(full, None)
                 if index.nbytes <= self.capacity_bytes:
                     self._items[full] = (weakref.ref(dataset), index)
                     self.nbytes += index.nbytes
@@ -158,11 +161,12 @@ class _Index:
 
 @dataclass(frozen=True)
 class _Map:
-    """Where a sampler reads a map: a category's entry (channel ``channel`` of its arrays, None: they have none)."""
+    """Where a sampler reads a map: a category's entry, channel ``channel`` of its arrays (arrays without an entry
+    axis are their one entry)."""
 
     category: str
     entry: str
-    channel: int | None
+    channel: int
 
 
 class PatchSampler(Indexing):
@@ -286,7 +290,7 @@ class PatchSampler(Indexing):
                 f"{self.field}: the {bounded(self.map.category)} arrays of {where} have shape {tuple(shape)}, "
                 f"which does not match the images' spatial shape {tuple(image[:n])}"
             )
-        if len(shape) == n + 1 and not 0 <= (self.map.channel or 0) < shape[n]:
+        if len(shape) == n + 1 and not 0 <= self.map.channel < shape[n]:
             raise InvalidArgument(
                 f"{self.field}: entry {bounded(self.map.entry)} is channel {self.map.channel} but the "
                 f"{bounded(self.map.category)} arrays of {where} have {shape[n]}"
@@ -365,8 +369,8 @@ class PatchSampler(Indexing):
         if not total > 0:
             return None
         z = _pick(cumulative, rng.random() * total)
-        weights = np.asarray(self._slice(subject, z), dtype=np.float64).ravel()
-        flat = _pick(np.cumsum(weights), rng.random() * float(weights.sum()))
+        cumulative = np.cumsum(np.asarray(self._slice(subject, z), dtype=np.float64).ravel())
+        flat = _pick(cumulative, rng.random() * float(cumulative[-1]))
         return (z, *(int(v) for v in np.unravel_index(flat, spatial[1:])))
 
     # -- the subject index ----------------------------------------------------------------------------------------
@@ -382,7 +386,7 @@ class PatchSampler(Indexing):
         n = len(self.patch_shape)
         ndim = self.dataset.handle(location).ndim
         rest: tuple[int | slice, ...] = (slice(None),) * (n - 1)
-        expression = (first, *rest) if ndim == n else (first, *rest, self.map.channel or 0)
+        expression = (first, *rest) if ndim == n else (first, *rest, self.map.channel)
         data = self.dataset.read(location, expression, False)
         if not isinstance(data, np.ndarray) or data.dtype.kind not in "biuf":
             raise InvalidArgument(
@@ -399,12 +403,16 @@ class PatchSampler(Indexing):
         return self.cache.get(self.dataset, key, lambda: self._build(subject, spatial))
 
     def _build(self, subject: int, spatial: tuple[int, ...]) -> _Index:
+        """Reads a subject's map slab by slab (through the block cache, where its blocks stay for the patches) and
+        counts its classes per slice (sums its weights per slice)."""
+        assert self.map is not None
         slices = spatial[0]
         per_slice = math.prod(spatial[1:])
         rows = max(1, SLAB_VOXELS // max(per_slice, 1))
         where = f"subject {subject} ({self.dataset.subjects[subject]!r})"
         parts: list[tuple[np.ndarray, np.ndarray]] = []  # (classes, counts (rows, classes)) per slab
         sums: list[np.ndarray] = []
+        seen = np.zeros(0)  # every label found so far, without probabilities
         for a in range(0, slices, rows):
             slab = self._read(subject, slice(a, min(a + rows, slices))).reshape(-1, per_slice)
             if self.kind == "weighted":
@@ -413,17 +421,21 @@ class PatchSampler(Indexing):
                 counts = np.stack([np.count_nonzero(slab > 0, axis=1), np.count_nonzero(slab <= 0, axis=1)], axis=1)
                 parts.append((np.array([1, 0]), counts))
             else:
-                parts.append(_label_counts(slab, self.labels))
+                # without probabilities every label is a class, at most MAX_LABELS of them; else the listed ones
+                counted = _label_counts(slab, self.labels, MAX_LABELS if self.labels is None else len(self.labels))
+                if counted is not None and self.labels is None:
+                    seen = np.union1d(seen, counted[0])
+                if counted is None or len(seen) > MAX_LABELS:
+                    raise InvalidArgument(
+                        f"{self.field}.label: the {bounded(self.map.category)} map of {where} holds more than "
+                        f"{MAX_LABELS} distinct values, the most a LabelSampler without probabilities takes as "
+                        "labels: give probabilities for the labels to sample"
+                    )
+                parts.append(counted)
         if self.kind == "weighted":
             cumulative = np.cumsum(np.concatenate(sums))[np.newaxis, :]
             return _Index(np.zeros(1), cumulative)
         classes, counts = _merge(parts, slices)
-        if self.labels is None and len(classes) > MAX_LABELS:
-            raise InvalidArgument(
-                f"{self.field}.label: the {bounded(self.map.category if self.map else '')} map of {where} holds "
-                f"{len(classes)} distinct values, more than the {MAX_LABELS} a LabelSampler without probabilities "
-                "takes as labels: give probabilities for the labels to sample"
-            )
         dtype = np.int32 if per_slice * slices < (1 << 31) else np.int64
         return _Index(classes, np.cumsum(counts, axis=0, dtype=dtype).T.copy())
 
@@ -445,34 +457,39 @@ def _slice_sums(slab: np.ndarray, where: str) -> np.ndarray:
     return weights.sum(axis=1)
 
 
-def _label_counts(slab: np.ndarray, listed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, counts): the labels a slab of rows holds (only ``listed`` ones, if given) and how many voxels of
-    each every row holds, shape (rows, labels)."""
+def _label_counts(slab: np.ndarray, listed: np.ndarray | None, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, counts): the labels a slab of rows holds (only ``listed`` ones, if given; never NaN) and how many
+    voxels of each every row holds, shape (rows, labels). None when it holds more than ``limit`` labels (known before
+    anything is counted per row: a map of distinct values is refused without counts of each)."""
     rows = slab.shape[0]
     if slab.size == 0:
         return np.zeros(0), np.zeros((rows, 0), dtype=np.int64)
-    if slab.dtype.kind in "biu" or slab.dtype == bool:
+    row_of = np.arange(rows, dtype=np.int64)[:, np.newaxis]
+    if slab.dtype.kind in "biu":
         low, high = int(slab.min()), int(slab.max())
         span = high - low + 1
         if span * rows <= 1 << 22:  # a bincount over (row, label) pairs
-            codes = slab.astype(np.int64) - low + np.arange(rows, dtype=np.int64)[:, np.newaxis] * span
-            counts = np.bincount(codes.ravel(), minlength=rows * span).reshape(rows, span)
+            counts = np.bincount((slab.astype(np.int64) - low + row_of * span).ravel(), minlength=rows * span)
+            counts = counts.reshape(rows, span)
             present = np.flatnonzero(counts.any(axis=0))
             labels, counts = present + low, counts[:, present]
-            return _only(labels, counts, listed)
+            if listed is not None:
+                keep = np.isin(labels, listed)
+                labels, counts = labels[keep], counts[:, keep]
+            return (labels, counts) if len(labels) <= limit else None
     labels, inverse = np.unique(slab, return_inverse=True)
-    inverse = inverse.reshape(slab.shape)
-    codes = inverse + np.arange(rows, dtype=np.int64)[:, np.newaxis] * len(labels)
-    counts = np.bincount(codes.ravel(), minlength=rows * len(labels)).reshape(rows, len(labels))
-    keep = ~np.isnan(labels) if labels.dtype.kind == "f" else np.ones(len(labels), dtype=bool)
-    return _only(labels[keep], counts[:, keep], listed)
-
-
-def _only(labels: np.ndarray, counts: np.ndarray, listed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    if listed is None:
-        return labels, counts
-    keep = np.isin(labels, listed)
-    return labels[keep], counts[:, keep]
+    keep = np.isin(labels, listed) if listed is not None else np.ones(len(labels), dtype=bool)
+    if labels.dtype.kind == "f":
+        keep &= ~np.isnan(labels)
+    kept = int(keep.sum())
+    if kept > limit:
+        return None
+    code = np.full(len(labels), -1, dtype=np.int64)
+    code[keep] = np.arange(kept)
+    codes = code[inverse.reshape(slab.shape)]
+    counted = codes >= 0
+    pairs = (codes + np.broadcast_to(row_of * kept, slab.shape))[counted]
+    return labels[keep], np.bincount(pairs, minlength=rows * kept).reshape(rows, kept)
 
 
 def _merge(parts: list[tuple[np.ndarray, np.ndarray]], slices: int) -> tuple[np.ndarray, np.ndarray]:
