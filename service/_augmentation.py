@@ -6,10 +6,10 @@ own seeded by (seed, epoch, sample position, place in the chain), so an augmente
 order, batching, workers or ranks that produce it.
 
 Every step first checks that its entries were extracted, then draws ``u ~ U[0, 1)`` and leaves the sample as it is
-when ``u >= p`` (pymia's ``if self.p < np.random.random(): return sample``, so that p = 0 never transforms and
-p = 1 always does), then draws its parameters in the order its function below names. A step never writes into the
-arrays it is given (they may view the server's cache): what it changes, it returns as new arrays, each in its
-entry's dtype, in a new sample dict.
+when ``u >= p`` (pymia's ``if self.p < np.random.random(): return sample`` with the tie on the other side, so that
+p = 0 never transforms and p = 1 always does), then draws its parameters in the order its function below names. A
+step never writes into the arrays it is given (they may view the server's cache): what it changes, it returns as new
+arrays, each in its entry's dtype, in a new sample dict.
 
 Spatial transforms move all their entries together; integer and bool arrays (label maps) are always resampled
 nearest-neighbour, floating ones with the spec's interpolation (computed in float32 for float32 and float16 arrays).
