@@ -307,7 +307,27 @@ def _rich_specs() -> list[spec_pb2.DatasourceSpec]:
     voxels = spec_pb2.DatasourceSpec(dataset="tiny", extractor=_images())
     voxels.indexing_strategy.voxel_wise.image_dimension = 3
     out.append(voxels)
+    out.append(_sampled_spec())
     return out
+
+
+def _sampled_spec() -> spec_pb2.DatasourceSpec:
+    """Label-balanced random patches with an augmentation chain."""
+    sampled = spec_pb2.DatasourceSpec(
+        dataset="tiny", extractor=spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=["images", "labels"]))
+    )
+    sampling = sampled.indexing_strategy.patch_sampling
+    sampling.patch_shape.extend([8, 8, 8])
+    sampling.samples_per_volume = 3
+    sampling.label.probabilities.add(label=0, probability=0.5)
+    sampling.label.probabilities.add(label=1, probability=0.5)
+    chain = sampled.transform.compose.transforms
+    chain.add().random_flip.CopyFrom(spec_pb2.RandomFlip(entries=["images", "labels"]))
+    chain.add().random_affine.CopyFrom(
+        spec_pb2.RandomAffine(degrees=[spec_pb2.Range(low=-10, high=10)], entries=["images", "labels"])
+    )
+    chain.add().random_noise.CopyFrom(spec_pb2.RandomNoise(std=spec_pb2.Range(low=0, high=1), entries=["images"]))
+    return sampled
 
 
 def prediction_batch(job_id: str, indices: Sequence[int], value: float = 1.0, chunked: bool = False) -> list[bytes]:
@@ -349,6 +369,33 @@ def valid_requests() -> dict[str, list[bytes | list[bytes]]]:
         "StreamBatches": [
             d.StreamBatchesRequest(spec=specs[0], batch_size=7, shuffle=True, seed=5, shard_count=2, shard_index=1),
             d.StreamBatchesRequest(spec=specs[1], batch_size=3, start_position=10, drop_last=True),
+            d.StreamBatchesRequest(
+                spec=specs[0],
+                batch_size=4,
+                sample_subset=[5, 1, 9, 30],
+                sample_weights=[1.0, 0.5, 0.0, 2.0],
+                samples_per_epoch=12,
+                subjects_per_window=1,
+                shard_balance=d.SHARD_BALANCE_PAD,
+                shard_count=2,
+                global_start=2,
+                batch_shard_count=2,
+                batch_shard_index=1,
+            ),
+            d.StreamBatchesRequest(spec=_sampled_spec(), batch_size=2, shuffle=True, seed=3, epoch=1),
+        ],
+        "SelectIndices": [
+            d.SelectIndicesRequest(
+                spec=specs[0],
+                selection=spec_pb2.Selection(
+                    compose=spec_pb2.ComposeSelection(
+                        strategies=[
+                            spec_pb2.Selection(non_black=spec_pb2.NonBlackSelection(black_value=0.5)),
+                            spec_pb2.Selection(subject=spec_pb2.SubjectSelection(subjects=["Subject_1"])),
+                        ]
+                    )
+                ),
+            )
         ],
         "CreateJob": [create_job_request("fresh")],
         "SubscribeEvents": [a.SubscribeEventsRequest(job_id=DONE_JOB, from_sequence=2)],
