@@ -17,6 +17,7 @@ pymia's selection strategies and ``select_indices``, evaluated by the server, li
 from patchwire.client._client import ArrayInfo, Client, DatasetInfo, SubjectInfo, connect
 from patchwire.client._credentials import Credentials
 from patchwire.client._datasource import RemoteDatasource, SubjectSamples
+from patchwire.client._epochs import EpochOptions
 from patchwire.client._errors import (
     AuthenticationError,
     ConnectionFailed,
@@ -48,6 +49,7 @@ __all__ = [
     "Credentials",
     "DatasetInfo",
     "DeadlineExceeded",
+    "EpochOptions",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "JobStatus",

@@ -1,5 +1,6 @@
-"""Indexing strategies, extractors and index expressions with the names and meanings of
-``pymia.data.extraction``; they are plain specs that the server interprets.
+"""Indexing strategies, extractors, index expressions and selection strategies with the names and meanings of
+``pymia.data.extraction``; they are plain specs that the server interprets (the selection strategies and
+``select_indices`` are :mod:`patchwire.client.selection`'s, here as pymia has them).
 
 A pymia user changes only how the datasource is built::
 
@@ -18,10 +19,21 @@ from typing import Any
 from patchwire.client import definition as defs
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client.indexexpression import IndexExpression
+from patchwire.client.selection import (
+    ComposeSelection,
+    NonBlackSelection,
+    NonConstantSelection,
+    PercentileSelection,
+    SelectionStrategy,
+    SubjectSelection,
+    WithForegroundSelection,
+    select_indices,
+)
 from patchwire.v1 import spec_pb2
 
 __all__ = [
     "ComposeExtractor",
+    "ComposeSelection",
     "DataExtractor",
     "EmptyIndexing",
     "Extractor",
@@ -33,17 +45,24 @@ __all__ = [
     "IndexingStrategy",
     "LabelSampler",
     "NamesExtractor",
+    "NonBlackSelection",
+    "NonConstantSelection",
     "PadDataExtractor",
     "PatchWiseIndexing",
+    "PercentileSelection",
     "PositiveNegativeSampler",
     "RandomDataExtractor",
     "RemoteDatasource",
+    "SelectionStrategy",
     "SelectiveDataExtractor",
     "SliceIndexing",
     "SubjectExtractor",
+    "SubjectSelection",
     "UniformSampler",
     "VoxelWiseIndexing",
     "WeightedSampler",
+    "WithForegroundSelection",
+    "select_indices",
 ]
 
 

@@ -21,7 +21,7 @@ EXPECTED: dict[str, set[str]] = {
         "OutOfRangeError PatchwireError PermissionDeniedError ProtocolError RemoteDatasource "
         "RemoteSubjectAssembler ResourceExhaustedError RetriesExhausted RetryPolicy RpcError ServerError "
         "ServerUnavailable SubjectInfo SubjectProgress SubjectSamples Timeouts connect "
-        "LoaderStats LoaderStatsSnapshot"
+        "LoaderStats LoaderStatsSnapshot EpochOptions"
     ),
     "patchwire.client.assembly": _names(
         "AssemblyEvent JobStatus MemoryTransport RemoteSubjectAssembler SubjectProgress Transport TransportStatistics"
@@ -31,7 +31,9 @@ EXPECTED: dict[str, set[str]] = {
         "ImagePropertyShapeExtractor IndexExpression IndexingExtractor IndexingStrategy NamesExtractor "
         "PadDataExtractor PatchWiseIndexing RandomDataExtractor RemoteDatasource SelectiveDataExtractor "
         "SliceIndexing SubjectExtractor VoxelWiseIndexing "
-        "UniformSampler LabelSampler PositiveNegativeSampler WeightedSampler"
+        "UniformSampler LabelSampler PositiveNegativeSampler WeightedSampler "
+        "ComposeSelection NonBlackSelection NonConstantSelection PercentileSelection SelectionStrategy "
+        "SubjectSelection WithForegroundSelection select_indices"
     ),
     "patchwire.client.selection": _names(
         "ComposeSelection NonBlackSelection NonConstantSelection PercentileSelection SelectionStrategy "
