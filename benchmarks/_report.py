@@ -176,6 +176,8 @@ def format_table(report: dict[str, Any]) -> str:
         "  assembler; every run's are in the JSON (runs_seconds).",
     ]
     lines += ["", *_seed_loop_lines(report)]
+    if "sampling" in report:
+        lines += ["", *_sampling_lines(report)]
     rss = report["rss"]
     lines.append("")
     lines.append("server peak RSS MB (VmHWM, reset per pattern):")
@@ -215,4 +217,32 @@ def _seed_loop_lines(report: dict[str, Any]) -> list[str]:
                 f"  {labels[key]:<24} {'yes' if shuffle == '1' else 'no':>7} {workers:>7} {cell['pymia']:>12.0f} "
                 f"{cell['patchwire']:>10.0f} {cell['ratio']:>6.2f}x"
             )
+    return lines
+
+
+def _sampling_lines(report: dict[str, Any]) -> list[str]:
+    """Section g: label-balanced random patches, without and with augmentation."""
+    s, c, mode = report["sampling"], report["ceiling"], report["_mode"]
+    lines = [
+        f"random {mode.patch}^3 patches, label-balanced (centre label probabilities {s['label_probabilities']}), "
+        f"{s['samples_per_volume']} per volume, batch {BATCH_SIZE}:",
+        f"  {'loader':<52} {'samples/s':>10} {'MB/s':>8} {'x ceiling':>10} {'per server core-s':>18}",
+    ]
+    rows = [
+        ("patchwire, sampled on the server", s["patchwire"]["plain"]),
+        ("patchwire, sampled + augmented on the server", s["patchwire"]["augmented"]),
+        ("TorchIO Queue + LabelSampler, local", s["torchio"]["plain"]),
+        ("TorchIO Queue + LabelSampler + augmentation, local", s["torchio"]["augmented"]),
+        ("pymia grid patches + RandomMirror/Rotation90, local", s["pymia"]["augmented"]),
+    ]
+    for name, r in rows:
+        per_core = r.get("samples_per_server_cpu_s")
+        lines.append(
+            f"  {name:<52} {r['samples_per_s']:>10.1f} {r['mb_per_s']:>8.0f} {r['bytes_per_s'] / c['bytes_per_s']:>9.3f}x "
+            f"{'' if per_core is None else f'{per_core:.1f}':>18}"
+        )
+    lines.append(
+        "  augmentation: flips on 3 axes, affine (scales 0.9-1.1, 10 degrees), gamma, noise; TorchIO transforms whole "
+        "subjects before sampling, patchwire each patch"
+    )
     return lines

@@ -30,7 +30,13 @@ d. **assembly** — every prediction (the images, float32, channel-last) of ever
 e. **seed loop** — pymia's example loop with only the construction lines changed (``DataExtractor(images, labels)``,
    ``Permute``, map-style ``PytorchDatasetAdapter``, ``DataLoader(batch_size=2)``), pymia locally vs patchwire, for
    axial slices and patches, shuffle off and on, ``num_workers`` 0 and 2 (``benchmarks/_seed_loop.py``).
-f. **time to first batch** (iterator created -> first batch) and **peak RSS** of the server (``VmHWM`` of the
+g. **random patches for training** (``benchmarks/_sampling.py``): label-balanced random patches sampled (and
+   augmented) on the server vs TorchIO's ``Queue`` + ``LabelSampler`` and pymia's grid patches with its augmentation,
+   locally; samples per server CPU-second.
+g. **random patches for training** (``benchmarks/_sampling.py``): label-balanced random patches sampled (and
+   augmented) on the server vs TorchIO's ``Queue`` + ``LabelSampler`` and pymia's grid patches with its augmentation,
+   locally; samples per server CPU-second.
+h. **time to first batch** (iterator created -> first batch) and **peak RSS** of the server (``VmHWM`` of the
    subprocess, reset per pattern through ``/proc/PID/clear_refs``) and of this client process.
 
 Streaming patterns run for a time budget (several epochs if one is short, a new iterator per epoch), not a fixed
@@ -65,6 +71,7 @@ from _machine import machine_info, peak_rss_mb, reset_peak_rss
 from _plan import FULL, HERE, MB, SMOKE, Mode, progress
 from _plot import plot
 from _report import format_table, targets
+from _sampling import bench_sampling
 from _seed_loop import bench_seed_loop
 from _streaming import (
     bench_default_and_lz4,
@@ -142,6 +149,7 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
         report["assembly"], assembly_rss = bench_assembly(mode, data, work, logs)
         client_peak["assembly"] = peak_rss_mb()
         report["seed_loop"] = bench_seed_loop(mode, data, work, logs)
+        report["sampling"] = bench_sampling(mode, data, work, logs)
 
     report["ttfb"] = {
         "patchwire_ms": {k: r["ttfb_ms"] for k, r in report["patchwire"].items()},
