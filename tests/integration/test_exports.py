@@ -47,7 +47,7 @@ EXPECTED: dict[str, set[str]] = {
         "RandomAffine RandomBiasField RandomCrop RandomElastic RandomElasticDeformation RandomFlip RandomGamma "
         "RandomIntensityScaleShift RandomMirror RandomNoise RandomRotation90 RandomShift RandomTransform"
     ),
-    "patchwire.client.torch": _names("PytorchDatasetAdapter PytorchStreamingDataset collate_batch"),
+    "patchwire.client.torch": _names("PADDED_SHAPES PytorchDatasetAdapter PytorchStreamingDataset collate_batch"),
     "patchwire.client.tensorflow": _names("EpochCounter get_tf_dataset get_tf_generator infer_output_signature"),
     "patchwire.service": _names(
         "DatasetServicer FailedPrecondition InvalidArgument Limits NotFound OutOfRange PatchwireServer "
