@@ -97,7 +97,7 @@ def _padded(batch: dict[str, Any]) -> dict[str, Any]:
             own = np.array([a.shape for a in arrays], dtype=np.int64)
             padded = np.zeros((len(arrays), *own.max(axis=0)), dtype=arrays[0].dtype)
             for i, a in enumerate(arrays):
-                padded[(i, *(slice(0, n) for n in a.shape))] = a
+                padded[i][tuple(slice(0, n) for n in a.shape)] = a
             out[key], shapes[key] = padded, own
         else:
             out[key] = value
