@@ -40,8 +40,13 @@ state holds the epoch, the seed and the position (:mod:`._stream_state`)::
         stream.set_epoch(epoch)
         for batch in loader: ...    # the first iteration yields the rest of the saved epoch
 
+The iteration that resumes streams the state's epoch whatever ``set_epoch`` said (keep your own epoch counter in
+the checkpoint, as with DistributedSampler, for the epochs after it).
+
 Nothing already consumed is streamed again: each DataLoader worker's stream starts on the server at its cursor
-(``start_position``). The loader states of every rank are alike (ranks move in lockstep), so rank 0's is enough.
+(``start_position``). (That holds for StatefulDataLoader's default ``snapshot_every_n_steps=1``; with n, torchdata
+restores its last snapshot and replays the up to n - 1 batches after it, which are then streamed again.) The loader
+states of every rank are alike (ranks move in lockstep), so rank 0's is enough.
 
 StatefulDataLoader refuses a state saved with another ``num_workers``. To resume with other numbers of workers or
 ranks (elastic, like MosaicML Streaming), load the saved loader state into the stream instead and build a loader
@@ -59,12 +64,12 @@ iteration (in all its workers), unless ``set_epoch`` selects another epoch first
 
 **Shapes.** When the samples of a batch differ in shape (subjects of different sizes sliced along a varying axis),
 ``shapes`` says what to do (:mod:`._batch_shapes`): ``"error"`` (default) raises a ValueError naming the entry,
-the shapes seen and the options; ``"pad"`` zero-pads each batch to its largest shape and says so in
-``batch["padded_shapes"]`` (each entry's own shapes, to mask a loss); ``"list"`` gives lists of per-sample
-tensors; ``"group"`` makes each batch a list of batches, one per distinct shape, in the order each shape first
-appears in the batch (samples keep their order). A rank still yields one item per batch of its share, so ranks stay
-in lockstep; under DDP run the groups' forward and backward passes under ``model.no_sync()`` except the last one,
-then step once.
+the shapes seen and the options; ``"pad"`` zero-pads each batch to its largest shape and says so, in
+``batch["padded_shapes"]`` (each entry's own shapes, to mask a loss) and once in the log; ``"list"`` gives lists of
+per-sample tensors; ``"group"`` makes each batch a list of batches, one per distinct shape, in the order each shape
+first appears in the batch (samples keep their order; a list even where the batch has one shape). A rank still
+yields one item per batch of its share (groups add no batches), so ranks stay in lockstep; under DDP run the groups'
+forward and backward passes under ``model.no_sync()`` except the last one, then step once.
 
 ``num_workers=0`` is what the benchmark measures (decoding already runs ahead in a thread, ``prefetch``); on its
 2-core machine workers cost more than they give (README, Benchmarks). Measure on yours.
