@@ -7,6 +7,7 @@ the order or a sample's randomness.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from patchwire.v1 import dataset_service_pb2
 
-__all__ = ["BALANCES", "EpochOptions"]
+__all__ = ["BALANCES", "EpochOptions", "epoch_size", "shard_samples"]
 
 BALANCES = {
     "none": dataset_service_pb2.SHARD_BALANCE_UNSPECIFIED,
@@ -66,3 +67,25 @@ class EpochOptions:
         request.shard_balance = BALANCES[self.shard_balance]
         request.global_start = self.global_start
         request.batch_shard_index, request.batch_shard_count = self.batch_shard
+
+
+def epoch_size(length: int, options: EpochOptions | None) -> int:
+    """Positions of an epoch's global order for a datasource of ``length`` samples: the draws with weights, the
+    subset, or every sample."""
+    if options is not None and options.sample_weights is not None and len(options.sample_weights):
+        return options.samples_per_epoch or len(options.sample_weights)
+    if options is not None and options.sample_subset is not None and len(options.sample_subset):
+        return len(options.sample_subset)
+    return length
+
+
+def shard_samples(samples: int, global_start: int, shard_index: int, shard_count: int, balance: str) -> int:
+    """Samples shard ``shard_index`` of ``shard_count`` streams of an epoch of ``samples`` positions whose first
+    ``global_start`` were consumed: the arithmetic of the server's ``consumer_share`` (``service/_epoch_order.py``)
+    before batches are formed."""
+    rest = samples - global_start
+    if balance == "pad" and rest:
+        rest = math.ceil(rest / shard_count) * shard_count
+    elif balance == "drop":
+        rest = rest // shard_count * shard_count
+    return len(range(shard_index, rest, shard_count))

@@ -28,9 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from patchwire.client._epochs import EpochOptions
+from patchwire.client._epochs import shard_samples
 
-__all__ = ["FORMAT", "StreamState", "epoch_size", "rank_batches", "states_in"]
+__all__ = ["FORMAT", "StreamState", "rank_batches", "states_in"]
 
 FORMAT = "patchwire.stream/1"
 """The ``format`` value of a stream state dict."""
@@ -143,24 +143,10 @@ def rank_state(states: Sequence[StreamState], extra_batches: int = 0) -> StreamS
     return replace(common, batches=sum(s.batches for s in states) + extra_batches)
 
 
-def epoch_size(length: int, options: EpochOptions | None) -> int:
-    """Positions of an epoch's global order: samples drawn with weights, the subset, or every sample."""
-    if options is not None and options.sample_weights is not None and len(options.sample_weights):
-        return options.samples_per_epoch or len(options.sample_weights)
-    if options is not None and options.sample_subset is not None and len(options.sample_subset):
-        return len(options.sample_subset)
-    return length
-
-
 def rank_batches(
     samples: int, global_start: int, shard_index: int, shard_count: int, balance: str, batch_size: int, drop_last: bool
 ) -> int:
     """Batches shard ``shard_index`` of ``shard_count`` has in an epoch of ``samples`` positions whose first
     ``global_start`` were consumed (the arithmetic of ``service/_epoch_order.consumer_share``)."""
-    rest = samples - global_start
-    if balance == "pad" and rest:
-        rest = math.ceil(rest / shard_count) * shard_count
-    elif balance == "drop":
-        rest = rest // shard_count * shard_count
-    n = len(range(shard_index, rest, shard_count))
+    n = shard_samples(samples, global_start, shard_index, shard_count, balance)
     return n // batch_size if drop_last else math.ceil(n / batch_size)

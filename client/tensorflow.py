@@ -47,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from patchwire.client._datasource import PREFETCH_MESSAGES, RemoteDatasource
-from patchwire.client._epochs import EpochOptions
+from patchwire.client._epochs import EpochOptions, epoch_size, shard_samples
 
 __all__ = ["EpochCounter", "get_tf_dataset", "get_tf_generator", "infer_output_signature"]
 
@@ -185,20 +185,10 @@ def _share_length(
     options = epoch_options if epoch_options is not None else EpochOptions()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
-    if options.sample_weights is not None and len(options.sample_weights):
-        total = options.samples_per_epoch or len(options.sample_weights)
-    elif options.sample_subset is not None and len(options.sample_subset):
-        total = len(options.sample_subset)
-    else:
-        total = len(datasource)
+    total = epoch_size(len(datasource), options)
     if options.global_start > total:
         raise ValueError(f"global_start {options.global_start} must be at most the epoch's {total} samples")
-    rest = total - options.global_start
-    if options.shard_balance == "pad" and rest:
-        rest = math.ceil(rest / shard_count) * shard_count
-    elif options.shard_balance == "drop":
-        rest = rest // shard_count * shard_count
-    samples = len(range(shard_index, rest, shard_count))
+    samples = shard_samples(total, options.global_start, shard_index, shard_count, options.shard_balance)
     index, count = options.batch_shard
     if batch_size is None:
         if (index, count) != (0, 1):

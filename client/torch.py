@@ -90,11 +90,11 @@ import torch.utils.data as torch_data
 
 from patchwire.client._batch_shapes import PADDED_SHAPES, SHAPES, apply_shapes, varying_entries
 from patchwire.client._datasource import PREFETCH_MESSAGES, RemoteDatasource
-from patchwire.client._epochs import BALANCES, EpochOptions
+from patchwire.client._epochs import BALANCES, EpochOptions, epoch_size
 from patchwire.client._readahead import ReadAhead, sample_bytes
 from patchwire.client._shuffle_order import ShuffleOrder
 from patchwire.client._stats import LoaderStats
-from patchwire.client._stream_state import StreamState, epoch_size, rank_batches, rank_state, states_in
+from patchwire.client._stream_state import StreamState, rank_batches, rank_state, states_in
 
 __all__ = ["PADDED_SHAPES", "PytorchDatasetAdapter", "PytorchStreamingDataset", "collate_batch"]
 

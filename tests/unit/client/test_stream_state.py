@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from patchwire.client._epochs import EpochOptions
-from patchwire.client._stream_state import FORMAT, StreamState, epoch_size, rank_batches, rank_state, states_in
+from patchwire.client._epochs import EpochOptions, epoch_size
+from patchwire.client._stream_state import FORMAT, StreamState, rank_batches, rank_state, states_in
 from patchwire.service._epoch_order import consumer_share
 from patchwire.v1 import dataset_service_pb2
 
