@@ -155,6 +155,16 @@ class RandomTransform(Transform):
 # -- pymia's ----------------------------------------------------------------------------------------------------------
 
 
+def _per_axis(values: Any, axis: int | Sequence[int] | None, name: str) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+    """pymia's (values, axis) convention: the axes and values left once the axes whose value is None are dropped."""
+    given = _tuple(values)
+    axes = tuple(range(len(given))) if axis is None else _axes(axis)
+    if len(axes) != len(given):
+        raise ValueError(f"If specified, the axis parameter must be of the same length as the {name}")
+    kept = [(a, v) for a, v in zip(axes, given, strict=True) if v is not None]
+    return tuple(a for a, _ in kept), tuple(v for _, v in kept)
+
+
 class RandomCrop(RandomTransform):
     """Crops ``axis`` to ``shape`` at a random anchor, the same for every entry. ``None`` in ``shape`` leaves an axis
     as it is; ``axis`` (default 0, 1, ...) has one axis per value of ``shape``."""
@@ -167,12 +177,8 @@ class RandomCrop(RandomTransform):
         entries: Sequence[str] = _SPATIAL,
     ) -> None:
         super().__init__(p, entries)
-        shapes = _tuple(shape)
-        axes = tuple(range(len(shapes))) if axis is None else _axes(axis)
-        if len(axes) != len(shapes):
-            raise ValueError("If specified, the axis parameter must be of the same length as the shape")
-        self.axis = tuple(a for a, s in zip(axes, shapes, strict=True) if s is not None)
-        self.shape = tuple(int(s) for s in shapes if s is not None)
+        self.axis, kept = _per_axis(shape, axis, "shape")
+        self.shape = tuple(int(s) for s in kept)
 
     def _to_proto(self) -> spec_pb2.Transform:
         return spec_pb2.Transform(
@@ -258,12 +264,8 @@ class RandomShift(RandomTransform):
         entries: Sequence[str] = _SPATIAL,
     ) -> None:
         super().__init__(p, entries)
-        shifts = _tuple(shift)
-        axes = tuple(range(len(shifts))) if axis is None else _axes(axis)
-        if len(axes) != len(shifts):
-            raise ValueError("If specified, the axis parameter must be of the same length as the shift")
-        self.axis = tuple(a for a, s in zip(axes, shifts, strict=True) if s is not None)
-        self.shift = tuple(float(s) for s in shifts if s is not None)
+        self.axis, kept = _per_axis(shift, axis, "shift")
+        self.shift = tuple(float(s) for s in kept)
 
     def _to_proto(self) -> spec_pb2.Transform:
         return spec_pb2.Transform(

@@ -242,6 +242,14 @@ def _resample(arr: np.ndarray, axes: tuple[int, ...], order: int, fill: float, a
 # -- pymia's five ------------------------------------------------------------------------------------------------------
 
 
+def _axes_per_value(given: Sequence[int], count: int, where: str, value: str) -> tuple[int, ...]:
+    """pymia's ``axis``: one axis per value (default 0, 1, ...)."""
+    axes = _axes(given, where) or tuple(range(count))
+    if len(axes) != count:
+        raise InvalidArgument(f"{where}: give one axis per {value} ({count}), got {len(axes)}")
+    return axes
+
+
 def _crop(sub: spec_pb2.RandomCrop, where: str, entries: tuple[str, ...]) -> Body:
     """Draws one anchor per axis, uniformly in [0, size - crop] (pymia leaves out the last one and so fails on a
     crop of the whole axis; here every anchor may be drawn)."""
@@ -250,9 +258,7 @@ def _crop(sub: spec_pb2.RandomCrop, where: str, entries: tuple[str, ...]) -> Bod
         raise InvalidArgument(f"{where}.shape: give 1 to {MAX_AXES} sizes, got {len(shape)}")
     if any(not 1 <= s <= MAX_SIZE for s in shape):
         raise InvalidArgument(f"{where}.shape: sizes must lie in [1, {MAX_SIZE}], got {bounded_list(shape, 8)}")
-    axes = _axes(sub.axis, f"{where}.axis") or tuple(range(len(shape)))
-    if len(axes) != len(shape):
-        raise InvalidArgument(f"{where}.axis: give one axis per size of shape ({len(shape)}), got {len(axes)}")
+    axes = _axes_per_value(sub.axis, len(shape), f"{where}.axis", "size of shape")
 
     def body(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
         resolved, sizes = _resolve(arrays, entries, axes)
@@ -303,9 +309,7 @@ def _shift(sub: spec_pb2.RandomShift, where: str, entries: tuple[str, ...]) -> B
     shifts = tuple(_number(s, f"{where}.shift", 0.0, 1.0) for s in sub.shift)
     if not shifts or len(shifts) > MAX_AXES:
         raise InvalidArgument(f"{where}.shift: give 1 to {MAX_AXES} fractions, got {len(shifts)}")
-    axes = _axes(sub.axis, f"{where}.axis") or tuple(range(len(shifts)))
-    if len(axes) != len(shifts):
-        raise InvalidArgument(f"{where}.axis: give one axis per shift ({len(shifts)}), got {len(axes)}")
+    axes = _axes_per_value(sub.axis, len(shifts), f"{where}.axis", "shift")
 
     def body(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
         resolved, sizes = _resolve(arrays, entries, axes)

@@ -82,3 +82,33 @@ class FakeRpcError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
+
+
+def check_seed_runs_equal(
+    remote: tuple[list[Any], dict[int, Any]],
+    local: tuple[list[Any], dict[int, Any]],
+    batch_shape: tuple[int, ...],
+    prediction_shape: tuple[int, ...],
+) -> None:
+    """A seed-example run against a server equals pymia's local run: 30 batches of ``batch_shape`` (images, sample
+    indices, predictions), and per subject the assembled prediction of ``prediction_shape`` (float32 here, pymia's
+    float64: equal after casting), labels and image properties from direct extraction."""
+    import numpy as np
+
+    (remote_batches, remote_assembled), (local_batches, local_assembled) = remote, local
+    assert len(remote_batches) == len(local_batches) == 30
+    for (rx, ri, rp), (lx, li, lp) in zip(remote_batches, local_batches, strict=True):
+        assert rx.dtype == lx.dtype == np.float32 and rx.shape == lx.shape == batch_shape
+        assert np.array_equal(rx, lx) and np.array_equal(ri, li) and np.array_equal(rp, lp)
+    assert sorted(remote_assembled) == sorted(local_assembled) == [0, 1, 2]
+    for s, (pred, labels, props) in remote_assembled.items():
+        lpred, llabels, lprops = local_assembled[s]
+        assert pred.dtype == np.float32 and lpred.dtype == np.float64
+        assert pred.shape == lpred.shape == prediction_shape and np.array_equal(pred.astype(np.float64), lpred)
+        assert labels.dtype == llabels.dtype and np.array_equal(labels, llabels)
+        assert (props.size, props.origin, props.spacing, props.direction) == (
+            lprops.size,
+            lprops.origin,
+            lprops.spacing,
+            lprops.direction,
+        )

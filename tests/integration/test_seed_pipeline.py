@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -20,6 +19,7 @@ from patchwire.client import extraction as extr
 from patchwire.client import transformation as tfm
 from patchwire.client.torch import PytorchDatasetAdapter
 
+from _checks import check_seed_runs_equal
 from _pymia_oracle import load_pymia
 
 
@@ -84,23 +84,8 @@ def test_seed_example_remote_equals_local(client: pw.Client, tiny_h5: Path) -> N
     assembler = client.assembler(dataset)  # pymia: assm.SubjectAssembler(dataset)
     remote_batches, remote_assembled = _run(dataset, PytorchDatasetAdapter(dataset), assembler, direct_extractor)
 
-    assert len(remote_batches) == len(local_batches) == 30
-    for (rx, ri, rp), (lx, li, lp) in zip(remote_batches, local_batches, strict=True):
-        assert rx.dtype == lx.dtype == np.float32 and rx.shape == lx.shape == (2, 2, 24, 16)
-        assert np.array_equal(rx, lx) and np.array_equal(ri, li) and np.array_equal(rp, lp)
-    assert sorted(remote_assembled) == sorted(local_assembled) == [0, 1, 2]
-    for s, (pred, labels, props) in remote_assembled.items():
-        lpred, llabels, lprops = local_assembled[s]
-        # pymia assembles into float64; patchwire keeps the predictions' dtype: equal after casting
-        assert pred.dtype == np.float32 and lpred.dtype == np.float64
-        assert pred.shape == lpred.shape == (20, 24, 16, 1) and np.array_equal(pred.astype(np.float64), lpred)
-        assert labels.dtype == llabels.dtype and np.array_equal(labels, llabels)
-        assert (props.size, props.origin, props.spacing, props.direction) == (
-            lprops.size,
-            lprops.origin,
-            lprops.spacing,
-            lprops.direction,
-        )
+    remote, local = (remote_batches, remote_assembled), (local_batches, local_assembled)
+    check_seed_runs_equal(remote, local, (2, 2, 24, 16), (20, 24, 16, 1))
 
 
 def test_seed_example_tensorflow_variant(client: pw.Client) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
@@ -20,6 +19,7 @@ from patchwire.client import definition as defs  # noqa: E402
 from patchwire.client import extraction as extr  # noqa: E402
 from patchwire.client.tensorflow import get_tf_dataset, get_tf_generator  # noqa: E402
 
+from _checks import check_seed_runs_equal  # noqa: E402
 from _pymia_oracle import load_pymia  # noqa: E402
 
 
@@ -65,24 +65,7 @@ def _run(dataset: Any, loader: Any, network: Any, assembler: Any, direct_extract
 
 
 def _check_equal(remote: tuple[list, dict], local: tuple[list, dict]) -> None:
-    (remote_batches, remote_assembled), (local_batches, local_assembled) = remote, local
-    assert len(remote_batches) == len(local_batches) == 30
-    for (rx, ri, rp), (lx, li, lp) in zip(remote_batches, local_batches, strict=True):
-        assert rx.dtype == lx.dtype == np.float32 and rx.shape == lx.shape == (2, 24, 16, 2)
-        assert np.array_equal(rx, lx) and np.array_equal(ri, li) and np.array_equal(rp, lp)
-    assert sorted(remote_assembled) == sorted(local_assembled) == [0, 1, 2]
-    for s, (pred, labels, props) in remote_assembled.items():
-        lpred, llabels, lprops = local_assembled[s]
-        # pymia assembles into float64; patchwire keeps the predictions' dtype: equal after casting
-        assert pred.dtype == np.float32 and lpred.dtype == np.float64
-        assert pred.shape == lpred.shape == (20, 24, 16, 2) and np.array_equal(pred.astype(np.float64), lpred)
-        assert labels.dtype == llabels.dtype and np.array_equal(labels, llabels)
-        assert (props.size, props.origin, props.spacing, props.direction) == (
-            lprops.size,
-            lprops.origin,
-            lprops.spacing,
-            lprops.direction,
-        )
+    check_seed_runs_equal(remote, local, (2, 24, 16, 2), (20, 24, 16, 2))
 
 
 def test_seed_example_tensorflow_remote_equals_local(client: pw.Client, tiny_h5: Path) -> None:
