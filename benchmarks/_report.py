@@ -237,8 +237,9 @@ def _sampling_lines(report: dict[str, Any]) -> list[str]:
     ]
     for name, r in rows:
         per_core = r.get("samples_per_server_cpu_s")
+        fraction = r["bytes_per_s"] / c["bytes_per_s"]
         lines.append(
-            f"  {name:<52} {r['samples_per_s']:>10.1f} {r['mb_per_s']:>8.0f} {r['bytes_per_s'] / c['bytes_per_s']:>9.3f}x "
+            f"  {name:<52} {r['samples_per_s']:>10.1f} {r['mb_per_s']:>8.0f} {fraction:>9.3f}x "
             f"{'' if per_core is None else f'{per_core:.1f}':>18}"
         )
     lines.append(

@@ -66,41 +66,41 @@ def _server_cpu_s(pid: int) -> float:
 
 def bench_patchwire_sampling(mode: Mode, data: Path, work: Path, logs: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    with patchwire_server(data, work / "state-sampling", logs / "server-sampling.log", None) as launched:
-        with pw.connect(launched.address) as client:
-            for augment in (False, True):
-                ds = client.datasource(
-                    DATASET,
-                    pw_extr.LabelSampler(mode.patch, LABEL_PROBABILITIES, samples_per_volume=SAMPLES_PER_VOLUME),
-                    pw_extr.DataExtractor(CATEGORIES),
-                    _patchwire_chain(augment),
-                )
-                stream = PytorchStreamingDataset(
-                    ds,
-                    batch_size=BATCH_SIZE,
-                    shuffle=True,
-                    seed=0,
-                    epoch_options=pw.EpochOptions(subjects_per_window=SUBJECTS_PER_WINDOW),
-                )
-                loader = torch_data.DataLoader(stream, batch_size=None, num_workers=0)
+    server = patchwire_server(data, work / "state-sampling", logs / "server-sampling.log", None)
+    with server as launched, pw.connect(launched.address) as client:
+        for augment in (False, True):
+            ds = client.datasource(
+                DATASET,
+                pw_extr.LabelSampler(mode.patch, LABEL_PROBABILITIES, samples_per_volume=SAMPLES_PER_VOLUME),
+                pw_extr.DataExtractor(CATEGORIES),
+                _patchwire_chain(augment),
+            )
+            stream = PytorchStreamingDataset(
+                ds,
+                batch_size=BATCH_SIZE,
+                shuffle=True,
+                seed=0,
+                epoch_options=pw.EpochOptions(subjects_per_window=SUBJECTS_PER_WINDOW),
+            )
+            loader = torch_data.DataLoader(stream, batch_size=None, num_workers=0)
 
-                def make_iterator(epoch: int, stream: Any = stream, loader: Any = loader) -> Iterator[Any]:
-                    stream.set_epoch(epoch)
-                    return iter(loader)
+            def make_iterator(epoch: int, stream: Any = stream, loader: Any = loader) -> Iterator[Any]:
+                stream.set_epoch(epoch)
+                return iter(loader)
 
-                cpu_before = _server_cpu_s(launched.process.pid)
-                result = measure_loader(make_iterator, mode)
-                cpu = _server_cpu_s(launched.process.pid) - cpu_before
-                # the whole run's server CPU (warm-up included) against all its samples
-                result["server_cpu_s"] = cpu
-                result["samples_per_server_cpu_s"] = (result["samples"] + result["warmup_samples"]) / max(cpu, 1e-9)
-                results["augmented" if augment else "plain"] = result
-                ds.close()
-                progress(
-                    f"patchwire label-balanced {mode.patch}^3{' + augmentation' if augment else ''}: "
-                    f"{result['samples_per_s']:.0f} samples/s, {result['samples_per_server_cpu_s']:.0f} per server "
-                    "CPU-second"
-                )
+            cpu_before = _server_cpu_s(launched.process.pid)
+            result = measure_loader(make_iterator, mode)
+            cpu = _server_cpu_s(launched.process.pid) - cpu_before
+            # the whole run's server CPU (warm-up included) against all its samples
+            result["server_cpu_s"] = cpu
+            result["samples_per_server_cpu_s"] = (result["samples"] + result["warmup_samples"]) / max(cpu, 1e-9)
+            results["augmented" if augment else "plain"] = result
+            ds.close()
+            progress(
+                f"patchwire label-balanced {mode.patch}^3{' + augmentation' if augment else ''}: "
+                f"{result['samples_per_s']:.0f} samples/s, {result['samples_per_server_cpu_s']:.0f} per server "
+                "CPU-second"
+            )
     return results
 
 
