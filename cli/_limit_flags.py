@@ -28,6 +28,7 @@ _FLAGS: dict[str, tuple[str, int]] = {
     "max_batch_bytes": ("--max-batch-mb", _MiB),
     "max_indices": ("--max-indices", 1),
     "max_subjects": ("--max-subjects", 1),
+    "max_epoch_samples": ("--max-epoch-samples", 1),
     "max_spec_depth": ("--max-spec-depth", 1),
     "max_repeated": ("--max-repeated", 1),
 }

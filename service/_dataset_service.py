@@ -181,7 +181,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             raise InvalidArgument("spec.extractor: streaming samples needs an extractor")
 
         def ordered() -> tuple[np.ndarray | range, np.ndarray | range]:  # in the executor: orders can be long
-            order = global_order(request, src.length, src.starts)
+            order = global_order(request, src.length, src.starts, self._limits)
             share = consumer_share(request, len(order))
             return share.indices(order, request.global_start), share.positions
 

@@ -27,13 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from patchwire.service._errors import InvalidArgument, OutOfRange, ResourceExhausted, bounded_list
+from patchwire.service._errors import InvalidArgument, OutOfRange, bounded_list
+from patchwire.service._limits import Limits, exhausted
 from patchwire.v1 import dataset_service_pb2
 
-__all__ = ["MAX_DRAWS", "Share", "consumer_share", "global_order"]
-
-MAX_DRAWS = 1 << 24
-"""Most draws an epoch sampled with replacement may have beyond the datasource's own length."""
+__all__ = ["Share", "consumer_share", "global_order"]
 
 _PAD = dataset_service_pb2.SHARD_BALANCE_PAD
 _DROP = dataset_service_pb2.SHARD_BALANCE_DROP
@@ -43,14 +41,20 @@ def global_order(
     request: dataset_service_pb2.StreamBatchesRequest,
     length: int,
     subject_starts: Sequence[int],
+    limits: Limits | None = None,
 ) -> np.ndarray | range:
     """The epoch's sample indices in order (a ``range`` when nothing is reordered: nothing materialised).
-    ``subject_starts``: the first sample index of each subject, ascending (for subject windows)."""
+    ``subject_starts``: the first sample index of each subject, ascending (for subject windows); ``limits``
+    (``max_epoch_samples``) bound what the request names or draws."""
+    limit = (limits if limits is not None else Limits()).max_epoch_samples
+    for name in ("sample_subset", "sample_weights"):
+        if len(getattr(request, name)) > limit:
+            raise exhausted(f"{name}: {len(getattr(request, name))} values", limit, "--max-epoch-samples")
     subset = _subset(request.sample_subset, length) if len(request.sample_subset) else None
     population = subset if subset is not None else range(length)
     n = len(population)
     if len(request.sample_weights):
-        order: np.ndarray | range = _weighted(request, population)
+        order: np.ndarray | range = _weighted(request, population, limit)
     elif not request.shuffle:
         order = population
     elif subset is None:
@@ -77,7 +81,9 @@ def _subset(values: Sequence[int], length: int) -> np.ndarray:
     return subset
 
 
-def _weighted(request: dataset_service_pb2.StreamBatchesRequest, population: np.ndarray | range) -> np.ndarray:
+def _weighted(
+    request: dataset_service_pb2.StreamBatchesRequest, population: np.ndarray | range, limit: int
+) -> np.ndarray:
     weights = np.asarray(request.sample_weights, dtype=np.float64)
     n = len(population)
     if len(weights) != n:
@@ -90,8 +96,8 @@ def _weighted(request: dataset_service_pb2.StreamBatchesRequest, population: np.
     draws = int(request.samples_per_epoch) or n
     if draws < 0:
         raise InvalidArgument(f"samples_per_epoch: must not be negative, got {request.samples_per_epoch}")
-    if draws > max(n, MAX_DRAWS):
-        raise ResourceExhausted(f"samples_per_epoch: {draws} draws exceed the most an epoch may have, {MAX_DRAWS}")
+    if draws > max(n, limit):
+        raise exhausted(f"samples_per_epoch: {draws} draws", max(n, limit), "--max-epoch-samples")
     rng = np.random.default_rng([int(request.seed), int(request.epoch), 1])
     picks = rng.choice(n, size=draws, replace=True, p=weights / weights.sum())
     return np.asarray(population)[picks] if isinstance(population, np.ndarray) else picks.astype(np.int64)

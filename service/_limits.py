@@ -77,6 +77,9 @@ class Limits:
     """Sample indices in one GetSamples request (--max-indices)."""
     max_subjects: int = 1 << 16
     """Subjects in a datasource's subject subset (--max-subjects)."""
+    max_epoch_samples: int = 1 << 24
+    """Samples a StreamBatches request may name (sample_subset, sample_weights) or draw beyond the datasource's own
+    length (samples_per_epoch; --max-epoch-samples)."""
     max_spec_depth: int = 16
     """Nesting depth of a spec (a ComposeExtractor or ComposeTransform inside another counts one level;
     --max-spec-depth)."""

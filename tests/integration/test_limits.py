@@ -50,6 +50,7 @@ LIMITS = Limits(
     max_batch_bytes=2 << 20,
     max_indices=100,
     max_subjects=10,
+    max_epoch_samples=200,
     max_spec_depth=4,
     max_repeated=50,
 )
@@ -364,6 +365,23 @@ def test_get_samples_indices(dstub: Any) -> None:
 def test_subject_subset(dstub: Any) -> None:
     with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, "spec.subject_subset.values: 11 values", "--max-subjects"):
         get_samples(dstub, spec(SLICES, subjects=[f"s{i}" for i in range(11)]), [0])
+
+
+def test_epoch_samples(dstub: Any) -> None:
+    """Subsets and weights a stream names, and the draws it asks for, are bounded (--max-epoch-samples)."""
+    cases = [
+        ({"sample_subset": list(range(201))}, "sample_subset: 201 values"),
+        ({"sample_weights": [1.0] * 201}, "sample_weights: 201 values"),
+        ({"sample_weights": [1.0] * 60, "samples_per_epoch": 201}, "samples_per_epoch: 201 draws"),
+    ]
+    for fields, message in cases:
+        request = dataset_service_pb2.StreamBatchesRequest(spec=spec(SLICES), batch_size=8, **fields)
+        with expect_raw(grpc.StatusCode.RESOURCE_EXHAUSTED, message, "--max-epoch-samples"):
+            list(dstub.StreamBatches(request, timeout=RPC_TIMEOUT_S))
+    request = dataset_service_pb2.StreamBatchesRequest(
+        spec=spec(SLICES), batch_size=50, sample_weights=[1.0] * 60, samples_per_epoch=200
+    )
+    assert sum(len(r.batch.sample_indices) for r in dstub.StreamBatches(request, timeout=RPC_TIMEOUT_S)) == 200
 
 
 def test_repeated_fields(dstub: Any) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from patchwire.service._epoch_order import consumer_share, global_order
 from patchwire.service._errors import InvalidArgument, OutOfRange, ResourceExhausted
+from patchwire.service._limits import Limits
 from patchwire.v1 import dataset_service_pb2 as dpb
 
 PAD, DROP, NONE = dpb.SHARD_BALANCE_PAD, dpb.SHARD_BALANCE_DROP, dpb.SHARD_BALANCE_UNSPECIFIED
@@ -125,13 +126,23 @@ def test_subset_is_the_population() -> None:
         ({"sample_subset": [60]}, OutOfRange, "out of range"),
         ({"sample_weights": [1.0]}, InvalidArgument, "1 weights given"),
         ({"sample_weights": [-1.0] * LENGTH}, InvalidArgument, "non-negative"),
-        ({"sample_weights": [1.0] * LENGTH, "samples_per_epoch": 1 << 30}, ResourceExhausted, "draws"),
+        ({"sample_weights": [1.0] * LENGTH, "samples_per_epoch": 1 << 30}, ResourceExhausted, "max-epoch-samples"),
         ({"subjects_per_window": -1, "shuffle": True}, InvalidArgument, "subjects_per_window"),
     ],
 )
 def test_bad_orders_are_refused(fields: dict[str, object], error: type[Exception], text: str) -> None:
     with pytest.raises(error, match=text):
         global_order(request(**fields), LENGTH, STARTS)
+
+
+def test_long_subsets_and_weights_are_bounded() -> None:
+    limits = Limits(max_epoch_samples=10)
+    with pytest.raises(ResourceExhausted, match=r"sample_subset: 11 values.*--max-epoch-samples"):
+        global_order(request(sample_subset=list(range(11))), LENGTH, STARTS, limits)
+    with pytest.raises(ResourceExhausted, match="sample_weights: 60 values"):
+        global_order(request(sample_weights=[1.0] * LENGTH), LENGTH, STARTS, limits)
+    draws = request(sample_weights=[1.0] * 5, sample_subset=[0, 1, 2, 3, 4], samples_per_epoch=10)
+    assert len(global_order(draws, LENGTH, STARTS, limits)) == 10
 
 
 @pytest.mark.parametrize(
