@@ -72,22 +72,38 @@ class Config:
     """Everything a rank needs (picklable: spawned ranks get a copy)."""
 
     address: str
+    """The server (HOST:PORT)."""
     dataset: str
     train_subjects: tuple[str, ...]
+    """Subjects the training patches come from (the datasource's subject subset)."""
     held_out: tuple[str, ...]
+    """Subjects segmented and evaluated after training, never trained on."""
     out: str
+    """Folder of metrics.json, model.pt and the NIfTI files."""
     sampler: str = "label"
+    """"label": patch centres balanced over the labels; "uniform": anywhere in the volume."""
     minutes: float = 10.0
+    """Training time; the ranks stop together at the first step past it."""
     patch: int = 48
+    """Edge of the cubic patches, in training and in the sliding window."""
     batch_size: int = 2
+    """Patches per rank and step."""
     samples_per_volume: int = 16
+    """Patches per training subject and epoch."""
     channels: int = 16
+    """U-Net channels at its finest (half-resolution) level."""
     depth: int = 3
+    """U-Net downsamplings after the stem."""
     learning_rate: float = 1e-2
+    """Peak learning rate (AdamW; a short warm-up, then polynomial decay over the time budget)."""
     small_weight: float = 5.0
+    """Cross-entropy weight of the three small structures (the others weigh 1)."""
     overlap: float = 0.5
+    """Overlap of neighbouring sliding-window patches, per axis."""
     seed: int = 0
+    """Seed of the initial weights and of the server's patch draws and augmentation."""
     threads: int = 1
+    """Torch threads per rank."""
     augment: bool = True
     export: bool = True
     log_every_s: float = 30.0
@@ -352,8 +368,6 @@ def run_rank(rank: int, world: int, config: Config, init_method: str) -> None:
     """One rank: joins the gloo group, trains, segments; rank 0 writes ``metrics.json`` and prints the figures."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # ranks of one machine talk over the loopback interface
     dist.init_process_group(
         "gloo", init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=GROUP_TIMEOUT_S)
     )
@@ -444,13 +458,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sampler", choices=("label", "uniform"), default="label", help="patch centres (default label)"
     )
-    parser.add_argument("--subjects", type=int, default=8, help="phantom subjects to generate (default 8)")
+    parser.add_argument(
+        "--subjects", type=int, default=8, help="phantom subjects to generate (default 8; not with --address)"
+    )
     parser.add_argument("--held-out", type=int, default=2, help="last subjects kept for evaluation (default 2)")
     parser.add_argument("--out", type=Path, default=Path("segmentation-out"), help="folder for the results")
     parser.add_argument("--address", help="use this running server (HOST:PORT) instead of starting one")
     parser.add_argument("--dataset", default="phantom", help="dataset on that server (default phantom)")
     parser.add_argument(
-        "--shape", type=int, nargs=3, default=(181, 217, 181), metavar=("Z", "Y", "X"), help="phantom image shape"
+        "--shape",
+        type=int,
+        nargs=3,
+        default=(181, 217, 181),
+        metavar=("Z", "Y", "X"),
+        help="phantom image shape (default 181 217 181; not with --address)",
     )
     parser.add_argument("--ranks", type=int, default=2, help="training processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
@@ -522,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), config, "env://")
             else:
                 init = f"file://{folder / 'rendezvous'}"
+                if sys.platform.startswith("linux"):  # the spawned ranks share this machine: talk over loopback
+                    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
                 mp.spawn(run_rank, args=(args.ranks, config, init), nprocs=args.ranks, join=True)
     total = time.perf_counter() - start
     metrics_path = args.out / "metrics.json"
