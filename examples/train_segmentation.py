@@ -24,7 +24,8 @@ What it shows, end to end:
 4. **Evaluation.** Each assembled subject's argmax is compared with its label map (Dice per label and subject), its
    probabilities are exported by the server as NIfTI with the original geometry (``<out>/<subject>_probabilities
    .nii.gz``) and the segmentation is written beside them (``<subject>_segmentation.nii.gz``, with SimpleITK where
-   it is installed). ``<out>/metrics.json`` holds the figures and the timings, ``<out>/model.pt`` the weights.
+   it is installed); then the job is deleted. ``<out>/metrics.json`` holds the figures and the timings,
+   ``<out>/model.pt`` the weights.
 
 Needs ``pip install 'patchwire[server,torch]'`` (the client alone, ``patchwire[torch]``, with ``--address``).
 """
@@ -309,7 +310,8 @@ def train(config: Config, network: nn.Module, rank: int) -> dict[str, Any]:
 
 def segment(config: Config, network: nn.Module, job_id: str, rank: int, world: int) -> dict[str, Any]:
     """Sliding-window inference of this rank's share of the held-out patches, posted to the shared assembly job; then
-    the evaluation and export of this rank's share of the subjects. Returns {subject: figures}."""
+    the evaluation and export of this rank's share of the subjects, after which the job is deleted. Returns
+    {"subjects": {name: figures}, "inference_s": seconds}."""
     client = pw.connect(config.address)
     datasource = inference_datasource(client, config)
     assembler = client.assembler(datasource, overlap="gaussian", job_id=job_id, entries={"probabilities": len(LABELS)})
@@ -344,6 +346,9 @@ def segment(config: Config, network: nn.Module, job_id: str, rank: int, world: i
             if written is not None:
                 figures["segmentation"] = str(written)
         results[name] = figures
+    dist.barrier()  # every rank has what it needs from the job: the server may free it
+    if rank == 0:
+        assembler.delete()
     assembler.close()
     datasource.close()
     client.close()
@@ -427,6 +432,8 @@ def report(config: Config, gathered: Sequence[dict[str, Any]]) -> None:
 
 @dataclass
 class Timings:
+    """Seconds of each phase of the driver."""
+
     phases: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
