@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -37,6 +38,9 @@ T = TypeVar("T")
 
 #: Most samples in one message (bounds per-message overhead and latency for tiny samples such as voxels).
 MAX_SAMPLES_PER_MESSAGE = 4096
+SAMPLE_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
+"""Threads that build the samples of one message together when building them is costly (random transforms, whose
+numpy and scipy work runs without the GIL): the message's samples are built in waves of this many."""
 
 
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
@@ -54,8 +58,18 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         self._limits = limits if limits is not None else Limits()
         self._cache = cache if cache is not None else DatasourceCache(datasets, limits=self._limits)
         self._executor = executor
+        self._sample_threads: ThreadPoolExecutor | None = None
         self.samples_built = 0
         """Samples read and transformed for GetSamples, StreamBatches and SelectIndices so far (what calls cost)."""
+
+    def _samples_in_waves(self, src: CompiledDatasource) -> tuple[int, ThreadPoolExecutor | None]:
+        """(wave width, its threads): samples of a costly datasource are built SAMPLE_THREADS at a time (made on
+        first use), others one by one on the calling thread."""
+        if not src.costly or SAMPLE_THREADS == 1:
+            return 1, None
+        if self._sample_threads is None:
+            self._sample_threads = ThreadPoolExecutor(SAMPLE_THREADS, thread_name_prefix="patchwire-samples")
+        return SAMPLE_THREADS, self._sample_threads
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -229,12 +243,26 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             else:
                 where = [int(p) for p in positions[start : start + count]]
 
+            def make(i: int, position: int) -> dict[str, Any]:
+                return src.sample(i, Draw(seed, epoch, position, i + src.length if i < 0 else i))
+
+            def made() -> Iterator[tuple[int, dict[str, Any]]]:
+                """(index, sample) in order; costly samples built a wave at a time by several threads (within
+                the message's byte limit: a wave is at most SAMPLE_THREADS samples beyond it)."""
+                width, threads = self._samples_in_waves(src) if budget is None else (1, None)
+                pairs = list(zip(chunk, where, strict=True))
+                for w in range(0, len(pairs), width):
+                    if stopped.is_set():
+                        return
+                    wave = pairs[w : w + width]
+                    if threads is None:
+                        yield wave[0][0], make(*wave[0])
+                        continue
+                    yield from zip((i for i, _ in wave), threads.map(lambda p: make(*p), wave), strict=True)
+
             def built() -> tuple[Encoded, list[int] | None] | None:
                 samples, nbytes = [], 0
-                for i, position in zip(chunk, where, strict=True):
-                    if stopped.is_set():
-                        return None
-                    sample = src.sample(i, Draw(seed, epoch, position, i + src.length if i < 0 else i))
+                for i, sample in made():
                     self.samples_built += 1
                     size = _sample_bytes(sample)
                     check_sample_bytes(size, limits.max_sample_bytes, f"sample {i}")
@@ -249,6 +277,8 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                     samples.append(sample)
                     if budget is not None and nbytes >= budget:
                         break
+                if stopped.is_set():
+                    return None
                 # for a segment, strided arrays (a Permute's) are copied once, straight into it
                 encoded = encode_batch(
                     samples, chunk[: len(samples)], first_position + start, compression, contiguous=deliver is None

@@ -15,7 +15,7 @@ from patchwire.service._indexing import Expression, Indexing, compile_indexing
 from patchwire.service._limits import Limits, check_spec
 from patchwire.service._randomness import Draw
 from patchwire.service._sampling import PatchSampler, compile_sampler
-from patchwire.service._transforms import Transform, compile_transform, writes_in_place
+from patchwire.service._transforms import Transform, augments, compile_transform, writes_in_place
 from patchwire.v1 import spec_pb2
 from patchwire.wire.indexexpression import expression_from_proto
 
@@ -49,6 +49,8 @@ class CompiledDatasource:
             if spec.HasField("transform")
             else None
         )
+        self.costly = self.transform is not None and augments(spec.transform)
+        """Whether building a sample costs enough (random transforms) to spread a message's samples over threads."""
         self.private = self.transform is not None and writes_in_place(spec.transform)
         """Whether samples need arrays of their own: only a transform that writes into them does (a sample that is
         only encoded, or only permuted or reshaped, may view the cached blocks)."""

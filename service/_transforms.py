@@ -20,7 +20,7 @@ from patchwire.service._limits import check_sample_bytes
 from patchwire.service._randomness import Draw
 from patchwire.v1 import spec_pb2, tensor_pb2
 
-__all__ = ["Transform", "compile_transform", "writes_in_place"]
+__all__ = ["Transform", "augments", "compile_transform", "writes_in_place"]
 
 Sample = dict[str, Any]
 Step = Callable[[Sample], Sample]
@@ -215,6 +215,14 @@ _VIEWS = frozenset({"permute", "squeeze", "un_squeeze", "reshape", "size_correct
 """Transforms that give views or new arrays and never write into the arrays they are given."""
 _NEW_ARRAYS_UNLESS_LOOPED = frozenset({"intensity_normalization", "intensity_rescale"})
 """Transforms that compute new arrays, except with ``loop_axis``, where they write each slice back in place."""
+
+
+def augments(msg: spec_pb2.Transform) -> bool:
+    """Whether a transform spec holds a random transform (whose resampling costs milliseconds per sample)."""
+    kind = msg.WhichOneof("transform")
+    if kind == "compose":
+        return any(augments(t) for t in msg.compose.transforms)
+    return kind in AUGMENTATIONS
 
 
 def writes_in_place(msg: spec_pb2.Transform) -> bool:
