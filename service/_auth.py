@@ -106,6 +106,7 @@ _log = logging.getLogger(__name__)
 
 _DATASET = "/patchwire.v1.DatasetService/"
 _ASSEMBLY = "/patchwire.v1.AssemblyService/"
+_SERVER = "/patchwire.v1.ServerService/"
 METHOD_ROLES: Mapping[str, str | None] = {
     **{
         _DATASET + m: READ
@@ -136,6 +137,9 @@ METHOD_ROLES: Mapping[str, str | None] = {
     },
     # a region is used only by calls that need their own role (reading samples, posting, fetching subjects)
     _ASSEMBLY + "RegisterSharedMemory": None,
+    # which replica answers is what every client needs to route assembly jobs; who else is calling is an operator's
+    _SERVER + "GetServerInfo": None,
+    _SERVER + "ListStreams": ADMIN,
 }
 """The role each method needs (None: any known identity). Assembly methods need ``write``; which jobs a caller may
 touch is then decided by ownership (:meth:`Identity.owns`)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +28,13 @@ from patchwire.service._errors import FailedPrecondition, quiet_client_endings
 from patchwire.service._limits import CallLimiter, Limits
 from patchwire.service._requests import parsed
 from patchwire.service._served import ServedDataset
+from patchwire.service._server_service import ServerServicer
 from patchwire.service._shared_regions import SharedRegions
 from patchwire.service._shared_socket import SharedMemorySocket
 from patchwire.service._tls import exposed_without_tls, server_credentials
 from patchwire.service.assembly import AssemblyServicer, AssemblyStore
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import dataset_service_pb2
+from patchwire.v1 import dataset_service_pb2, server_service_pb2
 from patchwire.wire import framing, shared_memory
 
 __all__ = ["PatchwireServer", "ServerConfig", "dataset_health_name"]
@@ -41,6 +43,7 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE_NAME = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
 ASSEMBLY_SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AssemblyService"].full_name
+SERVER_SERVICE_NAME = server_service_pb2.DESCRIPTOR.services_by_name["ServerService"].full_name
 
 
 def dataset_health_name(dataset: str) -> str:
@@ -93,6 +96,9 @@ class ServerConfig:
     authentication, every caller is ``anonymous`` with every role."""
     limits: Limits = field(default_factory=Limits)
     """What one request, identity or job may make the server hold (:mod:`patchwire.service._limits`)."""
+    replica_id: str = field(default_factory=socket.gethostname)
+    """This server's stable name among replicas serving the same datasets (default: the host name, which is the pod's
+    name in a Kubernetes StatefulSet). Assembly jobs it creates carry it at the start of their ids: their home."""
     verify: bool = False
     """Take a CRC-32 of every stored block of every dataset's arrays at open (reading each file once) and check every
     block read from disk against it before it is cached or served; a mismatch stops serving that dataset
@@ -232,11 +238,19 @@ class PatchwireServer:
                         auth,
                         self.calls,
                     ),
+                    _handlers(ServerServicer(cfg.replica_id), SERVER_SERVICE_NAME, auth, self.calls),
                 )
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection(
-                (SERVICE_NAME, ASSEMBLY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+                (
+                    SERVICE_NAME,
+                    ASSEMBLY_SERVICE_NAME,
+                    SERVER_SERVICE_NAME,
+                    health.SERVICE_NAME,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
             )
             if tls is not None:
                 self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", tls)

@@ -24,7 +24,7 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import dataset_service_pb2, spec_pb2
+from patchwire.v1 import dataset_service_pb2, server_service_pb2, spec_pb2
 from patchwire.wire import framing, tensors
 
 FD = descriptor.FieldDescriptor
@@ -68,7 +68,7 @@ class Method:
 
 def methods() -> list[Method]:
     out = []
-    for file in (dataset_service_pb2.DESCRIPTOR, apb.DESCRIPTOR):
+    for file in (dataset_service_pb2.DESCRIPTOR, apb.DESCRIPTOR, server_service_pb2.DESCRIPTOR):
         for service in file.services_by_name.values():
             for m in service.methods:
                 out.append(Method(service.full_name, m.name, m.input_type, m.client_streaming, m.server_streaming))
@@ -410,6 +410,8 @@ def valid_requests() -> dict[str, list[bytes | list[bytes]]]:
         "DeleteJob": [a.DeleteJobRequest(job_id="nope")],
         "RegisterSharedMemory": [a.RegisterSharedMemoryRequest(for_posting=True)],
         "ReleaseSharedFiles": [a.ReleaseSharedFilesRequest(leases=[b"x" * 16])],
+        "GetServerInfo": [server_service_pb2.GetServerInfoRequest()],
+        "ListStreams": [server_service_pb2.ListStreamsRequest()],
     }
     out: dict[str, list[bytes | list[bytes]]] = {k: [m.SerializeToString() for m in v] for k, v in msgs.items()}
     out["PostPredictions"] = [prediction_batch(LIVE_JOB, [3, 4]), prediction_batch(LIVE_JOB, [7], chunked=True)]

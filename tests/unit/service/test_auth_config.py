@@ -99,10 +99,10 @@ def test_roles_of_methods_and_permission_denied() -> None:
         reader.authorize(context, "/patchwire.v1.AssemblyService/CreateJob", WRITE)
 
 
-def test_every_method_of_both_services_has_a_role() -> None:
+def test_every_method_of_every_service_has_a_role() -> None:
     from google.protobuf import descriptor_pool
 
-    for service in ("patchwire.v1.DatasetService", "patchwire.v1.AssemblyService"):
+    for service in ("patchwire.v1.DatasetService", "patchwire.v1.AssemblyService", "patchwire.v1.ServerService"):
         for m in descriptor_pool.Default().FindServiceByName(service).methods:
             assert f"/{service}/{m.name}" in _auth.METHOD_ROLES, m.name
 

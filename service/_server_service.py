@@ -1,0 +1,38 @@
+"""ServerService: what this server is (its replica id, version, serving processes, codecs) and the calls it serves
+now (``patchwire top``)."""
+
+from __future__ import annotations
+
+import time
+from importlib import metadata
+from typing import Any
+
+from patchwire.service._errors import translate_errors
+from patchwire.v1 import server_service_pb2 as spb
+from patchwire.v1 import server_service_pb2_grpc
+
+__all__ = ["ServerServicer", "package_version"]
+
+
+def package_version() -> str:
+    """patchwire's installed version ("unknown" when run from a tree that is not installed)."""
+    try:
+        return metadata.version("patchwire")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class ServerServicer(server_service_pb2_grpc.ServerServiceServicer):
+    """``replica_id``: this server's stable name among replicas (``ServerConfig.replica_id``)."""
+
+    def __init__(self, replica_id: str) -> None:
+        self._replica_id = replica_id
+        self._version = package_version()
+
+    @translate_errors
+    async def GetServerInfo(self, request: Any, context: Any) -> spb.GetServerInfoResponse:
+        return spb.GetServerInfoResponse(replica_id=self._replica_id, version=self._version, workers=1)
+
+    @translate_errors
+    async def ListStreams(self, request: Any, context: Any) -> spb.ListStreamsResponse:
+        return spb.ListStreamsResponse(time_unix=time.time(), replica_id=self._replica_id)
