@@ -238,7 +238,7 @@ class PatchwireServer:
                         auth,
                         self.calls,
                     ),
-                    _handlers(ServerServicer(cfg.replica_id), SERVER_SERVICE_NAME, auth, self.calls),
+                    _handlers(ServerServicer(cfg), SERVER_SERVICE_NAME, auth, self.calls),
                 )
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import time
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from patchwire.service._errors import translate_errors
 from patchwire.v1 import server_service_pb2 as spb
 from patchwire.v1 import server_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from patchwire.service._server import ServerConfig
 
 __all__ = ["ServerServicer", "package_version"]
 
@@ -23,10 +26,11 @@ def package_version() -> str:
 
 
 class ServerServicer(server_service_pb2_grpc.ServerServiceServicer):
-    """``replica_id``: this server's stable name among replicas (``ServerConfig.replica_id``)."""
+    """Answers from the server's ``config`` (its replica id, processes and codecs)."""
 
-    def __init__(self, replica_id: str) -> None:
-        self._replica_id = replica_id
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._replica_id = config.replica_id
         self._version = package_version()
 
     @translate_errors
