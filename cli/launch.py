@@ -58,9 +58,11 @@ async def announce_and_wait(line: str) -> None:
 
 
 def serve_command(datasets: Mapping[str, Path], *args: str, log_level: str = "WARNING") -> list[str]:
-    """The command line of ``patchwire serve`` on a free port for ``datasets`` (name -> file), then ``args``: a
-    ``--port`` among them overrides the free port (a restart on the same one)."""
+    """The command line of ``patchwire serve`` on a free port for ``datasets`` (name -> file), as one serving process,
+    then ``args``: a ``--port`` among them overrides the free port (a restart on the same one), a ``--workers`` the
+    single process (tests and benchmarks get one process unless they ask for more, whatever the machine's CPUs)."""
     command = [sys.executable, "-m", "patchwire.cli", "--log-level", log_level, "serve", "--port", "0"]
+    command += ["--workers", "1"]
     for name, path in datasets.items():
         command += ["--dataset", f"{name}={path}"]
     return [*command, *args]

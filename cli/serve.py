@@ -65,7 +65,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
-    serve.add_argument("--workers", type=int, default=4, help="sample reading threads (default 4)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serving processes sharing the port (default 0: one per CPU this process may use, at most 8; 1: a "
+        "single process); assembly jobs are served by the first, the others forward those calls to it",
+    )
+    serve.add_argument(
+        "--read-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads per serving process that read and transform samples (default 4)",
+    )
     serve.add_argument("--grace", type=float, default=5.0, help="seconds running calls get on shutdown")
     serve.add_argument(
         "--state-dir",
@@ -157,11 +171,16 @@ def server_config(args: argparse.Namespace, environ: Mapping[str, str] = os.envi
         raise UsageError(f"dataset name given twice: {', '.join(duplicates)}")
     if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and args.tls_cert is None):
         raise UsageError("--tls-cert and --tls-key go together (--tls-client-ca needs them)")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers: 0 (one per CPU) or more processes, got {args.workers}")
+    if args.read_threads is not None and args.read_threads < 1:
+        raise UsageError(f"--read-threads: at least 1, got {args.read_threads}")
     return ServerConfig(
         datasets=dict(datasets),
         host=args.host,
         port=args.port,
-        workers=args.workers,
+        # flags not given leave the config's defaults
+        **{key: getattr(args, key) for key in ("workers", "read_threads") if getattr(args, key) is not None},
         grace_seconds=args.grace,
         state_dir=args.state_dir,
         assembly_memory_bytes=int(args.assembly_memory * (1 << 20)),

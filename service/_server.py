@@ -61,8 +61,20 @@ class ServerConfig:
     """Interface to bind."""
     port: int = 50051
     """Port to bind; 0 picks a free one (see PatchwireServer.port)."""
-    workers: int = 4
-    """Threads that read and transform samples (h5py serialises reads; numpy work runs in parallel)."""
+    read_threads: int = 4
+    """Threads of each serving process that read and transform samples (h5py serialises reads; numpy work runs in
+    parallel)."""
+    workers: int = 0
+    """Serving processes sharing the port (``patchwire serve --workers``; :mod:`patchwire.service._workers`): 0 picks
+    the CPUs this process may use, at most 8 (``_workers.AUTO_MAX``: each process keeps its own block cache and HDF5
+    handles, so memory grows with every one, while one link is full long before that). 1: one process, no supervisor.
+    Assembly jobs are always served by process 0; the others forward those calls to it."""
+    worker_index: int = 0
+    """Which serving process this is (0 to workers - 1); 0 is the home of assembly jobs and of the shared-memory
+    socket."""
+    run_dir: Path | None = None
+    """A private folder (0700) shared by one server's processes: the home process's internal Unix socket, metrics
+    files, stream tables. None when one process serves (set by the supervisor, never by hand)."""
     grace_seconds: float = 5.0
     """How long stop() lets running calls finish."""
     options: Sequence[tuple[str, Any]] = field(default_factory=framing.channel_options)
@@ -200,7 +212,7 @@ class PatchwireServer:
             if cfg.datasets and not any(ds.available for ds in self._datasets.values()):
                 reasons = "; ".join(f"dataset {name!r}: {ds.reason}" for name, ds in self._datasets.items())
                 raise FailedPrecondition(f"{reasons} (no dataset can be served)")
-            self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="patchwire-read")
+            self._executor = ThreadPoolExecutor(max_workers=cfg.read_threads, thread_name_prefix="patchwire-read")
             cache = DatasourceCache(self._datasets, limits=cfg.limits)
             state_dir = cfg.state_dir
             if state_dir is None:

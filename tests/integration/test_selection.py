@@ -57,7 +57,7 @@ def files(tiny_h5: Path, vary_h5: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def server(files: dict[str, Path]) -> Iterator[PatchwireServer]:
     """One reading thread: a request served after a cancelled scan runs only once the scan's step has returned."""
-    with server_in_thread(files, workers=1) as srv:
+    with server_in_thread(files, read_threads=1) as srv:
         yield srv
 
 

@@ -29,7 +29,8 @@ def _config(*args: str) -> ServerConfig:
 def test_defaults_are_the_server_configs(h5: Path) -> None:
     config = _config("--dataset", f"a={h5}")
     assert config == ServerConfig(datasets={"a": h5}, cache_bytes=DEFAULT_CACHE_MB * MIB, limits=Limits())
-    assert (config.host, config.port, config.workers, config.grace_seconds) == ("127.0.0.1", 50051, 4, 5.0)
+    assert (config.host, config.port, config.read_threads, config.grace_seconds) == ("127.0.0.1", 50051, 4, 5.0)
+    assert (config.workers, config.worker_index, config.run_dir) == (0, 0, None)
     assert (config.state_dir, config.shared_memory, config.shared_memory_uids, config.verify) == (
         None,
         True,
@@ -43,14 +44,16 @@ def test_every_flag_reaches_the_config(h5: Path, tmp_path: Path) -> None:
     other = tmp_path / "b.h5"
     other.write_bytes(b"")
     config = _config(
-        "-d", f"a={h5}", "--dataset", f"b={other}", "--host", "0.0.0.0", "--port", "0", "--workers", "2",
-        "--grace", "1.5", "--state-dir", str(tmp_path / "state"), "--assembly-memory", "8", "--cache-mb", "0.5",
+        "-d", f"a={h5}", "--dataset", f"b={other}", "--host", "0.0.0.0", "--port", "0", "--read-threads", "2",
+        "--workers", "3", "--grace", "1.5", "--state-dir", str(tmp_path / "state"), "--assembly-memory", "8",
+        "--cache-mb", "0.5",
         "--no-shared-memory", "--shared-memory-uid", "5", "--shared-memory-uid", "7",
         "--shared-memory-dir", str(tmp_path / "shm"), "--verify", "--tls-cert", "c.pem", "--tls-key", "k.pem",
         "--tls-client-ca", "ca.pem", "--auth-config", "auth.toml",
     )  # fmt: skip
     assert config.datasets == {"a": h5, "b": other}
-    assert (config.host, config.port, config.workers, config.grace_seconds) == ("0.0.0.0", 0, 2, 1.5)
+    assert (config.host, config.port, config.read_threads, config.grace_seconds) == ("0.0.0.0", 0, 2, 1.5)
+    assert config.workers == 3
     assert config.state_dir == tmp_path / "state"
     assert (config.assembly_memory_bytes, config.cache_bytes) == (8 * MIB, MIB // 2)
     assert (config.shared_memory, config.shared_memory_uids) == (False, (5, 7))
@@ -97,6 +100,8 @@ def test_phantom_is_made_in_the_given_home_and_served_as_phantom(
         (("-d", "a={h5}", "--tls-cert", "c.pem"), "--tls-cert and --tls-key go together"),
         (("-d", "a={h5}", "--tls-key", "k.pem"), "--tls-cert and --tls-key go together"),
         (("-d", "a={h5}", "--tls-client-ca", "ca.pem"), "(--tls-client-ca needs them)"),
+        (("-d", "a={h5}", "--workers", "-1"), "--workers: 0 (one per CPU) or more processes, got -1"),
+        (("-d", "a={h5}", "--read-threads", "0"), "--read-threads: at least 1, got 0"),
     ],
 )
 def test_flags_that_do_not_go_together_exit_2(
