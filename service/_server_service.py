@@ -35,7 +35,13 @@ class ServerServicer(server_service_pb2_grpc.ServerServiceServicer):
 
     @translate_errors
     async def GetServerInfo(self, request: Any, context: Any) -> spb.GetServerInfoResponse:
-        return spb.GetServerInfoResponse(replica_id=self._replica_id, version=self._version, workers=1)
+        return spb.GetServerInfoResponse(
+            replica_id=self._replica_id,
+            version=self._version,
+            # one process unless a supervisor started this one among others (run_dir: see ServerConfig)
+            workers=self._config.workers if self._config.run_dir is not None else 1,
+            worker_index=self._config.worker_index,
+        )
 
     @translate_errors
     async def ListStreams(self, request: Any, context: Any) -> spb.ListStreamsResponse:
