@@ -106,6 +106,9 @@ class ServerConfig:
     """TOML file of identities, their roles and credentials (``patchwire.service._auth``): every call of
     DatasetService and AssemblyService then needs a known bearer token or client certificate. None: no
     authentication, every caller is ``anonymous`` with every role."""
+    auth: Authenticator | None = None
+    """Identities given inline instead of in ``auth_config`` (a configuration file's ``[auth]`` table, laid out like
+    that file: ``[[auth.identity]]`` tables); at most one of the two."""
     limits: Limits = field(default_factory=Limits)
     """What one request, identity or job may make the server hold (:mod:`patchwire.service._limits`)."""
     replica_id: str = field(default_factory=socket.gethostname)
@@ -200,7 +203,9 @@ class PatchwireServer:
             # credentials first: a bad key or auth file fails before any dataset is opened
             if (cfg.tls_cert is None) != (cfg.tls_key is None) or (cfg.tls_client_ca and cfg.tls_cert is None):
                 raise ValueError("TLS needs both a certificate and its key (a client CA only with them)")
-            auth = load_auth_config(cfg.auth_config) if cfg.auth_config is not None else None
+            if cfg.auth_config is not None and cfg.auth is not None:
+                raise ValueError("give identities in auth_config or inline in auth, not both")
+            auth = load_auth_config(cfg.auth_config) if cfg.auth_config is not None else cfg.auth
             tls = (
                 server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
                 if cfg.tls_cert is not None and cfg.tls_key is not None
