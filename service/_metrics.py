@@ -1,0 +1,293 @@
+"""The server's Prometheus metrics, one HTTP endpoint per server, whatever its number of processes.
+
+A server of one process keeps its metrics in memory (a registry of its own) and serves them itself
+(``ServerConfig.metrics_port``). A server of several processes (``patchwire serve --workers N``) shares a private
+``run_dir``: every serving process calls :func:`init_process` first thing, which puts prometheus-client in its
+multiprocess mode, so each process writes its values to memory-mapped files under ``run_dir/"metrics"``; the
+supervisor serves one endpoint (:func:`start_http`) that sums them, and calls :func:`process_exited` for a worker that
+ended (its gauges leave the sums; its counters stay, so totals never go back).
+
+Names follow Prometheus' conventions (``patchwire_`` prefix, base units in the name, ``_total`` for counters).
+Labels are bounded by the server's configuration: ``dataset`` (the served datasets), ``identity`` (the configured
+identities, or ``anonymous``), ``pattern`` (:data:`PATTERNS`), ``method`` (the services' methods), ``code`` (gRPC
+status codes), ``limit`` (the limits' flags), ``state`` (job and subject states); never a stream, request or job.
+
+Values the server counts anyway (the block cache's hits, misses and bytes; assembly jobs and subjects by state) are
+read by pollers (:meth:`Metrics.add_poller`) when the endpoint is scraped (one process) or every second (several
+processes, see :mod:`patchwire.service._calls`), instead of being counted twice on the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    multiprocess,
+    start_http_server,
+    values,
+)
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "PATTERNS",
+    "Metrics",
+    "init_process",
+    "metrics",
+    "pattern_of",
+    "process_exited",
+    "start_http",
+    "stop_http",
+]
+
+_log = logging.getLogger(__name__)
+
+PATTERNS = ("subject", "slice", "patch", "voxel", "random_patch", "direct")
+"""The ``pattern`` label: how a datasource's samples are cut (its indexing strategy: a whole subject, slices, a
+patch grid, voxels, randomly sampled patches) or ``direct`` for DirectExtract."""
+
+_STRATEGY_PATTERNS = {
+    None: "subject",
+    "empty": "subject",
+    "slice": "slice",
+    "patch_wise": "patch",
+    "voxel_wise": "voxel",
+    "patch_sampling": "random_patch",
+}
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
+"""Buckets of ``patchwire_rpc_duration_seconds``: from a cached unary call (a millisecond) to an epoch's stream."""
+
+
+def pattern_of(spec: Any) -> str:
+    """The ``pattern`` label of a DatasourceSpec (its indexing strategy's kind)."""
+    strategy = spec.indexing_strategy.WhichOneof("strategy") if spec.HasField("indexing_strategy") else None
+    return _STRATEGY_PATTERNS.get(strategy, "subject")
+
+
+class Metrics:
+    """Every metric of one serving process. ``registry``: where they are registered (None in multiprocess mode,
+    where their values go to files and the endpoint reads those)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry
+        self.multiprocess = registry is None
+        self._pollers: list[Callable[[], None]] = []
+        self._poll_lock = threading.Lock()
+        if registry is not None:
+            registry.register(_Refresh(self))  # first: polled values are fresh before the others are collected
+            ProcessCollector(registry=registry)  # CPU seconds, memory, open files (one process: its own)
+        r = registry
+        by_data = ["dataset", "identity", "pattern"]
+        self.served_samples = Counter(
+            "patchwire_served_samples",
+            "Samples sent by GetSamples, StreamBatches and DirectExtract.",
+            by_data,
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "patchwire_served_bytes",
+            "Bytes of the messages and tensor payloads of those samples (on the wire, or written into a client's "
+            "shared memory).",
+            by_data,
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "patchwire_open_streams",
+            "Streaming calls open now (server, client or both directions streaming).",
+            ["method"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.rpc_handled = Counter(
+            "patchwire_rpc_handled", "Calls ended, by method and status code.", ["method", "code"], registry=r
+        )
+        self.rpc_duration = Histogram(
+            "patchwire_rpc_duration_seconds",
+            "How long calls lasted, from the handler's start to its status.",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.stream_wait = Counter(
+            "patchwire_stream_wait_seconds",
+            "Seconds streaming calls waited for the client to take their next message (gRPC's flow control).",
+            ["method"],
+            registry=r,
+        )
+        self.stream_work = Counter(
+            "patchwire_stream_work_seconds",
+            "Seconds streaming calls spent making their next message (reading, transforming, encoding; for "
+            "PostPredictions also receiving and applying the next batch).",
+            ["method"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "patchwire_refused_requests",
+            "Requests refused with RESOURCE_EXHAUSTED, by the limit they exceeded (its flag, e.g. max-calls).",
+            ["limit"],
+            registry=r,
+        )
+        self.cache_hits = Counter("patchwire_cache_hits", "Block cache reads served from memory.", registry=r)
+        self.cache_misses = Counter("patchwire_cache_misses", "Block cache reads that read from disk.", registry=r)
+        self.cache_bytes = Gauge(
+            "patchwire_cache_bytes", "Bytes the block caches hold.", registry=r, multiprocess_mode="livesum"
+        )
+        self.cache_capacity = Gauge(
+            "patchwire_cache_capacity_bytes",
+            "Capacity of the block caches (one per serving process).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        # assembly jobs live in one process; "livemax" stays right if other processes report none (or the same)
+        self.assembly_jobs = Gauge(
+            "patchwire_assembly_jobs", "Assembly jobs by state.", ["state"], registry=r, multiprocess_mode="livemax"
+        )
+        self.assembly_subjects = Gauge(
+            "patchwire_assembly_subjects",
+            "Subjects of the assembly jobs by state (ready: every sample arrived).",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.posted_samples = Counter(
+            "patchwire_posted_samples", "Prediction samples received by PostPredictions.", ["identity"], registry=r
+        )
+        self.posted_bytes = Counter(
+            "patchwire_posted_bytes",
+            "Bytes of the prediction arrays received by PostPredictions (over the wire or shared memory).",
+            ["identity"],
+            registry=r,
+        )
+
+    def add_poller(self, poll: Callable[[], None]) -> None:
+        """``poll`` sets metrics from values counted elsewhere; it runs before every scrape (one process) or on
+        :meth:`refresh`."""
+        with self._poll_lock:
+            self._pollers.append(poll)
+
+    def remove_poller(self, poll: Callable[[], None]) -> None:
+        with self._poll_lock:
+            if poll in self._pollers:
+                self._pollers.remove(poll)
+
+    def refresh(self) -> None:
+        """Runs every poller (a failing one is logged and skipped: a scrape never fails for it)."""
+        with self._poll_lock:
+            pollers = list(self._pollers)
+        for poll in pollers:
+            try:
+                poll()
+            except Exception:
+                _log.exception("metrics: a poller failed")
+
+
+class _Refresh(Collector):
+    """A collector that yields nothing and runs the pollers, registered first in a one-process registry."""
+
+    def __init__(self, owner: Metrics) -> None:
+        self._owner = owner
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self._owner.refresh()
+        return []
+
+
+_metrics: Metrics | None = None
+_lock = threading.Lock()
+_http: dict[int, tuple[Any, threading.Thread]] = {}
+
+
+def metrics() -> Metrics:
+    """This process's metrics (made in memory on first use where :func:`init_process` was not called)."""
+    global _metrics
+    current = _metrics
+    if current is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = Metrics(CollectorRegistry())
+            current = _metrics
+    return current
+
+
+def _metrics_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "metrics"
+
+
+def init_process(run_dir: Path | None, worker_index: int) -> None:
+    """Makes this process's metrics; call it first thing in each serving process, before any metric is touched.
+
+    With ``run_dir`` (a server of several processes) prometheus-client's multiprocess mode writes every value to
+    files in ``run_dir/"metrics"`` (made here), which :func:`start_http` sums; without, they stay in memory. A process
+    forked from one that had metrics starts over with its own (a child must not write into its parent's values)."""
+    global _metrics
+    with _lock:
+        if run_dir is None:
+            values.ValueClass = values.MutexValue
+            _metrics = Metrics(CollectorRegistry())
+            return
+        path = _metrics_dir(run_dir)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)  # (where prometheus-client's values open their files)
+        values.ValueClass = values.MultiProcessValue()
+        _metrics = Metrics(None)
+    _log.debug("metrics of worker %d in %s", worker_index, path)
+
+
+def _registry(run_dir: Path | None) -> CollectorRegistry:
+    if run_dir is None:
+        registry = metrics().registry
+        assert registry is not None, "a process in multiprocess mode serves its run_dir's metrics"
+        return registry
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(_metrics_dir(run_dir)))
+    return registry
+
+
+def start_http(host: str, port: int, run_dir: Path | None) -> int:
+    """Starts the ``/metrics`` HTTP endpoint on ``host:port`` (0: a free port) in a daemon thread; returns the port
+    it bound. With ``run_dir`` it sums the files of every process of the server, else it serves this process's
+    metrics. Called once per server (by the supervisor of several processes, else by the server itself)."""
+    if run_dir is not None:
+        _metrics_dir(run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    server, thread = start_http_server(port, addr=host, registry=_registry(run_dir))
+    bound = int(server.server_address[1])
+    with _lock:
+        _http[bound] = (server, thread)
+    _log.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
+
+
+def stop_http(port: int) -> None:
+    """Stops the endpoint :func:`start_http` started on ``port`` (idempotent)."""
+    with _lock:
+        started = _http.pop(port, None)
+    if started is None:
+        return
+    server, thread = started
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def process_exited(pid: int, run_dir: Path | None) -> None:
+    """Forgets a serving process that ended: its live gauges (open streams, cache bytes, jobs) leave the sums and
+    its table of open calls leaves ListStreams; its counters stay. Nothing to do without ``run_dir``."""
+    if run_dir is None:
+        return
+    path = _metrics_dir(run_dir)
+    if path.is_dir():
+        multiprocess.mark_process_dead(pid, str(path))
+    (Path(run_dir) / "streams" / f"{pid}.json").unlink(missing_ok=True)
