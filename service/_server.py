@@ -118,6 +118,11 @@ class ServerConfig:
     """Take a CRC-32 of every stored block of every dataset's arrays at open (reading each file once) and check every
     block read from disk against it before it is cached or served; a mismatch stops serving that dataset
     (:mod:`patchwire.service._integrity`)."""
+    metrics_port: int | None = None
+    """Port of the Prometheus ``/metrics`` HTTP endpoint (0: a free one; None: no endpoint). One endpoint per server,
+    summing every serving process (:mod:`patchwire.service._metrics`)."""
+    metrics_host: str = "127.0.0.1"
+    """Interface the metrics endpoint binds (0.0.0.0 for all, e.g. for a Prometheus in another pod)."""
 
 
 KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
