@@ -414,6 +414,7 @@ class GetSamplesRequest(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     integer_compression: _tensor_pb2.Compression.ValueType
     """Compress tensors of integer or bool dtype (label maps, masks) with this codec where that makes them smaller.
     Ignored for payloads written into shared_memory.
@@ -421,6 +422,12 @@ class GetSamplesRequest(_message.Message):
     seed: _builtins.int
     """Randomness of patch sampling and random transforms: a sample's draws depend on (seed, epoch, sample index)."""
     epoch: _builtins.int
+    compression: _tensor_pb2.Compression.ValueType
+    """Compress every tensor, of any dtype, with this codec where that makes it smaller (tensors under 4 KiB travel
+    raw). When set, integer_compression is ignored; when unset, integer_compression alone applies (integer and bool
+    tensors only). Both must name a codec the server offers (ServerService.GetServerInfo.compressions), else
+    INVALID_ARGUMENT. Ignored for payloads written into shared_memory.
+    """
     @_builtins.property
     def spec(self) -> _spec_pb2.DatasourceSpec: ...
     @_builtins.property
@@ -442,10 +449,11 @@ class GetSamplesRequest(_message.Message):
         shared_memory: _tensor_pb2.SharedMemory | None = ...,
         seed: _builtins.int = ...,
         epoch: _builtins.int = ...,
+        compression: _tensor_pb2.Compression.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "integer_compression", b"integer_compression", "sample_indices", b"sample_indices", "seed", b"seed", "shared_memory", b"shared_memory", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "epoch", b"epoch", "integer_compression", b"integer_compression", "sample_indices", b"sample_indices", "seed", b"seed", "shared_memory", b"shared_memory", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -553,6 +561,7 @@ class StreamBatchesRequest(_message.Message):
     GLOBAL_START_FIELD_NUMBER: _builtins.int
     BATCH_SHARD_INDEX_FIELD_NUMBER: _builtins.int
     BATCH_SHARD_COUNT_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     batch_size: _builtins.int
     """Samples per batch handed to the consumer (pymia / DataLoader batch size). Several batches may share a message."""
     shuffle: _builtins.bool
@@ -587,6 +596,10 @@ class StreamBatchesRequest(_message.Message):
     """
     batch_shard_count: _builtins.int
     """0 is read as 1."""
+    compression: _tensor_pb2.Compression.ValueType
+    """Compress every tensor, of any dtype, with this codec where that makes it smaller (as GetSamplesRequest.compression:
+    when set, integer_compression is ignored; both must name a codec the server offers).
+    """
     @_builtins.property
     def spec(self) -> _spec_pb2.DatasourceSpec: ...
     @_builtins.property
@@ -621,10 +634,11 @@ class StreamBatchesRequest(_message.Message):
         global_start: _builtins.int = ...,
         batch_shard_index: _builtins.int = ...,
         batch_shard_count: _builtins.int = ...,
+        compression: _tensor_pb2.Compression.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_shard_count", b"batch_shard_count", "batch_shard_index", b"batch_shard_index", "batch_size", b"batch_size", "drop_last", b"drop_last", "epoch", b"epoch", "global_start", b"global_start", "integer_compression", b"integer_compression", "sample_subset", b"sample_subset", "sample_weights", b"sample_weights", "samples_per_epoch", b"samples_per_epoch", "seed", b"seed", "shard_balance", b"shard_balance", "shard_count", b"shard_count", "shard_index", b"shard_index", "shuffle", b"shuffle", "spec", b"spec", "start_position", b"start_position", "subjects_per_window", b"subjects_per_window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_shard_count", b"batch_shard_count", "batch_shard_index", b"batch_shard_index", "batch_size", b"batch_size", "compression", b"compression", "drop_last", b"drop_last", "epoch", b"epoch", "global_start", b"global_start", "integer_compression", b"integer_compression", "sample_subset", b"sample_subset", "sample_weights", b"sample_weights", "samples_per_epoch", b"samples_per_epoch", "seed", b"seed", "shard_balance", b"shard_balance", "shard_count", b"shard_count", "shard_index", b"shard_index", "shuffle", b"shuffle", "spec", b"spec", "start_position", b"start_position", "subjects_per_window", b"subjects_per_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

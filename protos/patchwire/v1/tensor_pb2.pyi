@@ -67,6 +67,14 @@ class _CompressionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Compressi
     """Not compressed: the raw element bytes."""
     COMPRESSION_LZ4: _Compression.ValueType  # 1
     """One LZ4 block (no frame, no size prefix) that decompresses to exactly the raw element bytes."""
+    COMPRESSION_SHUFFLE_LZ4: _Compression.ValueType  # 2
+    """Blosc2 frames: the raw element bytes cut into pieces of 2 MiB (2,097,152 bytes; the last piece holds the rest),
+    each compressed as one blosc2 chunk ("frame") with the byte-shuffle filter (typesize = the dtype's itemsize)
+    and LZ4. The frames follow one another in the payload; every TensorChunk message of a chunked payload holds
+    whole frames.
+    """
+    COMPRESSION_SHUFFLE_ZSTD: _Compression.ValueType  # 3
+    """As COMPRESSION_SHUFFLE_LZ4 with Zstandard instead of LZ4: smaller, slower to compress."""
 
 class Compression(_Compression, metaclass=_CompressionEnumTypeWrapper):
     """How a tensor's bytes are compressed on the wire."""
@@ -75,6 +83,14 @@ COMPRESSION_UNSPECIFIED: Compression.ValueType  # 0
 """Not compressed: the raw element bytes."""
 COMPRESSION_LZ4: Compression.ValueType  # 1
 """One LZ4 block (no frame, no size prefix) that decompresses to exactly the raw element bytes."""
+COMPRESSION_SHUFFLE_LZ4: Compression.ValueType  # 2
+"""Blosc2 frames: the raw element bytes cut into pieces of 2 MiB (2,097,152 bytes; the last piece holds the rest),
+each compressed as one blosc2 chunk ("frame") with the byte-shuffle filter (typesize = the dtype's itemsize)
+and LZ4. The frames follow one another in the payload; every TensorChunk message of a chunked payload holds
+whole frames.
+"""
+COMPRESSION_SHUFFLE_ZSTD: Compression.ValueType  # 3
+"""As COMPRESSION_SHUFFLE_LZ4 with Zstandard instead of LZ4: smaller, slower to compress."""
 Global___Compression: _TypeAlias = Compression  # noqa: Y015
 
 @_typing.final
@@ -97,7 +113,7 @@ class Tensor(_message.Message):
     """
     compression: Global___Compression.ValueType
     """When set, `data` (or the chunked payload, whose size chunked_nbytes then is) holds the element bytes compressed
-    with this codec; the raw size follows from dtype and shape.
+    with this codec; the raw size follows from dtype and shape, and the payload must decompress to exactly that.
     """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
