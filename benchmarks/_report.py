@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from _link import link_lines
 from _plan import (
     ASSEMBLERS,
     BATCH_SIZE,
@@ -178,6 +179,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines += ["", *_seed_loop_lines(report)]
     if "sampling" in report:
         lines += ["", *_sampling_lines(report)]
+    if "link" in report:
+        lines += ["", *link_lines(report["link"], mode)]
     rss = report["rss"]
     lines.append("")
     lines.append("server peak RSS MB (VmHWM, reset per pattern):")

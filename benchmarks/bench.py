@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/bench.py [--smoke] [--out DIR] [--budget SECONDS] [--cache-mb MB]
+    .venv/bin/python benchmarks/bench.py [--smoke] [--out DIR] [--budget SECONDS] [--cache-mb MB] [--only link]
 
 Sections (each measured on the same generated pymia-format file, page cache warm):
 
@@ -38,6 +38,10 @@ g. **random patches for training** (``benchmarks/_sampling.py``): label-balanced
    locally; samples per server CPU-second.
 h. **time to first batch** (iterator created -> first batch) and **peak RSS** of the server (``VmHWM`` of the
    subprocess, reset per pattern through ``/proc/PID/clear_refs``) and of this client process.
+i. **link** (``benchmarks/_link.py``): the ceiling, streaming and assembly over a loopback limited to 10 Gbit/s in a
+   network namespace (shared memory off), uncompressed and compressed, on skull-stripped data; and streaming over
+   plain loopback with compression off and on. Needs root and iproute2, else it is skipped and the table says why;
+   ``--only link`` runs this section alone (``link.png`` beside the other outputs).
 
 Streaming patterns run for a time budget (several epochs if one is short, a new iterator per epoch), not a fixed
 epoch count. Throughput counts the bytes of the tensors delivered (images, labels, sample indices). MB = 10^6 bytes,
@@ -67,6 +71,7 @@ from typing import Any
 from _assembly import bench_assembly, bench_durable_writes
 from _ceiling import bench_ceiling, pooled_ceiling
 from _data import ensure_dataset, warm_page_cache
+from _link import bench_link, link_lines, link_targets, plot_link
 from _machine import machine_info, peak_rss_mb, reset_peak_rss
 from _plan import FULL, HERE, MB, SMOKE, Mode, progress
 from _plot import plot
@@ -173,8 +178,37 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
         "client_peak_mb": client_peak,
         "client_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB,
     }
-    report["targets"] = targets(report)
+    report["link"] = bench_link(mode, out, logs)
+    report["targets"] = targets(report) + link_targets(report["link"], mode)
     return report
+
+
+def run_link(mode: Mode, out: Path) -> dict[str, Any]:
+    """Section i alone (``--only link``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "_mode": mode,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "link": bench_link(mode, out, out / "logs"),
+    }
+    report["targets"] = link_targets(report["link"], mode)
+    return report
+
+
+def link_table(report: dict[str, Any]) -> str:
+    """The printed table of ``--only link``."""
+    m, mode = report["machine"], report["_mode"]
+    lines = [
+        f"patchwire benchmark ({mode.name}, link only), {report['date']}",
+        f"machine: {m['cpu']}, {m['cores_usable']} cores, {m['memory_gib']} GiB; Python {m['python']}, "
+        f"grpcio {m['grpcio']}",
+        "",
+        *link_lines(report["link"], mode),
+    ]
+    passed = sum(t["passed"] for t in report["targets"])
+    lines += ["", f"{passed}/{len(report['targets'])} targets met"]
+    return "\n".join(lines)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -188,19 +222,28 @@ def main(argv: Iterable[str] | None = None) -> int:
         default=None,
         help="the streaming server's --cache-mb (MiB; default half the dataset file, so the dataset is larger)",
     )
+    parser.add_argument(
+        "--only", choices=("link",), default=None, help="run one section alone (link: the 10 Gbit/s link section)"
+    )
     args = parser.parse_args(None if argv is None else list(argv))
     mode = SMOKE if args.smoke else FULL
     if args.budget is not None:
         mode = dataclasses.replace(mode, budget_s=args.budget)
     start = time.perf_counter()
-    report = run(mode, args.out, args.cache_mb)
+    report = run_link(mode, args.out) if args.only == "link" else run(mode, args.out, args.cache_mb)
     report["wall_s"] = time.perf_counter() - start
-    table = format_table(report)
+    table = link_table(report) if args.only == "link" else format_table(report)
     print(table, flush=True)
     (args.out / "bench.txt").write_text(table + "\n")
     (args.out / "bench.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-    plot(report, args.out / "bench.png")
-    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.png'} ({report['wall_s']:.0f} s)", flush=True)
+    written = [args.out / "bench.json"]
+    if args.only is None:
+        plot(report, args.out / "bench.png")
+        written.append(args.out / "bench.png")
+    if not report["link"].get("skipped"):
+        plot_link(report["link"], mode, args.out / "link.png")
+        written.append(args.out / "link.png")
+    print(f"wrote {', '.join(map(str, written))} ({report['wall_s']:.0f} s)", flush=True)
     return 0
 
 
