@@ -43,6 +43,15 @@ def _dataset_arg(text: str) -> tuple[str, Path]:
     return name, p
 
 
+def _replica_id_arg(text: str) -> str:
+    from patchwire.wire.replicas import check_replica_id
+
+    try:
+        return check_replica_id(text, "--replica-id")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds ``serve`` and its flags to the ``patchwire`` command's subparsers."""
     from patchwire.cli._limit_flags import add_limit_flags
@@ -133,6 +142,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="checksum every stored block of every dataset at start (reading each file once) and check each block "
         "read from disk before it is cached or served; a dataset whose block fails is no longer served",
     )
+    serve.add_argument(
+        "--replica-id",
+        type=_replica_id_arg,
+        metavar="ID",
+        help="this server's stable name among replicas of the same datasets (letters, digits, '_', '-'): the home "
+        "named at the start of the assembly job ids it chooses (default: the host name up to its first '.', a "
+        "StatefulSet pod's name)",
+    )
     security = serve.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain: serve TLS only")
     security.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
@@ -194,6 +211,7 @@ def server_config(args: argparse.Namespace, environ: Mapping[str, str] = os.envi
         verify=args.verify,
         shared_memory_uids=None if args.shared_memory_uids is None else tuple(args.shared_memory_uids),
         shared_memory_dir=args.shared_memory_dir,
+        **({} if getattr(args, "replica_id", None) is None else {"replica_id": args.replica_id}),
     )
 
 

@@ -36,6 +36,7 @@ from patchwire.service.assembly import AssemblyServicer, AssemblyStore
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import dataset_service_pb2, server_service_pb2
 from patchwire.wire import framing, shared_memory
+from patchwire.wire.replicas import check_replica_id, default_replica_id
 
 __all__ = ["PatchwireServer", "ServerConfig", "dataset_health_name"]
 
@@ -111,9 +112,10 @@ class ServerConfig:
     that file: ``[[auth.identity]]`` tables); at most one of the two."""
     limits: Limits = field(default_factory=Limits)
     """What one request, identity or job may make the server hold (:mod:`patchwire.service._limits`)."""
-    replica_id: str = field(default_factory=socket.gethostname)
-    """This server's stable name among replicas serving the same datasets (default: the host name, which is the pod's
-    name in a Kubernetes StatefulSet). Assembly jobs it creates carry it at the start of their ids: their home."""
+    replica_id: str = field(default_factory=lambda: default_replica_id(socket.gethostname()))
+    """This server's stable name among replicas serving the same datasets: 1 to 63 letters, digits, '_' or '-' (no
+    '.'). Default: the host's name up to its first '.', which is the pod's name in a Kubernetes StatefulSet. Assembly
+    jobs whose ids it chooses begin with ``<replica_id>.``: it is their home (:mod:`patchwire.wire.replicas`)."""
     verify: bool = False
     """Take a CRC-32 of every stored block of every dataset's arrays at open (reading each file once) and check every
     block read from disk against it before it is cached or served; a mismatch stops serving that dataset
@@ -123,6 +125,9 @@ class ServerConfig:
     summing every serving process (:mod:`patchwire.service._metrics`)."""
     metrics_host: str = "127.0.0.1"
     """Interface the metrics endpoint binds (0.0.0.0 for all, e.g. for a Prometheus in another pod)."""
+
+    def __post_init__(self) -> None:
+        check_replica_id(self.replica_id)  # (ValueError: it becomes part of job ids and folder names)
 
 
 KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
@@ -255,7 +260,7 @@ class PatchwireServer:
                 (
                     _handlers(self.servicer, SERVICE_NAME, auth, self.calls),
                     _handlers(
-                        AssemblyServicer(self._assembly, self._executor, regions),
+                        AssemblyServicer(self._assembly, self._executor, regions, cfg.replica_id),
                         ASSEMBLY_SERVICE_NAME,
                         auth,
                         self.calls,

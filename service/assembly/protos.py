@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import uuid
 from typing import Any
 
 from patchwire.service._errors import InvalidArgument, bounded
@@ -16,6 +15,7 @@ from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import spec_pb2
 from patchwire.wire import tensors
 from patchwire.wire.names import OVERLAP_MODES, overlap_mode_name
+from patchwire.wire.replicas import new_job_id
 
 __all__ = ["create_arguments", "event_message", "job_info", "subject_statuses"]
 
@@ -25,9 +25,10 @@ _ENTRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 """Entry names are part of buffer and result file names: no ``/``, no leading ``.``, at most 64 characters."""
 
 
-def create_arguments(request: Any) -> tuple[str, spec_pb2.DatasourceSpec, list[EntrySpec], str]:
-    """The job id (a new one where the request names none), spec, entries and overlap mode name a CreateJobRequest
-    asks for, each checked (INVALID_ARGUMENT, in field order)."""
+def create_arguments(request: Any, replica_id: str) -> tuple[str, spec_pb2.DatasourceSpec, list[EntrySpec], str]:
+    """The job id, spec, entries and overlap mode name a CreateJobRequest asks for, each checked (INVALID_ARGUMENT,
+    in field order). Where the request names no job, the id is a new one whose home is this server, ``replica_id``
+    (``<replica_id>.`` and 12 hex digits); an id the client chose is kept as given."""
     if not request.HasField("spec"):
         raise InvalidArgument("spec: the datasource whose predictions to assemble is required")
     if request.overlap_mode not in OVERLAP_MODES.values():
@@ -52,7 +53,7 @@ def create_arguments(request: Any) -> tuple[str, spec_pb2.DatasourceSpec, list[E
         entries.append(EntrySpec(e.name, int(e.channels), dtype))
     if len({e.name for e in entries}) != len(entries):
         raise InvalidArgument("entries: entry names must be unique")
-    job_id = request.job_id or uuid.uuid4().hex[:12]
+    job_id = request.job_id or new_job_id(replica_id)
     if not _JOB_ID.match(job_id):
         raise InvalidArgument(
             f"job_id: {bounded(job_id)} may use only letters, digits, '-', '_' and '.', must begin with a letter "

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from patchwire.service._auth import Identity, current_identity
+from patchwire.service._calls import posted
 from patchwire.service._errors import (
     FailedPrecondition,
     Internal,
@@ -44,14 +45,20 @@ MAX_RELEASED_LEASES = 1 << 16
 
 class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
     """``regions``: the registry of same-host clients' shared-memory segments (None: shared memory is off, and
-    requests that name a region fail with FAILED_PRECONDITION)."""
+    requests that name a region fail with FAILED_PRECONDITION). ``replica_id``: this server's, at the start of the
+    job ids it chooses (:mod:`patchwire.wire.replicas`)."""
 
     def __init__(
-        self, store: AssemblyStore, executor: ThreadPoolExecutor, regions: SharedRegions | None = None
+        self,
+        store: AssemblyStore,
+        executor: ThreadPoolExecutor,
+        regions: SharedRegions | None,
+        replica_id: str,
     ) -> None:
         self._store = store
         self._executor = executor
         self._regions = regions
+        self._replica_id = replica_id
         self._waiters: dict[str, asyncio.Future[None]] = {}
 
     def _registry(self, field: str) -> SharedRegions:
@@ -82,7 +89,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def CreateJob(self, request: Any, context: Any) -> apb.CreateJobResponse:
-        job_id, spec, entries, mode = protos.create_arguments(request)
+        job_id, spec, entries, mode = protos.create_arguments(request, self._replica_id)
         job = await self._run(self._store.create, job_id, spec, entries, mode, current_identity())
         return apb.CreateJobResponse(job=protos.job_info(job))
 
@@ -115,6 +122,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
                 batch, arrays = item
                 job = self._job(batch.job_id, "batch.job_id")
                 result = await self._run(job.post, list(batch.sample_indices), arrays, batch.last_batch)
+                posted(len(batch.sample_indices), arrays)  # (metrics and the call's counters: what was received)
                 self._notify(job.id)
                 yield apb.PostPredictionsResponse(
                     batch_number=number,

@@ -139,3 +139,13 @@ def test_invalid_flags_exit_2_with_a_message(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: patchwire") and message in err
+
+
+def test_the_replica_id_flag_reaches_the_config_and_is_checked(h5: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _config("-d", f"a={h5}", "--replica-id", "patchwire-3").replica_id == "patchwire-3"
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "-d", f"a={h5}", "--replica-id", "pw.3"])
+    assert exited.value.code == 2
+    assert "--replica-id: 'pw.3' is not a replica id" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="replica_id: 'a b' is not a replica id"):
+        ServerConfig(datasets={"a": h5}, replica_id="a b")

@@ -28,15 +28,18 @@ def _request(**kwargs: object) -> apb.CreateJobRequest:
 
 
 def test_a_request_becomes_the_stores_arguments() -> None:
-    job_id, spec, entries, mode = create_arguments(_request())
+    job_id, spec, entries, mode = create_arguments(_request(), "replica-2")
     assert (job_id, spec.dataset, entries, mode) == (
         "job-1",
         "tiny",
         [EntrySpec("seg", 2, np.dtype(np.float32))],
         "gaussian",
     )
-    generated, *_ = create_arguments(_request(job_id=""))
-    assert len(generated) == 12
+    generated, *_ = create_arguments(_request(job_id=""), "replica-2")
+    home, dot, rest = generated.partition(".")
+    assert (home, dot, len(rest)) == ("replica-2", ".", 12)  # a server-chosen id names this server as the home
+    kept, *_ = create_arguments(_request(job_id="other-7.mine"), "replica-2")
+    assert kept == "other-7.mine"  # a client-chosen id is kept as given
 
 
 @pytest.mark.parametrize(
@@ -57,4 +60,4 @@ def test_invalid_requests_are_refused(fields: dict[str, object], message: str) -
     if fields.get("spec", ...) is None:
         request.ClearField("spec")
     with pytest.raises(InvalidArgument, match=message):
-        create_arguments(request)
+        create_arguments(request, "replica-2")
