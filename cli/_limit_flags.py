@@ -1,5 +1,6 @@
-"""``patchwire serve``'s limit flags: one per field of :class:`~patchwire.service._limits.Limits`, with the field's
-docstring as its help and its default, MB flags converted to bytes."""
+"""``patchwire serve``'s limit flags: one per field of :class:`~patchwire.service._limits.Limits`, setting
+``limits.<field>`` when given (:func:`~patchwire.cli._setting_flags.setting_flag`), with the field's docstring as its
+help and its default; MB flags converted to bytes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import inspect
 import re
 from collections.abc import Callable
 
+from patchwire.cli._setting_flags import setting_flag
 from patchwire.service._limits import Limits
 
 __all__ = ["add_limit_flags", "limits_from_args"]
@@ -35,38 +37,42 @@ _FLAGS: dict[str, tuple[str, int]] = {
 
 
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``patchwire serve`` flag per field of :class:`Limits`, defaulting to the field's default."""
-    group = parser.add_argument_group("limits", "requests over a limit get RESOURCE_EXHAUSTED naming the flag")
-    defaults = Limits()
+    """One ``patchwire serve`` flag per field of :class:`Limits`, setting ``limits.<field>`` when given."""
+    group = parser.add_argument_group(
+        "limits", "requests over a limit get RESOURCE_EXHAUSTED naming the flag ([limits] in --config)"
+    )
     docs = _field_docs()
     for name, (flag, unit) in _FLAGS.items():
-        default = getattr(defaults, name)
-        group.add_argument(
+        setting_flag(
+            group,
             flag,
-            dest=f"limit_{name}",
-            type=_positive(float if unit != 1 else int),
-            default=default / unit if unit != 1 else default,
+            key=f"limits.{name}",
+            unit=unit,
+            type=_positive(float, unit) if unit != 1 else _positive(int),
             metavar="MB" if unit != 1 else "N",
-            help=f"{docs.get(name, '')} (default {default / unit:g})",
+            help=docs.get(name, ""),
         )
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
+def _positive(kind: Callable[[str], float], unit: int = 1) -> Callable[[str], int]:
+    """An argparse type: a positive number of ``unit`` as a whole count (at least 1: 0.1 byte is one)."""
+
+    def parse(text: str) -> int:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value <= 0:
+        if not value > 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
+        return max(1, int(value * unit))
 
     return parse
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
-    """The :class:`Limits` of parsed ``patchwire serve`` flags (MB flags converted to bytes)."""
-    return Limits(**{name: max(1, int(getattr(args, f"limit_{name}") * unit)) for name, (_, unit) in _FLAGS.items()})
+    """The :class:`Limits` of parsed ``patchwire serve`` flags alone (the defaults for those not given)."""
+    given = vars(args)
+    return Limits(**{name: given[f"limits.{name}"] for name in _FLAGS if f"limits.{name}" in given})
 
 
 def _field_docs() -> dict[str, str]:

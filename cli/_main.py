@@ -1,8 +1,8 @@
-"""The ``patchwire`` command's parser and dispatch: one subcommand per module of this package (``serve``,
+"""The ``patchwire`` command's parser and dispatch: one subcommand per module of this package (``serve``, ``config``,
 ``status``, ``demo``, ``certs``), each adding its own parser and running its parsed arguments.
 
-Building the parser imports no client code and nothing beyond the standard library for ``status``, ``demo`` and
-``certs``: each imports what it needs when it runs, so a server-only install (no torch) serves, and ``patchwire
+Building the parser imports no client code and nothing beyond the standard library for ``config``, ``status``, ``demo``
+and ``certs``: each imports what it needs when it runs, so a server-only install (no torch) serves, and ``patchwire
 serve`` never loads the client package.
 """
 
@@ -13,17 +13,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from patchwire.cli import certs, demo, serve, status
+from patchwire.cli import certs, config, demo, serve, status
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = {"serve": serve, "status": status, "demo": demo, "certs": certs}
+_COMMANDS = {"serve": serve, "config": config, "status": status, "demo": demo, "certs": certs}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every ``patchwire`` subcommand."""
     parser = argparse.ArgumentParser(prog="patchwire", description="Serve pymia-format HDF5 datasets over gRPC.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        help="least severe level logged: DEBUG, INFO, WARNING, ERROR (default INFO, or log_level of serve --config)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in _COMMANDS.values():
         command.add_parser(sub)
@@ -33,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``patchwire ARGS`` (``argv``, default ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(args.log_level or "INFO", getattr(args, "log_format", None) or "text")
     return _COMMANDS[args.command].run(args)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Logs records from ``level`` up to stderr, as ``log_format``; called again by ``serve`` once its
+    configuration file may have set them (the flags given win there too)."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )

@@ -20,17 +20,20 @@ from patchwire.cli.launch import LISTENING, announce_and_wait
 
 if TYPE_CHECKING:
     from patchwire.service import ServerConfig
+    from patchwire.service._settings import Settings
 
-__all__ = ["DEFAULT_CACHE_MB", "UsageError", "add_parser", "run", "server_config"]
+__all__ = ["DEFAULT_CACHE_MB", "UsageError", "add_parser", "run", "server_config", "server_settings"]
 
 _log = logging.getLogger("patchwire")
 
+_MiB = 1 << 20
 DEFAULT_CACHE_MB = 1024
-"""``--cache-mb`` when not given: the block cache shared by all datasets and clients, in MiB."""
+"""``ServerConfig.cache_bytes``'s default in MiB (``--cache-mb``): the block cache shared by all datasets and
+clients."""
 
 
 class UsageError(Exception):
-    """Flags that do not go together (exit status 2)."""
+    """A configuration that cannot be used (exit status 2): flags, a file or variables, one problem per line."""
 
 
 def _dataset_arg(text: str) -> tuple[str, Path]:
@@ -53,18 +56,28 @@ def _replica_id_arg(text: str) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds ``serve`` and its flags to the ``patchwire`` command's subparsers."""
+    """Adds ``serve`` and its flags to the ``patchwire`` command's subparsers. A flag that sets a setting has no
+    default of its own (:func:`~patchwire.cli._setting_flags.setting_flag`): ``--help`` shows the dataclass's."""
     from patchwire.cli._limit_flags import add_limit_flags
+    from patchwire.cli._setting_flags import DefaultsFromSettings, in_bytes, setting_flag
 
-    serve = sub.add_parser("serve", help="run a server")
+    serve = sub.add_parser("serve", help="run a server", formatter_class=DefaultsFromSettings)
     serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of settings (`patchwire config defaults` lists them); the environment (PATCHWIRE_<KEY>) "
+        "overrides it, and flags given override both",
+    )
+    setting_flag(
+        serve,
         "--dataset",
         "-d",
+        key="datasets",
         action="append",
         type=_dataset_arg,
-        default=[],
         metavar="NAME=PATH.h5",
-        help="a dataset to serve under NAME (repeat for several)",
+        help="a dataset to serve under NAME (repeat for several; added to the configuration file's)",
     )
     serve.add_argument(
         "--phantom",
@@ -72,78 +85,93 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="also serve the built-in phantom dataset as 'phantom' (generated on first use in "
         "$PATCHWIRE_HOME or ~/.cache/patchwire)",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    serve.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
-    serve.add_argument(
+    setting_flag(serve, "--host", key="host", help="interface to bind (0.0.0.0 for all)")
+    setting_flag(serve, "--port", key="port", type=int, help="port (0 picks a free one)")
+    setting_flag(
+        serve,
         "--workers",
+        key="workers",
         type=int,
-        default=None,
         metavar="N",
-        help="serving processes sharing the port (default 0: one per CPU this process may use, at most 8; 1: a "
-        "single process); assembly jobs are served by the first, the others forward those calls to it",
+        help="serving processes sharing the port (0: one per CPU this process may use, at most 8; 1: a single "
+        "process); assembly jobs are served by the first, the others forward those calls to it",
     )
-    serve.add_argument(
+    setting_flag(
+        serve,
         "--read-threads",
+        key="read_threads",
         type=int,
-        default=None,
         metavar="N",
-        help="threads per serving process that read and transform samples (default 4)",
+        help="threads per serving process that read and transform samples",
     )
-    serve.add_argument("--grace", type=float, default=5.0, help="seconds running calls get on shutdown")
-    serve.add_argument(
+    setting_flag(
+        serve, "--grace", key="grace_seconds", type=float, metavar="S", help="seconds running calls get on shutdown"
+    )
+    setting_flag(
+        serve,
         "--state-dir",
+        key="state_dir",
         type=Path,
-        default=None,
+        metavar="DIR",
         help="folder for assembly jobs (journals, partial volumes, results): every prediction batch is journalled "
         "and fsync'ed before it is acknowledged, and restarting with the same folder recovers every job. Default: "
         "jobs in memory (spilled to a temporary folder beyond --assembly-memory, removed at exit; nothing journalled "
         "or synced)",
     )
-    serve.add_argument(
+    setting_flag(
+        serve,
         "--assembly-memory",
-        type=float,
-        default=1024,
-        metavar="MB",
+        key="assembly_memory_bytes",
+        unit=_MiB,
         help="most MB of assembly buffers in memory (partial volumes, memory kept for reuse and, without "
-        "--state-dir, finished volumes and memory clients still map); the rest are spilled to disk (default 1024)",
+        "--state-dir, finished volumes and memory clients still map); the rest are spilled to disk",
     )
-    serve.add_argument(
+    setting_flag(
+        serve,
         "--no-shared-memory",
-        dest="shared_memory",
+        key="shared_memory",
         action="store_false",
         help="assembly clients on this host always use the wire (default: clients running as this user on this "
         "host post predictions through shared memory and map fetched volumes)",
     )
-    serve.add_argument(
+    setting_flag(
+        serve,
         "--shared-memory-uid",
-        dest="shared_memory_uids",
+        key="shared_memory_uids",
         type=int,
         action="append",
         metavar="UID",
         help="a user id whose processes may share memory with the server (repeatable; default: the server's own)",
     )
-    serve.add_argument(
+    setting_flag(
+        serve,
         "--shared-memory-dir",
+        key="shared_memory_dir",
         type=Path,
         metavar="DIR",
         help="where the server makes its private shared-memory socket folder (default: the temporary folder); a "
         "client in a container needs it mounted at the same path",
     )
-    serve.add_argument(
+    setting_flag(
+        serve,
         "--cache-mb",
-        type=float,
-        default=DEFAULT_CACHE_MB,
-        metavar="MB",
-        help=f"block cache shared by all datasets and clients, in MB (default {DEFAULT_CACHE_MB}; 0 disables)",
+        key="cache_bytes",
+        unit=_MiB,
+        type=in_bytes(_MiB),
+        help="block cache shared by all datasets and clients, in MB (0 disables)",
     )
-    serve.add_argument(
+    setting_flag(
+        serve,
         "--verify",
+        key="verify",
         action="store_true",
         help="checksum every stored block of every dataset at start (reading each file once) and check each block "
         "read from disk before it is cached or served; a dataset whose block fails is no longer served",
     )
-    serve.add_argument(
+    setting_flag(
+        serve,
         "--replica-id",
+        key="replica_id",
         type=_replica_id_arg,
         metavar="ID",
         help="this server's stable name among replicas of the same datasets (letters, digits, '_', '-'): the home "
@@ -151,16 +179,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "StatefulSet pod's name)",
     )
     security = serve.add_argument_group("security")
-    security.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain: serve TLS only")
-    security.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
-    security.add_argument(
+    setting_flag(
+        security, "--tls-cert", key="tls_cert", type=Path, metavar="PEM", help="server certificate chain: TLS only"
+    )
+    setting_flag(security, "--tls-key", key="tls_key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    setting_flag(
+        security,
         "--tls-client-ca",
+        key="tls_client_ca",
         type=Path,
         metavar="PEM",
         help="CA that signs client certificates: every client must present one (mutual TLS)",
     )
-    security.add_argument(
+    setting_flag(
+        security,
         "--auth-config",
+        key="auth_config",
         type=Path,
         metavar="FILE",
         help="TOML file of identities (tokens, certificate subjects, roles): every call then needs credentials "
@@ -169,72 +203,87 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_limit_flags(serve)
 
 
-def server_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
-    """The server's configuration from parsed ``serve`` flags; ``--phantom`` makes the phantom dataset on first use
-    (in ``$PATCHWIRE_HOME`` of ``environ``). Raises :class:`UsageError` for flags that do not go together."""
-    from patchwire.cli._limit_flags import limits_from_args
-    from patchwire.service import ServerConfig
+def server_settings(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
+    """The effective settings of parsed ``patchwire`` arguments: the dataclasses' defaults < ``--config`` < the
+    environment (``environ``) < the flags given. Every parsed value whose ``dest`` is a setting's key counts as a
+    flag given unless it is None, so a flag added with ``dest=KEY`` and no default (or
+    :func:`~patchwire.cli._setting_flags.setting_flag`) needs nothing more. ``--phantom`` makes the phantom dataset
+    on first use (in ``$PATCHWIRE_HOME`` of ``environ``).
 
-    datasets = list(args.dataset)
+    Raises :class:`UsageError` with every problem (a bad file, variable or flag, values that do not go together)."""
+    from patchwire.cli._setting_flags import FLAG_NAMES
+    from patchwire.service._settings import ConfigError, load, settings
+
+    known = settings()
+    given = {key: value for key, value in vars(args).items() if key in known and value is not None}
+    datasets = list(given.pop("datasets", []))
     if args.phantom:
         from patchwire.service._phantom import ensure_phantom_dataset
 
         datasets.append(("phantom", ensure_phantom_dataset(environ=environ)))
-    if not datasets:
-        raise UsageError("give at least one --dataset NAME=PATH.h5 (or --phantom)")
     names = [name for name, _ in datasets]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UsageError(f"dataset name given twice: {', '.join(duplicates)}")
-    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and args.tls_cert is None):
-        raise UsageError("--tls-cert and --tls-key go together (--tls-client-ca needs them)")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers: 0 (one per CPU) or more processes, got {args.workers}")
-    if args.read_threads is not None and args.read_threads < 1:
-        raise UsageError(f"--read-threads: at least 1, got {args.read_threads}")
-    return ServerConfig(
-        datasets=dict(datasets),
-        host=args.host,
-        port=args.port,
-        # flags not given leave the config's defaults
-        **{key: getattr(args, key) for key in ("workers", "read_threads") if getattr(args, key) is not None},
-        grace_seconds=args.grace,
-        state_dir=args.state_dir,
-        assembly_memory_bytes=int(args.assembly_memory * (1 << 20)),
-        cache_bytes=int(args.cache_mb * (1 << 20)),
-        shared_memory=args.shared_memory,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        auth_config=args.auth_config,
-        limits=limits_from_args(args),
-        verify=args.verify,
-        shared_memory_uids=None if args.shared_memory_uids is None else tuple(args.shared_memory_uids),
-        shared_memory_dir=args.shared_memory_dir,
-        **({} if getattr(args, "replica_id", None) is None else {"replica_id": args.replica_id}),
-    )
+    if datasets:
+        given["datasets"] = dict(datasets)
+    try:
+        return load(args.config, environ, given, FLAG_NAMES)
+    except ConfigError as exc:
+        raise UsageError("\n".join(exc.problems)) from None
+
+
+def server_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
+    """The server's configuration of parsed ``patchwire`` arguments (:func:`server_settings`)."""
+    return server_settings(args, environ).config
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``patchwire serve`` until SIGINT or SIGTERM; returns the exit status."""
+    """Runs ``patchwire serve`` until SIGINT or SIGTERM; returns the exit status. One serving process runs here; several
+    are forked by a supervisor (:mod:`patchwire.service._workers`) before any event loop or gRPC object exists."""
+    import dataclasses
+
     import uvloop
 
-    return uvloop.run(_serve(args))
-
-
-async def _serve(args: argparse.Namespace) -> int:
-    from patchwire.service import PatchwireServer, ServiceError
+    from patchwire.cli._main import configure_logging
     from patchwire.service._tls import exposed_without_tls
-    from patchwire.wire.malloc import tune_malloc
+    from patchwire.service._workers import worker_count
 
     try:
-        config = server_config(args)
+        settings = server_settings(args)
     except UsageError as exc:
-        print(f"patchwire serve: {exc}", file=sys.stderr)
+        for problem in str(exc).splitlines():
+            print(f"patchwire serve: {problem}", file=sys.stderr)
         return 2
+    configure_logging(settings.logging.log_level, settings.logging.log_format)
+    config = settings.config
     warning = exposed_without_tls(config.host, config.tls_cert is not None)
     if warning is not None:
         print(f"patchwire serve: WARNING: {warning}", file=sys.stderr, flush=True)
+    workers = worker_count(config.workers)
+    if workers > 1:
+        return _supervise(dataclasses.replace(config, workers=workers))
+    return uvloop.run(_serve(config))
+
+
+def _supervise(config: ServerConfig) -> int:
+    from patchwire.service._workers import Supervisor, WorkersFailed
+
+    def announce(port: int) -> None:
+        print(f"{LISTENING} {config.host}:{port}", flush=True)
+
+    try:
+        Supervisor(config).run(announce)
+    except (WorkersFailed, OSError) as exc:  # a port in use; a worker's error (no dataset, a certificate...)
+        print(f"patchwire serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: ServerConfig) -> int:
+    from patchwire.service import PatchwireServer, ServiceError
+    from patchwire.wire.malloc import tune_malloc
+
     tune_malloc(arena_max=2)
     server = PatchwireServer(config)
     try:

@@ -97,11 +97,12 @@ def test_phantom_is_made_in_the_given_home_and_served_as_phantom(
     [
         ((), "give at least one --dataset NAME=PATH.h5 (or --phantom)"),
         (("-d", "a={h5}", "-d", "a={h5}"), "dataset name given twice: a"),
-        (("-d", "a={h5}", "--tls-cert", "c.pem"), "--tls-cert and --tls-key go together"),
-        (("-d", "a={h5}", "--tls-key", "k.pem"), "--tls-cert and --tls-key go together"),
-        (("-d", "a={h5}", "--tls-client-ca", "ca.pem"), "(--tls-client-ca needs them)"),
-        (("-d", "a={h5}", "--workers", "-1"), "--workers: 0 (one per CPU) or more processes, got -1"),
-        (("-d", "a={h5}", "--read-threads", "0"), "--read-threads: at least 1, got 0"),
+        (("-d", "a={h5}", "--tls-cert", "c.pem"), "tls_cert and tls_key (--tls-cert, --tls-key) go together"),
+        (("-d", "a={h5}", "--tls-key", "k.pem"), "given: tls_key (from --tls-key)"),
+        (("-d", "a={h5}", "--tls-client-ca", "ca.pem"), "(tls_client_ca needs them)"),
+        (("-d", "a={h5}", "--workers", "-1"), "--workers: Input should be greater than or equal to 0 (got -1)"),
+        (("-d", "a={h5}", "--read-threads", "0"), "--read-threads: Input should be greater than or equal to 1"),
+        (("-d", "a={h5}", "--port", "70000"), "--port: Input should be less than or equal to 65535"),
     ],
 )
 def test_flags_that_do_not_go_together_exit_2(
@@ -123,7 +124,8 @@ def test_flags_that_do_not_go_together_exit_2(
         (("--dataset", "a="), "expected NAME=PATH.h5"),
         (("--dataset", "a={missing}"), "no such file"),
         (("--port", "x"), "invalid int value: 'x'"),
-        (("--cache-mb", "lots"), "invalid float value: 'lots'"),
+        (("--cache-mb", "lots"), "expected a number, got 'lots'"),
+        (("--cache-mb", "-1"), "must be at least 0, got -1"),
         (("--max-calls", "0"), "must be positive, got 0"),
         (("--max-disk-mb", "-1"), "must be positive"),
         (("--max-jobs", "x"), "expected a number, got 'x'"),
