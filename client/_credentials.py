@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 
+from patchwire.client._request_ids import RequestIds
+
 __all__ = ["TOKEN_ENV", "Credentials", "PathOrBytes"]
 
 TOKEN_ENV = "PATCHWIRE_TOKEN"
@@ -97,16 +99,17 @@ class Credentials:
         )
 
     def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
-        """A new channel to ``address`` with these credentials."""
+        """A new channel to ``address`` with these credentials; every call on it carries a request id
+        (:mod:`patchwire.client._request_ids`)."""
         if not self.secure:
-            return grpc.insecure_channel(address, options=options)
+            return grpc.intercept_channel(grpc.insecure_channel(address, options=options), RequestIds())
         credentials = grpc.ssl_channel_credentials(self.root_certificates, self.client_key, self.client_certificate)
         channel = grpc.secure_channel(address, credentials, options=options)
         if self.token is None:
-            return channel
+            return grpc.intercept_channel(channel, RequestIds())
         # the token as metadata of each call, added on the calling thread: gRPC's call credentials run a metadata
         # plugin on a thread of their own, which a fork then waited a minute for (and DataLoader workers fork)
-        return grpc.intercept_channel(channel, _BearerToken(self.token))
+        return grpc.intercept_channel(channel, RequestIds(), _BearerToken(self.token))
 
     def __repr__(self) -> str:  # never the token or the key
         return (

@@ -9,7 +9,8 @@
      │    │                                            or keepalive pings unanswered (a wedged server)
      │    └── RetriesExhausted                         ... and stayed so for a whole retry budget (.address, .elapsed_s)
      ├── ProtocolError (ValueError)                a server's messages break the wire format (a corrupt stream)
-     └── RpcError                                  the server answered with an error status (.code, .details)
+     └── RpcError                                  the server answered with an error status (.code, .details,
+          │                                            .request_id)
           ├── InvalidArgumentError (ValueError)        INVALID_ARGUMENT: a spec, parameter or payload was rejected
           │    └── FailedPreconditionError              FAILED_PRECONDITION: valid, but not in the server's state
           ├── NotFoundError (KeyError)                 NOT_FOUND: an unknown dataset, subject, entry or job
@@ -34,6 +35,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from patchwire.client._request_ids import request_id_of
 from patchwire.wire.errors import WireError
 
 __all__ = [
@@ -102,13 +104,15 @@ class ProtocolError(PatchwireError, ValueError):
 class RpcError(PatchwireError):
     """The server answered a call with an error status."""
 
-    def __init__(self, message: str, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode, details: str, request_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.details = details
+        self.request_id = request_id
+        """The call's request id as the server echoed it: what the server's log lines about the call carry."""
 
-    def __reduce__(self) -> tuple[type[RpcError], tuple[str, grpc.StatusCode, str]]:
-        return type(self), (str(self), self.code, self.details)
+    def __reduce__(self) -> tuple[type[RpcError], tuple[str, grpc.StatusCode, str, str | None]]:
+        return type(self), (str(self), self.code, self.details, self.request_id)
 
 
 class InvalidArgumentError(RpcError, ValueError):
@@ -177,7 +181,7 @@ def from_grpc(exc: grpc.RpcError, what: str) -> PatchwireError:
         return ServerUnavailable(f"{what}: server unavailable ({code.name}): {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"{what}: no answer in time ({code.name}): {details}")
-    return _BY_CODE.get(code, ServerError)(f"{what}: {details}", code, details)
+    return _BY_CODE.get(code, ServerError)(f"{what}: {details}", code, details, request_id_of(exc))
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import numpy as np
 
 from patchwire.service import _selection
 from patchwire.service._auth import current_identity
+from patchwire.service._calls import current_call, describe_call
 from patchwire.service._catalog import Dataset
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
 from patchwire.service._epoch_order import consumer_share, global_order
@@ -119,6 +120,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             deliver = _SharedDelivery(region.segment)
             compression = Compression.COMPRESSION_UNSPECIFIED  # nothing crosses a link
         src, indices = await self._run(resolved)
+        describe_call(request.spec, src.dataset.name)
         # the caller waits for every sample: as many per message as fit TARGET_MESSAGE_BYTES, from the first one
         async for message in self._stream(
             src,
@@ -144,6 +146,9 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             return encode_batch([sample])
 
         encoded = await self._run(self._cache.consistent, ds, extract)
+        call = describe_call(request.extraction, ds.name, "direct")
+        if call is not None:
+            call.served(1, encoded.nbytes)
         for message in encoded.messages(dataset_service_pb2.DirectExtractResponse):
             yield message
 
@@ -193,6 +198,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         src = await self._run(self._cache.get, request.spec)
         if src.extractor is None:
             raise InvalidArgument("spec.extractor: streaming samples needs an extractor")
+        describe_call(request.spec, src.dataset.name)
 
         def ordered() -> tuple[np.ndarray | range, np.ndarray | range]:  # in the executor: orders can be long
             order = global_order(request, src.length, src.starts, self._limits)
@@ -234,6 +240,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         samples' randomness; positions aligned with ``indices`` (None: each sample's index)."""
         stopped = threading.Event()
         seed, epoch, positions = draws
+        call = current_call()  # what the stream delivers is counted on it (ListStreams, metrics)
         limits = self._limits
 
         def build(start: int, count: int) -> tuple[Encoded, list[int] | None] | None:
@@ -300,6 +307,8 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 encoded, offsets = done
                 count = len(encoded.batch.sample_indices)
                 start += count
+                if call is not None:
+                    call.served(count, encoded.nbytes)
                 pending = None
                 if start < len(indices):
                     per_sample = max(encoded.nbytes / max(count, 1), 1.0)

@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 
 from patchwire.service._auth import ANONYMOUS, current_identity
 from patchwire.service._errors import InvalidArgument, ResourceExhausted, bounded
+from patchwire.service._metrics import metrics
 from patchwire.wire import compression, framing, tensors
 
 __all__ = [
@@ -88,7 +89,10 @@ class Limits:
 
 
 def exhausted(what: str, limit: int | float, flag: str, unit: str = "") -> ResourceExhausted:
-    """The RESOURCE_EXHAUSTED error of ``what`` over a limit: names the limit and the flag that raises it."""
+    """The RESOURCE_EXHAUSTED error of ``what`` over a limit: names the limit and the flag that raises it. Counted as a
+    refused request under the flag's name (``patchwire_refused_requests_total{limit="max-calls"}``): every caller
+    raises it."""
+    metrics().refused.labels(flag.lstrip("-")).inc()
     return ResourceExhausted(f"{what}: over the server's limit of {limit:g}{unit} ({flag} raises it)")
 
 

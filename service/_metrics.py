@@ -19,12 +19,14 @@ processes, see :mod:`patchwire.service._calls`), instead of being counted twice 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections import Counter as Tally
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -32,15 +34,25 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     multiprocess,
     start_http_server,
     values,
 )
 from prometheus_client.registry import Collector
 
+from patchwire.v1 import assembly_service_pb2 as apb
+
+if TYPE_CHECKING:
+    from patchwire.service._cache import BlockCache
+    from patchwire.service._calls import CallTable
+    from patchwire.service._server import ServerConfig
+    from patchwire.service.assembly import AssemblyStore
+
 __all__ = [
     "PATTERNS",
     "Metrics",
+    "ServerMetrics",
     "init_process",
     "metrics",
     "pattern_of",
@@ -50,6 +62,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+disable_created_metrics()  # (a counter's start time as a series of its own: nothing a dashboard reads)
 
 PATTERNS = ("subject", "slice", "patch", "voxel", "random_patch", "direct")
 """The ``pattern`` label: how a datasource's samples are cut (its indexing strategy: a whole subject, slices, a
@@ -291,3 +305,122 @@ def process_exited(pid: int, run_dir: Path | None) -> None:
     if path.is_dir():
         multiprocess.mark_process_dead(pid, str(path))
     (Path(run_dir) / "streams" / f"{pid}.json").unlink(missing_ok=True)
+
+
+# -- one server's share --------------------------------------------------------------------------------------------
+
+
+class _Share:
+    """What one server adds to gauges that several servers of one process (tests, embedding) add to: set as deltas of
+    its own last values, withdrawn when it stops."""
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, tuple[Any, float]] = {}
+        self._lock = threading.Lock()
+
+    def set(self, key: Hashable, gauge: Any, value: float) -> None:
+        with self._lock:
+            _, last = self._last.get(key, (gauge, 0.0))
+            if value != last:
+                gauge.inc(value - last)
+            self._last[key] = (gauge, value)
+
+    def withdraw(self) -> None:
+        with self._lock:
+            for gauge, last in self._last.values():
+                if last:
+                    gauge.dec(last)
+            self._last.clear()
+
+
+def _state_name(enum_name: str) -> str:
+    """``JOB_STATE_ACTIVE`` -> ``active``."""
+    return enum_name.split("_STATE_", 1)[-1].lower()
+
+
+class ServerMetrics:
+    """One server's metrics work: pollers of its block cache and assembly jobs, the ``/metrics`` endpoint of a server
+    of one process (``config.metrics_port``), and in a server of several processes a task that refreshes the polled
+    values and publishes the table of open calls every second (``table.publish``)."""
+
+    def __init__(
+        self, config: ServerConfig, table: CallTable, cache: BlockCache | None, store: AssemblyStore | None
+    ) -> None:
+        self._config = config
+        self._table = table
+        self._cache = cache
+        self._store = store
+        self._share = _Share()
+        self._cache_counts = (0, 0)
+        self._lock = threading.Lock()  # (a scrape's thread and the loop may poll at once)
+        self._metrics = metrics()
+        self._task: asyncio.Task[None] | None = None
+        self.port: int | None = None
+        """The port of this server's own metrics endpoint (None: it has none)."""
+
+    def start(self) -> ServerMetrics:
+        """Starts polling (and the endpoint or the publishing task); on the server's event loop."""
+        cfg = self._config
+        self._metrics.add_poller(self.poll)
+        if cfg.run_dir is not None:
+            self._task = asyncio.get_running_loop().create_task(self._publish())
+        elif cfg.metrics_port is not None:
+            self.port = start_http(cfg.metrics_host, cfg.metrics_port, None)
+        return self
+
+    def poll(self) -> None:
+        """Sets the metrics this server counts elsewhere: its block cache's hits, misses and bytes, its assembly
+        jobs and their subjects by state."""
+        m, share = self._metrics, self._share
+        cache = self._cache
+        if cache is not None:
+            hits, misses = cache.hits, cache.misses
+            with self._lock:
+                seen_hits, seen_misses = self._cache_counts
+                self._cache_counts = (hits, misses)
+            if hits > seen_hits:
+                m.cache_hits.inc(hits - seen_hits)
+            if misses > seen_misses:
+                m.cache_misses.inc(misses - seen_misses)
+            share.set("cache_bytes", m.cache_bytes, cache.nbytes)
+            share.set("cache_capacity", m.cache_capacity, max(cache.capacity_bytes, 0))
+        if self._store is not None:
+            jobs = list(self._store.jobs.values())
+            by_state = Tally(_state_name(apb.JobState.Name(job.state)) for job in jobs)
+            subjects = Tally(
+                _state_name(apb.SubjectState.Name(subject.state))
+                for job in jobs
+                for subject in list(job.subjects.values())
+            )
+            for kind, gauge, enum, counts in (
+                ("job", m.assembly_jobs, apb.JobState, by_state),
+                ("subject", m.assembly_subjects, apb.SubjectState, subjects),
+            ):
+                for value in enum.DESCRIPTOR.values:
+                    if value.number:  # (0 is UNSPECIFIED)
+                        state = _state_name(value.name)
+                        share.set((kind, state), gauge.labels(state), counts[state])
+
+    async def _publish(self) -> None:
+        while True:
+            try:
+                self._metrics.refresh()
+                self._table.publish()
+            except OSError as exc:  # a run_dir removed under a stopping server: nothing to publish to
+                _log.debug("metrics: cannot publish: %s", exc)
+            await asyncio.sleep(PUBLISH_EVERY_S)
+
+    def stop(self) -> None:
+        """Stops the endpoint and the task and withdraws this server's gauges (idempotent)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        port, self.port = self.port, None
+        if port is not None:
+            stop_http(port)
+        self._metrics.remove_poller(self.poll)
+        self._share.withdraw()
+
+
+PUBLISH_EVERY_S = 1.0
+"""How often a process of a server of several refreshes its polled metrics and rewrites its table of open calls."""

@@ -22,10 +22,12 @@ from grpc_reflection.v1alpha import reflection
 
 from patchwire.service._auth import Authenticator, ReflectionGate, guarded, load_auth_config
 from patchwire.service._cache import BlockCache
+from patchwire.service._calls import CallObserver, CallTable
 from patchwire.service._dataset_service import DatasetServicer
 from patchwire.service._datasource import DatasourceCache
 from patchwire.service._errors import FailedPrecondition, quiet_client_endings
 from patchwire.service._limits import CallLimiter, Limits
+from patchwire.service._metrics import ServerMetrics
 from patchwire.service._requests import parsed
 from patchwire.service._served import ServedDataset
 from patchwire.service._server_service import ServerServicer
@@ -201,6 +203,10 @@ class PatchwireServer:
         self._shm_socket: SharedMemorySocket | None = None
         self.port: int | None = None
         self.calls = CallLimiter(config.limits)
+        self.streams = CallTable(config.worker_index, config.run_dir)
+        """This process's open calls (ListStreams, ``patchwire top``)."""
+        self.metrics: ServerMetrics | None = None
+        """The running server's metrics work (``metrics.port``: the endpoint of a server of one process)."""
         self.servicer: DatasetServicer | None = None
         """The calls and streams open now, per identity (see :class:`CallLimiter`)."""
 
@@ -254,7 +260,8 @@ class PatchwireServer:
             quiet_client_endings()  # a client gone under a stream is not a server error
             server = grpc.aio.server(
                 options=[*KEEPALIVE_OPTIONS, *cfg.options],
-                interceptors=[ReflectionGate(auth)] if auth is not None else None,
+                # every call on the port is observed (request id, open-call table, metrics), refusals included
+                interceptors=[CallObserver(self.streams), *([ReflectionGate(auth)] if auth is not None else [])],
             )
             server.add_generic_rpc_handlers(
                 (
@@ -265,7 +272,7 @@ class PatchwireServer:
                         auth,
                         self.calls,
                     ),
-                    _handlers(ServerServicer(cfg), SERVER_SERVICE_NAME, auth, self.calls),
+                    _handlers(ServerServicer(cfg, self.streams), SERVER_SERVICE_NAME, auth, self.calls),
                 )
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -285,6 +292,7 @@ class PatchwireServer:
                 self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
             if auth is not None and tls is None:
                 _log.warning("authentication without TLS: bearer tokens cross the network in clear")
+            self.metrics = ServerMetrics(cfg, self.streams, self.cache, self._assembly).start()
             await server.start()
         except BaseException:  # a dataset that does not open, a port that is taken: free what was opened
             self._release()
@@ -337,6 +345,9 @@ class PatchwireServer:
         _log.info("patchwire server stopped")
 
     def _release(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self._shm_socket is not None:
             self._shm_socket.stop()  # every client connection closes: their regions are dropped
             self._shm_socket = None

@@ -7,6 +7,7 @@ import time
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from patchwire.service._calls import CallTable, current_call
 from patchwire.service._errors import translate_errors
 from patchwire.v1 import server_service_pb2 as spb
 from patchwire.v1 import server_service_pb2_grpc
@@ -26,10 +27,12 @@ def package_version() -> str:
 
 
 class ServerServicer(server_service_pb2_grpc.ServerServiceServicer):
-    """Answers from the server's ``config`` (its replica id, processes and codecs)."""
+    """Answers from the server's ``config`` (its replica id, processes and codecs) and ``streams``, the table of its
+    process's open calls (which also reads its sibling processes' tables)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, streams: CallTable | None = None) -> None:
         self._config = config
+        self._streams = streams if streams is not None else CallTable(config.worker_index, config.run_dir)
         self._replica_id = config.replica_id
         self._version = package_version()
 
@@ -45,4 +48,7 @@ class ServerServicer(server_service_pb2_grpc.ServerServiceServicer):
 
     @translate_errors
     async def ListStreams(self, request: Any, context: Any) -> spb.ListStreamsResponse:
-        return spb.ListStreamsResponse(time_unix=time.time(), replica_id=self._replica_id)
+        now = time.time()
+        return spb.ListStreamsResponse(
+            streams=self._streams.snapshot(exclude=current_call()), time_unix=now, replica_id=self._replica_id
+        )
