@@ -5,6 +5,7 @@
     python examples/train_segmentation.py                      # 8 phantom subjects: 6 to train, 2 held out
     python examples/train_segmentation.py --sampler uniform    # the same with patch centres drawn uniformly
     python examples/train_segmentation.py --address HOST:PORT --dataset phantom   # a server already running
+    python examples/train_segmentation.py --address HOST:PORT --ca-cert ca.crt --token-file writer.token  # TLS
 
 What it shows, end to end:
 
@@ -55,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import patchwire.client as pw
+from patchwire.cli._flags import add_credential_flags
 from patchwire.client import augmentation as aug
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
@@ -108,6 +110,8 @@ class Config:
     augment: bool = True
     export: bool = True
     log_every_s: float = 30.0
+    credentials: pw.Credentials = field(default_factory=pw.Credentials, repr=False)
+    """How every rank reaches the server (TLS trust, client certificate, token; none by default)."""
 
 
 # -- the network -----------------------------------------------------------------------------------------------------
@@ -248,7 +252,7 @@ def log(message: str) -> None:
 
 def train(config: Config, network: nn.Module, rank: int) -> dict[str, Any]:
     """Trains ``network`` (DDP-wrapped) for ``config.minutes``; returns the figures of the run."""
-    client = pw.connect(config.address)
+    client = pw.connect(config.address, credentials=config.credentials)
     datasource = training_datasource(client, config)
     stream = PytorchStreamingDataset(datasource, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     loader = torch.utils.data.DataLoader(stream, batch_size=None)
@@ -312,7 +316,7 @@ def segment(config: Config, network: nn.Module, job_id: str, rank: int, world: i
     """Sliding-window inference of this rank's share of the held-out patches, posted to the shared assembly job; then
     the evaluation and export of this rank's share of the subjects, after which the job is deleted. Returns
     {"subjects": {name: figures}, "inference_s": seconds}."""
-    client = pw.connect(config.address)
+    client = pw.connect(config.address, credentials=config.credentials)
     datasource = inference_datasource(client, config)
     assembler = client.assembler(datasource, overlap="gaussian", job_id=job_id, entries={"probabilities": len(LABELS)})
     stream = PytorchStreamingDataset(datasource, batch_size=1, shard_balance="none")  # rank r: patches r, r + world..
@@ -418,7 +422,7 @@ def report(config: Config, gathered: Sequence[dict[str, Any]]) -> None:
     mean = {n: float(np.nanmean([s["dice"][n] for s in subjects.values()])) for n in names}
     log(f"  {'mean':<12}" + "".join(f"{mean[n]:14.3f}" for n in names))
     metrics = {
-        "config": asdict(config),
+        "config": {k: v for k, v in asdict(config).items() if k != "credentials"},
         "training": gathered[0]["training"],
         "inference_s": max(part["inference_s"] for part in gathered),
         "subjects": subjects,
@@ -495,6 +499,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-augmentation", action="store_true", help="train on patches as they are")
     parser.add_argument("--no-export", action="store_true", help="write no NIfTI files")
     parser.add_argument("--seed", type=int, default=0)
+    add_credential_flags(parser)  # for --address: --ca-cert, --token-file (or $PATCHWIRE_TOKEN), --client-cert ...
     return parser.parse_args(argv)
 
 
@@ -519,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with timings.phase("data and server"):
                 log(f"writing {args.subjects} phantom subjects and starting a server")
                 address = stack.enter_context(phantom_server(folder, args.subjects, tuple(args.shape), args.seed))
-        with pw.connect(address, wait_for_server=True) as client:
+        credentials = pw.Credentials.from_args(args, os.environ) if args.address else pw.Credentials()
+        with pw.connect(address, wait_for_server=True, credentials=credentials) as client:
             names = [s.name for s in client.describe(args.dataset).subjects]
         if not 0 < args.held_out < len(names):
             print(f"--held-out must leave subjects on both sides of {len(names)}", file=sys.stderr)
@@ -544,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             augment=not args.no_augmentation,
             export=not args.no_export,
+            credentials=credentials,
         )
         with timings.phase("ranks"):
             if torchrun:
