@@ -26,6 +26,7 @@ from patchwire.service._calls import CallObserver, CallTable
 from patchwire.service._dataset_service import DatasetServicer
 from patchwire.service._datasource import DatasourceCache
 from patchwire.service._errors import FailedPrecondition, quiet_client_endings
+from patchwire.service._forwarding import ForwardedIdentities, HomeDatasets, HomeLink, start_home_server
 from patchwire.service._limits import CallLimiter, Limits
 from patchwire.service._metrics import ServerMetrics
 from patchwire.service._requests import parsed
@@ -201,6 +202,10 @@ class PatchwireServer:
         self.cache: BlockCache | None = None
         self._temp_state: Path | None = None
         self._shm_socket: SharedMemorySocket | None = None
+        self._home_server: grpc.aio.Server | None = None
+        """Process 0 of several: the internal server other processes forward assembly calls to."""
+        self._home_link: HomeLink | None = None
+        """Any other process of several: its channel to process 0."""
         self.port: int | None = None
         self.calls = CallLimiter(config.limits)
         self.streams = CallTable(config.worker_index, config.run_dir)
@@ -235,24 +240,28 @@ class PatchwireServer:
                 raise FailedPrecondition(f"{reasons} (no dataset can be served)")
             self._executor = ThreadPoolExecutor(max_workers=cfg.read_threads, thread_name_prefix="patchwire-read")
             cache = DatasourceCache(self._datasets, limits=cfg.limits)
-            state_dir = cfg.state_dir
-            if state_dir is None:
-                self._temp_state = state_dir = Path(tempfile.mkdtemp(prefix="patchwire-state-"))
-                _log.warning(
-                    "no state folder given: assembly jobs live in %s, unjournalled, and are lost at stop", state_dir
+            # one of several processes other than the first: assembly jobs and shared-memory regions live in the first
+            forwarding = cfg.run_dir is not None and cfg.worker_index > 0
+            if not forwarding:
+                state_dir = cfg.state_dir
+                if state_dir is None:
+                    self._temp_state = state_dir = Path(tempfile.mkdtemp(prefix="patchwire-state-"))
+                    _log.warning(
+                        "no state folder given: assembly jobs live in %s, unjournalled, and are lost at stop",
+                        state_dir,
+                    )
+                # without a state folder nothing outlives the server: journalling and syncing would protect nothing
+                self._assembly = AssemblyStore(
+                    Path(state_dir),
+                    cache.get,
+                    cfg.assembly_memory_bytes,
+                    durable=cfg.state_dir is not None,
+                    share_volumes=cfg.shared_memory,
+                    limits=cfg.limits,
                 )
-            # without a state folder nothing outlives the server: journalling and syncing would protect nothing
-            self._assembly = AssemblyStore(
-                Path(state_dir),
-                cache.get,
-                cfg.assembly_memory_bytes,
-                durable=cfg.state_dir is not None,
-                share_volumes=cfg.shared_memory,
-                limits=cfg.limits,
-            )
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._assembly.load)
             regions = None
-            if cfg.shared_memory and shared_memory.available():
+            if cfg.shared_memory and shared_memory.available() and not forwarding:
                 regions = SharedRegions(cfg.shared_memory_uids)
                 self._shm_socket = SharedMemorySocket(regions, cfg.shared_memory_dir)
                 self._shm_socket.start()
@@ -263,15 +272,30 @@ class PatchwireServer:
                 # every call on the port is observed (request id, open-call table, metrics), refusals included
                 interceptors=[CallObserver(self.streams), *([ReflectionGate(auth)] if auth is not None else [])],
             )
+            if forwarding:  # (see patchwire.service._forwarding)
+                assert cfg.run_dir is not None
+                self._home_link = link = HomeLink(cfg.run_dir)
+                datasets = _handlers(HomeDatasets(self.servicer, link), SERVICE_NAME, auth, self.calls)
+                assembly = link.handlers(ASSEMBLY_SERVICE_NAME, auth, self.calls)
+            else:
+                assert self._assembly is not None
+                assembly_servicer = AssemblyServicer(self._assembly, self._executor, regions, cfg.replica_id)
+                datasets = _handlers(self.servicer, SERVICE_NAME, auth, self.calls)
+                assembly = _handlers(assembly_servicer, ASSEMBLY_SERVICE_NAME, auth, self.calls)
+                if cfg.run_dir is not None:  # the home of several processes: they forward to its internal socket
+                    forwarded = ForwardedIdentities()
+                    self._home_server = await start_home_server(
+                        cfg.run_dir,
+                        (
+                            _handlers(self.servicer, SERVICE_NAME, forwarded, self.calls),
+                            _handlers(assembly_servicer, ASSEMBLY_SERVICE_NAME, forwarded, self.calls),
+                        ),
+                        [*KEEPALIVE_OPTIONS, *cfg.options],
+                    )
             server.add_generic_rpc_handlers(
                 (
-                    _handlers(self.servicer, SERVICE_NAME, auth, self.calls),
-                    _handlers(
-                        AssemblyServicer(self._assembly, self._executor, regions, cfg.replica_id),
-                        ASSEMBLY_SERVICE_NAME,
-                        auth,
-                        self.calls,
-                    ),
+                    datasets,
+                    assembly,
                     _handlers(ServerServicer(cfg, self.streams), SERVER_SERVICE_NAME, auth, self.calls),
                 )
             )
@@ -295,6 +319,7 @@ class PatchwireServer:
             self.metrics = ServerMetrics(cfg, self.streams, self.cache, self._assembly).start()
             await server.start()
         except BaseException:  # a dataset that does not open, a port that is taken: free what was opened
+            await self._close_links(0)
             self._release()
             raise
         self._server = server
@@ -340,9 +365,21 @@ class PatchwireServer:
         if server is None:
             return
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(self.config.grace_seconds if grace is None else grace)
+        grace = self.config.grace_seconds if grace is None else grace
+        # calls forwarded to the home finish within the same grace as its own
+        await asyncio.gather(server.stop(grace), self._close_links(grace))
         self._release()
         _log.info("patchwire server stopped")
+
+    async def _close_links(self, grace: float) -> None:
+        """Stops the home's internal server (letting forwarded calls finish for ``grace`` seconds) or closes the
+        channel to the home."""
+        home, self._home_server = self._home_server, None
+        link, self._home_link = self._home_link, None
+        if home is not None:
+            await home.stop(grace)
+        if link is not None:
+            await link.close()
 
     def _release(self) -> None:
         if self.metrics is not None:
