@@ -178,6 +178,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "named at the start of the assembly job ids it chooses (default: the host name up to its first '.', a "
         "StatefulSet pod's name)",
     )
+    setting_flag(
+        serve,
+        "--metrics-port",
+        key="metrics_port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://--metrics-host:PORT/metrics, one endpoint for all --workers (0: a "
+        "free port; default: no endpoint)",
+    )
+    setting_flag(
+        serve,
+        "--metrics-host",
+        key="metrics_host",
+        metavar="HOST",
+        help="interface of the metrics endpoint (0.0.0.0 for all, e.g. for a Prometheus in another pod)",
+    )
     security = serve.add_argument_group("security")
     setting_flag(
         security, "--tls-cert", key="tls_cert", type=Path, metavar="PEM", help="server certificate chain: TLS only"
