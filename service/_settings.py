@@ -234,10 +234,10 @@ def _constrained(kind: Any, setting: Setting) -> Any:
         return Mapping[Annotated[key, Field(min_length=1)], value]  # type: ignore[valid-type]
     if kind is bool:
         return kind
+    low = 1 if setting.table == "limits" or setting.key in _AT_LEAST_ONE else 0
     if kind is int and setting.name.endswith("_bytes"):
-        return ByteSize
+        return Annotated[ByteSize, Field(ge=low)]
     if kind in (int, float):
-        low = 1 if setting.table == "limits" or setting.key in _AT_LEAST_ONE else 0
         high = _MAX_PORT if setting.name == "port" or setting.name.endswith("_port") else None
         return Annotated[kind, Field(ge=low, le=high)]
     return kind

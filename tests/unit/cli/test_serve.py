@@ -3,12 +3,13 @@ exit status 2 and a message."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
 from patchwire.cli import build_parser, main
-from patchwire.cli.serve import DEFAULT_CACHE_MB, UsageError, server_config
+from patchwire.cli.serve import DEFAULT_CACHE_MB, UsageError, server_config, server_settings
 from patchwire.service import Limits, ServerConfig
 from patchwire.service import _phantom as phantom_module
 
@@ -151,3 +152,59 @@ def test_the_replica_id_flag_reaches_the_config_and_is_checked(h5: Path, capsys:
     assert "--replica-id: 'pw.3' is not a replica id" in capsys.readouterr().err
     with pytest.raises(ValueError, match="replica_id: 'a b' is not a replica id"):
         ServerConfig(datasets={"a": h5}, replica_id="a b")
+
+
+# -- with a configuration file ----------------------------------------------------------------------------------------
+
+
+def test_flags_given_override_the_environment_which_overrides_the_file(h5: Path, tmp_path: Path) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text(f'port = 1000\nhost = "0.0.0.0"\ncache_bytes = "2MiB"\n[datasets]\nb = "{h5}"\n[limits]\n'
+                    "max_calls = 7\nmax_jobs = 5\n")  # fmt: skip
+    environ = {"PATCHWIRE_PORT": "2000", "PATCHWIRE_LIMITS__MAX_JOBS": "4"}
+
+    def config(*flags: str) -> ServerConfig:
+        return server_config(build_parser().parse_args(["serve", "--config", str(file), *flags]), environ)
+
+    plain = config()
+    assert (plain.port, plain.host, plain.cache_bytes, plain.datasets) == (2000, "0.0.0.0", 2 * MIB, {"b": h5})
+    assert (plain.limits.max_calls, plain.limits.max_jobs) == (7, 4)
+    flagged = config("--port", "3000", "--cache-mb", "1", "--max-jobs", "3", "-d", f"a={h5}")
+    assert (flagged.port, flagged.host, flagged.cache_bytes) == (3000, "0.0.0.0", MIB)
+    assert (flagged.limits.max_calls, flagged.limits.max_jobs) == (7, 3)
+    assert flagged.datasets == {"b": h5, "a": h5}  # flags add datasets to the file's
+
+
+def test_the_log_level_flag_overrides_the_files(h5: Path, tmp_path: Path) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text(f'log_level = "warning"\n[datasets]\na = "{h5}"\n')
+    parse = build_parser().parse_args
+    assert server_settings(parse(["serve", "--config", str(file)]), {}).logging.log_level == "WARNING"
+    assert server_settings(parse(["--log-level", "debug", "serve", "--config", str(file)]), {}).logging.log_level == (
+        "DEBUG"
+    )
+
+
+def test_a_bad_file_exits_2_naming_every_problem(h5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "server.toml"
+    file.write_text("prot = 1\n[limits]\nmax_calls = 0\n")
+    assert main(["serve", "--config", str(file), "-d", f"a={h5}"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"patchwire serve: {file}: unknown key 'prot' (did you mean 'port'?)",
+        f"patchwire serve: {file}: limits.max_calls: Input should be greater than or equal to 1 (got 0)",
+    ]
+
+
+def test_help_shows_the_dataclasses_defaults() -> None:
+    help_text = " ".join(_serve_parser().format_help().split())
+    defaults = ServerConfig(datasets={})
+    assert f"(0 picks a free one; default {defaults.port})" in help_text
+    assert f"(default {defaults.read_threads})" in help_text
+    assert f"in MB (0 disables; default {defaults.cache_bytes // MIB})" in help_text
+    assert f"(default {Limits().max_calls})" in help_text
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["serve"]
