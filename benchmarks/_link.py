@@ -24,6 +24,7 @@ of it). The goal: compression gives at least :data:`TARGET_VS_UNCOMPRESSED` time
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import secrets
@@ -83,11 +84,25 @@ class Codec:
 
 
 UNCOMPRESSED = Codec("none", "uncompressed")
+#: The codecs measured, where the client has them (its ``compression=`` option), the one ``"auto"`` picks first:
+#: byte shuffle with LZ4 (fast) and with Zstandard (smaller); plain LZ4 of whole payloads is left out (it is for
+#: label maps, and what ``label_compression`` measured on them already).
+LINK_CODECS = ("shuffle-lz4", "shuffle-zstd")
 
 
 def codecs() -> list[Codec]:
-    """What the section measures: uncompressed first, then every compression the client offers."""
-    return [UNCOMPRESSED, Codec("lz4_labels", "lz4 labels", datasource=(("label_compression", "lz4"),))]
+    """What the section measures: uncompressed first (asked for explicitly: ``compression="auto"`` would decide by
+    the address, and every address in a namespace is loopback), then each of :data:`LINK_CODECS` for the whole
+    client; with a client that has no ``compression=`` option, LZ4 label maps (``label_compression``)."""
+    import patchwire.client as pw
+
+    if "compression" not in inspect.signature(pw.connect).parameters:
+        return [UNCOMPRESSED, Codec("lz4_labels", "lz4 labels", datasource=(("label_compression", "lz4"),))]
+    from patchwire.wire import compression
+
+    chosen = [c for c in LINK_CODECS if c in compression.SUPPORTED]
+    none = Codec(UNCOMPRESSED.key, UNCOMPRESSED.label, connect=(("compression", "none"),))
+    return [none, *(Codec(c, c, connect=(("compression", c),)) for c in chosen)]
 
 
 def loopback_codec() -> Codec:
