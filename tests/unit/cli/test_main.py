@@ -14,7 +14,7 @@ WAIT_S = 60
 
 def test_subcommands_in_order() -> None:
     help_text = build_parser().format_help()
-    assert "{serve,config,status,demo,certs}" in help_text
+    assert "{serve,config,status,top,demo,certs}" in help_text
     assert build_parser().parse_args(["--log-level", "debug", "certs", "d"]).log_level == "debug"
 
 
