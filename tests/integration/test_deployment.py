@@ -210,7 +210,7 @@ def test_server_image_runtime_contract() -> None:
         assert re.search(rf"install -d -o {SERVER_UID} -g {SERVER_UID} -m 07[0-5]{{2}} [^&]*{folder}\b", runs), folder
     assert [json.loads(a) for a in _final(SERVER_DOCKERFILE, "ENTRYPOINT")] == [["patchwire"]]
     assert [json.loads(a) for a in _final(SERVER_DOCKERFILE, "CMD")] == [
-        ["--log-format", "json", "serve", "--config", "/etc/patchwire/patchwire.toml"]
+        ["serve", "--config", "/etc/patchwire/patchwire.toml"]
     ]
     [healthcheck] = _final(SERVER_DOCKERFILE, "HEALTHCHECK")
     match = re.search(r"\bCMD\s+(\[.*\])\s*$", healthcheck)
@@ -226,6 +226,36 @@ def test_server_image_config_serves_what_compose_and_prometheus_expect() -> None
     assert all(Path(p).parent == Path("/data") for p in config["datasets"].values()), config["datasets"]
     for key in ("tls_cert", "tls_key", "auth_config"):
         assert Path(config[key]).parent == Path("/run/secrets"), key
+
+
+def _config_check(file: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "patchwire.cli", "config", "check", file],
+        capture_output=True,
+        text=True,
+        env=_clean_env(tmp_path),  # no PATCHWIRE_* override from the caller
+        timeout=TOOL_TIMEOUT_S,
+    )
+
+
+@pytest.mark.parametrize("where", ["image", "kubernetes"])
+def test_server_configs_pass_config_check(where: str, tmp_path: Path) -> None:
+    if where == "image":
+        file = SERVER_CONFIG
+    else:
+        file = tmp_path / "patchwire.toml"
+        file.write_text(_resource("ConfigMap", "patchwire-config")["data"]["patchwire.toml"])
+    proc = _config_check(file, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f'log_format = "json"  # from {file}' in proc.stdout  # one JSON object per line for log collectors
+
+
+def test_config_check_catches_a_broken_config(tmp_path: Path) -> None:
+    file = tmp_path / "patchwire.toml"
+    file.write_text(SERVER_CONFIG.read_text().replace("metrics_port = 9090", "metrics_port = 90900", 1))
+    proc = _config_check(file, tmp_path)
+    assert proc.returncode == 2
+    assert "metrics_port" in proc.stderr, proc.stderr
 
 
 def test_client_image_installs_cpu_torch_as_setup_does() -> None:
@@ -276,7 +306,7 @@ def test_compose_resolves_server_prometheus_and_the_demo(tmp_path: Path) -> None
     assert Path(server["build"]["context"]) == REPO and server["build"]["dockerfile"] == "docker/Dockerfile"
     assert [(p["target"], p["published"]) for p in server["ports"]] == [(50051, "50051")]  # metrics stay inside
     assert server["command"][-2:] == ["--replica-id", "patchwire-0"]
-    assert server["command"][:5] == ["--log-format", "json", "serve", "--config", "/etc/patchwire/patchwire.toml"]
+    assert server["command"][:3] == ["serve", "--config", "/etc/patchwire/patchwire.toml"]
     mounted = _volume(server, "/etc/patchwire/patchwire.toml")
     assert (Path(mounted["source"]), mounted["read_only"]) == (SERVER_CONFIG, True)
     data = _volume(server, "/data")
