@@ -341,7 +341,7 @@ def _from_file(path: Path, read: Callable[[Path], bytes]) -> _Layer:
         return layer
     known = settings()
     tables = _tables()
-    folder = path.parent
+    folder = path.parent.absolute()  # the effective paths hold wherever the server (or its printout) goes
     for key, raw in data.items():
         if key in tables:
             if not isinstance(raw, dict):

@@ -244,13 +244,14 @@ def test_unreadable_files(tmp_path: Path) -> None:
     assert _problems(broken, require_datasets=False)[0].startswith(f"{broken}: not valid TOML: ")
 
 
-def test_relative_paths_are_relative_to_the_files_folder(tmp_path: Path) -> None:
-    file = _file(
+def test_relative_paths_are_relative_to_the_files_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _file(
         tmp_path / "etc",
         'state_dir = "state"\ntls_cert = "/abs/server.crt"\ntls_key = "../keys/server.key"\n'
         '[datasets]\nbrains = "data/brains.h5"\n',
     )
-    config = load(file, {"PATCHWIRE_SHARED_MEMORY_DIR": "shm"}).config
+    monkeypatch.chdir(tmp_path)
+    config = load(Path("etc/patchwire.toml"), {"PATCHWIRE_SHARED_MEMORY_DIR": "shm"}).config
     assert config.state_dir == tmp_path / "etc" / "state"
     assert config.datasets == {"brains": tmp_path / "etc" / "data" / "brains.h5"}
     assert (config.tls_cert, config.tls_key) == (Path("/abs/server.crt"), tmp_path / "etc" / ".." / "keys/server.key")
