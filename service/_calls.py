@@ -35,7 +35,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +129,10 @@ class Call:
 
     def info(self) -> dict[str, Any]:
         """The fields of a ``StreamInfo`` message."""
-        out = asdict(self)
-        del out["_counters"]
-        return out
+        return {name: getattr(self, name) for name in _INFO_FIELDS}
 
+
+_INFO_FIELDS = tuple(f.name for f in fields(Call) if not f.name.startswith("_"))
 
 _current: contextvars.ContextVar[Call | None] = contextvars.ContextVar("patchwire_call", default=None)
 
