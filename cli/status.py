@@ -1,4 +1,4 @@
-"""``patchwire status ADDRESS [--job J] [--watch] [--interval S]``: progress of a server's assembly jobs.
+"""``patchwire status ADDRESS... [--job J] [--watch] [--interval S]``: progress of a server's assembly jobs.
 
 Without ``--job``, one line per job::
 
@@ -7,6 +7,10 @@ Without ``--job``, one line per job::
 
 KEPT is ``journal`` for a job whose acknowledged predictions are on disk (it survives a server restart) and
 ``memory`` for one that ends with the server (a server without a state folder).
+
+Several replicas (``patchwire status a:50051 b:50051``, ``a:50051,b:50051`` or ``dns:///NAME:PORT``): the jobs of
+every replica that answers, with a HOME column (the replica that holds the job), and a last line that names the
+replicas and those that did not answer. ``--job`` reads the job's status from its home replica.
 
 With ``--job``, the job's line and one line per subject (progress bar, received/expected, state, missing count).
 ``--watch`` redraws every ``--interval`` seconds until the job (or every job) is completed or aborted, or Ctrl-C;
@@ -27,6 +31,7 @@ from patchwire.cli._flags import add_credential_flags
 
 if TYPE_CHECKING:
     from patchwire.client import Client, JobStatus, SubjectProgress
+    from patchwire.client._replicas import Survey
 
 __all__ = ["add_parser", "format_job", "format_jobs", "run", "run_status"]
 
@@ -47,9 +52,10 @@ def _table(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
     return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-def _job_row(job: JobStatus) -> list[str]:
+def _job_row(job: JobStatus, homes: bool = False) -> list[str]:
     return [
         job.job_id,
+        *([job.home] if homes else []),
         job.dataset,
         job.state,
         job.overlap,
@@ -64,12 +70,17 @@ def _kept(job: JobStatus) -> str:
     return "journal" if job.journalled else "memory"
 
 
-def format_jobs(jobs: Sequence[JobStatus], address: str) -> str:
-    """The table of every job on the server at ``address``."""
-    if not jobs:
-        return f"no assembly jobs on {address}"
-    header = ["JOB", "DATASET", "STATE", "OVERLAP", "KEPT", "SUBJECTS", "SAMPLES", "PROGRESS"]
-    return "\n".join(_table([header, *(_job_row(j) for j in jobs)]))
+def format_jobs(jobs: Sequence[JobStatus], address: str, survey: Survey | None = None) -> str:
+    """The table of every job on the server at ``address``; with the ``survey`` of several replicas, of every
+    replica that answered (a HOME column), and a line naming them and those that did not answer."""
+    header = ["JOB", *(["HOME"] if survey is not None else []), "DATASET", "STATE", "OVERLAP", "KEPT", "SUBJECTS"]
+    rows = [[*header, "SAMPLES", "PROGRESS"], *(_job_row(j, survey is not None) for j in jobs)]
+    lines = _table(rows) if jobs else [f"no assembly jobs on {address}"]
+    if survey is not None:
+        answered = ", ".join(f"{r} at {a}" for r, a in survey.answered.items())
+        unanswered = "; ".join(f"{a} ({reason})" for a, reason in survey.unanswered.items())
+        lines.append(f"replicas: {answered or 'none'}" + (f"; no answer from {unanswered}" if unanswered else ""))
+    return "\n".join(lines)
 
 
 def _subject_row(s: SubjectProgress) -> list[str]:
@@ -86,7 +97,8 @@ def _subject_row(s: SubjectProgress) -> list[str]:
 def format_job(job: JobStatus) -> str:
     """One job's line, then one line per subject."""
     head = (
-        f"job {job.job_id} on {job.dataset}: {job.state}, overlap {job.overlap}, "
+        f"job {job.job_id} on {job.dataset}{f' (home {job.home})' if job.home else ''}: {job.state}, "
+        f"overlap {job.overlap}, "
         f"{'journalled' if job.journalled else 'in memory'}, "
         f"{job.ready_subject_count}/{job.subject_count} subjects ready, {job.received}/{job.expected} samples  "
         f"{_bar(job.received, job.expected)}"
@@ -100,14 +112,28 @@ def _snapshot(client: Client, job_id: str | None) -> tuple[str, bool]:
     if job_id is not None:
         job = client.job_status(job_id, max_missing=0)
         return format_job(job), job.state in _FINISHED
-    jobs = client.jobs()
-    return format_jobs(jobs, client.address), all(j.state in _FINISHED for j in jobs)
+    if not client._connection.replicated:
+        jobs = client.jobs()
+        return format_jobs(jobs, client.address), all(j.state in _FINISHED for j in jobs)
+    survey = client._replica_directory().survey()
+    if not survey.answered:
+        from patchwire.client import ServerUnavailable
+
+        reasons = "; ".join(f"{a}: {r}" for a, r in survey.unanswered.items())
+        raise ServerUnavailable(f"no replica answered at {client.address} ({reasons})")
+    jobs = client._jobs_of(survey)
+    return format_jobs(jobs, client.address, survey), all(j.state in _FINISHED for j in jobs)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds ``status`` and its flags to the ``patchwire`` command's subparsers."""
-    status = sub.add_parser("status", help="show the progress of a server's assembly jobs")
-    status.add_argument("address", help="the server, HOST:PORT")
+    status = sub.add_parser("status", help="show the progress of a server's (or its replicas') assembly jobs")
+    status.add_argument(
+        "address",
+        nargs="+",
+        metavar="ADDRESS",
+        help="the server, HOST:PORT; several replicas: more addresses (or HOST:PORT,HOST:PORT), or dns:///NAME:PORT",
+    )
     status.add_argument("--job", "-j", help="one job, with a line per subject (default: a table of every job)")
     status.add_argument(
         "--watch", "-w", action="store_true", help="redraw until the job (or every job) is completed or aborted"
@@ -127,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Runs ``patchwire status``; returns the exit status (0, 1 on an error, 2 for a bad flag, 130 on Ctrl-C)."""
     from patchwire.client import Credentials, PatchwireError, connect
+    from patchwire.client._replicas import parse_target
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -138,9 +165,14 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     except (OSError, ValueError) as exc:
         print(f"patchwire status: credentials: {exc}", file=err)
         return 2
+    try:
+        target = parse_target(",".join(args.address))
+    except ValueError as exc:
+        print(f"patchwire status: {exc}", file=err)
+        return 2
     redraw = args.watch and out.isatty()
     try:
-        with connect(args.address, timeout=args.timeout, credentials=credentials) as client:
+        with connect(str(target), timeout=args.timeout, credentials=credentials) as client:
             first = True
             while True:
                 text, finished = _snapshot(client, args.job)

@@ -1,7 +1,8 @@
-"""The entry point: ``connect(address)`` returns a Client for one patchwire server."""
+"""The entry point: ``connect(address)`` returns a Client for one patchwire server or several replicas."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from patchwire.client._connection import Connection
 from patchwire.client._credentials import Credentials, PathOrBytes
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client._errors import translate_rpc_errors
+from patchwire.client._replicas import HomeConnection, Replicas, Survey
 from patchwire.client._retry import RetryPolicy
 from patchwire.client._timeouts import Timeouts
 from patchwire.client.assembly import RemoteSubjectAssembler
@@ -17,6 +19,8 @@ from patchwire.client.assembly.status import JobStatus, job_status
 from patchwire.client.conversion import ImageProperties
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import dataset_service_pb2
+from patchwire.v1 import server_service_pb2 as spb
+from patchwire.v1.server_service_pb2_grpc import ServerServiceStub
 from patchwire.wire import tensors
 
 if TYPE_CHECKING:
@@ -56,11 +60,15 @@ class DatasetInfo:
 
 
 class Client:
-    """A connection to one patchwire server. Use as a context manager or call :meth:`close`."""
+    """A connection to one patchwire server or to several replicas (see :func:`connect`). Use as a context manager
+    or call :meth:`close`."""
 
-    def __init__(self, address: str, credentials: Credentials | None = None, timeouts: Timeouts | None = None) -> None:
-        self.address = address
+    def __init__(
+        self, address: str | Sequence[str], credentials: Credentials | None = None, timeouts: Timeouts | None = None
+    ) -> None:
         self._connection = Connection(address, credentials, timeouts)
+        self.address = self._connection.address
+        """The server's address, or the replicas' (``a:1,b:2``, ``dns:///name:port``)."""
 
     @property
     def timeouts(self) -> Timeouts:
@@ -127,10 +135,11 @@ class Client:
         the limit, and for slices on one machine (the README's benchmark: +4-9% for slices, -9% for 64^3 patches);
         None (the default) sends them raw. ``timeouts``: deadlines of its calls (default:
         the client's); ``retry``: how long reads and streams are retried while the server is unreachable or
-        restarting (default ``RetryPolicy()``, 60 s); a stream resumes where it broke off. ``shared_memory``: on the
-        server's host, the server writes the samples that ``ds[i]`` and ``get_samples`` read (the map-style torch
-        adapter's) into this process's shared memory instead of sending them through gRPC (where it cannot, they
-        come over the wire); False: always over the wire."""
+        restarting (default ``RetryPolicy()``, 5 minutes); a stream resumes where it broke off, on another replica
+        where the client has several. ``shared_memory``: on the server's host, the server writes the samples that
+        ``ds[i]`` and ``get_samples`` read (the map-style torch adapter's) into this process's shared memory instead
+        of sending them through gRPC (where it cannot, they come over the wire; always over the wire from several
+        replicas, whose calls may each reach another one); False: always over the wire."""
         return RemoteDatasource(
             self._connection.reopened(timeouts),
             dataset,
@@ -140,7 +149,7 @@ class Client:
             subject_subset,
             label_compression,
             retry,
-            shared_memory,
+            shared_memory and not self._connection.replicated,
         )
 
     def assembler(
@@ -156,7 +165,9 @@ class Client:
     ) -> RemoteSubjectAssembler:
         """pymia's ``SubjectAssembler(datasource)``, assembling on the server (see RemoteSubjectAssembler; on the
         server's host payloads go through shared memory unless ``shared_memory=False``; ``retry``: how long calls
-        are retried while the server is unreachable, default 60 s)."""
+        are retried while the server is unreachable, default 5 minutes). With several replicas, every call of the job
+        goes to its home replica (``job_id``'s ``<replica_id>.`` prefix; a new job's home is chosen among the
+        replicas that answer)."""
         return RemoteSubjectAssembler(
             self._connection.reopened(),
             datasource,
@@ -169,19 +180,61 @@ class Client:
             retry=retry,
         )
 
+    def replicas(self) -> dict[str, str]:
+        """Replica id -> address of every server that answers now: each replica's, found by resolving the target and
+        asking every address (``GetServerInfo``); the one server's for a single address."""
+        if not self._connection.replicated:
+            with translate_rpc_errors(f"asking which replica answers at {self.address}"):
+                info = ServerServiceStub(self._connection.channel).GetServerInfo(
+                    spb.GetServerInfoRequest(), timeout=self.timeouts.unary_s
+                )
+            return {info.replica_id: self.address}
+        return self._replica_directory().survey().answered
+
+    def _replica_directory(self) -> Replicas:
+        c = self._connection
+        return Replicas.of(c.target, c.credentials, c.timeouts)
+
     def jobs(self) -> list[JobStatus]:
-        """Every assembly job on the server."""
-        with translate_rpc_errors(f"listing assembly jobs at {self.address}"):
-            response = self._connection.assembly.ListJobs(apb.ListJobsRequest(), timeout=self.timeouts.unary_s)
-        return [job_status(j) for j in response.jobs]
+        """Every assembly job on the server; with several replicas, on every replica that answers now (each job with
+        its ``home``), by replica id."""
+        if not self._connection.replicated:
+            return self._jobs_at(self._connection, self.address, "")
+        return self._jobs_of(self._replica_directory().survey())
+
+    def _jobs_of(self, survey: Survey) -> list[JobStatus]:
+        """The jobs of every replica that answered ``survey``, by replica id."""
+        jobs: list[JobStatus] = []
+        for replica_id, address in sorted(survey.answered.items()):
+            target = self._connection.target.replica(address)
+            connection = Connection(target, self._connection.credentials, self.timeouts)
+            try:
+                jobs.extend(self._jobs_at(connection, f"replica {replica_id!r} at {address}", replica_id))
+            finally:
+                connection.close()
+        return jobs
+
+    def _jobs_at(self, connection: Connection, where: str, home: str) -> list[JobStatus]:
+        with translate_rpc_errors(f"listing assembly jobs at {where}"):
+            response = connection.assembly.ListJobs(apb.ListJobsRequest(), timeout=self.timeouts.unary_s)
+        return [dataclasses.replace(job_status(j), home=home) for j in response.jobs]
 
     def job_status(self, job_id: str, max_missing: int = 16) -> JobStatus:
-        """Status of an assembly job, with per-subject progress."""
-        with translate_rpc_errors(f"reading the status of assembly job {job_id!r} at {self.address}"):
-            response = self._connection.assembly.GetJobStatus(
-                apb.GetJobStatusRequest(job_id=job_id, max_missing=max_missing), timeout=self.timeouts.unary_s
-            )
-        return job_status(response.job, response.subjects)
+        """Status of an assembly job, with per-subject progress (from its home replica, where there are several)."""
+        connection, home = self._connection, ""
+        if connection.replicated:
+            connection = HomeConnection(self._replica_directory(), self.timeouts)
+            connection.place(job_id)
+            home = connection.home or ""
+        try:
+            with translate_rpc_errors(f"reading the status of assembly job {job_id!r} at {connection.address}"):
+                response = connection.assembly.GetJobStatus(
+                    apb.GetJobStatusRequest(job_id=job_id, max_missing=max_missing), timeout=self.timeouts.unary_s
+                )
+        finally:
+            if connection is not self._connection:
+                connection.close()
+        return dataclasses.replace(job_status(response.job, response.subjects), home=home)
 
     def close(self) -> None:
         self._connection.close()
@@ -197,7 +250,7 @@ class Client:
 
 
 def connect(
-    address: str,
+    address: str | Sequence[str],
     timeout: float = 10.0,
     *,
     token: str | None = None,
@@ -210,6 +263,12 @@ def connect(
     wait_for_server: bool = False,
 ) -> Client:
     """Connects to the patchwire server at ``address`` (HOST:PORT), waiting up to ``timeout`` seconds for it.
+
+    Several replicas of the same datasets: a list of HOST:PORT (or one string of them separated by commas), or
+    ``dns:///NAME:PORT`` for every address a DNS name resolves to (a Kubernetes headless Service). Calls and streams
+    are then spread over the replicas by gRPC's ``round_robin`` (one channel; a stream whose replica dies resumes
+    at its cursor on another); assembly jobs go to their home replica (:mod:`patchwire.client._replicas`). Over TLS
+    the replicas' certificates must be valid for the DNS name, or for a list for its first host.
 
     TLS is used when ``root_certificates`` (the CA to trust, a path or PEM bytes) or a client certificate is given,
     or ``tls=True`` (the system's CAs); ``client_certificate`` and ``client_key`` answer a server that requires

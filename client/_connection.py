@@ -3,7 +3,10 @@
 gRPC's state is invalid in a forked child while the parent holds a live channel (calls fail with "Wrong file
 descriptor generation"). torch DataLoader workers are forked, so every patchwire object that talks to a server
 keeps its channel in a :class:`Connection`: the channel is closed right before any fork and reopened on first use
-in whichever process uses it next. Pickling a Connection keeps only the address, its credentials and timeouts.
+in whichever process uses it next. Pickling a Connection keeps only the target, its credentials and timeouts.
+
+A connection's target is one server or several replicas (:mod:`patchwire.client._replicas`): over several, its one
+channel balances calls over them with gRPC's ``round_robin``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import gc
 import os
 import threading
 import weakref
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -30,6 +34,9 @@ from patchwire.v1 import (
 from patchwire.wire import framing
 from patchwire.wire.malloc import tune_client_process
 
+if TYPE_CHECKING:
+    from patchwire.client._replicas import Target
+
 __all__ = ["Connection"]
 
 _live: weakref.WeakSet[Connection] = weakref.WeakSet()
@@ -37,8 +44,21 @@ _live_lock = threading.Lock()
 
 
 class Connection:
-    def __init__(self, address: str, credentials: Credentials | None = None, timeouts: Timeouts | None = None) -> None:
-        self.address = address
+    """The channel to ``address``: one server's ``HOST:PORT`` (or any target gRPC takes), several replicas (a list
+    or a comma-separated string of ``HOST:PORT``), ``dns:///NAME:PORT``, or a parsed
+    :class:`~patchwire.client._replicas.Target`; ``address`` then reads as the target (``a:1,b:2``)."""
+
+    def __init__(
+        self,
+        address: str | Sequence[str] | Target,
+        credentials: Credentials | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        from patchwire.client._replicas import Target, parse_target  # (that module builds on this one)
+
+        self.target = address if isinstance(address, Target) else parse_target(address)
+        """Where the calls go: one server or several replicas."""
+        self.address = str(self.target)
         self.credentials = credentials or Credentials()
         """TLS and identification for every channel this connection opens."""
         self.timeouts = timeouts or Timeouts()
@@ -51,6 +71,12 @@ class Connection:
         self._lock = threading.Lock()
         with _live_lock:
             _live.add(self)
+
+    @property
+    def replicated(self) -> bool:
+        """Whether calls are balanced over several replicas (a list of addresses or a DNS name): state that lives on
+        one server (shared-memory regions, assembly jobs) is then reached through a direct connection to it."""
+        return self.target.replicated
 
     @property
     def buffers(self) -> _page_pool.ProcessBuffers:
@@ -106,11 +132,16 @@ class Connection:
             if self._channel is None or self._pid != os.getpid():
                 tune_client_process()
                 options = [*framing.channel_options(), *RECONNECT_OPTIONS, *self.timeouts.channel_options()]
-                self._channel = self.credentials.channel(self.address, options)
+                self._channel = self._new_channel(options)
                 self._stub = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
                 self._assembly = assembly_service_pb2_grpc.AssemblyServiceStub(self._channel)
                 self._raw = {}
                 self._pid = os.getpid()
+
+    def _new_channel(self, options: list[tuple[str, Any]]) -> grpc.Channel:
+        """A new channel to the target with ``options`` and the target's own (load balancing, certificate name)."""
+        target_options = self.target.channel_options(self.credentials.secure)
+        return self.credentials.channel(self.target.channel_target(), [*options, *target_options])
 
     def wait_ready(self, timeout: float, wait_for_server: bool = False) -> None:
         """Checks that the server answers (a ListDatasets call) within ``timeout`` seconds.
@@ -154,10 +185,10 @@ class Connection:
 
     def reopened(self, timeouts: Timeouts | None = None) -> Connection:
         """A new connection to the same server with the same credentials (and timeouts, unless given)."""
-        return Connection(self.address, self.credentials, timeouts or self.timeouts)
+        return Connection(self.target, self.credentials, timeouts or self.timeouts)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"address": self.address, "credentials": self.credentials, "timeouts": self.timeouts}
+        return {"address": self.target, "credentials": self.credentials, "timeouts": self.timeouts}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["address"], state.get("credentials"), state.get("timeouts"))  # type: ignore[misc]

@@ -2,10 +2,13 @@
 
 A ``patchwire serve`` that is stopped lets running calls finish for its grace period (``--grace``, 5 s by default),
 then cancels them; a new server on the same address answers once it has started. :class:`RetryPolicy`'s default
-budget (60 s) covers that with room to spare. Only failures that say nothing reached the server's state, or that
-the call may be repeated without effect, are retried:
+budget (5 minutes) covers that, and a replica that Kubernetes restarts: a pod rescheduled onto another node, its
+assembly volume attached there and its jobs recovered from their journals (an assembly job's calls wait for their
+home replica: :mod:`patchwire.client._replicas`; streams move to another replica at once). Only failures that say
+nothing reached the server's state, or that the call may be repeated without effect, are retried:
 
 - UNAVAILABLE: no server answers (connection refused or reset), or the server cancelled the call while stopping;
+  also no replica of a job's home answering anywhere yet;
 - DEADLINE_EXCEEDED: the call took too long (for posting: a batch that was never acknowledged);
 - for reads only, CANCELLED by the server: a stopping server cancels the streams still open when its grace period
   ends (events followed live, say), and reading again changes nothing;
@@ -29,7 +32,7 @@ from typing import TypeVar
 
 import grpc
 
-from patchwire.client._errors import PatchwireError, RetriesExhausted
+from patchwire.client._errors import PatchwireError, RetriesExhausted, ServerUnavailable
 
 __all__ = ["RECONNECT_OPTIONS", "Outage", "RetryPolicy", "call_with_retries", "retriable"]
 
@@ -50,10 +53,10 @@ fast long after a restarted server listens again; a channel tries to reconnect a
 class RetryPolicy:
     """How long and how often a client retries a call while its server is unreachable (e.g. restarting)."""
 
-    budget_s: float = 60.0
+    budget_s: float = 300.0
     """Seconds from the first failure of a call (or of a batch's acknowledgement) until the client gives up with
-    :class:`~patchwire.client.RetriesExhausted`; covers the server's default grace period (5 s) plus a restart.
-    0 disables retrying."""
+    :class:`~patchwire.client.RetriesExhausted`; covers the server's default grace period (5 s) plus a restart, also
+    a replica's pod rescheduled by Kubernetes with its volume. 0 disables retrying."""
     initial_backoff_s: float = 0.1
     """Upper bound of the first wait; the bound doubles with every failed attempt."""
     max_backoff_s: float = 2.0
@@ -75,6 +78,8 @@ class RetryPolicy:
 def retriable(exc: BaseException, read: bool = False) -> bool:
     """Whether ``exc`` (a gRPC error, or a patchwire error raised from one) is a failure worth retrying; ``read``:
     for a call that changes nothing on the server."""
+    if isinstance(exc, ServerUnavailable) and exc.__cause__ is None:
+        return True  # (no gRPC call made: the client found no replica to send it to)
     if isinstance(exc, PatchwireError) and isinstance(exc.__cause__, grpc.RpcError):
         exc = exc.__cause__
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):

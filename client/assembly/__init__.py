@@ -13,7 +13,7 @@ finishes every subject that received something, as in pymia. Volumes keep the dt
 float64). Overlapping predictions can be averaged or Gaussian-blended instead of overwritten. Batches are
 acknowledged only once durable on the server and re-posting a batch never counts it twice, so ``add_batch``
 retries transparently when the connection drops or the server restarts: unacknowledged batches are sent again, with
-exponential backoff and full jitter, for up to ``RetryPolicy.budget_s`` (60 s by default; see
+exponential backoff and full jitter, for up to ``RetryPolicy.budget_s`` (5 minutes by default; see
 :mod:`patchwire.client._retry`). Reads (``status``, ``fetch``, ``events``, ``export``) retry the same way.
 
 On the server's host, predictions and assembled volumes skip the wire: predictions are copied through shared-memory

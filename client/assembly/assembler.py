@@ -17,6 +17,7 @@ from patchwire.client import _shared_memory as process
 from patchwire.client._connection import Connection
 from patchwire.client._datasource import RemoteDatasource
 from patchwire.client._errors import PatchwireError, translate_rpc_errors
+from patchwire.client._replicas import HomeConnection, Replicas
 from patchwire.client._retry import Outage, RetryPolicy, call_with_retries, retriable
 from patchwire.client.assembly.export import export_subject
 from patchwire.client.assembly.posting import GrpcPostStream, PostingWindow, Request
@@ -54,8 +55,14 @@ class RemoteSubjectAssembler:
     (``flush()``, a last batch and ``close()`` wait for every acknowledgement). ``shared_memory``: None (the
     default) uses shared memory where the server can, True requires it (ValueError where it cannot be used, with
     the reason), False always uses the wire. ``retry``: how long and how often calls are retried while the server
-    is unreachable or restarting (default ``RetryPolicy()``: 60 s from the first failure, exponential backoff with
+    is unreachable or restarting (default ``RetryPolicy()``: 5 minutes from the first failure, exponential backoff with
     full jitter); :class:`~patchwire.client.RetriesExhausted` once that runs out.
+
+    From a client of several replicas every call of the job goes to its home replica, over a direct connection
+    (:class:`~patchwire.client._replicas.HomeConnection`): the replica a ``job_id`` of the form ``<replica_id>.<rest>``
+    names (any other id is homed by rendezvous hashing over the replica ids), or, for a new job without ``job_id``,
+    one of the replicas that answer, named in the id the assembler makes (``job_id`` then says which). While the home
+    is away (restarting) the job's calls wait for it within ``retry``.
 
     ``accepted_samples``, ``duplicate_samples`` and ``resent_batches`` count, over this assembler's life, the samples
     the server took, those it already had (re-posts after a lost acknowledgement), and the batches sent again;
@@ -77,9 +84,16 @@ class RemoteSubjectAssembler:
     ) -> None:
         if overlap not in OVERLAP_MODES:
             raise ValueError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, got {overlap!r}")
+        if connection.replicated:  # every call of the job goes to its home replica
+            connection.close()
+            connection = HomeConnection(
+                Replicas.of(connection.target, connection.credentials, connection.timeouts), connection.timeouts
+            )
+            if job_id is not None:
+                connection.place(job_id)
         self._posting = PostingWindow(
             lambda: GrpcPostStream(connection),
-            connection.address,
+            lambda: connection.address,
             window,
             retry,
             describe=lambda: f"posting predictions to assembly job {self.job_id!r}",
@@ -110,11 +124,19 @@ class RemoteSubjectAssembler:
 
     def _create(self, entries: Mapping[str, tuple[int, np.dtype[Any]]]) -> None:
         # The job is named here, not by the server, so that creating it again after a lost response returns the
-        # same job instead of making a second one.
+        # same job instead of making a second one; with several replicas the name says its home.
+        job_id = self.job_id
+        if job_id is None:
+            connection = self._connection
+            if isinstance(connection, HomeConnection):
+                job_id = self._retrying("choosing a home replica for a new job", connection.replicas.new_job_id)
+                connection.place(job_id)
+            else:
+                job_id = uuid.uuid4().hex[:12]
         request = apb.CreateJobRequest(
             spec=self.datasource._spec,
             overlap_mode=OVERLAP_MODES[self.overlap],
-            job_id=self.job_id or uuid.uuid4().hex[:12],
+            job_id=job_id,
             entries=[
                 apb.OutputEntry(name=name, channels=c, dtype=tensors.dtype_to_proto(dt))
                 for name, (c, dt) in entries.items()
@@ -274,9 +296,10 @@ class RemoteSubjectAssembler:
         outage: Outage | None = None
         while True:
             request = apb.SubscribeEventsRequest(job_id=job_id, from_sequence=from_sequence)
-            call = self._connection.assembly.SubscribeEvents(request)
+            call = None
             try:
                 with translate_rpc_errors(what):
+                    call = self._connection.assembly.SubscribeEvents(request)
                     for response in call:
                         outage = None
                         from_sequence = response.event.sequence + 1
@@ -288,7 +311,8 @@ class RemoteSubjectAssembler:
                 outage = outage or Outage(self.retry, self._connection.address, what)
                 outage.failed(exc)
             finally:
-                call.cancel()
+                if call is not None:
+                    call.cancel()
 
     def export(self, subject_index: int, path: str | Path, entry: str | None = None) -> Path:
         """Writes an assembled subject to ``path``: .nii/.nii.gz or .mha (original geometry), .h5 (pymia format)."""

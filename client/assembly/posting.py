@@ -15,7 +15,7 @@ import os
 import queue
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from patchwire.client._connection import Connection
 from patchwire.client._errors import ConnectionFailed, RetriesExhausted, translate_rpc_errors
@@ -44,29 +44,41 @@ class PostStream(Protocol):
 
 
 class GrpcPostStream:
-    """A PostStream over a connection: requests go through a queue, acknowledgements are read one per batch."""
+    """A PostStream over a connection: requests go through a queue, acknowledgements are read one per batch. Where
+    the call cannot even be made (a job's home replica not found yet), that failure is raised by :meth:`next_ack`,
+    where the window retries it."""
 
     def __init__(self, connection: Connection) -> None:
         self._queue: queue.Queue[Request | None] = queue.Queue()
-        self._responses = connection.post_predictions()(iter(self._queue.get, None))
+        self._responses: Any = None
+        self._failure: ConnectionFailed | None = None
+        try:
+            self._responses = connection.post_predictions()(iter(self._queue.get, None))
+        except ConnectionFailed as exc:
+            self._failure = exc
 
     def put(self, requests: Sequence[Request]) -> None:
         for r in requests:
             self._queue.put(r)
 
     def next_ack(self) -> apb.PostPredictionsResponse:
+        if self._responses is None:
+            assert self._failure is not None
+            raise self._failure
         response: apb.PostPredictionsResponse = next(self._responses)
         return response
 
     def close(self) -> None:
         self._queue.put(None)
-        self._responses.cancel()
+        if self._responses is not None:
+            self._responses.cancel()
 
 
 class PostingWindow:
     """Sends batches (each a list of requests) and reads their acknowledgements in order.
 
-    ``open_stream``: a new stream (at the first batch and after a dropped one). ``describe``: what posting is, for
+    ``open_stream``: a new stream (at the first batch and after a dropped one). ``address``: the server's, for
+    errors (or a function that says it now: a job's home may move). ``describe``: what posting is, for
     error messages (e.g. which job). ``resending``: called with the unacknowledged batches before they are sent again
     (a transport points them at what it registered anew). ``acknowledged``: called with each acknowledgement.
     ``accepted_samples``, ``duplicate_samples`` and ``resent_batches`` count the samples the server took, those it
@@ -75,7 +87,7 @@ class PostingWindow:
     def __init__(
         self,
         open_stream: Callable[[], PostStream],
-        address: str,
+        address: str | Callable[[], str],
         window: int = 1,
         retry: RetryPolicy | None = None,
         describe: Callable[[], str] = lambda: "posting predictions",
@@ -100,6 +112,11 @@ class PostingWindow:
         self._pid = os.getpid()
         self._deferred: BaseException | None = None
         _windows.add(self)
+
+    @property
+    def address(self) -> str:
+        """The server's address now."""
+        return self._address if isinstance(self._address, str) else self._address()
 
     @property
     def unacknowledged(self) -> int:
@@ -139,7 +156,7 @@ class PostingWindow:
                 # ConnectionFailed is UNAVAILABLE or DEADLINE_EXCEEDED: the batches in flight were not acknowledged
                 self.close()
                 failure = exc if isinstance(exc, ConnectionFailed) else ConnectionFailed(f"{what}: stream ended early")
-                outage = outage or Outage(self.retry, self._address, what)
+                outage = outage or Outage(self.retry, self.address, what)
                 try:
                     outage.failed(failure)
                 except RetriesExhausted:

@@ -43,6 +43,8 @@ class JobStatus:
     """True: acknowledged predictions are on disk and the job survives a server restart (a server with a state
     folder); False: the job lives in the server's memory."""
     subjects: tuple[SubjectProgress, ...] = ()
+    home: str = ""
+    """The replica id of the job's home, where a client of several replicas read it ('' from one server)."""
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ import pytest
 from patchwire.cli import build_parser
 from patchwire.cli.status import format_job, format_jobs, run_status
 from patchwire.client import JobStatus, SubjectProgress
+from patchwire.client._replicas import Survey
 
 
 def test_defaults() -> None:
     args = build_parser().parse_args(["status", "h:1"])
-    assert (args.address, args.job, args.watch, args.interval, args.timeout) == ("h:1", None, False, 2.0, 5.0)
+    assert (args.address, args.job, args.watch, args.interval, args.timeout) == (["h:1"], None, False, 2.0, 5.0)
     assert (args.token_file, args.ca_cert, args.tls, args.client_cert, args.client_key) == (
         None,
         None,
@@ -35,7 +36,7 @@ def test_flags() -> None:
     assert (args.client_cert, args.client_key) == (Path("c.pem"), Path("k.pem"))
 
 
-@pytest.mark.parametrize(("args", "message"), [((), "the following arguments are required: address"),
+@pytest.mark.parametrize(("args", "message"), [((), "the following arguments are required: ADDRESS"),
                                                (("h:1", "--interval", "x"), "invalid float value: 'x'")])  # fmt: skip
 def test_invalid_arguments_exit_2(args: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
@@ -98,3 +99,34 @@ def test_one_job_with_its_subjects() -> None:
     )
     assert all(row.startswith("  ") for row in [header, *rows])
     assert "in memory" in format_job(_job(journalled=False))
+
+
+def test_several_replicas_are_one_target() -> None:
+    assert build_parser().parse_args(["status", "a:1", "b:2", "-j", "J"]).address == ["a:1", "b:2"]
+    assert build_parser().parse_args(["status", "dns:///pw.ns.svc:50051"]).address == ["dns:///pw.ns.svc:50051"]
+
+
+@pytest.mark.parametrize(
+    ("addresses", "message"), [(["a:1", "a:1"], "a replica is given twice"), (["dns:///x"], "expected HOST:PORT")]
+)
+def test_a_target_that_cannot_be_used_is_refused_before_connecting(addresses: list[str], message: str) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert run_status(build_parser().parse_args(["status", *addresses]), out, err) == 2
+    assert err.getvalue().startswith("patchwire status: target: ") and message in err.getvalue()
+    assert out.getvalue() == ""
+
+
+def test_table_of_the_jobs_of_several_replicas() -> None:
+    survey = Survey({"pw-0": "10.0.0.1:1", "pw-1": "10.0.0.2:1"}, {"10.0.0.3:1": "UNAVAILABLE: refused"})
+    jobs = [_job(job_id="pw-0.a", home="pw-0"), _job(job_id="pw-1.b", home="pw-1")]
+    header, first, second, replicas = format_jobs(jobs, "dns:///pw:1", survey).splitlines()
+    assert header.split()[:3] == ["JOB", "HOME", "DATASET"]
+    assert first.split()[:2] == ["pw-0.a", "pw-0"] and second.split()[:2] == ["pw-1.b", "pw-1"]
+    assert replicas == (
+        "replicas: pw-0 at 10.0.0.1:1, pw-1 at 10.0.0.2:1; no answer from 10.0.0.3:1 (UNAVAILABLE: refused)"
+    )
+    assert format_jobs([], "dns:///pw:1", Survey({"pw-0": "10.0.0.1:1"})).splitlines() == [
+        "no assembly jobs on dns:///pw:1",
+        "replicas: pw-0 at 10.0.0.1:1",
+    ]
+    assert format_job(_job(home="pw-1")).startswith("job brains on vary (home pw-1): active, ")

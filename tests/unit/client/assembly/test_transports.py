@@ -294,6 +294,7 @@ class _Assembly:
 
 class FakeServerConnection:
     address = ADDRESS
+    replicated = False  # (one server: no job homes to look for)
     assembly = _Assembly()
     timeouts = Timeouts()
 
