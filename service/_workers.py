@@ -133,7 +133,7 @@ def _bind_error(host: str, port: int, exc: OSError) -> OSError:
 def make_run_dir() -> Path:
     """A private folder (0700) for one server's processes, short enough for Unix socket paths inside it."""
     run_dir = tempfile.mkdtemp(prefix="patchwire-run-")
-    if len(os.fsencode(run_dir)) > 80:  # a long TMPDIR: sockets in it would not fit sun_path (108 bytes)
+    if len(os.fsencode(run_dir)) > 90:  # a long TMPDIR: sockets in it would not fit sun_path (108 bytes)
         os.rmdir(run_dir)
         run_dir = tempfile.mkdtemp(prefix="patchwire-run-", dir="/tmp")
     return Path(run_dir)
