@@ -175,7 +175,9 @@ def _measured() -> dict[str, Any]:
             "ceiling_before": _ceiling([1.0, 1.2]),
             "ceiling_after": _ceiling([0.8, 1.4]),
             "streaming": streaming,
-            "assembly": {"slice": {"label": "slice-wise (axis 0)", UNCOMPRESSED.key: _row(500, 1.0, 0.97)}},
+            "assembly": {
+                "slice": {"label": "slice-wise", "warmup_seconds": 1.0, UNCOMPRESSED.key: _row(500, 1.0, 0.97)}
+            },
             "server_processes": 1,
         },
         "loopback": {
@@ -213,7 +215,7 @@ def test_rows_against_uncompressed_and_raw_grpc_and_the_goal(tmp_path: Path) -> 
     axial_row = next(line for line in lines if "link     axial slices" in line and "lz4 labels" in line)
     assert axial_row.split()[-8:] == ["1600", "1.60", "1.45x", "5.00x", "1.60x", "0.50", "0.25", "yes"]
     assert any("loopback raw gRPC, 1 MiB messages" in line and "2.00" in line for line in lines)
-    assert any("assembly slice-wise" in line for line in lines)
+    assert any("assembly, slice-wise" in line for line in lines)
 
     plot_link(link, SMOKE, tmp_path / "link.png")
     assert (tmp_path / "link.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
