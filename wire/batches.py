@@ -17,7 +17,7 @@ import numpy as np
 
 from patchwire.v1 import dataset_service_pb2, tensor_pb2, values_pb2
 from patchwire.wire import framing, tensors
-from patchwire.wire.compression import Compression
+from patchwire.wire.compression import RAW, Policy
 from patchwire.wire.errors import EncodingError, WireError
 from patchwire.wire.geometry import ImageProperties
 from patchwire.wire.indexexpression import IndexExpression
@@ -48,10 +48,13 @@ def same_shape_and_dtype(values: Sequence[Any]) -> bool:
 class Encoded:
     """A Batch message plus the payloads of its chunked tensors, in announcement order."""
 
-    def __init__(self, batch: dataset_service_pb2.Batch, payloads: list[Any]) -> None:
+    def __init__(self, batch: dataset_service_pb2.Batch, payloads: list[Any], raw_nbytes: int | None = None) -> None:
         self.batch = batch
         self.payloads = payloads
         self.nbytes = batch.ByteSize() + sum(t.chunked_nbytes for t in framing.batch_tensors(batch))
+        """Bytes of the message and its chunks on the wire (compressed payloads at their compressed size)."""
+        self.raw_nbytes = self.nbytes if raw_nbytes is None else raw_nbytes
+        """Bytes of the samples' arrays as delivered (what message sizing and byte limits count)."""
 
     def make_contiguous(self) -> None:
         """Payload parts that are arrays (``encode_batch(contiguous=False)``) made C-order bytes, for the wire."""
@@ -77,7 +80,7 @@ def _nested_strings(value: list[Any]) -> tensor_pb2.StringArray:
     return tensor_pb2.StringArray(values=value)
 
 
-def encode_value(value: Any, key: str, payloads: list[Any], compression: int) -> values_pb2.Value:
+def encode_value(value: Any, key: str, payloads: list[Any], compression: Policy | int) -> values_pb2.Value:
     """One per-sample value; a chunked tensor's payload is appended to ``payloads``."""
     if isinstance(value, np.ndarray) and value.dtype != object:
         tensor, payload = tensors.array_to_tensor(value, compression=compression)
@@ -112,11 +115,12 @@ def encode_batch(
     samples: Sequence[dict[str, Any]],
     sample_indices: Sequence[int] = (),
     position: int = 0,
-    compression: int = Compression.COMPRESSION_UNSPECIFIED,
+    compression: Policy | int = RAW,
     contiguous: bool = True,
 ) -> Encoded:
     """Encodes samples: arrays equal in shape and dtype across the batch are stacked into one tensor per key;
-    ``compression`` applies to integer and bool tensors (``tensors.stacked_to_tensor``). ``contiguous`` False: the
+    ``compression`` is the codec per dtype (``tensors.stacked_to_tensor``; compressing happens here, in the caller's
+    thread: the server's executor, never its event loop). ``contiguous`` False: the
     parts of stacked payloads may be strided arrays (for shared memory; :meth:`Encoded.make_contiguous` before the
     wire)."""
     batch = dataset_service_pb2.Batch(sample_indices=sample_indices, position=position)
@@ -142,7 +146,12 @@ def encode_batch(
             field.per_sample.SetInParent()
             for v in values:
                 field.per_sample.values.append(encode_value(v, key, payloads, compression))
-    return Encoded(batch, payloads)
+    raw = sum(v.nbytes for s in samples for v in s.values() if isinstance(v, np.ndarray))
+    return Encoded(batch, payloads, batch.ByteSize() + raw if _compressed(batch) else None)
+
+
+def _compressed(batch: dataset_service_pb2.Batch) -> bool:
+    return any(t.compression for t in framing.batch_tensors(batch))
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------------

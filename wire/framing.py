@@ -15,13 +15,15 @@ protobuf's copy.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from patchwire.v1 import tensor_pb2
-from patchwire.wire.errors import FramingError
-from patchwire.wire.tensors import announced_nbytes
+from patchwire.wire import compression
+from patchwire.wire.compression import FrameDecoder, Frames
+from patchwire.wire.errors import FramingError, WireError
+from patchwire.wire.tensors import announced_nbytes, dtype_from_proto, raw_nbytes
 
 __all__ = [
     "CHUNK_BYTES",
@@ -111,12 +113,23 @@ def chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Itera
 
 
 def serialized_chunks(
-    payload: bytes | memoryview | Sequence[memoryview], chunk_bytes: int = CHUNK_BYTES
+    payload: bytes | memoryview | Frames | Sequence[memoryview | Frames], chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[bytes]:
     """The wire bytes of the chunk messages that carry ``payload`` (one copy of the payload, no protobuf).
     ``payload`` may be a sequence of parts (e.g. the samples of a stacked tensor): chunks then span parts, and the
-    parts are copied straight into the messages, never joined first."""
-    parts = [memoryview(payload).cast("B")] if isinstance(payload, bytes | memoryview) else list(payload)
+    parts are copied straight into the messages, never joined first. Blosc2 :class:`Frames` (alone, or as the one
+    part) travel as whole frames per message, up to ``chunk_bytes`` a message (a larger frame alone)."""
+    if isinstance(payload, Sequence) and len(payload) == 1 and isinstance(payload[0], Frames):
+        payload = payload[0]
+    if isinstance(payload, Frames):
+        for group in payload.messages(chunk_bytes):
+            yield _chunk_message([memoryview(f) for f in group], sum(len(f) for f in group))
+        return
+    parts = (
+        [memoryview(payload).cast("B")]
+        if isinstance(payload, bytes | memoryview)
+        else cast("list[memoryview]", list(payload))
+    )
     pieces: list[memoryview] = []
     size = 0
     for part in parts:
@@ -166,20 +179,28 @@ class ChunkAssembler:
     that cannot be right; with ``max_bytes``, announcements of more bytes in all are refused) before anything is
     allocated; each buffer is allocated when its first chunk arrives, so memory follows the bytes received, not the
     bytes announced. Payloads must fill their announced sizes exactly: :meth:`add` refuses a chunk that overruns one,
-    and a new announcement or the end of a stream finds an incomplete one."""
+    and a new announcement or the end of a stream finds an incomplete one.
+
+    Tensors compressed as blosc2 frames are decompressed as their chunks arrive, each chunk message holding whole
+    frames, straight into a buffer of the tensor's raw size (counted against ``max_bytes`` too); once complete the
+    tensor is marked raw (``compression`` unset, ``chunked_nbytes`` its raw size), so the batch describes its
+    payloads as they are handed over."""
 
     def __init__(
         self, tensors: Sequence[tensor_pb2.Tensor], pool: PayloadPool | None = None, max_bytes: int | None = None
     ) -> None:
         self._pending = [t for t in tensors if t.chunked_nbytes]
         self._sizes = [announced_nbytes(t) for t in self._pending]
-        announced = sum(self._sizes)
+        # raw sizes of the framed tensors (decoded into buffers of that size as they arrive), None for the others
+        self._raw = [raw_nbytes(t) if compression.framed(t.compression) else None for t in self._pending]
+        announced = sum(size if raw is None else raw for size, raw in zip(self._sizes, self._raw, strict=True))
         if max_bytes is not None and announced > max_bytes:
             raise FramingError(
                 f"batch.fields: tensors announce {announced} payload bytes, more than the {max_bytes} allowed"
             )
         self._pool = pool
         self._buffers: list[np.ndarray] = []
+        self._decoder: FrameDecoder | None = None
         self._index = 0
         self._offset = 0
 
@@ -187,21 +208,45 @@ class ChunkAssembler:
     def complete(self) -> bool:
         return self._index >= len(self._pending)
 
+    @property
+    def decoding(self) -> bool:
+        """Whether the next chunk belongs to a tensor of blosc2 frames (adding it decompresses)."""
+        return not self.complete and self._raw[self._index] is not None
+
     def add(self, data: bytes | memoryview) -> None:
         if self.complete:
             raise FramingError("chunk: received a tensor chunk that no tensor announced")
         size = self._sizes[self._index]
+        raw = self._raw[self._index]
         if len(self._buffers) == self._index:
             # numpy buffers: no zero-filling (bytearray(n) writes every byte once before the chunks do)
             pool = self._pool
-            self._buffers.append(pool.take(size) if pool is not None else np.empty(size, dtype=np.uint8))
+            n = size if raw is None else raw
+            self._buffers.append(pool.take(n) if pool is not None else np.empty(n, dtype=np.uint8))
+            if raw is not None:
+                tensor = self._pending[self._index]
+                itemsize = dtype_from_proto(tensor.dtype).itemsize
+                self._decoder = FrameDecoder(tensor.compression, itemsize, self._buffers[-1])
         buf = self._buffers[self._index]
         end = self._offset + len(data)
         if end > size:
             raise FramingError("chunk: tensor chunk overruns the announced payload size")
-        buf[self._offset : end] = np.frombuffer(data, dtype=np.uint8)
+        if self._decoder is not None:
+            try:
+                self._decoder.feed(data)
+                if end == size:
+                    self._decoder.finish()
+            except WireError as exc:
+                raise FramingError(f"chunk: {exc}") from None
+        else:
+            buf[self._offset : end] = np.frombuffer(data, dtype=np.uint8)
         self._offset = end
         if end == size:
+            if self._decoder is not None:  # handed over raw
+                tensor = self._pending[self._index]
+                tensor.compression = compression.NONE
+                tensor.chunked_nbytes = len(buf)
+                self._decoder = None
             self._index += 1
             self._offset = 0
 
@@ -291,6 +336,12 @@ class BatchReader:
             raise FramingError(f"batch.fields: {exc}") from None
         self._batch = batch
         return None
+
+    @property
+    def decoding(self) -> bool:
+        """Whether feeding the next chunk decompresses (it belongs to a tensor of blosc2 frames): a caller on an
+        event loop hands such messages to a thread."""
+        return self._assembler is not None and self._assembler.decoding
 
     def _add(self, data: bytes | memoryview) -> None:
         if self._assembler is None:
