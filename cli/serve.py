@@ -55,6 +55,15 @@ def _replica_id_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _codecs_arg(text: str) -> tuple[str, ...]:
+    from patchwire.wire.compression import offer_from_text
+
+    try:
+        return offer_from_text(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds ``serve`` and its flags to the ``patchwire`` command's subparsers. A flag that sets a setting has no
     default of its own (:func:`~patchwire.cli._setting_flags.setting_flag`): ``--help`` shows the dataclass's."""
@@ -193,6 +202,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         key="metrics_host",
         metavar="HOST",
         help="interface of the metrics endpoint (0.0.0.0 for all, e.g. for a Prometheus in another pod)",
+    )
+    setting_flag(
+        serve,
+        "--compression",
+        key="compressions",
+        type=_codecs_arg,
+        metavar="NAMES",
+        help="codecs clients may ask for, comma-separated (shuffle-lz4, shuffle-zstd, lz4), or 'none'",
     )
     security = serve.add_argument_group("security")
     setting_flag(

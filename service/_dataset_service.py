@@ -31,7 +31,7 @@ from patchwire.service._shared_regions import SharedRegions, named_region, write
 from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc
 from patchwire.wire import compression, framing, shared_memory, tensors
 from patchwire.wire.batches import Encoded, encode_batch
-from patchwire.wire.compression import Compression
+from patchwire.wire.compression import RAW, Policy
 
 __all__ = ["MAX_SAMPLES_PER_MESSAGE", "DatasetServicer"]
 
@@ -52,8 +52,12 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         cache: DatasourceCache | None = None,
         limits: Limits | None = None,
         regions: SharedRegions | None = None,
+        compressions: Sequence[str] = compression.SUPPORTED,
     ) -> None:
-        """``regions``: the registry of same-host clients' shared-memory segments (None: shared memory is off)."""
+        """``regions``: the registry of same-host clients' shared-memory segments (None: shared memory is off).
+        ``compressions``: the codecs clients may ask for, by name (``ServerConfig.compressions``; ValueError for a
+        name this build does not know)."""
+        self._offered = tuple(compression.codec_from_name(name) for name in compressions)
         self._datasets = datasets
         self._regions = regions
         self._limits = limits if limits is not None else Limits()
@@ -74,6 +78,28 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _policy(self, request: Any) -> Policy:
+        """The codecs a GetSamples or StreamBatches request asks for (``compression`` for every tensor, else
+        ``integer_compression`` for integer and bool ones), each one this server offers (else INVALID_ARGUMENT)."""
+        return Policy.of_request(
+            self._codec(request.compression, "compression"),
+            self._codec(request.integer_compression, "integer_compression"),
+        )
+
+    def _codec(self, value: int, field: str) -> int:
+        if value == compression.NONE:
+            return value
+        if value not in compression.Compression.values():
+            known = ", ".join(compression.Compression.keys())
+            raise InvalidArgument(f"{field}: unknown codec {value} (this server knows {known})")
+        if value not in self._offered:
+            offered = ", ".join(compression.codec_name(c) for c in self._offered)
+            raise InvalidArgument(
+                f"{field}: this server does not offer {compression.codec_name(value)} "
+                f"({f'it offers {offered}' if offered else 'it offers no compression'})"
+            )
+        return value
 
     @translate_errors
     async def ListDatasets(self, request: Any, context: Any) -> dataset_service_pb2.ListDatasetsResponse:
@@ -97,7 +123,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
     @translate_errors
     async def GetSamples(self, request: Any, context: Any) -> AsyncIterator[dataset_service_pb2.GetSamplesResponse]:
-        compression = _compression(request.integer_compression)
+        policy = self._policy(request)
         if len(request.sample_indices) > self._limits.max_indices:
             raise exhausted(
                 f"sample_indices: {len(request.sample_indices)} indices in one request",
@@ -118,7 +144,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                 self._regions, request.shared_memory.region, current_identity(), False, "shared_memory"
             )
             deliver = _SharedDelivery(region.segment)
-            compression = Compression.COMPRESSION_UNSPECIFIED  # nothing crosses a link
+            policy = RAW  # nothing crosses a link
         src, indices = await self._run(resolved)
         describe_call(request.spec, src.dataset.name)
         # the caller waits for every sample: as many per message as fit TARGET_MESSAGE_BYTES, from the first one
@@ -127,7 +153,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             indices,
             1,
             dataset_service_pb2.GetSamplesResponse,
-            compression=compression,
+            compression=policy,
             first=len(indices),
             budget=framing.TARGET_MESSAGE_BYTES,
             deliver=deliver,
@@ -194,7 +220,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             raise InvalidArgument(f"shard_index: {request.shard_index} must be in [0, shard_count={shard_count})")
         if request.start_position < 0:
             raise InvalidArgument(f"start_position: must not be negative, got {request.start_position}")
-        compression = _compression(request.integer_compression)
+        policy = self._policy(request)
         src = await self._run(self._cache.get, request.spec)
         if src.extractor is None:
             raise InvalidArgument("spec.extractor: streaming samples needs an extractor")
@@ -212,7 +238,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             request.batch_size,
             dataset_service_pb2.StreamBatchesResponse,
             first_position=request.start_position,
-            compression=compression,
+            compression=policy,
             draws=(int(request.seed), int(request.epoch), positions),
         ):
             yield message
@@ -224,7 +250,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         batch_size: int,
         response_type: Any,
         first_position: int = 0,
-        compression: int = compression.Compression.COMPRESSION_UNSPECIFIED,
+        compression: Policy = RAW,
         first: int | None = None,
         budget: int | None = None,
         deliver: _SharedDelivery | None = None,
@@ -237,7 +263,8 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         ``max_sample_bytes`` or a message over ``max_batch_bytes`` ends the call with RESOURCE_EXHAUSTED. With
         ``deliver`` (a client's segment) a message's payloads are written there, where they fit, and the message
         carries their offsets instead of being followed by chunks. ``draws``: (seed, epoch, positions) of the
-        samples' randomness; positions aligned with ``indices`` (None: each sample's index)."""
+        samples' randomness; positions aligned with ``indices`` (None: each sample's index). ``compression``: the
+        codec per dtype; tensors are compressed where messages are built, in the executor."""
         stopped = threading.Event()
         seed, epoch, positions = draws
         call = current_call()  # what the stream delivers is counted on it (ListStreams, metrics)
@@ -311,7 +338,8 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                     call.served(count, encoded.nbytes)
                 pending = None
                 if start < len(indices):
-                    per_sample = max(encoded.nbytes / max(count, 1), 1.0)
+                    # sized by the arrays' bytes, compressed or not: the byte limits and the client's memory count those
+                    per_sample = max(encoded.raw_nbytes / max(count, 1), 1.0)
                     batches = max(1, math.floor(framing.TARGET_MESSAGE_BYTES / (per_sample * batch_size)))
                     per_message = min(batches * batch_size, max(MAX_SAMPLES_PER_MESSAGE, batch_size))
                     pending = asyncio.ensure_future(self._run(build, start, per_message))
@@ -378,10 +406,3 @@ def _describe(ds: Dataset) -> dataset_service_pb2.DescribeDatasetResponse:
         if ds.geometry is not None:
             subject.image_properties.CopyFrom(image_properties(ds.geometry[s]).to_proto())
     return out
-
-
-def _compression(value: int) -> int:
-    if value not in compression.Compression.values():
-        known = ", ".join(compression.Compression.keys())
-        raise InvalidArgument(f"integer_compression: unknown codec {value} (this server knows {known})")
-    return value

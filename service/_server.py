@@ -38,7 +38,7 @@ from patchwire.service._tls import exposed_without_tls, server_credentials
 from patchwire.service.assembly import AssemblyServicer, AssemblyStore
 from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import dataset_service_pb2, server_service_pb2
-from patchwire.wire import framing, shared_memory
+from patchwire.wire import compression, framing, shared_memory
 from patchwire.wire.replicas import check_replica_id, default_replica_id
 
 __all__ = ["PatchwireServer", "ServerConfig", "dataset_health_name"]
@@ -123,6 +123,11 @@ class ServerConfig:
     """Take a CRC-32 of every stored block of every dataset's arrays at open (reading each file once) and check every
     block read from disk against it before it is cached or served; a mismatch stops serving that dataset
     (:mod:`patchwire.service._integrity`)."""
+    compressions: tuple[compression.CodecName, ...] = compression.SUPPORTED
+    """Codecs clients may ask this server to compress tensors with, by name: ``shuffle-lz4``, ``shuffle-zstd``
+    (blosc2 byte shuffle with LZ4 or Zstandard, for any dtype) and ``lz4`` (integer and bool tensors, or any with
+    ``compression``); empty: none. A request for another is INVALID_ARGUMENT naming these. Clients with
+    ``compression="auto"`` pick one of them on non-loopback links (:mod:`patchwire.wire.compression`)."""
     metrics_port: int | None = None
     """Port of the Prometheus ``/metrics`` HTTP endpoint (0: a free one; None: no endpoint). One endpoint per server,
     summing every serving process (:mod:`patchwire.service._metrics`)."""
@@ -265,7 +270,9 @@ class PatchwireServer:
                 regions = SharedRegions(cfg.shared_memory_uids)
                 self._shm_socket = SharedMemorySocket(regions, cfg.shared_memory_dir)
                 self._shm_socket.start()
-            self.servicer = DatasetServicer(self._datasets, self._executor, cache, cfg.limits, regions)
+            self.servicer = DatasetServicer(
+                self._datasets, self._executor, cache, cfg.limits, regions, compressions=cfg.compressions
+            )
             quiet_client_endings()  # a client gone under a stream is not a server error
             server = grpc.aio.server(
                 options=[*KEEPALIVE_OPTIONS, *cfg.options],

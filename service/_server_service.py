@@ -11,6 +11,7 @@ from patchwire.service._calls import CallTable, current_call
 from patchwire.service._errors import translate_errors
 from patchwire.v1 import server_service_pb2 as spb
 from patchwire.v1 import server_service_pb2_grpc
+from patchwire.wire import compression
 
 if TYPE_CHECKING:
     from patchwire.service._server import ServerConfig
@@ -44,6 +45,7 @@ class ServerServicer(server_service_pb2_grpc.ServerServiceServicer):
             # one process unless a supervisor started this one among others (run_dir: see ServerConfig)
             workers=self._config.workers if self._config.run_dir is not None else 1,
             worker_index=self._config.worker_index,
+            compressions=[compression.codec_from_name(name) for name in self._config.compressions],
         )
 
     @translate_errors

@@ -4,7 +4,7 @@ with payloads on the wire or in a registered shared-memory region."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from patchwire.service._errors import InvalidArgument
@@ -19,6 +19,9 @@ from patchwire.wire.batches import batch_arrays
 from patchwire.wire.framing import BatchReader, FramingError
 
 __all__ = ["StreamSegments", "received_batches"]
+
+Offload = Callable[..., Awaitable[Any]]
+"""Runs ``fn(*args)`` off the event loop (the server's executor) and returns its result."""
 
 
 class StreamSegments:
@@ -49,11 +52,17 @@ class StreamSegments:
 
 
 async def received_batches(
-    request_iterator: Any, segments: StreamSegments, limits: Limits, job_of: Callable[[str, str], Job]
+    request_iterator: Any,
+    segments: StreamSegments,
+    limits: Limits,
+    job_of: Callable[[str, str], Job],
+    offload: Offload | None = None,
 ) -> AsyncIterator[tuple[Any, dict[str, list[Any]]]]:
     """The complete prediction batches of a PostPredictions stream: (batch message, arrays by field). Before
     anything a batch announces is allocated or read, its job must exist and be the caller's (``job_of``) and its
-    announced sizes must lie within ``limits`` (``check_announced``)."""
+    announced sizes must lie within ``limits`` (``check_announced``). Compressed predictions are decompressed
+    through ``offload`` (off the event loop) where given: chunks of blosc2 frames as they arrive, batches with
+    compressed inline tensors when they are complete."""
 
     def admit(batch: apb.PredictionBatch) -> list[memoryview] | None:
         job_of(batch.job_id, "batch.job_id")  # NOT_FOUND or PERMISSION_DENIED before a byte is allocated for it
@@ -69,12 +78,15 @@ async def received_batches(
     )
     try:
         async for raw in request_iterator:
-            complete = reader.feed(raw)
+            complete = await offload(reader.feed, raw) if offload is not None and reader.decoding else reader.feed(raw)
             if complete is None:
                 continue
             batch, payloads = complete
             try:
-                arrays = batch_arrays(batch, payloads)
+                if offload is not None and any(t.compression for t in framing.batch_tensors(batch)):
+                    arrays = await offload(batch_arrays, batch, payloads)
+                else:
+                    arrays = batch_arrays(batch, payloads)
             except (ValueError, TypeError) as exc:
                 raise InvalidArgument(f"batch.fields: {exc}") from None
             yield batch, arrays

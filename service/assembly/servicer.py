@@ -105,7 +105,9 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
         async def receive() -> None:
             try:
-                async for item in received_batches(request_iterator, segments, self._store.limits, self._job):
+                async for item in received_batches(
+                    request_iterator, segments, self._store.limits, self._job, offload=self._run
+                ):
                     await batches.put(item)
                 await batches.put(None)
             except asyncio.CancelledError:
