@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from patchwire.client._compression import check_option
 from patchwire.client._connection import Connection
 from patchwire.client._credentials import Credentials, PathOrBytes
 from patchwire.client._datasource import RemoteDatasource
@@ -64,8 +65,15 @@ class Client:
     or call :meth:`close`."""
 
     def __init__(
-        self, address: str | Sequence[str], credentials: Credentials | None = None, timeouts: Timeouts | None = None
+        self,
+        address: str | Sequence[str],
+        credentials: Credentials | None = None,
+        timeouts: Timeouts | None = None,
+        compression: str = "auto",
     ) -> None:
+        self.compression = check_option(compression)
+        """What this client's datasources ask the server to compress with unless they say otherwise (see
+        :func:`connect`)."""
         self._connection = Connection(address, credentials, timeouts)
         self.address = self._connection.address
         """The server's address, or the replicas' (``a:1,b:2``, ``dns:///name:port``)."""
@@ -127,6 +135,7 @@ class Client:
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
         shared_memory: bool = True,
+        compression: str | None = None,
     ) -> RemoteDatasource:
         """pymia's ``PymiaDatasource(path, indexing_strategy, extractor, transform, subject_subset)``, served.
 
@@ -139,7 +148,9 @@ class Client:
         where the client has several. ``shared_memory``: on the server's host, the server writes the samples that
         ``ds[i]`` and ``get_samples`` read (the map-style torch adapter's) into this process's shared memory instead
         of sending them through gRPC (where it cannot, they come over the wire; always over the wire from several
-        replicas, whose calls may each reach another one); False: always over the wire."""
+        replicas, whose calls may each reach another one); False: always over the wire. ``compression``: "auto",
+        "none" or a codec for this datasource's tensors over the wire (default: the client's, see :func:`connect`);
+        ``ds.codec`` says which codec it resolved to, ``ds.stats`` the bytes on the wire against those delivered."""
         return RemoteDatasource(
             self._connection.reopened(timeouts),
             dataset,
@@ -150,6 +161,7 @@ class Client:
             label_compression,
             retry,
             shared_memory and not self._connection.replicated,
+            self.compression if compression is None else compression,
         )
 
     def assembler(
@@ -261,6 +273,7 @@ def connect(
     credentials: Credentials | None = None,
     timeouts: Timeouts | None = None,
     wait_for_server: bool = False,
+    compression: str = "auto",
 ) -> Client:
     """Connects to the patchwire server at ``address`` (HOST:PORT), waiting up to ``timeout`` seconds for it.
 
@@ -280,12 +293,19 @@ def connect(
     Where nothing listens, ServerUnavailable is raised at once; ``wait_for_server=True`` waits up to ``timeout``
     for a server that is still starting instead. A server that accepts connections but does not answer raises
     DeadlineExceeded after ``timeout``. ``timeouts``: deadlines of every later call and how fast a dead server is
-    detected (:class:`Timeouts`)."""
+    detected (:class:`Timeouts`).
+
+    ``compression``: how the server should compress the tensors it sends (each datasource may override it).
+    ``"auto"`` (the default): a codec the server offers (byte shuffle + LZ4 first) when the server is on another
+    host, nothing on loopback, a Unix socket or this host's own addresses, where compressing costs more CPU than the
+    bytes it saves, and nothing for samples that shared memory carries. ``"none"``: always raw. A codec name
+    (``"shuffle-lz4"``, ``"shuffle-zstd"``, ``"lz4"``): that codec wherever the wire carries the data; a server that
+    does not offer it refuses the datasource's reads (InvalidArgumentError naming the codecs it offers)."""
     if credentials is None:
         credentials = Credentials.make(token, root_certificates, client_certificate, client_key, tls)
     elif token or root_certificates or client_certificate or client_key or tls:
         raise ValueError("give either credentials or token/root_certificates/client_certificate/client_key/tls")
-    client = Client(address, credentials, timeouts)
+    client = Client(address, credentials, timeouts, compression)
     try:
         client._connection.wait_ready(timeout, wait_for_server)
     except BaseException:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from patchwire.client import _compression
 from patchwire.client import definition as defs
 from patchwire.client._connection import Connection
 from patchwire.client._decoding import DecodedBatch, decode_stream
@@ -21,7 +22,7 @@ from patchwire.client._shared_reads import SharedReads
 from patchwire.client._stats import LoaderStats, recorded
 from patchwire.client.transformation import split_transform
 from patchwire.v1 import dataset_service_pb2, spec_pb2
-from patchwire.wire import compression
+from patchwire.wire import compression as _codecs
 from patchwire.wire.batches import same_shape_and_dtype
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class RemoteDatasource:
         label_compression: str | None,
         retry: RetryPolicy | None = None,
         shared_memory: bool = True,
+        compression: str = _compression.AUTO,
     ) -> None:
         """Opens the datasource on the server (the arguments and their defaults are those of
         :meth:`patchwire.client.Client.datasource`, which builds it)."""
@@ -98,7 +100,10 @@ class RemoteDatasource:
         """Attempts repeated so far after a retriable failure (counted in this process)."""
         self.dataset = dataset
         self.label_compression = label_compression
-        self._compression = compression.compression_from_name(label_compression)
+        self._compression = _codecs.compression_from_name(label_compression)
+        self.compression = _compression.check_option(compression)
+        """What this datasource asks the server to compress with: "auto", "none" or a codec name (see
+        :attr:`codec`)."""
         self.indexing_strategy = indexing_strategy
         self.extractor = extractor
         self.transform = transform
@@ -107,6 +112,14 @@ class RemoteDatasource:
         """Samples, bytes, waits and retries of this datasource's loops (see :class:`LoaderStats`)."""
         self._shared = SharedReads(connection, shared_memory)
         self._open()
+        self._codec = _compression.resolve(self.compression, connection)
+
+    @property
+    def codec(self) -> str:
+        """The codec tensors travel with over the wire ("none" where they travel raw): :attr:`compression` resolved
+        against this server (``"auto"``: on for a server on another host that offers a codec). Reads through shared
+        memory are never compressed."""
+        return _codecs.codec_name(self._codec)
 
     def _open(self) -> None:
         spec = spec_pb2.DatasourceSpec(dataset=self.dataset)
@@ -176,12 +189,19 @@ class RemoteDatasource:
             )
             target = self._shared.target()
             if target is not None:
-                request.shared_memory.region = target.region
+                request.shared_memory.region = target.region  # (nothing crosses a link: never compressed)
+            else:
+                request.compression = self._codec
             call = self._connection.raw_stream(GET_SAMPLES)(request, timeout=self._connection.timeouts.read_s)
             ok = False
             try:
                 decoded = list(
-                    decode_stream(call, self._connection.buffers, None if target is None else target.payloads)
+                    decode_stream(
+                        call,
+                        self._connection.buffers,
+                        None if target is None else target.payloads,
+                        self.stats.add_wire_bytes,
+                    )
                 )
                 ok = True
             finally:
@@ -264,6 +284,7 @@ class RemoteDatasource:
             drop_last=drop_last,
             start_position=start_position,
             integer_compression=self._compression,
+            compression=self._codec,
         )
         if epoch_options is not None:
             epoch_options.fill(request)
@@ -282,10 +303,11 @@ class RemoteDatasource:
         batch_size = request.batch_size
         call = self._connection.raw_stream(STREAM_BATCHES)(request)
         pool = self._connection.buffers
+        on_wire = self.stats.add_wire_bytes
         decoded_messages = (
-            prefetched(lambda: decode_stream(call, pool), prefetch, call.cancel)
+            prefetched(lambda: decode_stream(call, pool, on_wire=on_wire), prefetch, call.cancel)
             if prefetch > 0
-            else decode_stream(call, pool)
+            else decode_stream(call, pool, on_wire=on_wire)
         )
         try:
             for decoded in decoded_messages:

@@ -23,15 +23,22 @@ _parse = dataset_service_pb2.GetSamplesResponse.FromString
 
 
 def decode_stream(
-    responses: Iterable[Any], pool: PayloadPool | None = None, lying: Lying | None = None
+    responses: Iterable[Any],
+    pool: PayloadPool | None = None,
+    lying: Lying | None = None,
+    on_wire: Callable[[int], None] | None = None,
 ) -> Generator[DecodedBatch, None, None]:
     """Decodes a GetSamples / DirectExtract / StreamBatches / FetchSubject response stream, batch by batch.
     Responses may be messages or their wire bytes (``Connection.raw_stream``): chunk bytes are copied straight
     into the tensor's buffer, taken from ``pool`` when given. With ``lying``, a batch whose message names offsets
     (a call that asked for shared memory) takes its payloads from there. A stream that breaks the framing raises
-    :class:`~patchwire.wire.errors.FramingError`."""
+    :class:`~patchwire.wire.errors.FramingError`. Compressed payloads are decompressed here, as their chunks
+    arrive (on the caller's thread: a stream's prefetch thread, not the consumer's). ``on_wire`` is told each
+    message's size on the wire."""
     reader = BatchReader(_parse, pool)
     for response in responses:
+        if on_wire is not None:
+            on_wire(len(response) if isinstance(response, bytes) else response.ByteSize())
         if lying is not None and isinstance(response, bytes) and chunk_data(response) is None:
             response = _parse(response)
             if response.shared_offsets:

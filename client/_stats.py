@@ -8,6 +8,10 @@ What is counted where:
   the datasource, so forked DataLoader workers add to the main process's numbers (spawned and forkserver workers
   too: the descriptor travels with the datasource while a process is being started). Bytes are the array data
   delivered (after decompression), not the wire's framing.
+- **Wire bytes** are the bytes of the messages the server sent over gRPC (protobuf framing included, gRPC's and
+  TLS's not), counted as each message arrives (a prefetching stream runs a message or two ahead of what it
+  delivered). Next to the delivered bytes they show what compression saved: ``snapshot().compression_ratio``.
+  Samples read through shared memory add only their small messages.
 - **Waits** are recorded in the process that made the datasource only. Each fetch call and each ``next`` of a
   datasource stream is one wait, unless the caller iterates through :meth:`LoaderStats.timed`: then each ``next``
   of that loop (a DataLoader, a ``tf.data`` dataset, anything) is one wait and the fetches inside it are not
@@ -56,7 +60,7 @@ _PER_DECADE = 20
 _LOWEST = -6  # 1 us: the first bucket's lower edge (waits below it land in the underflow bucket 0)
 _BUCKETS = 9 * _PER_DECADE + 2  # underflow, 1 us .. 1000 s, overflow
 # slots of the shared block (float64: integers stay exact up to 2**53)
-_SAMPLES, _BYTES, _RETRIES, _WAITS, _WAIT_SUM, _FIRST, _LAST, _WAIT_MIN, _WAIT_MAX, _HIST = range(10)
+_SAMPLES, _BYTES, _RETRIES, _WAITS, _WAIT_SUM, _FIRST, _LAST, _WAIT_MIN, _WAIT_MAX, _WIRE, _HIST = range(11)
 _SIZE = _HIST + _BUCKETS
 
 
@@ -80,6 +84,13 @@ class LoaderStatsSnapshot:
     """Median wait in seconds (NaN without waits); p90 and p99 likewise."""
     p90: float
     p99: float
+    wire_bytes: int = 0
+    """Bytes of the messages received over gRPC for those samples (compressed payloads at their compressed size)."""
+
+    @property
+    def compression_ratio(self) -> float:
+        """Delivered bytes per wire byte (1.0 without compression, more with it; NaN before any wire byte)."""
+        return self.bytes / self.wire_bytes if self.wire_bytes else math.nan
 
     @property
     def wait_fraction(self) -> float:
@@ -94,7 +105,10 @@ class LoaderStatsSnapshot:
     def summary(self) -> str:
         """One line, e.g. "waited for data 31% of 12.0 s (p50 4 ms, p90 18 ms, p99 40 ms per wait), 1,234 samples,
         456 MB, 0 retries: input-bound"."""
-        received = f"{self.samples:,} samples, {_megabytes(self.bytes)}, {self.retries:,} retries"
+        delivered = _megabytes(self.bytes)
+        if self.wire_bytes and abs(self.compression_ratio - 1) >= 0.05:
+            delivered += f" ({_megabytes(self.wire_bytes)} on the wire, {self.compression_ratio:.1f}x)"
+        received = f"{self.samples:,} samples, {delivered}, {self.retries:,} retries"
         if self.waits == 0:
             return f"{received}; no waits timed in this process (iterate through stats.timed(loader))"
         verdict = "input-bound" if self.input_bound else "compute-bound"
@@ -141,7 +155,16 @@ class LoaderStats:
         loop = float(v[_LAST] - v[_FIRST]) if math.isfinite(v[_FIRST]) else 0.0
         p50, p90, p99 = (_percentile(hist, q, v[_WAIT_MIN], v[_WAIT_MAX]) for q in (0.5, 0.9, 0.99))
         return LoaderStatsSnapshot(
-            int(v[_SAMPLES]), int(v[_BYTES]), int(v[_RETRIES]), int(v[_WAITS]), float(v[_WAIT_SUM]), loop, p50, p90, p99
+            int(v[_SAMPLES]),
+            int(v[_BYTES]),
+            int(v[_RETRIES]),
+            int(v[_WAITS]),
+            float(v[_WAIT_SUM]),
+            loop,
+            p50,
+            p90,
+            p99,
+            int(v[_WIRE]),
         )
 
     def summary(self) -> str:
@@ -162,6 +185,11 @@ class LoaderStats:
         """Counts ``count`` retried calls."""
         with self._locked():
             self._slots[_RETRIES] += count
+
+    def add_wire_bytes(self, nbytes: int) -> None:
+        """Counts ``nbytes`` received over gRPC (called by the decoding of each message)."""
+        with self._locked():
+            self._slots[_WIRE] += nbytes
 
     def timed(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yields ``iterable``'s items, timing each ``next`` as one wait for data: wrap the training loop's

@@ -1,10 +1,13 @@
-"""LZ4 for label maps: integer and bool tensors travel compressed when the client asks, everything else raw, and
-what arrives equals the file bit for bit."""
+"""Compression against real servers: what travels compressed for each codec and request field, samples that equal
+the file (and the raw stream) bit for bit for float images and label maps through GetSamples and StreamBatches,
+chunked tensors of several frames, wire bytes in the client's stats, predictions posted compressed, and negotiation
+(auto off on loopback, explicit codecs on, codecs a server does not offer refused, ``--compression none``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import h5py
@@ -12,65 +15,115 @@ import numpy as np
 import pytest
 
 import patchwire.client as pw
+from patchwire.client import _compression
 from patchwire.client import definition as defs
 from patchwire.client import extraction as extr
-from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2, tensor_pb2
+from patchwire.v1 import (
+    assembly_service_pb2,
+    assembly_service_pb2_grpc,
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
+    server_service_pb2,
+    server_service_pb2_grpc,
+    spec_pb2,
+    tensor_pb2,
+)
 from patchwire.wire import compression, framing, tensors
+from patchwire.wire.compression import Policy
 
 from _datasets import write_arrays_dataset
-from _servers import server_in_thread
+from _servers import server_in_thread, server_subprocess
 
 SHAPE = (24, 64, 48)
-LZ4 = compression.Compression.COMPRESSION_LZ4
+BIG = (48, 128, 96)  # 4.7 MB of float32 images per subject: three frames each
 RAW = compression.Compression.COMPRESSION_UNSPECIFIED
+LZ4 = compression.Compression.COMPRESSION_LZ4
+SHUFFLE_LZ4 = compression.Compression.COMPRESSION_SHUFFLE_LZ4
+SHUFFLE_ZSTD = compression.Compression.COMPRESSION_SHUFFLE_ZSTD
+CATEGORIES = ("images", "labels")
+EXTRACTOR = extr.DataExtractor(categories=CATEGORIES)
 
 
-def _blocky_labels(rng: np.random.Generator) -> np.ndarray:
+def _blocky_labels(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """A label map as segmentations look: large constant regions."""
-    labels = np.zeros(SHAPE, np.uint8)
+    labels = np.zeros(shape, np.uint8)
     for value in range(1, 5):
-        z, y, x = (int(rng.integers(0, n // 2)) for n in SHAPE)
-        labels[z : z + SHAPE[0] // 2, y : y + SHAPE[1] // 2, x : x + SHAPE[2] // 2] = value
+        z, y, x = (int(rng.integers(0, n // 2)) for n in shape)
+        labels[z : z + shape[0] // 2, y : y + shape[1] // 2, x : x + shape[2] // 2] = value
     return labels
 
 
+def _stripped(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A skull-stripped scan: intensities inside an ellipsoid, exact zeros around it."""
+    axes = np.ogrid[tuple(slice(0, n) for n in shape)]
+    inside = sum(((a - n / 2) / (n / 2.6)) ** 2 for a, n in zip(axes, shape, strict=True)) < 1
+    return (rng.normal(500, 80, shape) * inside).astype(np.float32)
+
+
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rng = np.random.default_rng(5)
-    subjects = [
+    folder = tmp_path_factory.mktemp("compression")
+    labelled = [
         {
-            "images": {"T1": rng.normal(size=SHAPE).astype(np.float32)},
-            # subject 1's labels are noise: LZ4 cannot shrink them, so they must travel raw
-            "labels": {"GT": _blocky_labels(rng) if i == 0 else rng.integers(0, 256, SHAPE, dtype=np.uint8)},
+            "images": {"T1": _stripped(rng, SHAPE), "T2": _stripped(rng, SHAPE)},
+            # subject 1's labels are noise: no codec shrinks them, so they must travel raw
+            "labels": {"GT": _blocky_labels(rng, SHAPE) if i == 0 else rng.integers(0, 256, SHAPE, dtype=np.uint8)},
         }
         for i in range(2)
     ]
-    path = write_arrays_dataset(tmp_path_factory.mktemp("labelled") / "labelled.h5", subjects)
-    with server_in_thread({"labelled": path}) as server:
-        yield server.address, path
+    big = [
+        {"images": {"T1": _stripped(rng, BIG), "T2": _stripped(rng, BIG)}, "labels": {"GT": _blocky_labels(rng, BIG)}}
+        for _ in range(2)
+    ]
+    return {
+        "labelled": write_arrays_dataset(folder / "labelled.h5", labelled),
+        "big": write_arrays_dataset(folder / "big.h5", big),
+    }
 
 
-def _batches(address: str, compression: int, subject: str) -> list[dataset_service_pb2.Batch]:
+@pytest.fixture(scope="module")
+def address(files: dict[str, Path]) -> Iterator[str]:
+    with server_in_thread(files) as server:
+        yield server.address
+
+
+def _spec(dataset: str, subject: str | None = None, indexing: Any = None) -> spec_pb2.DatasourceSpec:
     spec = spec_pb2.DatasourceSpec(
-        dataset="labelled",
-        indexing_strategy=extr.SliceIndexing()._to_proto(),
-        extractor=extr.DataExtractor(categories=("images", "labels"))._to_proto(),
-        subject_subset=spec_pb2.StringList(values=[subject]),
+        dataset=dataset,
+        indexing_strategy=(indexing or extr.SliceIndexing())._to_proto(),
+        extractor=extr.DataExtractor(categories=CATEGORIES)._to_proto(),
     )
-    request = dataset_service_pb2.StreamBatchesRequest(spec=spec, batch_size=8, integer_compression=compression)
+    if subject is not None:
+        spec.subject_subset.values.append(subject)
+    return spec
+
+
+def _batches(address: str, subject: str, integer_compression: int = RAW, codec: int = RAW) -> list[Any]:
+    """The Batch messages of a StreamBatches call, as the server sent them."""
+    request = dataset_service_pb2.StreamBatchesRequest(
+        spec=_spec("labelled", subject), batch_size=8, integer_compression=integer_compression, compression=codec
+    )
     with grpc.insecure_channel(address, options=framing.channel_options()) as channel:
         stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
         return [r.batch for r in stub.StreamBatches(request) if r.WhichOneof("payload") == "batch"]
 
 
-def _field(batch: dataset_service_pb2.Batch, key: str) -> tensor_pb2.Tensor:
+def _field(batch: Any, key: str) -> tensor_pb2.Tensor:
     (field,) = [f for f in batch.fields if f.key == key]
     return field.stacked
 
 
-def test_label_maps_travel_compressed_and_images_raw(labelled: tuple[str, Path]) -> None:
-    address, _ = labelled
-    packed, raw = _batches(address, LZ4, "S0"), _batches(address, RAW, "S0")
+def _file_arrays(path: Path, subjects: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
+    with h5py.File(path, "r") as f:
+        return [(f[f"data/images/{s}"][()], f[f"data/labels/{s}"][()]) for s in range(subjects)]
+
+
+# -- what travels compressed ------------------------------------------------------------------------------------------
+
+
+def test_integer_compression_compresses_label_maps_and_leaves_images_raw(address: str) -> None:
+    packed, raw = _batches(address, "S0", integer_compression=LZ4), _batches(address, "S0")
     assert {_field(b, "labels").compression for b in packed} == {LZ4}
     assert {_field(b, "images").compression for b in packed} == {RAW}
     assert {_field(b, "labels").compression for b in raw} == {RAW}
@@ -79,87 +132,257 @@ def test_label_maps_travel_compressed_and_images_raw(labelled: tuple[str, Path])
     assert packed_bytes * 5 < raw_bytes
 
 
-def test_incompressible_label_maps_travel_raw(labelled: tuple[str, Path]) -> None:
-    address, _ = labelled
-    assert {_field(b, "labels").compression for b in _batches(address, LZ4, "S1")} == {RAW}
+@pytest.mark.parametrize("codec", [SHUFFLE_LZ4, SHUFFLE_ZSTD])
+def test_compression_compresses_images_and_labels(address: str, codec: int) -> None:
+    """``compression`` covers float images too, and wins over ``integer_compression``."""
+    batches = _batches(address, "S0", integer_compression=LZ4, codec=codec)
+    assert {_field(b, "images").compression for b in batches} == {codec}
+    assert {_field(b, "labels").compression for b in batches} == {codec}
+    images = [_field(b, "images") for b in batches]
+    raw = sum(tensors.raw_nbytes(t) for t in images)
+    assert sum(t.chunked_nbytes or len(t.data) for t in images) * 2 < raw
 
 
-@pytest.mark.parametrize("label_compression", ["lz4", None])
-def test_samples_equal_the_file_with_and_without_compression(
-    labelled: tuple[str, Path], label_compression: str | None
+def test_incompressible_label_maps_travel_raw(address: str) -> None:
+    assert {_field(b, "labels").compression for b in _batches(address, "S1", LZ4)} == {RAW}
+    assert {_field(b, "labels").compression for b in _batches(address, "S1", codec=SHUFFLE_LZ4)} == {RAW}
+
+
+# -- what arrives -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("connect", "datasource"),
+    [
+        ({"compression": "none"}, {"label_compression": "lz4"}),
+        ({"compression": "shuffle-lz4"}, {}),
+        ({}, {"compression": "shuffle-zstd"}),
+        ({"compression": "lz4"}, {}),
+    ],
+)
+def test_streams_and_reads_equal_the_file_bit_for_bit(
+    address: str, files: dict[str, Path], connect: dict[str, str], datasource: dict[str, str]
 ) -> None:
-    address, path = labelled
-    with h5py.File(path, "r") as f:
-        files = [(f[f"data/images/{s}"][()], f[f"data/labels/{s}"][()]) for s in range(2)]
-    with pw.connect(address) as client:
-        ds = client.datasource(
-            "labelled",
-            extr.SliceIndexing(),
-            extr.DataExtractor(categories=("images", "labels")),
-            label_compression=label_compression,
+    arrays = _file_arrays(files["labelled"])
+    with pw.connect(address, **connect) as client:
+        ds = client.datasource(  # (GetSamples over the wire: shared memory would carry it on this host)
+            "labelled", extr.SliceIndexing(), extr.DataExtractor(CATEGORIES), shared_memory=False, **datasource
         )
         seen = 0
         for batch in ds.batches(batch_size=5, shuffle=True):
             for k, i in enumerate(batch[defs.KEY_SAMPLE_INDEX]):
-                images, labels = files[int(i) // SHAPE[0]]
+                images, labels = arrays[int(i) // SHAPE[0]]
                 assert np.array_equal(batch[defs.KEY_LABELS][k], labels[int(i) % SHAPE[0]])
                 assert np.array_equal(batch[defs.KEY_IMAGES][k], images[int(i) % SHAPE[0]])
-            assert batch[defs.KEY_LABELS].flags.writeable
+                assert batch[defs.KEY_IMAGES].dtype == np.float32
+            assert batch[defs.KEY_LABELS].flags.writeable and batch[defs.KEY_IMAGES].flags.writeable
             seen += len(batch[defs.KEY_SAMPLE_INDEX])
         assert seen == 2 * SHAPE[0]
-        whole = ds.get_samples([0, SHAPE[0]])
-        assert np.array_equal(whole[1][defs.KEY_LABELS], files[1][1][0])
+        whole = ds.get_samples([0, SHAPE[0] + 3])
+        assert np.array_equal(whole[0][defs.KEY_IMAGES], arrays[0][0][0])
+        assert np.array_equal(whole[1][defs.KEY_LABELS], arrays[1][1][3])
 
 
-def test_an_unknown_codec_is_invalid_argument(labelled: tuple[str, Path]) -> None:
-    address, _ = labelled
-    with pytest.raises(grpc.RpcError) as info:
-        _batches(address, 7, "S0")
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "integer_compression: unknown codec 7" in (info.value.details() or "")
+@pytest.mark.parametrize("codec", ["shuffle-lz4", "shuffle-zstd"])
+def test_compressed_streams_equal_raw_ones(address: str, codec: str) -> None:
+    """The same epoch (shuffled, seeded) raw and compressed: every array equal, dtypes and shapes too."""
+    with pw.connect(address, compression="none") as plain, pw.connect(address, compression=codec) as packed:
+        streams = [
+            c.datasource("labelled", extr.SliceIndexing(2), extr.DataExtractor(categories=CATEGORIES)).batches(
+                batch_size=3, shuffle=True, seed=4
+            )
+            for c in (plain, packed)
+        ]
+        count = 0
+        for raw, compressed in zip(*streams, strict=True):
+            assert raw.keys() == compressed.keys()
+            for key, value in raw.items():
+                assert value.dtype == compressed[key].dtype and np.array_equal(value, compressed[key]), key
+            count += 1
+        assert count == -(-2 * SHAPE[2] // 3)
 
 
-def test_a_client_rejects_an_unknown_codec_name() -> None:
-    with pytest.raises(ValueError, match="label_compression must be None or 'lz4'"):
+@pytest.mark.parametrize("codec", ["shuffle-lz4", "shuffle-zstd"])
+def test_whole_volumes_of_several_frames_arrive_exact(address: str, files: dict[str, Path], codec: str) -> None:
+    """Whole subjects (two 4.7 MB float32 volumes a sample, stacked into one 9.4 MB tensor of five frames, chunked)
+    through GetSamples and StreamBatches."""
+    arrays = _file_arrays(files["big"])
+    with pw.connect(address, compression=codec) as client:
+        ds = client.datasource(
+            "big", extr.EmptyIndexing(), extr.DataExtractor(categories=CATEGORIES), shared_memory=False
+        )
+        assert ds.codec == codec
+        samples = ds.get_samples([0, 1])
+        (batch,) = list(ds.batches(batch_size=2))
+        for s in range(2):
+            assert np.array_equal(samples[s][defs.KEY_IMAGES], arrays[s][0])
+            assert np.array_equal(batch[defs.KEY_IMAGES][s], arrays[s][0])
+            assert np.array_equal(batch[defs.KEY_LABELS][s], arrays[s][1])
+        stats = ds.stats.snapshot()
+        assert stats.bytes == 2 * sum(a.nbytes + b.nbytes for a, b in arrays)
+        assert stats.compression_ratio > 2, stats
+        assert "on the wire" in stats.summary()
+    # the raw messages: five frames of blosc2, whole frames per chunk message
+    request = dataset_service_pb2.StreamBatchesRequest(
+        spec=_spec("big", indexing=extr.EmptyIndexing()),
+        batch_size=2,
+        compression=compression.codec_from_name(codec),
+    )
+    with grpc.insecure_channel(address, options=framing.channel_options()) as channel:
+        responses = list(dataset_service_pb2_grpc.DatasetServiceStub(channel).StreamBatches(request))
+    images = _field(responses[0].batch, "images")
+    assert images.compression == compression.codec_from_name(codec)
+    assert tensors.raw_nbytes(images) == 2 * arrays[0][0].nbytes > 4 * compression.FRAME_BYTES
+    chunks = [r.chunk.data for r in responses[1:]]
+    assert sum(len(c) for c in chunks) == sum(t.chunked_nbytes for t in framing.batch_tensors(responses[0].batch))
+
+
+def test_stats_without_compression_count_the_same_bytes_on_the_wire(address: str) -> None:
+    with pw.connect(address, compression="none") as client:
+        ds = client.datasource("big", extr.EmptyIndexing(), extr.DataExtractor(categories=CATEGORIES))
+        for _ in ds.batches(batch_size=1):
+            pass
+        stats = ds.stats.snapshot()
+        assert 0.99 < stats.compression_ratio <= 1.0
+        assert "on the wire" not in stats.summary()
+
+
+# -- predictions posted compressed ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", [LZ4, SHUFFLE_LZ4, SHUFFLE_ZSTD])
+def test_predictions_posted_compressed_assemble_exactly(address: str, codec: int) -> None:
+    """Predictions posted compressed (float32 with a zero background, chunked or inline) assemble into exactly the
+    volume posted."""
+    rng = np.random.default_rng(1)
+    volume = _stripped(rng, SHAPE)[..., None]  # (z, y, x, 1) float32 with a zero background
+    with pw.connect(address, compression="none") as client:
+        ds = client.datasource("labelled", extr.SliceIndexing(), extr.DataExtractor(categories=("images",)))
+        assembler = client.assembler(ds, shared_memory=False)
+        assembler.add_batch({"predictions": volume[:1]}, np.array([0]))  # the job; the rest posted by hand below
+        job_id = assembler.job_id
+        batch = assembly_service_pb2.PredictionBatch(job_id=job_id, sample_indices=list(range(1, SHAPE[0])))
+        tensor, payload = tensors.stacked_to_tensor(list(volume[1:]), compression=Policy(codec, codec))
+        assert tensor.compression == codec  # chunked, or inline where it compresses into 64 KiB (shuffle-zstd)
+        batch.fields.add(key="predictions", stacked=tensor)
+        requests = [assembly_service_pb2.PostPredictionsRequest(batch=batch).SerializeToString()]
+        requests += list(framing.serialized_chunks(payload)) if payload is not None else []
+        with grpc.insecure_channel(address, options=framing.channel_options()) as channel:
+            post = channel.stream_stream(
+                "/patchwire.v1.AssemblyService/PostPredictions",
+                request_serializer=framing.passthrough_serializer,
+                response_deserializer=assembly_service_pb2.PostPredictionsResponse.FromString,
+            )
+            (response,) = list(post(iter(requests)))
+        assert response.accepted_samples == SHAPE[0] - 1
+        assert np.array_equal(assembler.fetch(0)[0]["predictions"], volume)
+
+
+def test_a_corrupt_compressed_post_is_invalid_argument(address: str) -> None:
+    with pw.connect(address, compression="none") as client:
+        ds = client.datasource("labelled", extr.SliceIndexing(), extr.DataExtractor(categories=("images",)))
+        assembler = client.assembler(ds, shared_memory=False)
+        assembler.add_batch({"predictions": np.zeros((1, *SHAPE[1:], 1), np.float32)}, np.array([0]))
+        batch = assembly_service_pb2.PredictionBatch(job_id=assembler.job_id, sample_indices=[1, 2, 3, 4])
+        array = _stripped(np.random.default_rng(2), (4, *SHAPE[1:], 1))
+        policy = Policy(SHUFFLE_LZ4, SHUFFLE_LZ4)
+        tensor, payload = tensors.stacked_to_tensor(list(array), inline_bytes=0, compression=policy)
+        assert payload is not None
+        batch.fields.add(key="predictions", stacked=tensor)
+        chunk = payload[0].joined()
+        broken = chunk[:3] + b"\x02" + chunk[4:]  # a typesize that is not float32's
+        requests = [
+            assembly_service_pb2.PostPredictionsRequest(batch=batch),
+            assembly_service_pb2.PostPredictionsRequest(chunk=tensor_pb2.TensorChunk(data=broken)),
+        ]
+        with grpc.insecure_channel(address, options=framing.channel_options()) as channel:
+            stub = assembly_service_pb2_grpc.AssemblyServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.PostPredictions(iter(requests)))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "typesize 2, the tensor's itemsize is 4" in (info.value.details() or "")
+
+
+# -- negotiation ------------------------------------------------------------------------------------------------------
+
+
+def _server_info(address: str) -> server_service_pb2.GetServerInfoResponse:
+    with grpc.insecure_channel(address) as channel:
+        stub = server_service_pb2_grpc.ServerServiceStub(channel)
+        info: server_service_pb2.GetServerInfoResponse = stub.GetServerInfo(server_service_pb2.GetServerInfoRequest())
+        return info
+
+
+def test_a_server_offers_every_codec_by_default_and_auto_is_off_on_loopback(address: str) -> None:
+    assert list(_server_info(address).compressions) == [LZ4, SHUFFLE_LZ4, SHUFFLE_ZSTD]
+    with pw.connect(address) as client:
+        assert client.compression == "auto"
+        ds = client.datasource("labelled", extr.SliceIndexing(), extr.DataExtractor(categories=CATEGORIES))
+        assert (ds.compression, ds.codec) == ("auto", "none")
+        for _ in ds.batches(batch_size=8):
+            pass
+        assert 0.99 < ds.stats.snapshot().compression_ratio <= 1.0
+        explicit = client.datasource("labelled", extr.SliceIndexing(), compression="shuffle-lz4")
+        assert explicit.codec == "shuffle-lz4"
+
+
+def test_auto_picks_the_first_codec_a_server_on_another_host_offers(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server answers on loopback here, so the target is taken for another host's."""
+    monkeypatch.setattr(_compression, "is_local_target", lambda target: False)
+    with pw.connect(address) as client:
+        ds = client.datasource("labelled", extr.SliceIndexing(), extr.DataExtractor(categories=CATEGORIES))
+        assert ds.codec == "shuffle-lz4"
+        assert ds.stats.snapshot().wire_bytes == 0
+        for _ in ds.batches(batch_size=8):
+            pass
+        assert ds.stats.snapshot().compression_ratio > 1.5
+
+
+def test_a_codec_the_server_does_not_offer_is_refused_naming_the_offered_ones(files: dict[str, Path]) -> None:
+    with (
+        server_in_thread(files, compressions=("lz4",)) as server,
+        pw.connect(server.address, compression="shuffle-zstd") as client,
+    ):
+        assert list(_server_info(server.address).compressions) == [LZ4]
+        ds = client.datasource("labelled", extr.SliceIndexing(), shared_memory=False)
+        with pytest.raises(pw.InvalidArgumentError, match="does not offer shuffle-zstd \\(it offers lz4\\)"):
+            ds[0]
+        with pytest.raises(pw.InvalidArgumentError, match="compression: this server does not offer shuffle-zstd"):
+            next(iter(ds.batches()))
+        # a client on another host with "auto" finds no blosc2 codec and takes the one offered
+        assert _compression.resolve("lz4", client._connection) == LZ4
+
+
+@pytest.mark.slow
+def test_a_server_started_with_compression_none_offers_none(files: dict[str, Path]) -> None:
+    with server_subprocess({"labelled": files["labelled"]}, ("--compression", "none")) as address:
+        assert list(_server_info(address).compressions) == []
+        with pw.connect(address, compression="shuffle-lz4") as client:
+            ds = client.datasource("labelled", extr.SliceIndexing(), shared_memory=False)
+            with pytest.raises(pw.InvalidArgumentError, match="it offers no compression"):
+                ds.get_samples([0])
+            labels = client.datasource("labelled", label_compression="lz4", compression="none", shared_memory=False)
+            with pytest.raises(pw.InvalidArgumentError, match="integer_compression: this server does not offer lz4"):
+                labels.get_samples([0])
+            plain = client.datasource("labelled", extr.SliceIndexing(), EXTRACTOR, compression="none")
+            assert len(plain.get_samples([0, 1])) == 2
+            # reads that shared memory carries ask for no compression: served whatever the codec
+            assert len(client.datasource("labelled", extr.SliceIndexing(), EXTRACTOR).get_samples([0, 1])) == 2
+        assert _compression.server_offers(client._connection) == ()
+
+
+def test_an_unknown_codec_is_invalid_argument(address: str) -> None:
+    for field in ("integer_compression", "compression"):
+        with pytest.raises(grpc.RpcError) as info:
+            _batches(address, "S0", **{field: 7} if field == "integer_compression" else {"codec": 7})
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{field}: unknown codec 7" in (info.value.details() or "")
+
+
+def test_a_client_rejects_unknown_compression_names() -> None:
+    with pytest.raises(ValueError, match="label_compression must be None or one of lz4"):
         pw.Client("127.0.0.1:1").datasource("x", label_compression="gzip")
-
-
-_RUNS = np.repeat(np.random.default_rng(3).integers(0, 256, 1 << 21, dtype=np.uint8), 8).reshape(64, -1)
-
-
-@pytest.mark.parametrize(
-    ("array", "compressed", "chunked"),
-    [
-        (np.zeros((300, 300), np.uint8), True, False),  # inline once compressed
-        (_RUNS, True, True),  # 16 MiB of runs: compressed, and still more than one chunk
-        (np.zeros(1000, np.uint8), False, False),  # below MIN_COMPRESS_BYTES
-        (np.zeros((300, 300), np.float32), False, True),  # not an integer dtype; above INLINE_MAX_BYTES
-        (np.ones((100, 100), np.bool_), True, False),
-        (np.zeros((300, 300), ">i4"), True, False),  # swapped to little-endian first
-    ],
-)
-def test_codec_round_trips(array: np.ndarray, compressed: bool, chunked: bool) -> None:
-    parts = list(array[:, None]) if array.ndim > 1 else [array]
-    tensor, payload = tensors.stacked_to_tensor(parts, compression=LZ4)
-    assert (tensor.compression == LZ4) is compressed
-    assert (payload is not None) is chunked
-    if payload is not None:
-        assert (tensor.chunked_nbytes < array.nbytes) is compressed
-        assembler = framing.ChunkAssembler([tensor])
-        for message in framing.serialized_chunks(payload):
-            data = framing.chunk_data(message)
-            assert data is not None
-            assembler.add(data)
-        (buffer,) = assembler.payloads()
-        out = tensors.tensor_to_array(tensor, buffer)
-    else:
-        out = tensors.tensor_to_array(tensor)
-    assert out.dtype == array.dtype.newbyteorder("<") and np.array_equal(out.reshape(array.shape), array)
-
-
-def test_a_corrupt_compressed_payload_is_a_value_error() -> None:
-    tensor, _ = tensors.array_to_tensor(np.zeros((300, 300), np.uint8), compression=LZ4)
-    assert tensor.compression == LZ4
-    tensor.data = tensor.data[: len(tensor.data) // 2]
-    with pytest.raises(ValueError, match="LZ4-compressed tensor"):
-        tensors.tensor_to_array(tensor)
+    with pytest.raises(ValueError, match="compression must be one of 'auto', 'none', 'lz4'"):
+        pw.Client("127.0.0.1:1", compression="gzip")
