@@ -20,6 +20,7 @@ from _plan import (
     Mode,
     patterns,
 )
+from _scaling import scaling_lines
 
 from patchwire.client._datasource import PREFETCH_MESSAGES
 
@@ -181,6 +182,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines += ["", *_sampling_lines(report)]
     if "link" in report:
         lines += ["", *link_lines(report["link"], mode)]
+    if "scaling" in report:
+        lines += ["", *scaling_lines(report["scaling"])]
     rss = report["rss"]
     lines.append("")
     lines.append("server peak RSS MB (VmHWM, reset per pattern):")

@@ -42,6 +42,10 @@ i. **link** (``benchmarks/_link.py``): the ceiling, streaming and assembly over 
    network namespace (shared memory off), uncompressed and compressed, on skull-stripped data; and streaming over
    plain loopback with compression off and on. Needs root and iproute2, else it is skipped and the table says why;
    ``--only link`` runs this section alone (``link.png`` beside the other outputs).
+j. **every core** (``benchmarks/_scaling.py``): aggregate streaming throughput of ``patchwire serve --workers N``
+   with N client processes (one channel each, one per worker), N = 1, 2, 4, ... up to the usable cores
+   (``PATCHWIRE_BENCH_WORKERS=1,2,4,8`` chooses; smoke mode 1 and 2); ``python benchmarks/_scaling.py --workers
+   LIST`` runs it alone.
 
 Streaming patterns run for a time budget (several epochs if one is short, a new iterator per epoch), not a fixed
 epoch count. Throughput counts the bytes of the tensors delivered (images, labels, sample indices). MB = 10^6 bytes,
@@ -77,6 +81,7 @@ from _plan import FULL, HERE, MB, SMOKE, Mode, progress
 from _plot import plot
 from _report import format_table, targets
 from _sampling import bench_sampling
+from _scaling import bench_scaling
 from _seed_loop import bench_seed_loop
 from _streaming import (
     bench_default_and_lz4,
@@ -178,6 +183,7 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
         "client_peak_mb": client_peak,
         "client_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB,
     }
+    report["scaling"] = bench_scaling(mode, data, logs)
     report["link"] = bench_link(mode, out, logs)
     report["targets"] = targets(report) + link_targets(report["link"], mode)
     return report
