@@ -175,8 +175,16 @@ class CallTable:
         self._numbered = 0
 
     def open(self, method: str, context: Any) -> Call:
+        """A new call, listed until :meth:`close`; its request id is echoed in the trailing metadata."""
+        call = self.call(method, context)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        self._open[call.stream_id] = call
+        return call
+
+    def call(self, method: str, context: Any) -> Call:
+        """A new call, not listed."""
         self._numbered += 1
-        call = Call(
+        return Call(
             stream_id=f"{self.worker_index}.{self._numbered}",
             request_id=request_id_of(context.invocation_metadata()),
             method=method,
@@ -184,9 +192,6 @@ class CallTable:
             worker_index=self.worker_index,
             started_unix=time.time(),
         )
-        context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
-        self._open[call.stream_id] = call
-        return call
 
     def close(self, call: Call) -> None:
         self._open.pop(call.stream_id, None)
@@ -321,12 +326,36 @@ def observed(handler: Callable[..., Any], method: str, table: CallTable, streami
     return unary
 
 
+def relayed(handler: Callable[..., Any], method: str, table: CallTable, streaming: bool) -> Callable[..., Any]:
+    """``handler`` on the home process's internal server, whose calls another process of the server forwards after
+    observing them itself: the call is current (what it serves is counted in the metrics, its log lines carry the
+    request id the client sent) but neither listed nor counted again."""
+    if streaming:
+
+        @functools.wraps(handler)
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            _current.set(table.call(method, context))
+            async for item in handler(request, context):
+                yield item
+
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(request: Any, context: Any) -> Any:
+        _current.set(table.call(method, context))
+        return await handler(request, context)
+
+    return unary
+
+
 class CallObserver(grpc.aio.ServerInterceptor):
     """The server interceptor that wraps every call's handler with :func:`observed` (listed first: outermost, so
-    refusals by the other interceptors and gates are observed too)."""
+    refusals by the other interceptors and gates are observed too); with ``forwarded``, on the home's internal server
+    of calls other processes forward, with :func:`relayed`."""
 
-    def __init__(self, table: CallTable) -> None:
+    def __init__(self, table: CallTable, forwarded: bool = False) -> None:
         self._table = table
+        self._wrap = relayed if forwarded else observed
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -343,7 +372,7 @@ class CallObserver(grpc.aio.ServerInterceptor):
             return known[1]
         kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
         wrapped = handler._replace(
-            **{kind: observed(getattr(handler, kind), method, self._table, handler.response_streaming)}
+            **{kind: self._wrap(getattr(handler, kind), method, self._table, handler.response_streaming)}
         )
         if len(self._wrapped) < 1024:  # (the server's methods; a bound whatever a generic handler answers to)
             self._wrapped[method] = (handler, wrapped)

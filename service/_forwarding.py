@@ -102,13 +102,16 @@ class ForwardedIdentities(Authenticator):
 
 
 async def start_home_server(
-    run_dir: Path, handlers: Sequence[grpc.GenericRpcHandler], options: Sequence[tuple[str, Any]]
+    run_dir: Path,
+    handlers: Sequence[grpc.GenericRpcHandler],
+    options: Sequence[tuple[str, Any]],
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> grpc.aio.Server:
     """The home's internal server on :func:`home_socket` (plaintext: the folder's mode is its protection), serving
-    ``handlers`` (gated by :class:`ForwardedIdentities`)."""
+    ``handlers`` (gated by :class:`ForwardedIdentities`) behind ``interceptors``."""
     path = home_socket(run_dir)
     path.unlink(missing_ok=True)  # a home that ended without stopping (killed) left it
-    server = grpc.aio.server(options=list(options))
+    server = grpc.aio.server(options=list(options), interceptors=list(interceptors) or None)
     server.add_generic_rpc_handlers(tuple(handlers))
     server.add_insecure_port(f"unix:{path}")
     await server.start()

@@ -298,6 +298,8 @@ class PatchwireServer:
                             _handlers(assembly_servicer, ASSEMBLY_SERVICE_NAME, forwarded, self.calls),
                         ),
                         [*KEEPALIVE_OPTIONS, *cfg.options],
+                        # forwarded calls were observed where they arrived: here only their samples and log context
+                        [CallObserver(self.streams, forwarded=True)],
                     )
             server.add_generic_rpc_handlers(
                 (

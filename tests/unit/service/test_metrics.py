@@ -113,8 +113,8 @@ def test_samples_and_bytes_served_are_what_was_requested(
     # the block cache: its reads, and what it holds of its capacity
     reads = grown(before, after, "patchwire_cache_hits_total") + grown(before, after, "patchwire_cache_misses_total")
     assert reads > 0
-    assert value(after, "patchwire_cache_capacity_bytes") == CACHE_BYTES
-    assert 0 < value(after, "patchwire_cache_bytes") <= CACHE_BYTES
+    assert value(after, "patchwire_cache_capacity_bytes") >= CACHE_BYTES  # (with other servers of this process)
+    assert value(after, "patchwire_cache_bytes") > 0
 
 
 def test_status_codes_and_refusals_are_counted_under_their_limit(
@@ -150,13 +150,14 @@ def test_open_streams_follow_a_stream_until_it_ends(
     request = dataset_service_pb2.StreamBatchesRequest(
         spec=slices_spec(), batch_size=4, sample_weights=[1.0] * 60, samples_per_epoch=1 << 20
     )
+    before = scrape(port)
     call = datasets.StreamBatches(request, timeout=RPC_TIMEOUT_S)
     next(call)
-    assert value(scrape(port), "patchwire_open_streams", method="StreamBatches") == 1
+    assert grown(before, scrape(port), "patchwire_open_streams", method="StreamBatches") == 1
     call.cancel()
-    eventually(lambda: value(scrape(port), "patchwire_open_streams", method="StreamBatches"), lambda v: v == 0)
+    eventually(lambda: grown(before, scrape(port), "patchwire_open_streams", method="StreamBatches"), lambda v: v == 0)
     handled = scrape(port)
-    assert value(handled, "patchwire_rpc_handled_total", method="StreamBatches", code="CANCELLED") >= 1
+    assert grown(before, handled, "patchwire_rpc_handled_total", method="StreamBatches", code="CANCELLED") == 1
 
 
 def test_assembly_jobs_subjects_and_posted_bytes(served: ThreadedServer) -> None:
@@ -183,15 +184,21 @@ def test_assembly_jobs_subjects_and_posted_bytes(served: ThreadedServer) -> None
 
 
 def test_a_stopped_server_withdraws_its_gauges_and_endpoint(tiny_h5: Path) -> None:
+    registry = _metrics.metrics().registry
+    assert registry is not None
+
+    def capacity() -> float:  # (every server of this process adds its cache's)
+        return registry.get_sample_value("patchwire_cache_capacity_bytes") or 0.0
+
+    others = capacity()
     with threaded_server({"tiny": tiny_h5}, metrics_port=0, cache_bytes=CACHE_BYTES) as handle:
         port = port_of(handle)
-        assert value(scrape(port), "patchwire_cache_capacity_bytes") == CACHE_BYTES
+        assert value(scrape(port), "patchwire_cache_capacity_bytes") == others + CACHE_BYTES
         handle.submit(handle.server.stop(0.5)).result(timeout=RPC_TIMEOUT_S)
         assert handle.server.metrics is None
         with pytest.raises(OSError):
             scrape(port)
-    registry = _metrics.metrics().registry
-    assert registry is not None and registry.get_sample_value("patchwire_cache_capacity_bytes") == 0
+    assert capacity() == others
 
 
 def test_without_a_port_there_is_no_endpoint(tiny_h5: Path) -> None:
