@@ -7,6 +7,7 @@ current one is sent, and stops building samples as soon as its call ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import threading
@@ -81,11 +82,18 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
     def _policy(self, request: Any) -> Policy:
         """The codecs a GetSamples or StreamBatches request asks for (``compression`` for every tensor, else
-        ``integer_compression`` for integer and bool ones), each one this server offers (else INVALID_ARGUMENT)."""
-        return Policy.of_request(
+        ``integer_compression`` for integer and bool ones), each one this server offers (else INVALID_ARGUMENT).
+        A message's frames are compressed on the sample threads, in parallel: one stream's messages are built one
+        at a time, so one core's compression speed would otherwise bound a stream."""
+        policy = Policy.of_request(
             self._codec(request.compression, "compression"),
             self._codec(request.integer_compression, "integer_compression"),
         )
+        if not policy.active or SAMPLE_THREADS == 1:
+            return policy
+        if self._sample_threads is None:
+            self._sample_threads = ThreadPoolExecutor(SAMPLE_THREADS, thread_name_prefix="patchwire-samples")
+        return dataclasses.replace(policy, threads=self._sample_threads)
 
     def _codec(self, value: int, field: str) -> int:
         if value == compression.NONE:

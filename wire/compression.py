@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lz4.block
@@ -191,10 +192,12 @@ def max_compressed_bytes(raw: int, codec: int = Compression.COMPRESSION_LZ4) -> 
 @dataclass(frozen=True)
 class Policy:
     """Which codec each tensor travels with: ``integer`` for integer and bool tensors, ``other`` for the rest
-    (floats); :data:`NONE` sends them raw."""
+    (floats); :data:`NONE` sends them raw. ``threads``: where the frames of one payload are compressed in parallel
+    (a server's pool; None: one after another on the calling thread)."""
 
     integer: int = NONE
     other: int = NONE
+    threads: Executor | None = field(default=None, compare=False)
 
     @classmethod
     def of_request(cls, compression: int, integer_compression: int) -> Policy:
@@ -252,7 +255,7 @@ def compress(
     if codec == NONE or nbytes < MIN_COMPRESS_BYTES:
         return None
     if framed(codec):
-        frames = Frames(list(_frames(parts, nbytes, dtype.itemsize, codec)))
+        frames = Frames(_frames(parts, dtype.itemsize, codec, policy.threads))
         return frames if frames.nbytes < nbytes else None
     if codec != Compression.COMPRESSION_LZ4:
         raise ValueError(f"unknown compression {codec}")
@@ -283,7 +286,8 @@ def _pieces(parts: Sequence[memoryview], size: int) -> Iterator[memoryview | byt
         yield pending[0] if len(pending) == 1 else b"".join(pending)
 
 
-def _frames(parts: Sequence[memoryview], nbytes: int, itemsize: int, codec: int) -> Iterator[bytes]:
+def _frames(parts: Sequence[memoryview], itemsize: int, codec: int, threads: Executor | None) -> list[bytes]:
+    """The blosc2 frames of ``parts``, compressed on ``threads`` when there are several (blosc2 releases the GIL)."""
     blosc2 = _lib()
     name, _ = _FRAMED[codec]
     cparams = {
@@ -294,9 +298,15 @@ def _frames(parts: Sequence[memoryview], nbytes: int, itemsize: int, codec: int)
         "filters_meta": [0],
         "nthreads": 1,
     }
-    for piece in _pieces(parts, FRAME_BYTES):
-        frame: bytes = blosc2.compress2(piece, **cparams)
-        yield frame
+
+    def frame(piece: memoryview | bytes) -> bytes:
+        packed: bytes = blosc2.compress2(piece, **cparams)
+        return packed
+
+    pieces = list(_pieces(parts, FRAME_BYTES))
+    if threads is None or len(pieces) < 2:
+        return [frame(piece) for piece in pieces]
+    return list(threads.map(frame, pieces))
 
 
 class FrameDecoder:
