@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 import pytest
 
-from patchwire.client import ConnectionFailed, InvalidArgumentError, RetriesExhausted, RetryPolicy
-from patchwire.client.assembly.posting import PostingWindow, Request
+from patchwire.client import ConnectionFailed, InvalidArgumentError, RetriesExhausted, RetryPolicy, ServerUnavailable
+from patchwire.client.assembly.posting import GrpcPostStream, PostingWindow, Request
 from patchwire.v1 import assembly_service_pb2 as apb
 
 FAST = RetryPolicy(budget_s=30.0, initial_backoff_s=0.001, max_backoff_s=0.001)
@@ -170,3 +170,49 @@ def test_a_rejected_batch_raises_and_the_batches_after_it_are_sent_again() -> No
 def test_window_is_checked() -> None:
     with pytest.raises(ValueError, match="window must be at least 1, got 0"):
         window_on(FakeServer(), 0)
+
+
+class _Acks:
+    """A PostPredictions call: one acknowledgement per batch request it reads."""
+
+    def __init__(self, requests: Any) -> None:
+        self._requests = requests
+
+    def __next__(self) -> apb.PostPredictionsResponse:
+        request = next(self._requests)
+        return apb.PostPredictionsResponse(accepted_samples=len(request.batch.sample_indices))
+
+    def cancel(self) -> None:
+        pass
+
+
+class _HomeAway:
+    """A connection to a job's home that is not found for its first ``away`` calls (ServerUnavailable, raised by
+    the connection itself when no replica of that name answers)."""
+
+    def __init__(self, away: int) -> None:
+        self.away = away
+        self.opened = 0
+        self.address = "replica 'r1' of dns:///x:1"
+
+    def post_predictions(self) -> Any:
+        self.opened += 1
+        if self.opened <= self.away:
+            raise ServerUnavailable(f"no replica 'r1' answers at dns:///x:1 ({self.opened})")
+        return _Acks
+
+
+def test_a_stream_that_cannot_be_opened_yet_is_retried_where_acknowledgements_are_read() -> None:
+    home = _HomeAway(away=2)
+    connection: Any = home
+    posting = PostingWindow(lambda: GrpcPostStream(connection), lambda: home.address, 1, FAST)
+    posting.post(batch(0, 1))
+    posting.post(batch(2))
+    assert home.opened == 3 and posting.accepted_samples == 3
+    assert posting.resent_batches == 2  # the first batch, once per stream that could not be opened
+    home.away, home.address = 10, "127.0.0.1:7001"
+    posting.close()
+    posting.retry = RetryPolicy(budget_s=0.0)
+    with pytest.raises(RetriesExhausted) as caught:
+        posting.post(batch(3))
+    assert caught.value.address == "127.0.0.1:7001"  # the address as it is when the retries end
