@@ -51,6 +51,7 @@ def test_smoke_run_exits_zero_and_prints_the_table(smoke_run: tuple[subprocess.C
     assert "ceiling: raw gRPC streaming" in proc.stdout
     assert "assembly context: with a state dir every batch is journalled" in proc.stdout
     assert "seed loop (DataExtractor images+labels" in proc.stdout
+    assert "link: the loopback of a network namespace limited to 10gbit" in proc.stdout or "link (10gbit" in proc.stdout
 
 
 @pytest.mark.slow
@@ -116,6 +117,20 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
     _positive(rss["client_maxrss_mb"], "client RSS")
     for section, value in rss["client_peak_mb"].items():
         _positive(value, f"client RSS {section}")
+
+    link = report["link"]  # a 10 Gbit/s link in a network namespace: measured as root, else skipped with the reason
+    if link["skipped"] is None:
+        for part in ("link", "loopback"):
+            _positive(link[part]["ceiling_gb_per_s"], f"link {part} raw gRPC")
+            for pattern in PATTERNS:
+                for codec, row in link[part]["streaming"][pattern].items():
+                    for metric in ("samples_per_s", "compression_ratio"):
+                        _positive(row[metric], f"link {part} {pattern} {codec} {metric}")
+                    assert row["server_cpu_s_per_gb"] >= 0 and row["client_cpu_s_per_gb"] >= 0  # clock ticks: may be 0
+        for case in ("slice", "patch"):
+            assert all(row["verified"] for row in link["link"]["assembly"][case].values() if isinstance(row, dict))
+    else:
+        assert isinstance(link["skipped"], str) and link["skipped"]
 
     targets = report["targets"]
     assert len(targets) >= 13
