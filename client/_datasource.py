@@ -121,6 +121,11 @@ class RemoteDatasource:
         memory are never compressed."""
         return _codecs.codec_name(self._codec)
 
+    @property
+    def wire_codec(self) -> int:
+        """:attr:`codec`'s wire value (``Tensor.compression``)."""
+        return int(self._codec)
+
     def _open(self) -> None:
         spec = spec_pb2.DatasourceSpec(dataset=self.dataset)
         if self.indexing_strategy is not None:

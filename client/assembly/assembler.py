@@ -177,7 +177,13 @@ class RemoteSubjectAssembler:
         if self._transport is None:
             registrar = Registrar(self._connection, self._retrying)
             self._transport = choose_transport(
-                self._connection, registrar, self.shared_memory, self.window, self._posting.flush
+                self._connection,
+                registrar,
+                self.shared_memory,
+                self.window,
+                self._posting.flush,
+                # predictions cross the same link as the datasource's samples: compressed where those are
+                codec=self.datasource.wire_codec,
             )
         return self._transport
 

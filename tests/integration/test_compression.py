@@ -278,6 +278,21 @@ def test_predictions_posted_compressed_assemble_exactly(address: str, codec: int
         assert np.array_equal(assembler.fetch(0)[0]["predictions"], volume)
 
 
+@pytest.mark.parametrize("codec", ["shuffle-lz4", "shuffle-zstd"])
+def test_the_assembler_posts_compressed_where_its_datasource_reads_compressed(address: str, codec: str) -> None:
+    """Over the wire with a datasource that reads compressed, predictions (float32, zero background) are posted
+    compressed; the assembled volume is exact."""
+    volume = _stripped(np.random.default_rng(3), SHAPE)[..., None]
+    with pw.connect(address, compression=codec) as client:
+        ds = client.datasource("labelled", extr.SliceIndexing(), extr.DataExtractor(categories=("images",)))
+        assembler = client.assembler(ds, shared_memory=False)
+        for start in range(0, SHAPE[0], 8):
+            assembler.add_batch(volume[start : start + 8], np.arange(start, start + 8))
+        assembler.flush()
+        assert np.array_equal(assembler.get_assembled_subject(0), volume)
+        assert assembler.transport.statistics.posted_wire_bytes * 2 < volume.nbytes
+
+
 def test_a_corrupt_compressed_post_is_invalid_argument(address: str) -> None:
     with pw.connect(address, compression="none") as client:
         ds = client.datasource("labelled", extr.SliceIndexing(), extr.DataExtractor(categories=("images",)))

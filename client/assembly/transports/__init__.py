@@ -38,12 +38,14 @@ def choose_transport(
     preference: bool | None,
     window: int,
     drain: Callable[[], None],
+    codec: int = 0,
 ) -> Transport:
     """The transport for an assembler: shared memory where a probe segment can be registered with the server (same
     host, a socket it can reach, a user id the server allows, shared memory not turned off on the server), else the
     wire. ``preference``: None tries shared memory, True requires it (ValueError with the reason where it cannot be
-    used), False keeps to the wire without probing. ``window`` and ``drain``: see :class:`PostingSegment`."""
-    wire = WireTransport(connection)
+    used), False keeps to the wire without probing. ``window`` and ``drain``: see :class:`PostingSegment`. ``codec``:
+    what the wire compresses predictions with (shared memory never does)."""
+    wire = WireTransport(connection, codec=codec)
     if preference is False:
         return wire
     required = preference is True
