@@ -233,11 +233,10 @@ class Client:
 
     def job_status(self, job_id: str, max_missing: int = 16) -> JobStatus:
         """Status of an assembly job, with per-subject progress (from its home replica, where there are several)."""
-        connection, home = self._connection, ""
+        connection = self._connection
         if connection.replicated:
             connection = HomeConnection(self._replica_directory(), self.timeouts)
             connection.place(job_id)
-            home = connection.home or ""
         try:
             with translate_rpc_errors(f"reading the status of assembly job {job_id!r} at {connection.address}"):
                 response = connection.assembly.GetJobStatus(
@@ -246,7 +245,8 @@ class Client:
         finally:
             if connection is not self._connection:
                 connection.close()
-        return dataclasses.replace(job_status(response.job, response.subjects), home=home)
+        home = connection.home if isinstance(connection, HomeConnection) else None
+        return dataclasses.replace(job_status(response.job, response.subjects), home=home or "")
 
     def close(self) -> None:
         self._connection.close()

@@ -162,11 +162,9 @@ class Target:
         return options
 
     def replica(self, address: str) -> Target:
-        """The target of one replica of this one at ``address`` (one of :meth:`resolve`'s), checked against the
-        same certificate name as the whole (for a list: each replica's own host)."""
-        if self.dns_name is None:
-            return Target((address,))
-        return Target((address,), tls_name=self.dns_name)
+        """The target of one replica of this one at ``address`` (one of :meth:`resolve`'s), its certificate checked
+        against the same name as the whole target's: the DNS name, or a list's first host."""
+        return Target((address,), tls_name=self.dns_name if self.dns_name is not None else self.tls_name)
 
 
 def parse_target(target: str | Sequence[str]) -> Target:
@@ -387,10 +385,10 @@ class HomeConnection(Connection):
     def __init__(self, replicas: Replicas, timeouts: Timeouts | None = None) -> None:
         super().__init__(replicas.target, replicas.credentials, timeouts or replicas.timeouts)
         self.replicas = replicas
+        self.job_id: str | None = None
         self.home: str | None = None
-        """The home's replica id (None until :meth:`place`)."""
+        """The home's replica id (None until the job is placed and, for an id that does not name it, hashed)."""
         self._stale = False
-        self._located = False
         self.address = f"the home of no job yet at {replicas.target}"
 
     @property
@@ -398,20 +396,21 @@ class HomeConnection(Connection):
         return False  # (one replica: its shared memory and leases are this connection's)
 
     def place(self, job_id: str) -> None:
-        """Points this connection at the home of ``job_id``."""
-        home = self.replicas.home_of(job_id)
-        if home != self.home:
+        """Points this connection at the home of ``job_id`` (found on first use)."""
+        if job_id != self.job_id:
             self.close()
-            self.home, self._located = home, False
-            self.address = f"replica {home!r} of {self.replicas.target}"
+            self.job_id, self.home = job_id, job_home(job_id)
+            self.address = f"the home of assembly job {job_id!r} at {self.replicas.target}"
 
     def _ensure(self) -> None:
         if self._pid == os.getpid() and self._channel is not None and not self._stale:
             return
-        if self.home is None:
+        if self.job_id is None:
             raise ServerUnavailable(f"{self.address}: the assembly job is not created yet")
+        if self.home is None:  # (ServerUnavailable where no replica answers yet: retried like an unreachable server)
+            self.home = self.replicas.home_of(self.job_id)
         stale, self._stale = self._stale, False
-        address = self.replicas.locate(self.home, fresh=stale or not self._located)
+        address = self.replicas.locate(self.home, fresh=stale)
         if address is None:
             raise ServerUnavailable(
                 f"no replica {self.home!r} answers at {self.replicas.target} (replicas seen: "
@@ -422,7 +421,6 @@ class HomeConnection(Connection):
                 _log.info("assembly home %r answers at %s now (was %s)", self.home, address, self.address)
             self.close()
             self.address, self.target = address, self.replicas.target.replica(address)
-        self._located = True
         super()._ensure()
 
     def _new_channel(self, options: list[tuple[str, Any]]) -> grpc.Channel:

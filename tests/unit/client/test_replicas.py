@@ -11,7 +11,7 @@ import pytest
 
 import patchwire.client as pw
 from patchwire.client._connection import Connection
-from patchwire.client._replicas import BALANCING_OPTIONS, Target, home_replica, parse_target, rendezvous
+from patchwire.client._replicas import BALANCING_OPTIONS, home_replica, parse_target, rendezvous
 from patchwire.client._retry import retriable
 
 REPLICAS = ["patchwire-0", "patchwire-1", "patchwire-2"]
@@ -44,7 +44,8 @@ def test_host_names_in_a_list_are_resolved_and_certificates_checked_against_the_
     assert target.channel_target().startswith("ipv4:127.0.0.1:7001,")  # (IPv4 where a name has both kinds)
     assert target.channel_target().endswith(",127.0.0.2:7002")
     assert ("grpc.ssl_target_name_override", "localhost") in target.channel_options(secure=True)
-    assert target.replica("localhost:7001") == Target(("localhost:7001",))  # each replica checked as itself
+    replica = target.replica("127.0.0.2:7002")  # one replica, checked against the same name
+    assert replica.channel_options(secure=True) == [("grpc.ssl_target_name_override", "localhost")]
 
 
 def test_a_dns_name_is_resolved_by_grpc_and_by_the_directory() -> None:
