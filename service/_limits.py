@@ -312,8 +312,9 @@ class DiskQuota:
 
 def check_announced(batch: Any, limits: Limits) -> None:
     """Checks what a prediction batch announces before anything is allocated for it: every tensor's dtype and
-    shape, a chunked payload size that matches its shape x dtype exactly (uncompressed) or within LZ4's bound
-    (compressed), and at most ``max_post_bytes`` in all (RESOURCE_EXHAUSTED) and ``max_indices`` samples."""
+    shape, a chunked payload size that matches its shape x dtype exactly (uncompressed) or within its codec's bound
+    (compressed: ``compression.max_compressed_bytes``), and at most ``max_post_bytes`` in all (RESOURCE_EXHAUSTED)
+    and ``max_indices`` samples."""
     if len(batch.sample_indices) > limits.max_indices:
         raise exhausted(
             f"batch.sample_indices: {len(batch.sample_indices)} samples in one batch",
@@ -337,7 +338,7 @@ def check_announced(batch: Any, limits: Limits) -> None:
                     f"batch.fields: tensor of shape {bounded(tuple(tensor.shape))} and dtype {dtype} needs {raw} "
                     f"bytes, but announces {wire} (tensor {k})"
                 )
-            if wire < 0 or wire > raw + raw // 255 + 16:  # LZ4's worst case
+            if wire < 0 or wire > compression.max_compressed_bytes(raw, tensor.compression):  # the codec's worst case
                 raise InvalidArgument(
                     f"batch.fields: tensor {k} announces {wire} compressed bytes for {raw} bytes of shape and dtype"
                 )
