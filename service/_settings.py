@@ -198,6 +198,7 @@ def settings() -> dict[str, Setting]:
     return found
 
 
+@functools.cache
 def _tables() -> dict[str, type]:
     """Nested dataclasses by their key: ``{"limits": Limits}``."""
     hints = typing.get_type_hints(ServerConfig)
