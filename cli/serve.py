@@ -50,9 +50,9 @@ def _replica_id_arg(text: str) -> str:
     from patchwire.wire.replicas import check_replica_id
 
     try:
-        return check_replica_id(text, "--replica-id")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        return check_replica_id(text)
+    except ValueError as exc:  # (argparse names the flag)
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("replica_id: ")) from None
 
 
 def _codecs_arg(text: str) -> tuple[str, ...]:
