@@ -50,6 +50,7 @@ __all__ = [
     "STABLE_S",
     "Supervisor",
     "WorkersFailed",
+    "cgroup_cpu_limit",
     "reserve_port",
     "restart_delay",
     "usable_cpus",
@@ -69,6 +70,8 @@ BACKOFF_MAX_S = 30.0
 STOP_MARGIN_S = 10.0
 """How long after the grace a worker may take to exit before it is killed."""
 _SIGNALS = {signal.SIGTERM, signal.SIGINT}
+CGROUPS = Path("/sys/fs/cgroup")
+OWN_CGROUP = Path("/proc/self/cgroup")
 _PR_SET_PDEATHSIG = 1
 _MESSAGE_MAX = 4000
 """A worker's report fits one atomic pipe write (PIPE_BUF is 4096)."""
@@ -78,16 +81,46 @@ class WorkersFailed(Exception):
     """The workers could not start; the message is the first worker's error (as the single process reports it)."""
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+def usable_cpus(cgroups: Path = CGROUPS, own: Path = OWN_CGROUP) -> int:
+    """The CPUs this process may use: those it may run on (its affinity mask, e.g. a container's cpuset), at most its
+    cgroup's CPU limit rounded down (:func:`cgroup_cpu_limit`: a Kubernetes container's CPU limit), at least 1."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroups, own)
+    return max(1, min(cpus, int(limit))) if limit is not None else cpus
+
+
+def cgroup_cpu_limit(cgroups: Path = CGROUPS, own: Path = OWN_CGROUP) -> float | None:
+    """The CPU limit (a CFS quota over its period, in CPUs) of this process's cgroup, as a container runtime sets it
+    for a CPU limit; None without one. cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``),
+    in the process's own cgroup (``own``: ``/proc/self/cgroup``) or, inside a container, at the mount's root."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        relative = path.lstrip("/")
+        if hierarchy == "0" and not controllers:  # v2: "0::/path"
+            for folder in (cgroups / relative, cgroups):
+                with contextlib.suppress(OSError, ValueError):
+                    quota, period = (folder / "cpu.max").read_text().split()
+                    return None if quota == "max" else int(quota) / int(period)
+        elif "cpu" in controllers.split(","):  # v1: "N:cpu,cpuacct:/path"
+            for folder in (cgroups / controllers / relative, cgroups / controllers, cgroups / "cpu"):
+                with contextlib.suppress(OSError, ValueError):
+                    quota = int((folder / "cpu.cfs_quota_us").read_text())
+                    period = int((folder / "cpu.cfs_period_us").read_text())
+                    return None if quota <= 0 else quota / period
+    return None
 
 
 def worker_count(workers: int, cpus: Callable[[], int] = usable_cpus) -> int:
-    """The processes ``ServerConfig.workers`` asks for: itself, or for 0 the usable CPUs up to :data:`AUTO_MAX`."""
+    """The processes ``ServerConfig.workers`` asks for: itself, or for 0 the usable CPUs (:func:`usable_cpus`) up to
+    :data:`AUTO_MAX`."""
     if workers < 0:
         raise ValueError(f"workers: 0 (one per CPU) or more, got {workers}")
     return workers if workers > 0 else max(1, min(cpus(), AUTO_MAX))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from patchwire.service import _workers
 from patchwire.service._workers import (
     AUTO_MAX,
     BACKOFF_MAX_S,
+    cgroup_cpu_limit,
     make_run_dir,
     reserve_port,
     restart_delay,
@@ -37,8 +39,8 @@ def test_a_negative_number_of_workers_is_refused() -> None:
         worker_count(-1)
 
 
-def test_usable_cpus_are_this_processs_affinity() -> None:
-    assert usable_cpus() == len(os.sched_getaffinity(0))
+def test_usable_cpus_are_this_processs_affinity_without_a_cgroup_limit(tmp_path: Path) -> None:
+    assert usable_cpus(tmp_path, tmp_path / "no-cgroup") == len(os.sched_getaffinity(0))
 
 
 def test_restarts_wait_longer_while_a_worker_keeps_failing() -> None:
@@ -114,3 +116,41 @@ def test_a_workers_report_is_one_bounded_line() -> None:
         os.close(write)
     assert data.startswith(b"error first line second line x") and data.endswith(b"\n")
     assert data.count(b"\n") == 1 and len(data) <= _workers._MESSAGE_MAX + 1
+
+
+def _cgroup(tmp_path: Path, own: str, files: dict[str, str]) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "self").write_text(own)
+    return root, tmp_path / "self"
+
+
+@pytest.mark.parametrize(
+    ("own", "files", "limit"),
+    [
+        ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/c1/cpu.max": "400000 100000\n"}, 4.0),
+        ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),  # inside a container: its own cgroup at the root
+        ("0::/x\n", {"cpu.max": "max 100000\n"}, None),
+        (
+            "3:cpu,cpuacct:/docker/abc\n",
+            {"cpu,cpuacct/cpu.cfs_quota_us": "200000", "cpu,cpuacct/cpu.cfs_period_us": "100000"},
+            2.0,
+        ),
+        ("3:cpu,cpuacct:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
+        ("0::/\n", {}, None),
+    ],
+)
+def test_a_cgroups_cpu_limit_is_read_in_cpus(
+    tmp_path: Path, own: str, files: dict[str, str], limit: float | None
+) -> None:
+    assert cgroup_cpu_limit(*_cgroup(tmp_path, own, files)) == limit
+
+
+def test_usable_cpus_are_at_most_the_cgroups_limit_rounded_down(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(*_cgroup(tmp_path, "0::/\n", {"cpu.max": f"{affinity * 100000 + 50000} 100000"})) == affinity
+    assert usable_cpus(*_cgroup(tmp_path / "a", "0::/\n", {"cpu.max": "50000 100000"})) == 1
+    assert usable_cpus(*_cgroup(tmp_path / "b", "0::/\n", {"cpu.max": "max 100000"})) == affinity
+    assert usable_cpus(tmp_path / "none", tmp_path / "missing") == affinity
