@@ -273,8 +273,9 @@ class Supervisor:
                     continue
                 kind, slot = key.data
                 if kind == "report":
-                    self._read_report(slot, announced)
-                else:
+                    if key.fd == slot.reports:  # (not one an end earlier in this batch has already read and closed)
+                        self._read_report(slot, announced)
+                elif slot.process is not None and key.fd == slot.process.sentinel:
                     self._ended(slot, announced)
             now = self._clock()
             for slot in self._slots:

@@ -51,6 +51,7 @@ def test_smoke_run_exits_zero_and_prints_the_table(smoke_run: tuple[subprocess.C
     assert "ceiling: raw gRPC streaming" in proc.stdout
     assert "assembly context: with a state dir every batch is journalled" in proc.stdout
     assert "seed loop (DataExtractor images+labels" in proc.stdout
+    assert "every core (--workers N, N clients)" in proc.stdout
     assert "link: the loopback of a network namespace limited to 10gbit" in proc.stdout or "link (10gbit" in proc.stdout
 
 
@@ -131,6 +132,14 @@ def test_smoke_json_has_every_section(smoke_run: tuple[subprocess.CompletedProce
             assert all(row["verified"] for row in link["link"]["assembly"][case].values() if isinstance(row, dict))
     else:
         assert isinstance(link["skipped"], str) and link["skipped"]
+
+    scaling = report["scaling"]  # patchwire serve --workers N with N clients: smoke mode measures N = 1 and 2
+    assert scaling["counts"] == [1, 2]
+    for pattern, rows in scaling["rows"].items():
+        assert [row["workers"] for row in rows] == [1, 2]
+        for row in rows:
+            for metric in ("samples_per_s", "gb_per_s", "speedup", "server_cores_busy", "client_cores_busy"):
+                _positive(row[metric], f"scaling {pattern} {row['workers']} workers {metric}")
 
     targets = report["targets"]
     assert len(targets) >= 13
