@@ -112,9 +112,9 @@ def cgroup_cpu_limit(cgroups: Path = CGROUPS, own: Path = OWN_CGROUP) -> float |
         elif "cpu" in controllers.split(","):  # v1: "N:cpu,cpuacct:/path"
             for folder in (cgroups / controllers / relative, cgroups / controllers, cgroups / "cpu"):
                 with contextlib.suppress(OSError, ValueError):
-                    quota = int((folder / "cpu.cfs_quota_us").read_text())
-                    period = int((folder / "cpu.cfs_period_us").read_text())
-                    return None if quota <= 0 else quota / period
+                    cfs_quota = int((folder / "cpu.cfs_quota_us").read_text())
+                    cfs_period = int((folder / "cpu.cfs_period_us").read_text())
+                    return None if cfs_quota <= 0 else cfs_quota / cfs_period
     return None
 
 
