@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import json
 import logging
 import os
@@ -244,9 +245,16 @@ def _code(context: Any) -> str:
     return "OK" if code is None else code.name
 
 
+def _yields(handler: Callable[..., Any]) -> bool:
+    """Whether ``handler`` (or the function it wraps) is an async generator: a streaming handler that yields its
+    responses, rather than one that writes them with ``context.write`` (gRPC's health Watch)."""
+    return inspect.isasyncgenfunction(handler) or inspect.isasyncgenfunction(inspect.unwrap(handler))
+
+
 def observed(handler: Callable[..., Any], method: str, table: CallTable, streaming: bool) -> Callable[..., Any]:
-    """``handler`` (taking ``(request, context)``; ``streaming``: it yields its responses) kept in ``table`` while it
-    runs, with its request id, log context, timing and status counted (see the module docstring)."""
+    """``handler`` (taking ``(request, context)``; ``streaming``: it sends a stream of responses) kept in ``table``
+    while it runs, with its request id, log context, timing and status counted (see the module docstring). A stream
+    written with ``context.write`` instead of yielded is timed as a whole."""
     name = method.rsplit("/", 1)[-1]
     m = metrics()
     handled: dict[str, Any] = {}  # status code -> its counter (made on first use: series only for codes seen)
@@ -263,17 +271,15 @@ def observed(handler: Callable[..., Any], method: str, table: CallTable, streami
         _current.set(call)  # (a cancelled stream ends on a finalizer's task: its lines still name the call)
         _log.debug("%s %s in %.3f s (%d samples, %d bytes)", name, code, elapsed, call.samples, call.bytes)
 
-    if streaming:
-        wait_seconds, work_seconds, open_streams = (
-            m.stream_wait.labels(name),
-            m.stream_work.labels(name),
-            m.open_streams.labels(name),
-        )
+    open_streams = m.open_streams.labels(name) if streaming else None
+    if streaming and _yields(handler):
+        wait_seconds, work_seconds = m.stream_wait.labels(name), m.stream_work.labels(name)
 
         @functools.wraps(handler)
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             call = table.open(method, context)
             _current.set(call)  # the call's own task and context: nothing to reset
+            assert open_streams is not None
             open_streams.inc()
             begin = mark = time.perf_counter()
             code = "UNKNOWN"
@@ -294,6 +300,7 @@ def observed(handler: Callable[..., Any], method: str, table: CallTable, streami
                 code = "CANCELLED"
                 raise
             finally:
+                assert open_streams is not None
                 open_streams.dec()
                 wait_seconds.inc(call.wait_seconds)
                 work_seconds.inc(call.work_seconds)
@@ -305,6 +312,8 @@ def observed(handler: Callable[..., Any], method: str, table: CallTable, streami
     async def unary(request: Any, context: Any) -> Any:
         call = table.open(method, context)
         _current.set(call)
+        if open_streams is not None:
+            open_streams.inc()
         begin = time.perf_counter()
         code = "UNKNOWN"
         try:
@@ -318,6 +327,8 @@ def observed(handler: Callable[..., Any], method: str, table: CallTable, streami
             code = "CANCELLED"
             raise
         finally:
+            if open_streams is not None:
+                open_streams.dec()
             call.work_seconds = time.perf_counter() - begin
             if not call.identity:
                 call.identity = current_identity().name

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from patchwire.service import _metrics
 from patchwire.service._calls import MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY, STALE_AFTER_S, CallTable, request_id_of
@@ -90,6 +91,20 @@ def test_list_streams_shows_an_open_stream_with_growing_counters(served: Threade
         assert later.work_seconds > 0 and later.wait_seconds >= 0
     finally:
         call.cancel()
+    eventually(lambda: list_streams(channel).streams, lambda streams: len(streams) == 0)
+
+
+def test_a_stream_written_with_context_write_is_observed_too(channel: grpc.Channel) -> None:
+    """gRPC's health Watch writes its responses instead of yielding them."""
+    watch = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=""), timeout=RPC_TIMEOUT_S, metadata=[(REQUEST_ID_KEY, "watch-1")]
+    )
+    try:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        (listed,) = list_streams(channel).streams
+        assert (listed.method, listed.request_id) == ("/grpc.health.v1.Health/Watch", "watch-1")
+    finally:
+        watch.cancel()
     eventually(lambda: list_streams(channel).streams, lambda streams: len(streams) == 0)
 
 
