@@ -41,9 +41,8 @@ from typing import Any
 
 from _plan import HERE, MB, Mode, patterns, progress
 
-#: The link's rate, as ``tc`` spells it, and the same in bits per second.
+#: The link's rate, as ``tc`` spells it (``bench.py --link-rate`` sets another: ``1gbit``, ``25gbit``).
 LINK_RATE = "10gbit"
-LINK_BITS_PER_S = 10e9
 #: The token-bucket filter on the namespace's loopback: a burst of 4 MB, packets wait at most 50 ms for tokens.
 TBF = ("tbf", "rate", LINK_RATE, "burst", "4mb", "latency", "50ms")
 #: Seconds each streaming loader is measured after its warm-up: the mode's budget, at most this, so that the section
@@ -482,9 +481,9 @@ def _run_child(namespace: str, plan: dict[str, Any], folder: Path) -> dict[str, 
 # ------------------------------------------------------------------------------------------------ the section
 
 
-def bench_link(mode: Mode, out: Path, logs: Path) -> dict[str, Any]:
-    """The section: the skull-stripped data, then the limited link and plain loopback, each in its own namespace;
-    ``{"skipped": reason}`` where namespaces cannot be made here."""
+def bench_link(mode: Mode, out: Path, logs: Path, rate: str = LINK_RATE) -> dict[str, Any]:
+    """The section: the skull-stripped data, then the link limited to ``rate`` and plain loopback, each in its own
+    namespace; ``{"skipped": reason}`` where namespaces cannot be made here."""
     from _data import ensure_dataset, warm_page_cache, zero_fractions
 
     reason = unavailable()
@@ -497,9 +496,8 @@ def bench_link(mode: Mode, out: Path, logs: Path) -> dict[str, Any]:
     warmup_s = LINK_WARMUP_S
     report: dict[str, Any] = {
         "skipped": None,
-        "rate": LINK_RATE,
-        "link_bits_per_s": LINK_BITS_PER_S,
-        "tbf": " ".join(TBF),
+        "rate": rate,
+        "tbf": " ".join((*TBF[:2], rate, *TBF[3:])),
         "budget_s": budget_s,
         "warmup_s": warmup_s,
         "data": {
@@ -522,9 +520,9 @@ def bench_link(mode: Mode, out: Path, logs: Path) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="patchwire-link-") as tmp:
         try:
-            for name, rate in (("link", LINK_RATE), ("loopback", None)):
-                with network_namespace(rate) as namespace:
-                    if rate is not None:
+            for name, limit in (("link", rate), ("loopback", None)):
+                with network_namespace(limit) as namespace:
+                    if limit is not None:
                         report["qdisc"] = qdisc(namespace)
                     report[name] = _run_child(namespace, plans[name], Path(tmp))
         except NamespaceError as exc:
@@ -568,9 +566,10 @@ def link_targets(link: dict[str, Any], mode: Mode) -> list[dict[str, Any]]:
     for key, rows in link["link"]["streaming"].items():
         best_key = max((k for k in rows if k != UNCOMPRESSED.key), key=lambda k: rows[k]["vs_uncompressed"])
         value = rows[best_key]["vs_uncompressed"]
+        name = f"{link['rate']} link, {labels[key]}: {_codec_label(link, best_key)} / uncompressed (samples/s)"
         out.append(
             {
-                "name": f"{LINK_RATE} link, {labels[key]}: {_codec_label(link, best_key)} / uncompressed (samples/s)",
+                "name": name,
                 "value": value,
                 "op": ">=",
                 "threshold": TARGET_VS_UNCOMPRESSED,
@@ -592,7 +591,7 @@ def _cpu(value: float | None) -> str:
 def link_lines(link: dict[str, Any], mode: Mode) -> list[str]:
     """The section's part of the printed table."""
     if link.get("skipped"):
-        return [f"link ({LINK_RATE} tbf network namespace): SKIPPED, {link['skipped']}"]
+        return [f"link (rate-limited network namespace): SKIPPED, {link['skipped']}"]
     d = link["data"]
     labels = {p.key: p.label for p in patterns(mode)}
     lines = [

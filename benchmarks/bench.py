@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/bench.py [--smoke] [--out DIR] [--budget SECONDS] [--cache-mb MB] [--only link]
+        [--link-rate RATE]
 
 Sections (each measured on the same generated pymia-format file, page cache warm):
 
@@ -41,7 +42,8 @@ h. **time to first batch** (iterator created -> first batch) and **peak RSS** of
 i. **link** (``benchmarks/_link.py``): the ceiling, streaming and assembly over a loopback limited to 10 Gbit/s in a
    network namespace (shared memory off), uncompressed and compressed, on skull-stripped data; and streaming over
    plain loopback with compression off and on. Needs root and iproute2, else it is skipped and the table says why;
-   ``--only link`` runs this section alone (``link.png`` beside the other outputs).
+   ``--only link`` runs this section alone (``link.png`` beside the other outputs), ``--link-rate 1gbit`` limits the
+   link to another rate (``tc``'s units; default 10gbit).
 j. **every core** (``benchmarks/_scaling.py``): aggregate streaming throughput of ``patchwire serve --workers N``
    with N client processes (one channel each, one per worker), N = 1, 2, 4, ... up to the usable cores
    (``PATCHWIRE_BENCH_WORKERS=1,2,4,8`` chooses; smoke mode 1 and 2); ``python benchmarks/_scaling.py --workers
@@ -75,7 +77,7 @@ from typing import Any
 from _assembly import bench_assembly, bench_durable_writes
 from _ceiling import bench_ceiling, pooled_ceiling
 from _data import ensure_dataset, warm_page_cache
-from _link import bench_link, link_lines, link_targets, plot_link
+from _link import LINK_RATE, bench_link, link_lines, link_targets, plot_link
 from _machine import machine_info, peak_rss_mb, reset_peak_rss
 from _plan import FULL, HERE, MB, SMOKE, Mode, progress
 from _plot import plot
@@ -101,7 +103,7 @@ def _jsonable(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]:
+def run(mode: Mode, out: Path, cache_mib: float | None = None, link_rate: str = LINK_RATE) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     tune_client_process()  # what patchwire's client does on connecting; the raw ceiling client needs it too
@@ -184,19 +186,19 @@ def run(mode: Mode, out: Path, cache_mib: float | None = None) -> dict[str, Any]
         "client_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB,
     }
     report["scaling"] = bench_scaling(mode, data, logs)
-    report["link"] = bench_link(mode, out, logs)
+    report["link"] = bench_link(mode, out, logs, link_rate)
     report["targets"] = targets(report) + link_targets(report["link"], mode)
     return report
 
 
-def run_link(mode: Mode, out: Path) -> dict[str, Any]:
+def run_link(mode: Mode, out: Path, link_rate: str = LINK_RATE) -> dict[str, Any]:
     """Section i alone (``--only link``)."""
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "_mode": mode,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
-        "link": bench_link(mode, out, out / "logs"),
+        "link": bench_link(mode, out, out / "logs", link_rate),
     }
     report["targets"] = link_targets(report["link"], mode)
     return report
@@ -231,12 +233,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=("link",), default=None, help="run one section alone (link: the 10 Gbit/s link section)"
     )
+    parser.add_argument(
+        "--link-rate", default=LINK_RATE, help=f"the link section's rate, as tc spells it (default {LINK_RATE})"
+    )
     args = parser.parse_args(None if argv is None else list(argv))
     mode = SMOKE if args.smoke else FULL
     if args.budget is not None:
         mode = dataclasses.replace(mode, budget_s=args.budget)
     start = time.perf_counter()
-    report = run_link(mode, args.out) if args.only == "link" else run(mode, args.out, args.cache_mb)
+    if args.only == "link":
+        report = run_link(mode, args.out, args.link_rate)
+    else:
+        report = run(mode, args.out, args.cache_mb, args.link_rate)
     report["wall_s"] = time.perf_counter() - start
     table = link_table(report) if args.only == "link" else format_table(report)
     print(table, flush=True)

@@ -106,7 +106,7 @@ def test_a_skipped_section_says_so_and_sets_no_target(monkeypatch: pytest.Monkey
     monkeypatch.setattr(_link, "unavailable", lambda: "needs root for ip netns and tc")
     link = _link.bench_link(SMOKE, tmp_path, tmp_path / "logs")
     assert link == {"skipped": "needs root for ip netns and tc"}
-    assert link_lines(link, SMOKE) == ["link (10gbit tbf network namespace): SKIPPED, needs root for ip netns and tc"]
+    assert link_lines(link, SMOKE) == ["link (rate-limited network namespace): SKIPPED, needs root for ip netns and tc"]
     assert link_targets(link, SMOKE) == []
     plot_link(link, SMOKE, tmp_path / "link.png")
     assert not (tmp_path / "link.png").exists()
