@@ -200,8 +200,11 @@ def test_graceful_stop_flips_health_to_not_serving_first(tiny_h5: Path) -> None:
         }
         for watch in watches.values():
             assert next(watch).status == SERVING
+        # reads retry while the server is unreachable (RetryPolicy): a short budget shows them give up
         client = pw.connect(handle.server.address, timeout=RPC_TIMEOUT_S)
-        ds = client.datasource("tiny", extr.EmptyIndexing(), extr.SubjectExtractor())
+        ds = client.datasource(
+            "tiny", extr.EmptyIndexing(), extr.SubjectExtractor(), retry=pw.RetryPolicy(budget_s=0.5)
+        )
         # The open Watch calls keep the server in its grace period until they are cancelled below, so health is
         # observed while the server is stopping, with no timing involved.
         stopping = handle.submit(handle.server.stop(grace=RPC_TIMEOUT_S))
@@ -344,8 +347,9 @@ def test_datasource_pickles(transformed: pw.RemoteDatasource) -> None:
 
 def test_unpickling_does_not_reopen(tiny_h5: Path) -> None:
     """A datasource unpickles without calling the server: it talks to the server on first use only."""
+    short = pw.RetryPolicy(budget_s=0.5)  # the unpickled copy's reads give up soon once the server is gone
     with threaded_server({"tiny": tiny_h5}) as handle, pw.connect(handle.server.address) as client:
-        ds = client.datasource("tiny", extr.SliceIndexing(), extr.DataExtractor())
+        ds = client.datasource("tiny", extr.SliceIndexing(), extr.DataExtractor(), retry=short)
         payload = pickle.dumps(ds)
         assert ds[3]["images"].shape == (24, 16, 2)
         ds.close()

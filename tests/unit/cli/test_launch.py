@@ -71,6 +71,8 @@ def test_serve_command_picks_a_free_port_that_later_args_override(tmp_path: Path
         "serve",
         "--port",
         "0",
+        "--workers",
+        "1",
         "--dataset",
         f"a={h5}",
         "--verify",
@@ -78,8 +80,9 @@ def test_serve_command_picks_a_free_port_that_later_args_override(tmp_path: Path
         "4242",
     ]
     args = build_parser().parse_args(command[3:])
-    assert (args.port, args.dataset, args.verify) == (4242, [("a", h5)], True)
-    assert serve_command({}, log_level="INFO")[3:] == ["--log-level", "INFO", "serve", "--port", "0"]
+    assert (args.port, args.datasets, args.verify, args.workers) == (4242, [("a", h5)], True, 1)
+    assert serve_command({}, log_level="INFO")[3:] == ["--log-level", "INFO", "serve", "--port", "0", "--workers", "1"]
+    assert build_parser().parse_args(serve_command({}, "--workers", "3")[3:]).workers == 3
 
 
 def test_the_serve_banner() -> None:
