@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 __all__ = ["CALL_FIELDS", "FORMATS", "TEXT_FORMAT", "JsonFormatter", "configure_logging"]
 
@@ -44,11 +45,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (a stream replaced since, e.g. by an embedding
+    application or a test's capture, is never written to after it was closed)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+_installed: logging.Handler | None = None
+"""The handler :func:`configure_logging` put on the root logger last."""
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
-    """Logs records from ``level`` up to stderr as ``log_format`` (``text`` or ``json``), replacing any handlers the
-    root logger had (it may be called again once a configuration file has set them)."""
+    """Logs records from ``level`` up to stderr as ``log_format`` (``text`` or ``json``); called again (once a
+    configuration file has set them) it replaces the handler it installed before, and only that one: handlers that
+    others put on the root logger (an embedding application's, a test's capture) stay."""
+    global _installed
     if log_format not in FORMATS:
         raise ValueError(f"log format: expected one of {', '.join(FORMATS)}, got {log_format!r}")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    root = logging.getLogger()
+    if _installed is not None:
+        root.removeHandler(_installed)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    _installed = handler

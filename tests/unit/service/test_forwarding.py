@@ -6,6 +6,7 @@ cancellation arrive as the home sent them."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,11 @@ def test_the_public_gate_never_reads_the_header() -> None:
 
 
 def test_relayed_metadata_drops_credentials_and_forged_identities() -> None:
+    # in a context of its own: the identity set here must not outlive the test
+    contextvars.copy_context().run(_check_relayed_metadata)
+
+
+def _check_relayed_metadata() -> None:
     serving_as(ALICE)
     context = _Context(
         [
