@@ -7,7 +7,6 @@ reopens its channel with the same credentials.
 
 from __future__ import annotations
 
-import collections
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from patchwire.client._interceptors import MetadataInterceptor
 from patchwire.client._request_ids import RequestIds
 
 __all__ = ["TOKEN_ENV", "Credentials", "PathOrBytes"]
@@ -118,38 +118,11 @@ class Credentials:
         )
 
 
-class _BearerToken(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
+class _BearerToken(MetadataInterceptor):
     """Adds ``authorization: Bearer <token>`` to every call's metadata (over TLS only: a secure channel)."""
 
     def __init__(self, token: str) -> None:
         self._metadata = ("authorization", f"Bearer {token}")
 
-    def _details(self, details: Any) -> Any:
-        metadata = [*(details.metadata or ()), self._metadata]
-        return _CallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
-        )
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-
-class _CallDetails(
-    collections.namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
-    grpc.ClientCallDetails,
-):
-    """A call's details with other metadata (gRPC's own are read-only)."""
+    def metadata(self, details: Any) -> list[tuple[str, Any]] | None:
+        return [*(details.metadata or ()), self._metadata]

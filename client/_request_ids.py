@@ -8,12 +8,11 @@ whose metadata already holds an id keeps it (a caller that chose its own).
 
 from __future__ import annotations
 
-import collections
 import logging
 import secrets
 from typing import Any
 
-import grpc
+from patchwire.client._interceptors import MetadataInterceptor
 
 __all__ = ["REQUEST_ID_KEY", "RequestIds", "new_request_id", "request_id_of"]
 
@@ -40,40 +39,14 @@ def request_id_of(error: Any) -> str | None:
     return None
 
 
-class RequestIds(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
+class RequestIds(MetadataInterceptor):
     """Adds ``x-request-id: <fresh id>`` to every call's metadata (unless it has one) and logs it at DEBUG."""
 
-    def _details(self, details: Any) -> Any:
+    def metadata(self, details: Any) -> list[tuple[str, Any]] | None:
         metadata = list(details.metadata or ())
         if any(key == REQUEST_ID_KEY for key, _ in metadata):
-            return details
+            return None
         request_id = new_request_id()
         _log.debug("%s: request id %s", details.method, request_id)
         metadata.append((REQUEST_ID_KEY, request_id))
-        return _CallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
-        )
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-
-class _CallDetails(
-    collections.namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
-    grpc.ClientCallDetails,
-):
-    """A call's details with other metadata (gRPC's own are read-only)."""
+        return metadata
