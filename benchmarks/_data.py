@@ -13,16 +13,15 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import h5py
 import numpy as np
 from _plan import DATA_VERSION, FULL, Mode
 from scipy import ndimage
 
-from patchwire.service._phantom import make_phantom_dataset, make_phantom_subject
+from patchwire.service._phantom import LazySubjects, make_phantom_dataset, make_phantom_subject
 from patchwire.service._pymia_format import SubjectRecord, write_pymia_dataset
 from patchwire.wire import definition as defs
 
@@ -56,7 +55,9 @@ def ensure_dataset(mode: Mode, out: Path, skull_stripped: bool = False) -> tuple
         tmp_path = Path(tmp.name)
     try:
         if skull_stripped:
-            write_pymia_dataset(tmp_path, _SkullStripped(mode.subjects, mode.shape))
+            # the skull-stripped phantom subjects, made on access (one in memory at a time)
+            subjects = LazySubjects(mode.subjects, lambda index: skull_strip(make_phantom_subject(index, mode.shape)))
+            write_pymia_dataset(tmp_path, subjects)
         else:
             make_phantom_dataset(tmp_path, subjects=mode.subjects, shape=mode.shape)
         tmp_path.replace(path)
@@ -81,31 +82,6 @@ def skull_strip(record: SubjectRecord) -> SubjectRecord:
     mask = ndimage.binary_fill_holes(ndimage.binary_dilation(labels > 0, iterations=MASK_MARGIN_VOXELS))
     images = {name: np.where(mask, image, image.dtype.type(0)) for name, image in record.categories["images"].items()}
     return SubjectRecord(record.name, {**record.categories, "images": images}, record.geometry, record.files)
-
-
-class _SkullStripped(Sequence[SubjectRecord]):
-    """The skull-stripped phantom subjects, generated on access (one in memory at a time while writing)."""
-
-    def __init__(self, count: int, shape: tuple[int, int, int]) -> None:
-        self._count = count
-        self._shape = shape
-
-    def __len__(self) -> int:
-        return self._count
-
-    @overload
-    def __getitem__(self, item: int) -> SubjectRecord: ...
-
-    @overload
-    def __getitem__(self, item: slice) -> list[SubjectRecord]: ...
-
-    def __getitem__(self, item: int | slice) -> SubjectRecord | list[SubjectRecord]:
-        if isinstance(item, slice):
-            return [self[i] for i in range(*item.indices(self._count))]
-        return skull_strip(make_phantom_subject(range(self._count)[item], self._shape))
-
-    def __iter__(self) -> Iterator[SubjectRecord]:
-        return (self[i] for i in range(self._count))
 
 
 def zero_fractions(path: Path) -> dict[str, Any]:

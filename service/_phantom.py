@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import overload
 
@@ -29,6 +29,7 @@ from patchwire.wire.geometry import ImageProperties
 __all__ = [
     "LABEL_NAMES",
     "PHANTOM_FILE_NAME",
+    "LazySubjects",
     "default_phantom_path",
     "ensure_phantom_dataset",
     "make_phantom_dataset",
@@ -101,7 +102,9 @@ def make_phantom_dataset(
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be 3 positive numpy sizes (z, y, x), got {shape}")
     start = time.perf_counter()
-    write_pymia_dataset(path, _PhantomSubjects(subjects, (shape[0], shape[1], shape[2]), seed))
+    write_pymia_dataset(
+        path, LazySubjects(subjects, lambda index: make_phantom_subject(index, (shape[0], shape[1], shape[2]), seed))
+    )
     logger.info(
         "wrote phantom dataset %s (%d subjects, shape %s, seed %d) in %.2f s",
         path,
@@ -128,13 +131,13 @@ def make_phantom_subject(index: int, shape: tuple[int, int, int] = DEFAULT_SHAPE
     )
 
 
-class _PhantomSubjects(Sequence[SubjectRecord]):
-    """Subjects generated on access, so only the one being written is in memory."""
+class LazySubjects(Sequence[SubjectRecord]):
+    """``count`` subjects made on access by ``make(index)`` (0-based), so that writing them with
+    :func:`~patchwire.service._pymia_format.write_pymia_dataset` holds only the one being written in memory."""
 
-    def __init__(self, count: int, shape: tuple[int, int, int], seed: int) -> None:
+    def __init__(self, count: int, make: Callable[[int], SubjectRecord]) -> None:
         self._count = count
-        self._shape = shape
-        self._seed = seed
+        self._make = make
 
     def __len__(self) -> int:
         return self._count
@@ -149,7 +152,7 @@ class _PhantomSubjects(Sequence[SubjectRecord]):
         if isinstance(item, slice):
             return [self[i] for i in range(*item.indices(self._count))]
         index = range(self._count)[item]  # normalises negatives, raises IndexError
-        return make_phantom_subject(index, self._shape, self._seed)
+        return self._make(index)
 
     def __iter__(self) -> Iterator[SubjectRecord]:
         return (self[i] for i in range(self._count))
