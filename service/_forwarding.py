@@ -179,16 +179,7 @@ class HomeLink:
                 call = unary_unary(
                     request, timeout=_timeout(context), metadata=_relayed_metadata(context), wait_for_ready=True
                 )
-                try:
-                    response = await call
-                    await _relay_start(context, call)
-                    await _relay_end(context, call)
-                except grpc.aio.AioRpcError as exc:
-                    await _relay_error(context, exc)
-                    return None
-                finally:
-                    call.cancel()  # the caller is gone (its handler cancelled): so is the forwarded call
-                return response
+                return await _relay_response(context, call)
 
             return relay_unary_unary
         if not client_streaming:
@@ -209,16 +200,7 @@ class HomeLink:
                 call = stream_unary(
                     requests, timeout=_timeout(context), metadata=_relayed_metadata(context), wait_for_ready=True
                 )
-                try:
-                    response = await call
-                    await _relay_start(context, call)
-                    await _relay_end(context, call)
-                except grpc.aio.AioRpcError as exc:
-                    await _relay_error(context, exc)
-                    return None
-                finally:
-                    call.cancel()
-                return response
+                return await _relay_response(context, call)
 
             return relay_stream_unary
         stream_stream = channel.stream_stream(method, request_serializer=_identity, response_deserializer=_identity)
@@ -253,6 +235,21 @@ class HomeLink:
                 gated, request_deserializer=_identity, response_serializer=_identity
             )
         return grpc.method_handlers_generic_handler(service_name, handlers)
+
+
+async def _relay_response(context: Any, call: Any) -> bytes | None:
+    """The single response of a forwarded call (unary or client-streaming), with its metadata and status relayed to
+    the caller; None where the home answered an error (which ``context`` then carries)."""
+    try:
+        response: bytes = await call
+        await _relay_start(context, call)
+        await _relay_end(context, call)
+    except grpc.aio.AioRpcError as exc:
+        await _relay_error(context, exc)
+        return None
+    finally:
+        call.cancel()  # the caller is gone (its handler cancelled): so is the forwarded call
+    return response
 
 
 async def _relay_stream(context: Any, call: Any) -> AsyncIterator[bytes]:
