@@ -57,6 +57,7 @@ __all__ = [
     "required_role",
     "serving_as",
     "token_digest",
+    "wrap_behaviour",
 ]
 
 READ = "read"
@@ -342,6 +343,15 @@ def guarded(
     return unary
 
 
+def wrap_behaviour(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour (the one of its four call-shape fields that is set) replaced by
+    ``wrap(behaviour)``: how a server interceptor puts code around a call it did not write."""
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+    return handler._replace(**{kind: wrap(getattr(handler, kind))})
+
+
 class ReflectionGate(grpc.aio.ServerInterceptor):
     """Server reflection only for a known identity (any role) when authentication is on; other services pass."""
 
@@ -357,5 +367,4 @@ class ReflectionGate(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith("/grpc.reflection."):
             return handler
-        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
-        return handler._replace(**{kind: guarded(getattr(handler, kind), method, self._authenticator, None)})
+        return wrap_behaviour(handler, lambda behaviour: guarded(behaviour, method, self._authenticator, None))

@@ -42,7 +42,7 @@ from typing import Any
 
 import grpc
 
-from patchwire.service._auth import current_identity
+from patchwire.service._auth import current_identity, wrap_behaviour
 from patchwire.service._metrics import metrics, pattern_of
 from patchwire.v1 import server_service_pb2 as spb
 
@@ -381,9 +381,8 @@ class CallObserver(grpc.aio.ServerInterceptor):
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
             return known[1]
-        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
-        wrapped = handler._replace(
-            **{kind: self._wrap(getattr(handler, kind), method, self._table, handler.response_streaming)}
+        wrapped = wrap_behaviour(
+            handler, lambda behaviour: self._wrap(behaviour, method, self._table, handler.response_streaming)
         )
         if len(self._wrapped) < 1024:  # (the server's methods; a bound whatever a generic handler answers to)
             self._wrapped[method] = (handler, wrapped)
