@@ -5,7 +5,6 @@ help and its default; MB flags converted to bytes."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 from collections.abc import Callable
 
@@ -77,19 +76,10 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
 
 def _field_docs() -> dict[str, str]:
     """Each field's docstring, without its flag (for --help)."""
-    import ast
+    from patchwire.service._settings import attribute_docs
 
-    source = inspect.getsource(Limits)
-    body = ast.parse(source).body[0]
-    assert isinstance(body, ast.ClassDef)
     docs: dict[str, str] = {}
-    previous: str | None = None
-    for node in body.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            previous = node.target.id
-        elif previous and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            text = " ".join(str(node.value.value).split())
-            text = re.sub(r"\s*\(--[a-z-]+\)|;\s*--[a-z-]+", "", text).rstrip(".")
-            docs[previous] = text.replace("%", "%%")
-            previous = None
+    for name, text in attribute_docs(Limits).items():
+        text = re.sub(r"\s*\(--[a-z-]+\)|;\s*--[a-z-]+", "", text).rstrip(".")
+        docs[name] = text.replace("%", "%%")
     return docs
