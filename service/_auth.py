@@ -33,11 +33,15 @@ import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from patchwire.service._errors import PermissionDenied, ServiceError, Unauthenticated, bounded
+
+if TYPE_CHECKING:  # _limits imports this module
+    from patchwire.service._limits import CallLimiter
 
 __all__ = [
     "ADMIN",
@@ -51,6 +55,7 @@ __all__ = [
     "Identity",
     "ReflectionGate",
     "current_identity",
+    "gated_handlers",
     "guarded",
     "load_auth_config",
     "parse_auth_config",
@@ -341,6 +346,40 @@ def guarded(
         return await result if inspect.isawaitable(result) else result
 
     return unary
+
+
+def gated_handlers(
+    service_name: str,
+    behaviour_of: Callable[[Any], Callable[..., Any]],
+    authenticator: Authenticator | None,
+    limiter: CallLimiter | None,
+    response_serializer: Callable[[Any], bytes],
+) -> grpc.GenericRpcHandler:
+    """Every method of ``service_name`` (a service of the default descriptor pool) as a gRPC handler of its call
+    shape whose requests arrive as wire bytes: ``behaviour_of(method descriptor)``, with ``limiter`` behind the
+    limits on concurrent calls, and before those :func:`guarded` by ``authenticator``, so the limits count by the
+    identity the gate set."""
+    service = descriptor_pool.Default().FindServiceByName(service_name)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for m in service.methods:
+        behaviour = behaviour_of(m)
+        limited = behaviour if limiter is None else limiter.guard(behaviour)
+        handlers[m.name] = make[(m.client_streaming, m.server_streaming)](
+            guarded(limited, f"/{service_name}/{m.name}", authenticator),
+            request_deserializer=_identity,
+            response_serializer=response_serializer,
+        )
+    return grpc.method_handlers_generic_handler(service_name, handlers)
+
+
+def _identity(data: bytes) -> bytes:
+    return data
 
 
 def wrap_behaviour(

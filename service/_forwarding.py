@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
 
-from patchwire.service._auth import ROLES, Authenticator, Identity, current_identity, guarded
+from patchwire.service._auth import ROLES, Authenticator, Identity, current_identity, gated_handlers
 from patchwire.service._errors import PermissionDenied, Unauthenticated
 from patchwire.service._limits import CallLimiter
 from patchwire.wire import framing
@@ -219,22 +218,13 @@ class HomeLink:
     ) -> grpc.GenericRpcHandler:
         """Every method of ``service_name`` forwarded to the home, each behind the caller's authentication and role
         gate and, with ``limiter``, this process's limits on concurrent calls (the home applies its own too)."""
-        service = descriptor_pool.Default().FindServiceByName(service_name)
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }
-        handlers = {}
-        for m in service.methods:
-            path = f"/{service_name}/{m.name}"
-            relay = self.forwarder(path, m.client_streaming, m.server_streaming)
-            gated = guarded(relay if limiter is None else limiter.guard(relay), path, auth)
-            handlers[m.name] = make[(m.client_streaming, m.server_streaming)](
-                gated, request_deserializer=_identity, response_serializer=_identity
-            )
-        return grpc.method_handlers_generic_handler(service_name, handlers)
+        return gated_handlers(
+            service_name,
+            lambda m: self.forwarder(f"/{service_name}/{m.name}", m.client_streaming, m.server_streaming),
+            auth,
+            limiter,
+            _identity,
+        )
 
 
 async def _relay_response(context: Any, call: Any) -> bytes | None:

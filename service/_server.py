@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from patchwire.service._auth import Authenticator, ReflectionGate, guarded, load_auth_config
+from patchwire.service._auth import Authenticator, ReflectionGate, gated_handlers, load_auth_config
 from patchwire.service._cache import BlockCache
 from patchwire.service._calls import CallObserver, CallTable
 from patchwire.service._dataset_service import DatasetServicer
@@ -151,14 +150,6 @@ faster would be sent away with GOAWAY); the server pings idle connections itself
 vanished (a killed host, a silent network partition) end within 40 s."""
 
 
-def _identity(data: bytes) -> bytes:
-    return data
-
-
-def _limited(handler: Callable[..., Any], limiter: CallLimiter | None) -> Callable[..., Any]:
-    return handler if limiter is None else limiter.guard(handler)
-
-
 def _handlers(
     servicer: Any, service_name: str, auth: Authenticator | None = None, limiter: CallLimiter | None = None
 ) -> grpc.GenericRpcHandler:
@@ -167,31 +158,14 @@ def _handlers(
     INVALID_ARGUMENT for bytes that do not parse): like the generated ``add_*Servicer_to_server`` otherwise.
     With ``auth`` each method first passes the authentication and role gate (``_auth.guarded``), then, with
     ``limiter``, the limits on concurrent calls (``_limits.CallLimiter``), which count by the identity the gate set;
-    only then is a request parsed."""
-    service = descriptor_pool.Default().FindServiceByName(service_name)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    handlers = {
-        m.name: make[(m.client_streaming, m.server_streaming)](
-            # requests arrive as wire bytes: bytes that do not parse get INVALID_ARGUMENT (not gRPC's UNKNOWN), and
-            # streamed chunk messages are read without protobuf's copy
-            guarded(
-                _limited(
-                    getattr(servicer, m.name) if m.client_streaming else parsed(getattr(servicer, m.name), m), limiter
-                ),
-                f"/{service_name}/{m.name}",
-                auth,
-            ),
-            request_deserializer=_identity,
-            response_serializer=framing.passthrough_serializer,
-        )
-        for m in service.methods
-    }
-    return grpc.method_handlers_generic_handler(service_name, handlers)
+    only then is a request parsed (``_auth.gated_handlers``)."""
+
+    def behaviour_of(m: Any) -> Callable[..., Any]:
+        # requests arrive as wire bytes: bytes that do not parse get INVALID_ARGUMENT (not gRPC's UNKNOWN), and
+        # streamed chunk messages are read without protobuf's copy
+        return getattr(servicer, m.name) if m.client_streaming else parsed(getattr(servicer, m.name), m)
+
+    return gated_handlers(service_name, behaviour_of, auth, limiter, framing.passthrough_serializer)
 
 
 class PatchwireServer:
