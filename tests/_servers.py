@@ -16,8 +16,18 @@ from typing import Any, TypeVar
 
 from patchwire.cli.launch import launch_server, serve_command
 from patchwire.service import PatchwireServer, ServerConfig
+from patchwire.v1 import spec_pb2
 
 T = TypeVar("T")
+
+
+def slices_spec() -> spec_pb2.DatasourceSpec:
+    """The images of the ``tiny`` dataset (conftest's ``tiny_h5``), one sample per slice along axis 0."""
+    spec = spec_pb2.DatasourceSpec(
+        dataset="tiny", extractor=spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=["images"]))
+    )
+    spec.indexing_strategy.slice.slice_axis.append(0)
+    return spec
 
 
 @dataclass(frozen=True)

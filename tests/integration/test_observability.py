@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from _metrics_scrape import scrape, value
 
 import patchwire.client as pw
 from patchwire.cli.launch import Launched, launched, serve_command
 from patchwire.client import _connection
 from patchwire.client import extraction as extr
-from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, server_service_pb2_grpc, spec_pb2
+from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, server_service_pb2_grpc
 from patchwire.v1 import server_service_pb2 as spb
 from patchwire.wire import framing
 
-from _servers import child_env
+from _checks import eventually
+from _servers import child_env, slices_spec
 
 WORKERS = 2
 TIMEOUT_S = 30
@@ -80,38 +79,6 @@ def raw_on(address: str, worker: int) -> grpc.Channel:
     return landing_on(worker, lambda: raw_channel(address), lambda c: c, lambda c: c.close())
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT_S) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def slices_spec() -> spec_pb2.DatasourceSpec:
-    spec = spec_pb2.DatasourceSpec(
-        dataset="tiny", extractor=spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=["images"]))
-    )
-    spec.indexing_strategy.slice.slice_axis.append(0)
-    return spec
-
-
-def eventually(check: Callable[[], T], ok: Callable[[T], bool], timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if ok(result):
-            return result
-        assert time.monotonic() < deadline, f"still {result!r} after {timeout:g} s"
-        time.sleep(0.05)
-
-
 def test_one_endpoint_counts_what_every_worker_served(server: tuple[Launched, int]) -> None:
     launched_server, port = server
     before = value(scrape(port), SERVED, **SLICES)
@@ -133,7 +100,9 @@ def test_one_endpoint_counts_what_every_worker_served(server: tuple[Launched, in
     finally:
         client.close()
     # workers' files are summed at every scrape: what each counted is there once it has counted it
-    eventually(lambda: value(scrape(port), SERVED, **SLICES) - before, lambda grown: grown == 2 * 60 + 3)
+    eventually(
+        lambda: value(scrape(port), SERVED, **SLICES) - before, lambda grown: grown == 2 * 60 + 3, timeout_s=30.0
+    )
     metrics = scrape(port)
     assert value(metrics, "patchwire_rpc_handled_total", method="StreamBatches", code="OK") >= 2
     assert value(metrics, "patchwire_cache_capacity_bytes") == WORKERS * (1 << 30)  # one cache per worker
@@ -161,7 +130,7 @@ def test_list_streams_answers_with_every_workers_streams(server: tuple[Launched,
                 )
                 return {s.request_id: s.worker_index for s in answer.streams if s.request_id.startswith("on-worker")}
 
-            found = eventually(listed, lambda found: len(found) == WORKERS)
+            found = eventually(listed, lambda found: len(found) == WORKERS, timeout_s=30.0)
             assert found == {f"on-worker-{w}": w for w in range(WORKERS)}
     finally:
         for call in calls:

@@ -26,23 +26,14 @@ from patchwire.v1 import (
     dataset_service_pb2_grpc,
     server_service_pb2,
     server_service_pb2_grpc,
-    spec_pb2,
 )
 from patchwire.wire import framing
 
 from _checks import eventually, expect_raw
-from _servers import ThreadedServer, threaded_server
+from _servers import ThreadedServer, slices_spec, threaded_server
 
 RPC_TIMEOUT_S = 30
 HEX16 = re.compile(r"[0-9a-f]{16}")
-
-
-def slices_spec() -> spec_pb2.DatasourceSpec:
-    spec = spec_pb2.DatasourceSpec(
-        dataset="tiny", extractor=spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=["images"]))
-    )
-    spec.indexing_strategy.slice.slice_axis.append(0)
-    return spec
 
 
 @pytest.fixture

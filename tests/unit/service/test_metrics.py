@@ -10,14 +10,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from _metrics_scrape import grown, scrape, value
 
 import patchwire.client as pw
 from patchwire.client import extraction as extr
@@ -27,40 +26,11 @@ from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
 from patchwire.wire import framing
 
 from _checks import eventually, expect_raw
-from _servers import ThreadedServer, threaded_server
+from _servers import ThreadedServer, slices_spec, threaded_server
 
 RPC_TIMEOUT_S = 30
 SLICE_BYTES = 24 * 16 * 2 * 4  # one axial slice of tiny's two float32 images
 CACHE_BYTES = 8 << 20
-
-Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Scrape:
-    """Every sample on the endpoint: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=RPC_TIMEOUT_S) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(metrics: Scrape, name: str, **labels: str) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def grown(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
-
-
-def slices_spec() -> spec_pb2.DatasourceSpec:
-    spec = spec_pb2.DatasourceSpec(
-        dataset="tiny", extractor=spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=["images"]))
-    )
-    spec.indexing_strategy.slice.slice_axis.append(0)
-    return spec
 
 
 @pytest.fixture
