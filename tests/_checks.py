@@ -1,9 +1,11 @@
 """Checks the tests share: a client error's class, status and message; a raw call's status; waiting for a condition
-without sleeping longer than needed; and a stand-in for the errors grpc raises."""
+without sleeping longer than needed; client threads whose errors fail the test; and a stand-in for the errors grpc
+raises."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -67,6 +69,34 @@ def eventually(read: Callable[[], T], ok: Callable[[T], bool], timeout_s: float 
             return value
         assert time.monotonic() < deadline, f"still {value!r} after {timeout_s} s"
         time.sleep(0.01)
+
+
+class Threads:
+    """Threads (a test's clients) whose exceptions are collected, joined with a bound: :meth:`join` fails the test
+    when one raised or is still running."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+
+    def start(self, target: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                self.errors.append(exc)
+                raise  # (its traceback printed too)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def join(self, timeout_s: float) -> None:
+        """Waits up to ``timeout_s`` for each thread; none may still run, none may have raised."""
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
+            assert not thread.is_alive(), "a client thread did not finish"
+        assert self.errors == []
 
 
 class FakeRpcError(grpc.RpcError):

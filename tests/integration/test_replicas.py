@@ -41,6 +41,7 @@ from patchwire.v1 import server_service_pb2 as spb
 from patchwire.v1 import server_service_pb2_grpc
 from patchwire.wire.replicas import job_home
 
+from _checks import Threads
 from _datasets import make_pymia_dataset
 from _servers import child_env, threaded_server
 
@@ -167,32 +168,6 @@ def _post_batches(seed: int) -> list[list[int]]:
     return [order[k : k + POST_BATCH] for k in range(0, len(order), POST_BATCH)]
 
 
-class Threads:
-    """Threads whose exceptions are collected, joined with a bound."""
-
-    def __init__(self) -> None:
-        self.errors: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
-
-    def start(self, target: Callable[[], None]) -> None:
-        def run() -> None:
-            try:
-                target()
-            except BaseException as exc:
-                self.errors.append(exc)
-                raise
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def join(self) -> None:
-        for thread in self._threads:
-            thread.join(timeout=WAIT_S * 3)
-            assert not thread.is_alive(), "a client thread did not finish"
-        assert self.errors == []
-
-
 @dataclass
 class Run:
     """What the clients of one run saw."""
@@ -262,7 +237,7 @@ def _run(
         between(resume.set)
     finally:
         resume.set()
-    threads.join()
+    threads.join(WAIT_S * 3)
     return run
 
 

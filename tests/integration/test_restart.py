@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import patchwire.client as pw
 from patchwire.client import extraction as extr
 from patchwire.client._retry import Outage
 
+from _checks import Threads
 from _servers import serve_process, threaded_server
 
 pytestmark = pytest.mark.slow
@@ -58,30 +59,6 @@ def _shares() -> list[list[list[int]]]:
     return [batches[0::2], batches[1::2]]
 
 
-class _Threads:
-    """Threads whose exceptions are collected, joined with a bound."""
-
-    def __init__(self) -> None:
-        self.errors: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
-
-    def start(self, target: Callable[[], None]) -> None:
-        def run() -> None:
-            try:
-                target()
-            except BaseException as exc:
-                self.errors.append(exc)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def join(self) -> None:
-        for thread in self._threads:
-            thread.join(timeout=WAIT_S * 3)
-            assert not thread.is_alive(), "a client thread did not finish"
-
-
 def test_posting_clients_ride_through_a_graceful_restart(tiny_h5: Path, tmp_path: Path) -> None:
     args = ("--state-dir", str(tmp_path / "state"))
     shares = _shares()
@@ -90,7 +67,7 @@ def test_posting_clients_ride_through_a_graceful_restart(tiny_h5: Path, tmp_path
     stats: dict[int, tuple[int, int, int]] = {}
     events: list[pw.AssemblyEvent] = []
     read_while_down: list[pw.JobStatus] = []
-    threads = _Threads()
+    threads = Threads()
 
     def post(address: str, c: int, window: int, shared_memory: bool | None) -> None:
         share = shares[c]
@@ -139,8 +116,7 @@ def test_posting_clients_ride_through_a_graceful_restart(tiny_h5: Path, tmp_path
         port = address.rsplit(":", 1)[1]
         with serve_process({"tiny": tiny_h5}, (*args, "--port", port)) as (_, again):
             assert again == address
-            threads.join()
-            assert threads.errors == []
+            threads.join(WAIT_S * 3)
             with pw.connect(address) as client:
                 status = client.job_status(JOB)
                 ds = client.datasource("tiny", extr.SliceIndexing())
