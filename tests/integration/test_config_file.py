@@ -15,22 +15,17 @@ from patchwire.v1 import (
     dataset_service_pb2_grpc,
     server_service_pb2,
     server_service_pb2_grpc,
-    spec_pb2,
 )
 from patchwire.wire import framing
 
 from _checks import expect_raw
-from _servers import child_env
+from _servers import child_env, slices_spec
 
 RPC_TIMEOUT_S = 30
 
 
 def _samples(stub: dataset_service_pb2_grpc.DatasetServiceStub, indices: list[int], subjects: int = 0) -> list[int]:
-    spec = spec_pb2.DatasourceSpec(
-        dataset="tiny",
-        extractor=spec_pb2.Extractor(data=spec_pb2.DataExtractor(categories=["images"])),
-        indexing_strategy=spec_pb2.IndexingStrategy(slice=spec_pb2.SliceIndexing(slice_axis=[0])),
-    )
+    spec = slices_spec()
     if subjects:
         spec.subject_subset.values.extend(f"s{i}" for i in range(subjects))
     request = dataset_service_pb2.GetSamplesRequest(spec=spec, sample_indices=indices)
