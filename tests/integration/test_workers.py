@@ -87,13 +87,22 @@ def landing_on(
     metadata: tuple[tuple[str, str], ...] = (),
 ) -> T:
     """``make()`` again until what it made is connected to ``worker`` (the kernel spreads connections over the
-    workers: one of two lands on each); ``metadata``: credentials for GetServerInfo."""
-    for _ in range(64):
+    listening workers: one of two lands on each; a worker started again listens only once it has opened its
+    datasets, so tries go on for up to a minute, also past connections reset meanwhile); ``metadata``: credentials
+    for GetServerInfo."""
+    deadline = time.monotonic() + 60.0
+    tries = 0
+    while tries < 64 or time.monotonic() < deadline:
+        tries += 1
         made = make()
-        if worker_of(channel_of(made), metadata) == worker:
-            return made
+        try:
+            if worker_of(channel_of(made), metadata) == worker:
+                return made
+        except grpc.RpcError as exc:  # a connection the kernel queued on a worker as it died is reset: try again
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
         close(made)
-    raise AssertionError(f"no connection reached worker {worker} in 64 tries")
+    raise AssertionError(f"no connection reached worker {worker} in {tries} tries over a minute")
 
 
 def raw_on(address: str, worker: int, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.Channel:
