@@ -41,6 +41,8 @@ T = TypeVar("T")
 
 RETRIABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 RETRIABLE_READ_CODES = RETRIABLE_CODES | {grpc.StatusCode.CANCELLED}
+CLOSED_HERE = "Channel closed!"
+"""The details of the CANCELLED that gRPC gives the calls still open on a channel this process closes."""
 RECONNECT_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -83,6 +85,8 @@ def retriable(exc: BaseException, read: bool = False) -> bool:
     if isinstance(exc, PatchwireError) and isinstance(exc.__cause__, grpc.RpcError):
         exc = exc.__cause__
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        if exc.code() == grpc.StatusCode.CANCELLED and exc.details() == CLOSED_HERE:
+            return False  # this process closed the channel (a datasource closed under its read-ahead): not an outage
         return exc.code() in (RETRIABLE_READ_CODES if read else RETRIABLE_CODES)
     return False
 
