@@ -19,7 +19,7 @@ from patchwire.client._prefetch import prefetched
 from patchwire.client._resume import read_with_retries, resumed_stream
 from patchwire.client._retry import RetryPolicy
 from patchwire.client._shared_reads import SharedReads
-from patchwire.client._stats import LoaderStats, recorded
+from patchwire.client._stats import LoaderStats, received, recorded
 from patchwire.client.transformation import split_transform
 from patchwire.v1 import dataset_service_pb2, spec_pb2
 from patchwire.wire import compression as _codecs
@@ -208,6 +208,8 @@ class RemoteDatasource:
                         self.stats.add_wire_bytes,
                     )
                 )
+                if target is not None:  # the payloads came raw, through shared memory: no compression to report
+                    self.stats.add_wire_bytes(sum(received(batch.samples())[1] for batch in decoded))
                 ok = True
             finally:
                 if target is not None:

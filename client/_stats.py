@@ -85,7 +85,9 @@ class LoaderStatsSnapshot:
     p90: float
     p99: float
     wire_bytes: int = 0
-    """Bytes of the messages received over gRPC for those samples (compressed payloads at their compressed size)."""
+    """Bytes of the messages received over gRPC for those samples (compressed payloads at their compressed size),
+    plus the payloads that arrived through shared memory (never compressed): ``bytes / wire_bytes`` is what
+    compression saved."""
 
     @property
     def compression_ratio(self) -> float:

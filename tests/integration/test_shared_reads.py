@@ -103,6 +103,22 @@ def test_samples_through_shared_memory_are_those_of_the_wire(
             ds.close()
 
 
+def test_reads_through_shared_memory_report_no_compression(
+    client: pw.Client, segments: _shared_reads.ReadSegments
+) -> None:
+    """The payloads came raw through shared memory: the stats count them as received as they are, so the ratio of
+    delivered to received bytes says 1 and the summary names no compression."""
+    ds = datasource(client)
+    try:
+        ds.get_samples(list(range(len(ds))))
+        assert ds.uses_shared_memory is True
+        stats = ds.stats.snapshot()
+        assert 0.99 < stats.compression_ratio <= 1.0, stats
+        assert "on the wire" not in stats.summary()
+    finally:
+        ds.close()
+
+
 def test_kept_samples_stay_valid_and_their_segment_is_reused_only_once_they_are_gone(
     client: pw.Client, segments: _shared_reads.ReadSegments
 ) -> None:
