@@ -364,11 +364,13 @@ def valid_requests() -> dict[str, list[bytes | list[bytes]]]:
         "DescribeDataset": [d.DescribeDatasetRequest(dataset="tiny")],
         "OpenDatasource": [d.OpenDatasourceRequest(spec=s) for s in specs],
         "GetSamples": [d.GetSamplesRequest(spec=s, sample_indices=[0, -1, 5]) for s in specs]
-        + [d.GetSamplesRequest(spec=specs[0], sample_indices=[1], integer_compression=1)],
+        + [d.GetSamplesRequest(spec=specs[0], sample_indices=[1], integer_compression=1)]
+        + [d.GetSamplesRequest(spec=specs[0], sample_indices=[1, 4], compression=c) for c in (2, 3)],
         "DirectExtract": [d.DirectExtractRequest(extraction=direct)],
         "StreamBatches": [
             d.StreamBatchesRequest(spec=specs[0], batch_size=7, shuffle=True, seed=5, shard_count=2, shard_index=1),
             d.StreamBatchesRequest(spec=specs[1], batch_size=3, start_position=10, drop_last=True),
+            d.StreamBatchesRequest(spec=specs[0], batch_size=5, shuffle=True, seed=2, compression=2),
             d.StreamBatchesRequest(
                 spec=specs[0],
                 batch_size=4,
