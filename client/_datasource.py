@@ -183,9 +183,12 @@ class RemoteDatasource:
         return sample
 
     @recorded
-    def get_samples(self, indices: Sequence[int], seed: int = 0, epoch: int = 0) -> list[dict[str, Any]]:
+    def get_samples(
+        self, indices: Sequence[int], seed: int = 0, epoch: int = 0, *, retry: RetryPolicy | None = None
+    ) -> list[dict[str, Any]]:
         """``[ds[i] for i in indices]`` in one call; ``seed`` and ``epoch`` seed the server's random transforms and
-        patch sampling (each sample's draws depend on them and its index only, so a call repeats exactly)."""
+        patch sampling (each sample's draws depend on them and its index only, so a call repeats exactly); ``retry``:
+        this call's retries instead of the datasource's."""
         what = f"reading samples {list(indices)[:8]}{'...' if len(indices) > 8 else ''} of dataset {self.dataset!r}"
 
         def read() -> list[DecodedBatch]:
@@ -217,7 +220,7 @@ class RemoteDatasource:
             return decoded
 
         out = []
-        for decoded in self._read(what, read):
+        for decoded in self._read(what, read, retry):
             for i, sample in zip(decoded.sample_indices, decoded.samples(), strict=True):
                 sample = _finish(sample, self._pickled, self._client_steps)
                 sample[defs.KEY_SAMPLE_INDEX] = i
@@ -255,10 +258,11 @@ class RemoteDatasource:
         )
         return [s.name for s in response.subjects]
 
-    def _read(self, what: str, call: Callable[[], T]) -> T:
-        """``call()`` with errors translated (naming the server), retried under ``self.retry``."""
+    def _read(self, what: str, call: Callable[[], T], retry: RetryPolicy | None = None) -> T:
+        """``call()`` with errors translated (naming the server), retried under ``retry`` (default ``self.retry``)."""
         address = self._connection.address
-        return read_with_retries(self.retry, address, f"{what} at {address}", call, self._count_retry)
+        policy = self.retry if retry is None else retry
+        return read_with_retries(policy, address, f"{what} at {address}", call, self._count_retry)
 
     def _count_retry(self) -> None:
         self.retries += 1

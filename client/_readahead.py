@@ -6,9 +6,11 @@ k-th batch: ``[0, 1], [4, 5], [8, 9]``), the next ones are predicted by that ste
 in one call, so the consumer finds them ready (from an empty window in jobs that grow from one batch, 1, 2, 4, ...
 batches, so that the next batch does not wait for a whole window's fetch). The window is bounded (``max_samples``
 and ``max_bytes`` of samples held ahead, estimated from the samples already received); it is refilled when half of it
-is consumed. A request that is not the predicted next one cancels the window and is fetched directly; an error of a
-fetch ahead is raised by the request that reaches the first batch of that fetch. Results are the fetch function's, in
-request order.
+is consumed. A request that is not the predicted next one cancels the window and is fetched directly. A fetch ahead
+that fails (``fetch_ahead`` should not retry: nobody waits for it yet, and a thread retrying a speculative read through
+an outage would outlive its window) cancels the window, and the request that reaches it is fetched directly with
+``fetch``, which retries as every read does and raises what it raises. Results are the fetch function's, in request
+order.
 
 An explicit prediction (``predict``, e.g. a shuffled DataLoader's order, see ``_shuffle_order``) is asked for the
 batches to come after each request that was not predicted; while it holds, its batches are fetched ahead instead of
@@ -144,9 +146,9 @@ class ReadAhead(Generic[T]):
 
     def _take(self, slot: _Slot[T]) -> list[T]:
         slot.job.done.wait()
-        if slot.job.error is not None:
+        if slot.job.error is not None:  # fetched again, directly: with the reader's retries, raising what it raises
             self._cancel()
-            raise slot.job.error
+            return self._fetch(list(slot.indices))
         out = slot.job.results[slot.k]
         slot.job.results[slot.k] = None  # the window holds only what is still ahead
         assert out is not None
@@ -212,7 +214,7 @@ class ReadAhead(Generic[T]):
                     for b in job.batches:
                         job.results.append(flat[start : start + len(b)])
                         start += len(b)
-                except BaseException as exc:  # raised by the request that reaches this job
+                except BaseException as exc:  # the request that reaches this job fetches it again, directly
                     job.error = exc
             job.done.set()
 

@@ -92,6 +92,7 @@ from patchwire.client._batch_shapes import PADDED_SHAPES, SHAPES, apply_shapes, 
 from patchwire.client._datasource import PREFETCH_MESSAGES, RemoteDatasource
 from patchwire.client._epochs import BALANCES, EpochOptions, epoch_size
 from patchwire.client._readahead import ReadAhead, sample_bytes
+from patchwire.client._retry import RetryPolicy
 from patchwire.client._shuffle_order import ShuffleOrder
 from patchwire.client._stats import LoaderStats
 from patchwire.client._stream_state import StreamState, rank_batches, rank_state, states_in
@@ -118,6 +119,10 @@ def _non_negative(value: Any, name: str) -> int:
 def _shared_epoch() -> torch.Tensor:
     """An int64 in shared memory: DataLoader workers (forked, spawned, persistent) read what the main process set."""
     return torch.zeros((), dtype=torch.int64).share_memory_()
+
+
+NO_RETRY = RetryPolicy(budget_s=0)
+"""Read-ahead fetches fail at once: a speculative read never waits out an outage (see :mod:`._readahead`)."""
 
 
 class PytorchDatasetAdapter(torch_data.Dataset[dict[str, Any]]):
@@ -188,8 +193,8 @@ class PytorchDatasetAdapter(torch_data.Dataset[dict[str, Any]]):
 
     def _ahead(self, indices: list[int], seed: int, epoch: int) -> list[dict[str, Any]]:
         """A read-ahead fetch: its samples count in the statistics, but the loop does not wait for it."""
-        with self.datasource.stats.untimed():
-            return self.datasource.get_samples(indices, seed=seed, epoch=epoch)
+        with self.datasource.stats.untimed():  # not retried: the request that reaches it reads again if it failed
+            return self.datasource.get_samples(indices, seed=seed, epoch=epoch, retry=NO_RETRY)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_window": None}  # a window and its thread belong to one process

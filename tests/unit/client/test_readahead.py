@@ -94,18 +94,35 @@ def test_a_request_off_the_pattern_cancels_the_window() -> None:
     window.stop()
 
 
-def test_an_error_ahead_is_raised_by_the_request_that_reaches_it() -> None:
+def test_a_failed_fetch_ahead_is_made_again_directly_by_the_request_that_reaches_it() -> None:
     fetch = FakeFetch()
     fetch.fail = 12
     window = primed(fetch, max_samples=4)  # two batches ahead, refilled one batch at a time
     for request in requests(6, 2, 2, 3):
         assert window.get(request) == [i * 10 for i in request]  # fetched ahead, before and after the failing one
     assert window.ahead[0] == (12, 13)
-    with pytest.raises(KeyError):
+    failed_ahead = [c for c in fetch.calls if 12 in c]
+    assert failed_ahead, "the window had tried it ahead"
+    with pytest.raises(KeyError):  # still failing: the direct fetch raises what it raises
         window.get([12, 13])
+    assert fetch.calls[-1] == [12, 13]  # ... made again, directly, for exactly that request
     assert window.ahead == []
     fetch.fail = None
     assert window.get([14, 15]) == [140, 150]  # fetched directly again
+    window.stop()
+
+
+def test_a_fetch_ahead_that_failed_once_is_served_by_the_direct_fetch() -> None:
+    """An outage during a fetch ahead (which does not retry) costs the consumer nothing once the server is back."""
+    fetch = FakeFetch()
+    fetch.fail = 12
+    window = primed(fetch, max_samples=4)
+    for request in requests(6, 2, 2, 3):
+        window.get(request)
+    assert window.ahead[0] == (12, 13)
+    fetch.fail = None  # the server is back
+    assert window.get([12, 13]) == [120, 130]
+    assert [12, 13] in fetch.calls  # the request, fetched directly (the failed fetch ahead held more)
     window.stop()
 
 

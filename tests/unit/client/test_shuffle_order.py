@@ -39,7 +39,7 @@ class FakeDatasource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.get_samples([index])[0]
 
-    def get_samples(self, indices: list[int], seed: int = 0, epoch: int = 0) -> list[dict[str, Any]]:
+    def get_samples(self, indices: list[int], seed: int = 0, epoch: int = 0, retry: Any = None) -> list[dict[str, Any]]:
         ahead = threading.current_thread().name == "patchwire-readahead"
         return [{"index": i, "values": np.full(3, i * 10, dtype=np.int64), "ahead": ahead} for i in indices]
 
