@@ -82,6 +82,7 @@ __all__ = [
     "framed",
     "max_compressed_bytes",
     "offer_from_text",
+    "piece_views",
 ]
 
 Compression = tensor_pb2.Compression
@@ -266,9 +267,9 @@ def compress(
     return packed
 
 
-def _pieces(parts: Sequence[memoryview], size: int) -> Iterator[memoryview | bytes]:
-    """The bytes of ``parts`` in pieces of ``size`` (the last one the rest): views where a piece lies in one part,
-    joined copies where it spans parts."""
+def piece_views(parts: Sequence[memoryview], size: int) -> Iterator[list[memoryview]]:
+    """The bytes of ``parts`` cut into pieces of ``size`` (the last one the rest), each piece as the byte views of
+    the parts it spans (nothing copied): the one way a payload is cut, into compression frames or chunk messages."""
     pending: list[memoryview] = []
     have = 0
     for part in parts:
@@ -280,10 +281,17 @@ def _pieces(parts: Sequence[memoryview], size: int) -> Iterator[memoryview | byt
             have += take
             offset += take
             if have == size:
-                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                yield pending
                 pending, have = [], 0
     if have:
-        yield pending[0] if len(pending) == 1 else b"".join(pending)
+        yield pending
+
+
+def _pieces(parts: Sequence[memoryview], size: int) -> Iterator[memoryview | bytes]:
+    """The bytes of ``parts`` in pieces of ``size``: views where a piece lies in one part, joined copies where it
+    spans parts."""
+    for views in piece_views(parts, size):
+        yield views[0] if len(views) == 1 else b"".join(views)
 
 
 def _frames(parts: Sequence[memoryview], itemsize: int, codec: int, threads: Executor | None) -> list[bytes]:

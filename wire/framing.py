@@ -130,20 +130,8 @@ def serialized_chunks(
         if isinstance(payload, bytes | memoryview)
         else cast("list[memoryview]", list(payload))
     )
-    pieces: list[memoryview] = []
-    size = 0
-    for part in parts:
-        offset = 0
-        while offset < len(part):
-            take = min(chunk_bytes - size, len(part) - offset)
-            pieces.append(part[offset : offset + take])
-            size += take
-            offset += take
-            if size == chunk_bytes:
-                yield _chunk_message(pieces, size)
-                pieces, size = [], 0
-    if size:
-        yield _chunk_message(pieces, size)
+    for pieces in compression.piece_views(parts, chunk_bytes):
+        yield _chunk_message(pieces, sum(len(p) for p in pieces))
 
 
 def _chunk_message(pieces: list[memoryview], size: int) -> bytes:
