@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from patchwire.cli._flags import add_credential_flags
+from patchwire.cli._interrupt import Interrupt
 
 if TYPE_CHECKING:
     from patchwire.client import Client, JobStatus, SubjectProgress
@@ -172,7 +172,7 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         return 2
     redraw = args.watch and out.isatty()
     try:
-        with connect(str(target), timeout=args.timeout, credentials=credentials) as client:
+        with Interrupt() as stop, connect(str(target), timeout=args.timeout, credentials=credentials) as client:
             first = True
             while True:
                 text, finished = _snapshot(client, args.job)
@@ -185,7 +185,8 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
                 first = False
                 if not args.watch or finished:
                     return 0
-                time.sleep(args.interval)
+                if stop.wait(args.interval):
+                    return 130
     except PatchwireError as exc:
         print(f"patchwire status: {exc}", file=err)
         return 1

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from patchwire.cli._flags import add_credential_flags
+from patchwire.cli._interrupt import Interrupt
 
 if TYPE_CHECKING:
     from patchwire.v1.server_service_pb2 import ListStreamsResponse
@@ -317,16 +318,19 @@ def run_top(
         if args.once:
             out.write(format_view(poll()) + "\n")
             return 0
-        if out.isatty():
-            _live(poll, args.interval, out)
-        else:
-            first = True
-            while True:
-                text = format_view(poll())
-                out.write(("" if first else "\n") + text + "\n")
-                out.flush()
-                first = False
-                time.sleep(args.interval)
+        with Interrupt() as stop:
+            if out.isatty():
+                _live(poll, args.interval, out, stop)
+            else:
+                first = True
+                while True:
+                    text = format_view(poll())
+                    out.write(("" if first else "\n") + text + "\n")
+                    out.flush()
+                    first = False
+                    if stop.wait(args.interval):
+                        break
+        return 130
     except PatchwireError as exc:
         print(f"patchwire top: {exc}", file=err)
         return 1
@@ -337,10 +341,9 @@ def run_top(
         return 130
     finally:
         connection.close()
-    return 0
 
 
-def _live(poll: Any, interval: float, out: TextIO) -> None:
+def _live(poll: Any, interval: float, out: TextIO, stop: Interrupt) -> None:
     """Redraws the view in place until Ctrl-C (rich's Live; without rich, the screen is cleared between views)."""
     try:
         from rich.console import Console
@@ -349,9 +352,9 @@ def _live(poll: Any, interval: float, out: TextIO) -> None:
         while True:
             out.write(_CLEAR + format_view(poll()) + "\n")
             out.flush()
-            time.sleep(interval)
+            if stop.wait(interval):
+                return
     console = Console(file=out)
     with Live(_rich_view(poll()), console=console, auto_refresh=False, screen=False) as live:
-        while True:
-            time.sleep(interval)
+        while not stop.wait(interval):
             live.update(_rich_view(poll()), refresh=True)
