@@ -17,7 +17,7 @@ import numpy as np
 
 from patchwire.v1 import dataset_service_pb2, tensor_pb2, values_pb2
 from patchwire.wire import framing, tensors
-from patchwire.wire.compression import RAW, Policy
+from patchwire.wire.compression import RAW, Packed, Policy
 from patchwire.wire.errors import EncodingError, WireError
 from patchwire.wire.geometry import ImageProperties
 from patchwire.wire.indexexpression import IndexExpression
@@ -35,11 +35,14 @@ __all__ = [
 
 
 def same_shape_and_dtype(values: Sequence[Any]) -> bool:
-    """Whether ``values`` are numeric numpy arrays of one shape and dtype: what is stacked into one tensor."""
+    """Whether ``values`` are numeric numpy arrays (or arrays already :class:`Packed`) of one shape and dtype: what
+    is stacked into one tensor."""
     first = values[0]
-    if not isinstance(first, np.ndarray) or first.dtype == object:
+    if not isinstance(first, np.ndarray | Packed) or first.dtype == object:
         return False
-    return all(isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values[1:])
+    return all(
+        isinstance(v, np.ndarray | Packed) and v.shape == first.shape and v.dtype == first.dtype for v in values[1:]
+    )
 
 
 # -- encoding ---------------------------------------------------------------------------------------------------------
@@ -82,7 +85,7 @@ def _nested_strings(value: list[Any]) -> tensor_pb2.StringArray:
 
 def encode_value(value: Any, key: str, payloads: list[Any], compression: Policy | int) -> values_pb2.Value:
     """One per-sample value; a chunked tensor's payload is appended to ``payloads``."""
-    if isinstance(value, np.ndarray) and value.dtype != object:
+    if isinstance(value, Packed) or (isinstance(value, np.ndarray) and value.dtype != object):
         tensor, payload = tensors.array_to_tensor(value, compression=compression)
         if payload is not None:
             payloads.append(payload)
@@ -146,7 +149,7 @@ def encode_batch(
             field.per_sample.SetInParent()
             for v in values:
                 field.per_sample.values.append(encode_value(v, key, payloads, compression))
-    raw = sum(v.nbytes for s in samples for v in s.values() if isinstance(v, np.ndarray))
+    raw = sum(v.nbytes for s in samples for v in s.values() if isinstance(v, np.ndarray | Packed))
     return Encoded(batch, payloads, batch.ByteSize() + raw if _compressed(batch) else None)
 
 

@@ -6,12 +6,16 @@ Codecs (``Tensor.compression``, named as clients and ``patchwire serve --compres
 - ``lz4`` (``COMPRESSION_LZ4``): one LZ4 block over the whole payload. The original label-map codec
   (``integer_compression``); without a shuffle it does little for floats.
 - ``shuffle-lz4`` (``COMPRESSION_SHUFFLE_LZ4``) and ``shuffle-zstd`` (``COMPRESSION_SHUFFLE_ZSTD``): *blosc2 frames*.
-  The raw payload is cut into pieces of :data:`FRAME_BYTES` (the last one holds the rest), and each piece is one
-  blosc2 chunk, here called a frame: byte shuffle with typesize = the dtype's itemsize (the bytes of equal
-  significance of all elements side by side: the exponents of float32 intensities, the zero high bytes of small
-  integers), then LZ4 or Zstandard. Frames follow one another in the payload; every TensorChunk message of a chunked
-  payload holds whole frames, so a receiver decompresses each message straight into the tensor's buffer as it
-  arrives, and only ever holds the decompressed tensor.
+  The raw payload is cut into pieces of at most :data:`FRAME_BYTES`, and each piece is one blosc2 chunk, here
+  called a frame: byte shuffle with typesize = the dtype's itemsize (the bytes of equal significance of all elements
+  side by side: the exponents of float32 intensities, the zero high bytes of small integers), then LZ4 or
+  Zstandard. Frames follow one another in the payload; every TensorChunk message of a chunked payload holds whole
+  frames, so a receiver decompresses each message straight into the tensor's buffer as it arrives, and only ever
+  holds the decompressed tensor. Where a frame ends is the sender's choice within the rules that
+  :class:`FrameDecoder` checks: at most :data:`FRAME_BYTES` raw bytes, whole elements, and at least
+  :data:`MIN_FRAME_BYTES` except for the payload's last frame. This sender cuts a stacked tensor at its samples
+  where they are that large (:func:`frame_pieces`): a sample's frames then do not depend on the batch it travels
+  in, so a server can keep samples compressed (:class:`Packed`) and send them again without compressing them.
 
 Measured on a 181x217x181 phantom subject, one core, 2 MiB frames (compression ratio, compress / decompress speed
 in GB/s of raw bytes):
@@ -35,7 +39,8 @@ tensors under :data:`MIN_COMPRESS_BYTES`, and tensors that do not get smaller (n
 Safety. A compressed payload never decides how much memory its receiver allocates: the buffer is the tensor's
 shape x dtype, bounded by the receiver's limits before anything is allocated. A payload may announce at most
 :func:`max_compressed_bytes` for that size. Before a frame is decompressed its header is checked
-(:class:`FrameDecoder`): whole frame present, raw size exactly the next piece's, typesize the dtype's itemsize,
+(:class:`FrameDecoder`): whole frame present, its raw size within the frame rules and the bytes left, typesize the
+dtype's itemsize,
 the announced codec, byte shuffle only, no dictionary, no lazy or user-defined parts, no "uninitialised" special
 value (which would hand out whatever the buffer held before); blosc2 then decompresses exactly that piece into the
 tensor's buffer, and the frames together must fill it exactly. Any violation is a :class:`WireError`.
@@ -48,11 +53,12 @@ else; each call uses one thread (the callers bring their own). blosc2 is importe
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import lz4.block
 import numpy as np
@@ -65,6 +71,7 @@ __all__ = [
     "COMPRESSIBLE_KINDS",
     "FRAME_BYTES",
     "MIN_COMPRESS_BYTES",
+    "MIN_FRAME_BYTES",
     "NAMES",
     "NONE",
     "RAW",
@@ -73,17 +80,23 @@ __all__ = [
     "Compression",
     "FrameDecoder",
     "Frames",
+    "Packed",
     "Policy",
     "codec_from_name",
     "codec_name",
     "compress",
     "compression_from_name",
     "decompress",
+    "frame_pieces",
     "framed",
     "max_compressed_bytes",
     "offer_from_text",
+    "pack",
     "piece_views",
+    "task_groups",
 ]
+
+T = TypeVar("T")
 
 Compression = tensor_pb2.Compression
 NONE = Compression.COMPRESSION_UNSPECIFIED
@@ -92,8 +105,11 @@ NONE = Compression.COMPRESSION_UNSPECIFIED
 COMPRESSIBLE_KINDS = "biu"
 #: Smaller tensors are never compressed: a few KiB cost more to compress than to send.
 MIN_COMPRESS_BYTES = 4096
-#: Raw bytes of one blosc2 frame (the last frame of a payload holds the rest). Part of the wire format.
+#: Most raw bytes of one blosc2 frame. Part of the wire format.
 FRAME_BYTES = 2 << 20
+#: Fewest raw bytes of a blosc2 frame other than a payload's last. Part of the wire format: it bounds the number of
+#: frames of a payload, and so the work a hostile payload can make its receiver do per byte (64 frames per MiB).
+MIN_FRAME_BYTES = 16 << 10
 CodecName = Literal["lz4", "shuffle-lz4", "shuffle-zstd"]
 """A codec's name (what ``ServerConfig.compressions`` holds)."""
 #: The names of the codecs, and their wire values.
@@ -186,7 +202,7 @@ def max_compressed_bytes(raw: int, codec: int = Compression.COMPRESSION_LZ4) -> 
     """The most bytes a payload of ``codec`` may announce for ``raw`` element bytes: LZ4's worst case, or for blosc2
     frames the raw bytes plus one header per frame."""
     if framed(codec):
-        return raw + max(1, -(-raw // FRAME_BYTES)) * _HEADER
+        return raw + (raw // MIN_FRAME_BYTES + 1) * _HEADER
     return raw + raw // 255 + 16
 
 
@@ -223,7 +239,7 @@ RAW = Policy()
 class Frames:
     """A payload of blosc2 frames: ``frames`` (bytes, one frame each), ``nbytes`` in all."""
 
-    def __init__(self, frames: list[bytes]) -> None:
+    def __init__(self, frames: Sequence[bytes]) -> None:
         self.frames = frames
         self.nbytes = sum(len(f) for f in frames)
 
@@ -244,23 +260,72 @@ class Frames:
             yield group
 
 
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """An array already compressed for the wire: its ``shape`` and ``dtype``, the ``codec`` (a framed one) and
+    its blosc2 ``frames``, cut by :func:`frame_pieces` as one sample of a stacked tensor is. It takes an array's
+    place in a sample: stacked with others like it, its frames are sent as they are."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    codec: int
+    frames: tuple[bytes, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Raw bytes of the array."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def packed_nbytes(self) -> int:
+        return sum(len(f) for f in self.frames)
+
+    def array(self) -> np.ndarray:
+        """The array again (decompressed)."""
+        out = np.empty(self.nbytes, dtype=np.uint8)
+        decoder = FrameDecoder(self.codec, self.dtype.itemsize, out)
+        for frame in self.frames:
+            decoder.feed(frame)
+        decoder.finish()
+        return out.view(self.dtype).reshape(self.shape)
+
+
+def pack(array: np.ndarray, policy: Policy) -> Packed | None:
+    """``array`` compressed with the policy's codec for its dtype, as :class:`Packed`; None where that codec is not
+    a framed one, the array holds under :data:`MIN_FRAME_BYTES` (stacked, such samples share frames) or is not a
+    little-endian numeric array. Kept where compressing did not make it smaller (noise) too: its frames then hold
+    the bytes as they are, 32 bytes more per frame."""
+    dtype = np.dtype(array.dtype)
+    codec = policy.codec(dtype)
+    if not framed(codec) or array.nbytes < MIN_FRAME_BYTES or dtype.kind not in "biuf" or dtype.byteorder == ">":
+        return None
+    view = np.ascontiguousarray(array).reshape(-1).data.cast("B")
+    frames = _frames(list(frame_pieces([view], dtype.itemsize)), dtype.itemsize, codec, policy.threads)
+    return Packed(tuple(array.shape), dtype, codec, tuple(frames))
+
+
 def compress(
-    parts: Sequence[memoryview], nbytes: int, dtype: np.dtype[Any], policy: Policy | int
+    parts: Sequence[memoryview | Packed], nbytes: int, dtype: np.dtype[Any], policy: Policy | int
 ) -> bytes | Frames | None:
-    """The compressed payload of ``parts`` (C-order bytes, ``nbytes`` in all, of ``dtype``): LZ4 bytes or blosc2
-    :class:`Frames`; None where the policy sends this dtype raw, the payload is too small to be worth it, or
-    compressing would not make it smaller. An int ``policy`` is an ``integer_compression`` codec."""
+    """The compressed payload of ``parts`` (C-order bytes, ``nbytes`` in all, of ``dtype``; or arrays already
+    :class:`Packed` with the policy's codec): LZ4 bytes or blosc2 :class:`Frames`; None where the policy sends this
+    dtype raw, the payload is too small to be worth it, or compressing would not make it smaller (with packed parts
+    the frames are sent whatever their size). An int ``policy`` is an ``integer_compression`` codec."""
     if not isinstance(policy, Policy):
         policy = Policy(policy, NONE)
     codec = policy.codec(dtype)
+    if any(isinstance(part, Packed) for part in parts):
+        return Frames(_packed_frames(parts, dtype.itemsize, codec, policy.threads))
     if codec == NONE or nbytes < MIN_COMPRESS_BYTES:
         return None
+    views: list[memoryview] = parts  # type: ignore[assignment]  # (no part is Packed)
     if framed(codec):
-        frames = Frames(_frames(parts, dtype.itemsize, codec, policy.threads))
+        pieces = list(frame_pieces(views, dtype.itemsize))
+        frames = Frames(_frames(pieces, dtype.itemsize, codec, policy.threads))
         return frames if frames.nbytes < nbytes else None
     if codec != Compression.COMPRESSION_LZ4:
         raise ValueError(f"unknown compression {codec}")
-    raw = parts[0] if len(parts) == 1 else b"".join(parts)
+    raw = views[0] if len(views) == 1 else b"".join(views)
     packed: bytes = lz4.block.compress(raw, store_size=False)
     if len(packed) >= nbytes:
         return None  # incompressible (noise): the raw bytes are smaller
@@ -269,11 +334,11 @@ def compress(
 
 def piece_views(parts: Sequence[memoryview], size: int) -> Iterator[list[memoryview]]:
     """The bytes of ``parts`` cut into pieces of ``size`` (the last one the rest), each piece as the byte views of
-    the parts it spans (nothing copied): the one way a payload is cut, into compression frames or chunk messages."""
+    the parts it spans (nothing copied): how raw chunk messages are cut, and the frames of small samples."""
     pending: list[memoryview] = []
     have = 0
     for part in parts:
-        view = part.cast("B") if part.format != "B" or part.ndim != 1 else part
+        view = _byte_view(part)
         offset = 0
         while offset < len(view):
             take = min(size - have, len(view) - offset)
@@ -287,15 +352,55 @@ def piece_views(parts: Sequence[memoryview], size: int) -> Iterator[list[memoryv
         yield pending
 
 
-def _pieces(parts: Sequence[memoryview], size: int) -> Iterator[memoryview | bytes]:
-    """The bytes of ``parts`` in pieces of ``size``: views where a piece lies in one part, joined copies where it
-    spans parts."""
-    for views in piece_views(parts, size):
-        yield views[0] if len(views) == 1 else b"".join(views)
+def _byte_view(part: memoryview) -> memoryview:
+    return part.cast("B") if part.format != "B" or part.ndim != 1 else part
 
 
-def _frames(parts: Sequence[memoryview], itemsize: int, codec: int, threads: Executor | None) -> list[bytes]:
-    """The blosc2 frames of ``parts``, compressed on ``threads`` when there are several (blosc2 releases the GIL)."""
+def frame_pieces(parts: Sequence[memoryview], itemsize: int) -> Iterator[memoryview | bytes]:
+    """The raw pieces that become the frames of a payload of ``parts`` (each a whole number of elements of
+    ``itemsize``). Where every part holds at least :data:`MIN_FRAME_BYTES` (the samples of a stacked tensor of slices,
+    patches or volumes), each part is cut on its own into the fewest pieces of at most :data:`FRAME_BYTES`, equal up
+    to whole elements: views, nothing copied, and a part's pieces the same in every batch. Otherwise (small samples)
+    the payload is cut into pieces of :data:`FRAME_BYTES` across parts (the last one the rest), joined copies where a
+    piece spans parts."""
+    views = [_byte_view(part) for part in parts]
+    if not all(len(view) >= MIN_FRAME_BYTES for view in views):
+        for pieces in piece_views(views, FRAME_BYTES):
+            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return
+    for view in views:
+        count = -(-len(view) // FRAME_BYTES)
+        size = -(-len(view) // count // itemsize) * itemsize  # at most FRAME_BYTES (a multiple of every itemsize)
+        for start in range(0, len(view), size):
+            yield view[start : start + size]
+
+
+def _packed_frames(
+    parts: Sequence[memoryview | Packed], itemsize: int, codec: int, threads: Executor | None
+) -> list[bytes]:
+    """The frames of a payload of which some parts are :class:`Packed` (with ``codec``): theirs as they are, the
+    other parts' (each at least :data:`MIN_FRAME_BYTES`, as packed ones are) compressed now, on ``threads``."""
+    groups: list[list[bytes]] = []
+    pending: list[tuple[int, memoryview | bytes]] = []
+    for part in parts:
+        if isinstance(part, Packed):
+            if part.codec != codec:
+                raise ValueError(f"a part packed with {codec_name(part.codec)} in a payload of {codec_name(codec)}")
+            groups.append(list(part.frames))
+            continue
+        if not framed(codec) or len(_byte_view(part)) < MIN_FRAME_BYTES:
+            raise ValueError(f"a raw part of {len(part)} bytes beside packed ones in a payload of {codec_name(codec)}")
+        groups.append([])
+        pending += [(len(groups) - 1, piece) for piece in frame_pieces([part], itemsize)]
+    made = _frames([piece for _, piece in pending], itemsize, codec, threads) if pending else []
+    for (slot, _), frame in zip(pending, made, strict=True):
+        groups[slot].append(frame)
+    return [frame for group in groups for frame in group]
+
+
+def _frames(pieces: Sequence[memoryview | bytes], itemsize: int, codec: int, threads: Executor | None) -> list[bytes]:
+    """The blosc2 frames of ``pieces`` (a frame each), compressed on ``threads`` when there are several (blosc2
+    releases the GIL)."""
     blosc2 = _lib()
     name, _ = _FRAMED[codec]
     cparams = {
@@ -307,14 +412,27 @@ def _frames(parts: Sequence[memoryview], itemsize: int, codec: int, threads: Exe
         "nthreads": 1,
     }
 
-    def frame(piece: memoryview | bytes) -> bytes:
-        packed: bytes = blosc2.compress2(piece, **cparams)
-        return packed
+    def frames(group: Sequence[memoryview | bytes]) -> list[bytes]:
+        return [blosc2.compress2(piece, **cparams) for piece in group]
 
-    pieces = list(_pieces(parts, FRAME_BYTES))
     if threads is None or len(pieces) < 2:
-        return [frame(piece) for piece in pieces]
-    return list(threads.map(frame, pieces))
+        return frames(pieces)
+    return [frame for group in threads.map(frames, task_groups(pieces, len)) for frame in group]
+
+
+def task_groups(items: Sequence[T], nbytes: Callable[[T], int]) -> list[list[T]]:
+    """``items`` in consecutive groups of about :data:`FRAME_BYTES` (``nbytes`` of each), a thread's task each when
+    their compression is spread over threads: small frames (a slice each) would spend more on being handed over than
+    on being compressed."""
+    groups: list[list[T]] = [[]]
+    size = 0
+    for item in items:
+        if size >= FRAME_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes(item)
+    return groups
 
 
 class FrameDecoder:
@@ -363,9 +481,14 @@ class FrameDecoder:
         header = bytes(frame[:_HEADER])
         nbytes = int.from_bytes(header[4:8], "little", signed=True)
         cbytes = int.from_bytes(header[12:16], "little", signed=True)
-        expected = min(FRAME_BYTES, self._raw - self.offset)
-        if nbytes != expected:
-            raise WireError(f"{where}: its header says {nbytes} raw bytes, the tensor's next piece is {expected}")
+        left = self._raw - self.offset
+        if not 0 < nbytes <= min(FRAME_BYTES, left) or nbytes % self._itemsize:
+            raise WireError(
+                f"{where}: its header says {nbytes} raw bytes; a frame holds whole elements of {self._itemsize} "
+                f"bytes, at most {min(FRAME_BYTES, left)} here (the tensor has {left} bytes left)"
+            )
+        if nbytes < MIN_FRAME_BYTES and nbytes != left:
+            raise WireError(f"{where}: {nbytes} raw bytes; only a tensor's last frame may hold under {MIN_FRAME_BYTES}")
         if not _HEADER <= cbytes <= len(frame):
             raise WireError(f"{where}: its header says {cbytes} compressed bytes, the message holds {len(frame)}")
         if cbytes > max_compressed_bytes(nbytes, Compression.COMPRESSION_SHUFFLE_LZ4):

@@ -15,7 +15,7 @@ import numpy as np
 
 from patchwire.v1 import tensor_pb2
 from patchwire.wire import compression as _compression
-from patchwire.wire.compression import Compression, Policy
+from patchwire.wire.compression import Compression, Packed, Policy
 from patchwire.wire.errors import WireError
 
 __all__ = [
@@ -139,11 +139,15 @@ def _packed(
 
 
 def array_to_tensor(
-    array: np.ndarray, inline_bytes: int = INLINE_MAX_BYTES, compression: Policy | int = _compression.RAW
+    array: np.ndarray | Packed, inline_bytes: int = INLINE_MAX_BYTES, compression: Policy | int = _compression.RAW
 ) -> tuple[tensor_pb2.Tensor, Any]:
     """Encodes ``array``; returns the Tensor and, when it is to be chunked, the payload to send after it (a view of
     the array's memory: the array must not change until the payload is sent; compressed: LZ4 bytes or blosc2
-    ``Frames``). ``compression``: the codec per dtype (see :func:`stacked_to_tensor`)."""
+    ``Frames``). ``compression``: the codec per dtype (see :func:`stacked_to_tensor`); an array already
+    :class:`~patchwire.wire.compression.Packed` is sent with its own."""
+    if isinstance(array, Packed):
+        tensor = tensor_pb2.Tensor(dtype=dtype_to_proto(array.dtype), shape=array.shape)
+        return _packed(tensor, _compression.Frames(array.frames), inline_bytes, array.codec)
     dt = np.dtype(array.dtype)
     wire_dtype = dtype_to_proto(dt)
     if dt.byteorder == ">" or not array.flags.c_contiguous:
@@ -167,7 +171,7 @@ def contiguous_bytes(part: np.ndarray | memoryview) -> memoryview:
 
 
 def stacked_to_tensor(
-    arrays: Sequence[np.ndarray],
+    arrays: Sequence[np.ndarray | Packed],
     inline_bytes: int = INLINE_MAX_BYTES,
     compression: Policy | int = _compression.RAW,
     contiguous: bool = True,
@@ -181,11 +185,14 @@ def stacked_to_tensor(
     :class:`~patchwire.wire.compression.Policy`; an int is a codec for integer and bool arrays only). Arrays of at
     least MIN_COMPRESS_BYTES are compressed when that makes them smaller (label maps shrink 15-90x, skull-stripped
     float images about 6x); smaller and incompressible ones travel raw. A compressed payload is one part: LZ4
-    bytes, or blosc2 ``Frames`` (sent as whole frames per chunk message)."""
+    bytes, or blosc2 ``Frames`` (sent as whole frames per chunk message). Arrays already
+    :class:`~patchwire.wire.compression.Packed` (with the policy's codec for their dtype) add their frames as they
+    are."""
     first = arrays[0]
     dt = np.dtype(first.dtype)
     if dt.byteorder == ">":  # swapped to little-endian on the way: a stacked copy is needed anyway
-        tensor, payload = array_to_tensor(np.stack(arrays), inline_bytes, compression)
+        stacked = np.stack([a.array() if isinstance(a, Packed) else a for a in arrays])
+        tensor, payload = array_to_tensor(stacked, inline_bytes, compression)
         return tensor, None if payload is None else [payload]
     tensor = tensor_pb2.Tensor(dtype=dtype_to_proto(dt), shape=(len(arrays), *first.shape))
     nbytes = first.nbytes * len(arrays)
@@ -193,16 +200,17 @@ def stacked_to_tensor(
     if not contiguous and nbytes > inline_bytes and codec == Compression.COMPRESSION_UNSPECIFIED:
         tensor.chunked_nbytes = nbytes
         return tensor, list(arrays)
-    parts = [contiguous_bytes(a) for a in arrays]
+    parts = [a if isinstance(a, Packed) else contiguous_bytes(a) for a in arrays]
     packed = _compression.compress(parts, nbytes, dt, compression)
     if packed is not None:
         tensor, payload = _packed(tensor, packed, inline_bytes, compression)
         return tensor, None if payload is None else [payload]
+    views = [p for p in parts if isinstance(p, memoryview)]  # all of them: Packed parts always give frames
     if nbytes <= inline_bytes:
-        tensor.data = b"".join(parts)
+        tensor.data = b"".join(views)
         return tensor, None
     tensor.chunked_nbytes = nbytes
-    return tensor, parts
+    return tensor, views
 
 
 def detached_tensor(array: np.ndarray) -> tuple[tensor_pb2.Tensor, np.ndarray | None]:

@@ -68,10 +68,12 @@ class _CompressionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Compressi
     COMPRESSION_LZ4: _Compression.ValueType  # 1
     """One LZ4 block (no frame, no size prefix) that decompresses to exactly the raw element bytes."""
     COMPRESSION_SHUFFLE_LZ4: _Compression.ValueType  # 2
-    """Blosc2 frames: the raw element bytes cut into pieces of 2 MiB (2,097,152 bytes; the last piece holds the rest),
-    each compressed as one blosc2 chunk ("frame") with the byte-shuffle filter (typesize = the dtype's itemsize)
-    and LZ4. The frames follow one another in the payload; every TensorChunk message of a chunked payload holds
-    whole frames.
+    """Blosc2 frames: the raw element bytes cut into pieces, each compressed as one blosc2 chunk ("frame") with the
+    byte-shuffle filter (typesize = the dtype's itemsize) and LZ4. A piece holds whole elements, at most 2 MiB
+    (2,097,152 bytes) and, except the payload's last, at least 16 KiB (16,384 bytes); where the pieces end is the
+    sender's choice (patchwire cuts a stacked tensor at its samples where they hold 16 KiB or more, else into
+    pieces of 2 MiB). The frames follow one another in the payload; every TensorChunk message of a chunked payload
+    holds whole frames.
     """
     COMPRESSION_SHUFFLE_ZSTD: _Compression.ValueType  # 3
     """As COMPRESSION_SHUFFLE_LZ4 with Zstandard instead of LZ4: smaller, slower to compress."""
@@ -84,10 +86,12 @@ COMPRESSION_UNSPECIFIED: Compression.ValueType  # 0
 COMPRESSION_LZ4: Compression.ValueType  # 1
 """One LZ4 block (no frame, no size prefix) that decompresses to exactly the raw element bytes."""
 COMPRESSION_SHUFFLE_LZ4: Compression.ValueType  # 2
-"""Blosc2 frames: the raw element bytes cut into pieces of 2 MiB (2,097,152 bytes; the last piece holds the rest),
-each compressed as one blosc2 chunk ("frame") with the byte-shuffle filter (typesize = the dtype's itemsize)
-and LZ4. The frames follow one another in the payload; every TensorChunk message of a chunked payload holds
-whole frames.
+"""Blosc2 frames: the raw element bytes cut into pieces, each compressed as one blosc2 chunk ("frame") with the
+byte-shuffle filter (typesize = the dtype's itemsize) and LZ4. A piece holds whole elements, at most 2 MiB
+(2,097,152 bytes) and, except the payload's last, at least 16 KiB (16,384 bytes); where the pieces end is the
+sender's choice (patchwire cuts a stacked tensor at its samples where they hold 16 KiB or more, else into
+pieces of 2 MiB). The frames follow one another in the payload; every TensorChunk message of a chunked payload
+holds whole frames.
 """
 COMPRESSION_SHUFFLE_ZSTD: Compression.ValueType  # 3
 """As COMPRESSION_SHUFFLE_LZ4 with Zstandard instead of LZ4: smaller, slower to compress."""

@@ -13,7 +13,7 @@ import pytest
 
 from patchwire.v1 import tensor_pb2
 from patchwire.wire import compression, framing, tensors
-from patchwire.wire.compression import FRAME_BYTES, Compression, Policy
+from patchwire.wire.compression import FRAME_BYTES, MIN_FRAME_BYTES, Compression, Policy
 from patchwire.wire.errors import FramingError, WireError
 
 RAW = Compression.COMPRESSION_UNSPECIFIED
@@ -114,7 +114,9 @@ def test_a_requests_policy() -> None:
 
 def test_compressed_announcements_are_bounded_per_codec() -> None:
     assert compression.max_compressed_bytes(1 << 20, LZ4) == (1 << 20) + (1 << 20) // 255 + 16
-    assert compression.max_compressed_bytes(FRAME_BYTES * 2 + 1, SHUFFLE_LZ4) == FRAME_BYTES * 2 + 1 + 3 * 32
+    # a header for every frame there can be: all but the last hold at least MIN_FRAME_BYTES
+    raw = FRAME_BYTES * 2 + 1
+    assert compression.max_compressed_bytes(raw, SHUFFLE_LZ4) == raw + (raw // MIN_FRAME_BYTES + 1) * 32
     tensor, payload = tensors.array_to_tensor(np.zeros(1 << 20, np.uint8), compression=LZ4, inline_bytes=0)
     assert payload is not None and tensors.announced_nbytes(tensor) == len(payload)
     tensor.chunked_nbytes = compression.max_compressed_bytes(1 << 20) + 1
@@ -155,16 +157,81 @@ def test_empty_and_small_tensors_travel_raw_and_round_trip(shape: tuple[int, ...
     assert np.array_equal(_received(tensor, payload), array) and _received(tensor, payload).shape == shape
 
 
+def _frame_sizes(data: bytes) -> list[int]:
+    """The raw sizes of the frames of a framed payload, from their headers."""
+    sizes, pos = [], 0
+    while pos < len(data):
+        sizes.append(int.from_bytes(data[pos + 4 : pos + 8], "little"))
+        pos += int.from_bytes(data[pos + 12 : pos + 16], "little")
+    return sizes
+
+
 @pytest.mark.parametrize("codec", FRAMED)
-def test_stacked_samples_round_trip_with_frames_spanning_samples(codec: int) -> None:
-    """A batch of axial slices (odd sizes): frames cut across the samples' arrays, whole frames per message."""
+def test_stacked_samples_round_trip_with_frames_of_their_own(codec: int) -> None:
+    """A batch of axial slices (odd sizes, 314 KB each): a frame per sample, whole frames per message."""
     slices = [_volume((217, 181, 2), "<f4", seed=s) for s in range(16)]
     tensor, payload = tensors.stacked_to_tensor(slices, compression=Policy(RAW, codec))
     assert tensor.compression == codec and payload is not None
     assert tensor.chunked_nbytes * 2 < sum(s.nbytes for s in slices)
+    (frames,) = payload
+    assert _frame_sizes(frames.joined()) == [slices[0].nbytes] * 16
     messages = list(framing.serialized_chunks(payload))
     assert len(messages) >= 1 and all(len(m) <= framing.CHUNK_BYTES + 64 for m in messages)
     assert np.array_equal(_received(tensor, payload), np.stack(slices))
+
+
+@pytest.mark.parametrize(
+    ("sample_bytes", "expected"),
+    [
+        (5 * FRAME_BYTES // 2, [1747628, 1747628, 1747624]),  # the fewest pieces of at most 2 MiB, equal
+        (FRAME_BYTES + 12, [FRAME_BYTES // 2 + 8, FRAME_BYTES // 2 + 4]),  # equal up to whole float32 elements
+        (MIN_FRAME_BYTES, [MIN_FRAME_BYTES]),
+    ],
+)
+def test_each_large_sample_is_cut_on_its_own(sample_bytes: int, expected: list[int]) -> None:
+    samples = [_volume((sample_bytes // 4,), "<f4", seed=s) for s in range(3)]
+    tensor, payload = tensors.stacked_to_tensor(samples, 0, Policy(SHUFFLE_LZ4, SHUFFLE_LZ4))
+    (frames,) = payload or [None]
+    assert _frame_sizes(frames.joined()) == expected * 3
+    assert np.array_equal(_received(tensor, payload), np.stack(samples))
+
+
+def test_small_samples_share_frames() -> None:
+    """Samples under MIN_FRAME_BYTES: pieces of FRAME_BYTES across them, the last one the rest."""
+    samples = [_volume((MIN_FRAME_BYTES // 4 - 1,), "<f4", seed=s) for s in range(200)]
+    tensor, payload = tensors.stacked_to_tensor(samples, compression=Policy(SHUFFLE_LZ4, SHUFFLE_LZ4))
+    (frames,) = payload or [None]
+    total = sum(s.nbytes for s in samples)
+    assert _frame_sizes(frames.joined()) == [FRAME_BYTES, total - FRAME_BYTES]
+    assert np.array_equal(_received(tensor, payload), np.stack(samples))
+
+
+@pytest.mark.parametrize("codec", FRAMED)
+def test_packed_samples_are_sent_as_they_are_beside_fresh_ones(codec: int) -> None:
+    policy = Policy(codec, codec)
+    samples = [_volume((64, 64, 64), "<f4", seed=s) for s in range(3)]
+    packed = compression.pack(samples[0], policy)
+    assert packed is not None and (packed.shape, packed.dtype, packed.codec) == ((64, 64, 64), np.dtype("<f4"), codec)
+    assert packed.nbytes == samples[0].nbytes > packed.packed_nbytes and np.array_equal(packed.array(), samples[0])
+    fresh = compression.compress([memoryview(samples[0]).cast("B")], samples[0].nbytes, samples[0].dtype, policy)
+    assert isinstance(fresh, compression.Frames) and list(fresh.frames) == list(packed.frames)
+    mixed = [packed, samples[1], compression.pack(samples[2], policy)]
+    tensor, payload = tensors.stacked_to_tensor(mixed, compression=policy)  # type: ignore[arg-type]
+    assert (tensor.compression, list(tensor.shape)) == (codec, [3, 64, 64, 64])
+    assert np.array_equal(_received(tensor, payload), np.stack(samples))
+    other = SHUFFLE_ZSTD if codec == SHUFFLE_LZ4 else SHUFFLE_LZ4
+    with pytest.raises(ValueError, match="packed with"):
+        tensors.stacked_to_tensor(mixed, compression=Policy(other, other))  # type: ignore[arg-type]
+
+
+def test_what_is_not_packed() -> None:
+    policy = Policy(SHUFFLE_LZ4, SHUFFLE_LZ4)
+    assert compression.pack(np.zeros(MIN_FRAME_BYTES // 4 - 1, np.float32), policy) is None  # small: shares frames
+    assert compression.pack(np.zeros(1 << 16, np.float32), Policy(LZ4, LZ4)) is None  # not a framed codec
+    assert compression.pack(np.zeros(1 << 16, ">f4"), policy) is None  # big-endian: swapped when encoded
+    noise = np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8)
+    packed = compression.pack(noise, policy)  # kept: frames that store the bytes as they are
+    assert packed is not None and packed.packed_nbytes == noise.nbytes + 32
 
 
 def test_a_chunk_assembler_hands_framed_tensors_over_raw() -> None:
@@ -226,7 +293,8 @@ def test_truncated_frames_are_refused(codec: int) -> None:
     for cut in (10, first - 1, len(data) - 1):
         with pytest.raises(WireError):
             compression.decompress(codec, data[:cut], ARRAY.nbytes, 4)
-    with pytest.raises(WireError, match="decompressed to 2097152 bytes, expected 2101152"):
+    half = _frame_sizes(data)[0]
+    with pytest.raises(WireError, match=f"decompressed to {half} bytes, expected 2101152"):
         compression.decompress(codec, data[:first], ARRAY.nbytes, 4)  # the last frame missing
     with pytest.raises(FramingError, match=r"bytes left, less than a frame header|compressed bytes, the message holds"):
         _decode(ARRAY, codec, data, messages=[first // 2])  # a frame split across two chunk messages
@@ -236,10 +304,13 @@ def test_truncated_frames_are_refused(codec: int) -> None:
 def test_frames_whose_sizes_lie_are_refused_before_decompressing(codec: int) -> None:
     data = _frames(ARRAY, codec)
     first = _first_frame_size(data)
-    for nbytes in (FRAME_BYTES - 4, FRAME_BYTES + 4, 1 << 30, 0, -1):  # raw size of the first frame
+    for nbytes in (FRAME_BYTES + 4, 1 << 30, 0, -1, 6):  # raw size of the first frame: too large, none, part elements
         lying = _with(data, 4, nbytes.to_bytes(4, "little", signed=True))
-        with pytest.raises(WireError, match=f"its header says {nbytes} raw bytes, the tensor's next piece is 2097152"):
+        with pytest.raises(WireError, match=f"its header says {nbytes} raw bytes; a frame holds whole elements of 4"):
             compression.decompress(codec, lying, ARRAY.nbytes, 4)
+    lying = _with(data, 4, (MIN_FRAME_BYTES - 4).to_bytes(4, "little"))  # small, and not the tensor's last frame
+    with pytest.raises(WireError, match=f"only a tensor's last frame may hold under {MIN_FRAME_BYTES}"):
+        compression.decompress(codec, lying, ARRAY.nbytes, 4)
     for cbytes in (first + 1, 31, 1 << 30):  # compressed size of the first frame
         lying = _with(data, 12, cbytes.to_bytes(4, "little", signed=True))
         with pytest.raises(WireError):
@@ -294,7 +365,7 @@ def test_a_decompression_bomb_allocates_nothing_it_was_not_allowed() -> None:
     # a frame that claims more raw bytes than the tensor has is refused before blosc2 sees it
     zeros = _frames(np.zeros(FRAME_BYTES, np.uint8), SHUFFLE_LZ4)
     assert len(zeros) <= 64
-    with pytest.raises(WireError, match="its header says 2097152 raw bytes, the tensor's next piece is 4096"):
+    with pytest.raises(WireError, match=r"its header says 2097152 raw bytes; .* at most 4096 here"):
         compression.decompress(SHUFFLE_LZ4, zeros, 4096, 1)
 
 
