@@ -171,6 +171,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     setting_flag(
         serve,
+        "--packed-cache-mb",
+        key="packed_cache_bytes",
+        unit=_MiB,
+        type=in_bytes(_MiB),
+        help="samples of deterministic datasources kept compressed for streams that ask for a blosc2 codec, in MB of "
+        "compressed bytes (0 disables): sent again without reading or compressing them",
+    )
+    setting_flag(
+        serve,
         "--verify",
         key="verify",
         action="store_true",

@@ -26,13 +26,14 @@ from patchwire.service._epoch_order import consumer_share, global_order
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
 from patchwire.service._extraction import image_properties
 from patchwire.service._limits import Limits, check_sample_bytes, check_spec, exhausted
+from patchwire.service._packed_samples import PackedSamples
 from patchwire.service._randomness import Draw
 from patchwire.service._served import ServedDataset
 from patchwire.service._shared_regions import SharedRegions, named_region, write_payloads
 from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc
 from patchwire.wire import compression, framing, shared_memory, tensors
 from patchwire.wire.batches import Encoded, encode_batch
-from patchwire.wire.compression import RAW, Policy
+from patchwire.wire.compression import RAW, Packed, Policy
 
 __all__ = ["MAX_SAMPLES_PER_MESSAGE", "DatasetServicer"]
 
@@ -54,10 +55,12 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         limits: Limits | None = None,
         regions: SharedRegions | None = None,
         compressions: Sequence[str] = compression.SUPPORTED,
+        packed: PackedSamples | None = None,
     ) -> None:
         """``regions``: the registry of same-host clients' shared-memory segments (None: shared memory is off).
         ``compressions``: the codecs clients may ask for, by name (``ServerConfig.compressions``; ValueError for a
-        name this build does not know)."""
+        name this build does not know). ``packed``: where samples compressed for the wire are kept (None: none)."""
+        self._packed = packed
         self._offered = tuple(compression.codec_from_name(name) for name in compressions)
         self._datasets = datasets
         self._regions = regions
@@ -285,8 +288,12 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             else:
                 where = [int(p) for p in positions[start : start + count]]
 
+            # deterministic samples compressed for the wire are kept, and sent again as they are
+            packing = None if deliver is not None or self._packed is None else self._packed.begin(src, compression)
+
             def make(i: int, position: int) -> dict[str, Any]:
-                return src.sample(i, Draw(seed, epoch, position, i + src.length if i < 0 else i))
+                draw = Draw(seed, epoch, position, i + src.length if i < 0 else i)
+                return src.sample(i, draw) if packing is None else packing.sample(i, draw)
 
             def made() -> Iterator[tuple[int, dict[str, Any]]]:
                 """(index, sample) in order; costly samples built a wave at a time by several threads (within
@@ -321,6 +328,8 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
                         break
                 if stopped.is_set():
                     return None
+                if packing is not None:
+                    samples = packing.finish(samples)
                 # for a segment, strided arrays (a Permute's) are copied once, straight into it
                 encoded = encode_batch(
                     samples, chunk[: len(samples)], first_position + start, compression, contiguous=deliver is None
@@ -384,8 +393,8 @@ class _SharedDelivery:
 
 
 def _sample_bytes(sample: Mapping[str, Any]) -> int:
-    """The array bytes of a sample (what its encoding grows with)."""
-    return sum(v.nbytes for v in sample.values() if isinstance(v, np.ndarray | np.generic))
+    """The array bytes of a sample (what its encoding grows with; raw bytes for arrays kept compressed)."""
+    return sum(v.nbytes for v in sample.values() if isinstance(v, np.ndarray | np.generic | Packed))
 
 
 def _summaries(datasets: Mapping[str, ServedDataset]) -> dataset_service_pb2.ListDatasetsResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -51,6 +52,11 @@ class CompiledDatasource:
         )
         self.costly = self.transform is not None and augments(spec.transform)
         """Whether building a sample costs enough (random transforms) to spread a message's samples over threads."""
+        self.deterministic = self.sampler is None and not self.costly
+        """Whether sample ``i`` is the same in every epoch, for every seed and client (no random patches or
+        transforms): what the server may keep compressed (:mod:`patchwire.service._packed_samples`)."""
+        self.digest = hashlib.blake2b(spec.SerializeToString(deterministic=True), digest_size=16).digest()
+        """The spec's digest: which datasource of its dataset this is, in cache keys."""
         self.private = self.transform is not None and writes_in_place(spec.transform)
         """Whether samples need arrays of their own: only a transform that writes into them does (a sample that is
         only encoded, or only permuted or reshaped, may view the cached blocks)."""

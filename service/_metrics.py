@@ -25,6 +25,7 @@ import os
 import threading
 from collections import Counter as Tally
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ from patchwire.v1 import assembly_service_pb2 as apb
 if TYPE_CHECKING:
     from patchwire.service._cache import BlockCache
     from patchwire.service._calls import CallTable
+    from patchwire.service._packed_samples import PackedSamples
     from patchwire.service._server import ServerConfig
     from patchwire.service.assembly import AssemblyStore
 
@@ -151,16 +153,19 @@ class Metrics:
             ["limit"],
             registry=r,
         )
-        self.cache_hits = Counter("patchwire_cache_hits", "Block cache reads served from memory.", registry=r)
-        self.cache_misses = Counter("patchwire_cache_misses", "Block cache reads that read from disk.", registry=r)
-        self.cache_bytes = Gauge(
-            "patchwire_cache_bytes", "Bytes the block caches hold.", registry=r, multiprocess_mode="livesum"
+        self.cache = _cache_meters(
+            r,
+            "patchwire_cache",
+            "block caches",
+            "Block cache reads served from memory.",
+            "Block cache reads that read from disk.",
         )
-        self.cache_capacity = Gauge(
-            "patchwire_cache_capacity_bytes",
-            "Capacity of the block caches (one per serving process).",
-            registry=r,
-            multiprocess_mode="livesum",
+        self.packed = _cache_meters(
+            r,
+            "patchwire_packed_cache",
+            "caches of compressed samples",
+            "Samples sent again as they were kept compressed.",
+            "Samples built and compressed to be kept.",
         )
         # assembly jobs live in one process; "livemax" stays right if other processes report none (or the same)
         self.assembly_jobs = Gauge(
@@ -338,20 +343,48 @@ def _state_name(enum_name: str) -> str:
     return enum_name.split("_STATE_", 1)[-1].lower()
 
 
+@dataclass(frozen=True)
+class CacheMeters:
+    """A cache's metrics: what it served (hits), what it did not (misses), the bytes it holds and its capacity (both
+    summed over a server's processes)."""
+
+    hits: Any
+    misses: Any
+    held: Any
+    capacity: Any
+
+
+def _cache_meters(registry: Any, prefix: str, caches: str, hit: str, missed: str) -> CacheMeters:
+    """``{prefix}_hits``, ``_misses``, ``_bytes`` and ``_capacity_bytes`` of the ``caches`` (their plural name)."""
+    held, capacity = f"Bytes the {caches} hold.", f"Capacity of the {caches} (one per serving process)."
+    return CacheMeters(
+        Counter(f"{prefix}_hits", hit, registry=registry),
+        Counter(f"{prefix}_misses", missed, registry=registry),
+        Gauge(f"{prefix}_bytes", held, registry=registry, multiprocess_mode="livesum"),
+        Gauge(f"{prefix}_capacity_bytes", capacity, registry=registry, multiprocess_mode="livesum"),
+    )
+
+
 class ServerMetrics:
     """One server's metrics work: pollers of its block cache and assembly jobs, the ``/metrics`` endpoint of a server
     of one process (``config.metrics_port``), and in a server of several processes a task that refreshes the polled
     values and publishes the table of open calls every second (``table.publish``)."""
 
     def __init__(
-        self, config: ServerConfig, table: CallTable, cache: BlockCache | None, store: AssemblyStore | None
+        self,
+        config: ServerConfig,
+        table: CallTable,
+        cache: BlockCache | None,
+        store: AssemblyStore | None,
+        packed: PackedSamples | None = None,
     ) -> None:
         self._config = config
         self._table = table
         self._cache = cache
+        self._packed = packed
         self._store = store
         self._share = _Share()
-        self._cache_counts = (0, 0)
+        self._counts: dict[str, tuple[int, int]] = {}  # a cache's hits and misses when last polled
         self._lock = threading.Lock()  # (a scrape's thread and the loop may poll at once)
         self._metrics = metrics()
         self._task: asyncio.Task[None] | None = None
@@ -368,22 +401,27 @@ class ServerMetrics:
             self.port = start_http(cfg.metrics_host, cfg.metrics_port, None)
         return self
 
+    def _poll_cache(self, key: str, cache: BlockCache | PackedSamples | None, meters: CacheMeters) -> None:
+        """A cache's hits and misses since the last poll, its bytes and capacity, onto its ``meters``."""
+        if cache is None:
+            return
+        hits, misses = cache.hits, cache.misses
+        with self._lock:
+            seen_hits, seen_misses = self._counts.get(key, (0, 0))
+            self._counts[key] = (hits, misses)
+        if hits > seen_hits:
+            meters.hits.inc(hits - seen_hits)
+        if misses > seen_misses:
+            meters.misses.inc(misses - seen_misses)
+        self._share.set(f"{key}_bytes", meters.held, cache.nbytes)
+        self._share.set(f"{key}_capacity", meters.capacity, max(cache.capacity_bytes, 0))
+
     def poll(self) -> None:
-        """Sets the metrics this server counts elsewhere: its block cache's hits, misses and bytes, its assembly
-        jobs and their subjects by state."""
+        """Sets the metrics this server counts elsewhere: its caches' hits, misses and bytes, its assembly jobs and
+        their subjects by state."""
         m, share = self._metrics, self._share
-        cache = self._cache
-        if cache is not None:
-            hits, misses = cache.hits, cache.misses
-            with self._lock:
-                seen_hits, seen_misses = self._cache_counts
-                self._cache_counts = (hits, misses)
-            if hits > seen_hits:
-                m.cache_hits.inc(hits - seen_hits)
-            if misses > seen_misses:
-                m.cache_misses.inc(misses - seen_misses)
-            share.set("cache_bytes", m.cache_bytes, cache.nbytes)
-            share.set("cache_capacity", m.cache_capacity, max(cache.capacity_bytes, 0))
+        self._poll_cache("cache", self._cache, m.cache)
+        self._poll_cache("packed", self._packed, m.packed)
         if self._store is not None:
             jobs = list(self._store.jobs.values())
             by_state = Tally(_state_name(apb.JobState.Name(job.state)) for job in jobs)

@@ -28,6 +28,7 @@ from patchwire.service._errors import FailedPrecondition, quiet_client_endings
 from patchwire.service._forwarding import ForwardedIdentities, HomeDatasets, HomeLink, start_home_server
 from patchwire.service._limits import CallLimiter, Limits
 from patchwire.service._metrics import ServerMetrics
+from patchwire.service._packed_samples import PackedSamples
 from patchwire.service._requests import parsed
 from patchwire.service._served import ServedDataset
 from patchwire.service._server_service import ServerServicer
@@ -87,6 +88,10 @@ class ServerConfig:
     None: a temporary folder removed at stop (jobs are then not durable across restarts)."""
     cache_bytes: int = 1 << 30
     """Capacity of the block cache shared by all datasets and clients (0 disables it)."""
+    packed_cache_bytes: int = 512 << 20
+    """Capacity of the cache of samples kept compressed for the wire (the compressed bytes; 0 disables it): samples
+    of deterministic datasources that a stream asked to have compressed with a blosc2 codec are sent again from it,
+    neither read nor compressed again (:mod:`patchwire.service._packed_samples`)."""
     assembly_memory_bytes: int = 1 << 30
     """Most bytes of assembly buffers in memory (see ``assembly.MemoryPool``); the rest are spilled to files."""
     shared_memory: bool = True
@@ -179,6 +184,7 @@ class PatchwireServer:
         self._datasets: dict[str, ServedDataset] = {}
         self._assembly: AssemblyStore | None = None
         self.cache: BlockCache | None = None
+        self.packed: PackedSamples | None = None
         self._temp_state: Path | None = None
         self._shm_socket: SharedMemorySocket | None = None
         self._home_server: grpc.aio.Server | None = None
@@ -244,8 +250,15 @@ class PatchwireServer:
                 regions = SharedRegions(cfg.shared_memory_uids)
                 self._shm_socket = SharedMemorySocket(regions, cfg.shared_memory_dir)
                 self._shm_socket.start()
+            self.packed = PackedSamples(cfg.packed_cache_bytes, self._datasets)
             self.servicer = DatasetServicer(
-                self._datasets, self._executor, cache, cfg.limits, regions, compressions=cfg.compressions
+                self._datasets,
+                self._executor,
+                cache,
+                cfg.limits,
+                regions,
+                compressions=cfg.compressions,
+                packed=self.packed,
             )
             quiet_client_endings()  # a client gone under a stream is not a server error
             server = grpc.aio.server(
@@ -299,7 +312,7 @@ class PatchwireServer:
                 self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
             if auth is not None and tls is None:
                 _log.warning("authentication without TLS: bearer tokens cross the network in clear")
-            self.metrics = ServerMetrics(cfg, self.streams, self.cache, self._assembly).start()
+            self.metrics = ServerMetrics(cfg, self.streams, self.cache, self._assembly, self.packed).start()
             await server.start()
         except BaseException:  # a dataset that does not open, a port that is taken: free what was opened
             await self._close_links(0)

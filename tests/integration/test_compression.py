@@ -237,6 +237,32 @@ def test_whole_volumes_of_several_frames_arrive_exact(address: str, files: dict[
     assert sum(len(c) for c in chunks) == sum(t.chunked_nbytes for t in framing.batch_tensors(responses[0].batch))
 
 
+@pytest.mark.parametrize("codec", ["shuffle-lz4", "shuffle-zstd"])
+def test_epochs_sent_from_samples_kept_compressed_equal_the_file(files: dict[str, Path], codec: str) -> None:
+    """The second epoch comes from the server's samples kept compressed (none read or compressed again): every
+    array equal to the file, and the very bytes the first epoch sent."""
+    arrays = _file_arrays(files["labelled"])
+    wire_value = compression.codec_from_name(codec)
+    request = dataset_service_pb2.StreamBatchesRequest(spec=_spec("labelled"), batch_size=8, compression=wire_value)
+    with server_in_thread(files) as server, pw.connect(server.address, compression=codec) as client:
+        assert server.packed is not None
+        with grpc.insecure_channel(server.address, options=framing.channel_options()) as channel:
+            stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+            first = [r.SerializeToString() for r in stub.StreamBatches(request)]
+            assert (server.packed.hits, server.packed.misses) == (0, 2 * SHAPE[0])
+            assert [r.SerializeToString() for r in stub.StreamBatches(request)] == first
+        assert (server.packed.hits, server.packed.misses) == (2 * SHAPE[0], 2 * SHAPE[0])  # nothing built again
+        ds = client.datasource("labelled", extr.SliceIndexing(), EXTRACTOR, shared_memory=False)
+        for epoch in range(2):
+            for batch in ds.batches(batch_size=5, shuffle=True, seed=epoch):
+                for k, i in enumerate(batch[defs.KEY_SAMPLE_INDEX]):
+                    images, labels = arrays[int(i) // SHAPE[0]]
+                    assert np.array_equal(batch[defs.KEY_IMAGES][k], images[int(i) % SHAPE[0]])
+                    assert np.array_equal(batch[defs.KEY_LABELS][k], labels[int(i) % SHAPE[0]])
+        assert (server.packed.hits, server.packed.misses) == (6 * SHAPE[0], 2 * SHAPE[0])
+        assert server.packed.nbytes > 0
+
+
 def test_stats_without_compression_count_the_same_bytes_on_the_wire(address: str) -> None:
     with pw.connect(address, compression="none") as client:
         ds = client.datasource("big", extr.EmptyIndexing(), extr.DataExtractor(categories=CATEGORIES))

@@ -22,7 +22,7 @@ import patchwire.client as pw
 from patchwire.client import extraction as extr
 from patchwire.service import _metrics
 from patchwire.service._limits import Limits
-from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2
+from patchwire.v1 import dataset_service_pb2, dataset_service_pb2_grpc, spec_pb2, tensor_pb2
 from patchwire.wire import framing
 
 from _checks import eventually, expect_raw
@@ -85,6 +85,26 @@ def test_samples_and_bytes_served_are_what_was_requested(
     assert reads > 0
     assert value(after, "patchwire_cache_capacity_bytes") >= CACHE_BYTES  # (with other servers of this process)
     assert value(after, "patchwire_cache_bytes") > 0
+
+
+def test_samples_kept_compressed_are_counted(
+    served: ThreadedServer, datasets: dataset_service_pb2_grpc.DatasetServiceStub
+) -> None:
+    """Whole volumes (61 KB, kept compressed) streamed twice with shuffle-lz4: built once, sent again from memory."""
+    spec = spec_pb2.DatasourceSpec(dataset="tiny", extractor=slices_spec().extractor)
+    spec.indexing_strategy.empty.SetInParent()
+    request = dataset_service_pb2.StreamBatchesRequest(
+        spec=spec, batch_size=3, compression=tensor_pb2.Compression.COMPRESSION_SHUFFLE_LZ4
+    )
+    port = port_of(served)
+    before = scrape(port)
+    for _ in range(2):
+        list(datasets.StreamBatches(request, timeout=RPC_TIMEOUT_S))
+    after = scrape(port)
+    assert grown(before, after, "patchwire_packed_cache_misses_total") == 3
+    assert grown(before, after, "patchwire_packed_cache_hits_total") == 3
+    assert grown(before, after, "patchwire_packed_cache_bytes") > 0
+    assert value(after, "patchwire_packed_cache_capacity_bytes") >= served.server.config.packed_cache_bytes
 
 
 def test_status_codes_and_refusals_are_counted_under_their_limit(
