@@ -1,6 +1,9 @@
 """Section i, a real link: the ceiling, streaming and assembly over a loopback rate-limited to 10 Gbit/s, each
 uncompressed and compressed, in the same run on the same link; and streaming over plain loopback with compression
-off and on, which is why compression is off there by default.
+off and on. Compressed streaming is measured twice: from the server as it runs by default, which keeps the samples
+of these deterministic datasources compressed after the warm-up epoch, and from one that keeps none
+(``--packed-cache-mb 0``: every sample read and compressed for every request, as for random datasources and in a
+first epoch).
 
 The link is the loopback of a network namespace of its own with a token-bucket filter on it (``ip netns add NAME``,
 ``tc qdisc add dev lo root tbf rate 10gbit burst 4mb latency 50ms``): every byte between server and client crosses
@@ -71,6 +74,9 @@ class Codec:
     label: str
     connect: tuple[tuple[str, Any], ...] = ()
     datasource: tuple[tuple[str, Any], ...] = ()
+    uncached: bool = False
+    """Measured against a server that keeps no sample compressed (``--packed-cache-mb 0``): every sample read and
+    compressed for every request, as for random datasources and in a first epoch."""
 
     @property
     def compressed(self) -> bool:
@@ -92,7 +98,8 @@ LINK_CODECS = ("shuffle-lz4", "shuffle-zstd")
 def codecs() -> list[Codec]:
     """What the section measures: uncompressed first (asked for explicitly: ``compression="auto"`` would decide by
     the address, and every address in a namespace is loopback), then each of :data:`LINK_CODECS` for the whole
-    client; with a client that has no ``compression=`` option, LZ4 label maps (``label_compression``)."""
+    client, then the first of them from a server that keeps no sample compressed (where the server has that cache);
+    with a client that has no ``compression=`` option, LZ4 label maps (``label_compression``)."""
     import patchwire.client as pw
 
     if "compression" not in inspect.signature(pw.connect).parameters:
@@ -101,12 +108,25 @@ def codecs() -> list[Codec]:
 
     chosen = [c for c in LINK_CODECS if c in compression.SUPPORTED]
     none = Codec(UNCOMPRESSED.key, UNCOMPRESSED.label, connect=(("compression", "none"),))
-    return [none, *(Codec(c, c, connect=(("compression", c),)) for c in chosen)]
+    out = [none, *(Codec(c, c, connect=(("compression", c),)) for c in chosen)]
+    if _server_keeps_samples():
+        first = chosen[0]
+        out.append(Codec(f"{first}-uncached", f"{first.removeprefix('shuffle-')}, no cache", out[1].connect, (), True))
+    return out
 
 
-def loopback_codec() -> Codec:
-    """The compression compared against none on plain loopback: the first one :func:`codecs` lists."""
-    return codecs()[1]
+def _server_keeps_samples() -> bool:
+    """Whether this build's server keeps samples compressed (``patchwire serve --packed-cache-mb``)."""
+    from patchwire.service._server import ServerConfig
+
+    return "packed_cache_bytes" in ServerConfig.__dataclass_fields__
+
+
+def loopback_codecs() -> list[Codec]:
+    """What plain loopback compares against none: the first compression :func:`codecs` lists, and its uncached
+    row."""
+    chosen = codecs()
+    return [chosen[1], *(c for c in chosen if c.uncached)]
 
 
 # ---------------------------------------------------------------------------------------------- the namespaces
@@ -346,9 +366,10 @@ def measure_stream(
     return window(start, end, delivered, samples) | {"epochs_started": epoch}
 
 
-def measure_streaming(mode: Mode, plan: dict[str, Any], server_pid: int, address: str) -> dict[str, Any]:
+def measure_streaming(mode: Mode, plan: dict[str, Any], servers: dict[bool, tuple[int, str]]) -> dict[str, Any]:
     """Every pattern with every codec of the plan, one client per codec; for each pattern its codecs one right
-    after the other, so the rows compared meet the machine in the same state."""
+    after the other, so the rows compared meet the machine in the same state. ``servers``: (pid, address) of the
+    server that keeps samples compressed (False) and, for uncached codecs, of one that keeps none (True)."""
     from _plan import CATEGORIES, DATASET
     from _streaming import epochs
 
@@ -358,7 +379,7 @@ def measure_streaming(mode: Mode, plan: dict[str, Any], server_pid: int, address
     chosen = [c for c in codecs() if c.key in plan["codecs"]]
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        clients = {c.key: stack.enter_context(pw.connect(address, **dict(c.connect))) for c in chosen}
+        clients = {c.key: stack.enter_context(pw.connect(servers[c.uncached][1], **dict(c.connect))) for c in chosen}
         for pattern in patterns(mode):
             results[pattern.key] = {}
             for codec in chosen:
@@ -366,7 +387,8 @@ def measure_streaming(mode: Mode, plan: dict[str, Any], server_pid: int, address
                     DATASET, pattern.patchwire_indexing(), pw_extr.DataExtractor(CATEGORIES), **dict(codec.datasource)
                 )
                 try:
-                    result = measure_stream(epochs(ds), server_pid, plan["budget_s"], plan["warmup_s"])
+                    pid = servers[codec.uncached][0]
+                    result = measure_stream(epochs(ds), pid, plan["budget_s"], plan["warmup_s"])
                 finally:
                     ds.close()
                 results[pattern.key][codec.key] = result
@@ -402,6 +424,7 @@ def measure_assembly(mode: Mode, plan: dict[str, Any], data: Path, server_pid: i
         ),
     ]
     chosen = [c for c in codecs() if c.key in plan["codecs"] and (c.whole_client or not c.compressed)]
+    chosen = [c for c in chosen if not c.uncached]  # (posted predictions are compressed by the client)
     extractor = pm.extraction.DataExtractor(categories=("images",))
     whole = pm.extraction.PymiaDatasource(str(data), None, extractor)
     images = [whole.direct_extract(extractor, s)["images"] for s in range(len(whole.get_subjects()))]
@@ -451,8 +474,16 @@ def measure(plan: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"ceiling_before": measure_ceiling(mode, logs / f"ceiling-{name}-before.log")}
     progress(f"{name} raw gRPC {result['ceiling_before']['gb_per_s']:.2f} GB/s")
     server = patchwire_server(data, None, logs / f"server-{name}-streaming.log", extra=("--no-shared-memory",))
-    with server as launched:
-        result["streaming"] = measure_streaming(mode, plan, launched.process.pid, launched.address)
+    with contextlib.ExitStack() as stack:
+        launched = stack.enter_context(server)
+        servers = {False: (launched.process.pid, launched.address)}
+        if any(c.uncached for c in codecs() if c.key in plan["codecs"]):
+            extra = ("--no-shared-memory", "--packed-cache-mb", "0")
+            uncached = stack.enter_context(
+                patchwire_server(data, None, logs / f"server-{name}-uncached.log", extra=extra)
+            )
+            servers[True] = (uncached.process.pid, uncached.address)
+        result["streaming"] = measure_streaming(mode, plan, servers)
         result["server_processes"] = process_tree_cpu_s(launched.process.pid)[1]
     if plan["assembly"]:
         server = patchwire_server(data, None, logs / f"server-{name}-assembly.log", extra=("--no-shared-memory",))
@@ -508,14 +539,17 @@ def bench_link(mode: Mode, out: Path, logs: Path, rate: str = LINK_RATE) -> dict
             "generated_s": generated_s,
             **zero_fractions(data),
         },
-        "codecs": [{"key": c.key, "label": c.label, "whole_client": c.whole_client} for c in codecs()],
-        "loopback_codec": loopback_codec().key,
+        "codecs": [
+            {"key": c.key, "label": c.label, "whole_client": c.whole_client, "uncached": c.uncached} for c in codecs()
+        ],
+        "loopback_codecs": [c.key for c in loopback_codecs()],
     }
     progress(f"link: data {data} ({report['data']['image_zero_fraction']:.0%} of image values zero)")
     base = {"mode": asdict(mode), "data": str(data), "logs": str(logs), "budget_s": budget_s, "warmup_s": warmup_s}
     plans = {
         "link": base | {"name": "link", "codecs": [c.key for c in codecs()], "assembly": True},
-        "loopback": base | {"name": "loopback", "codecs": [UNCOMPRESSED.key, loopback_codec().key], "assembly": False},
+        "loopback": base
+        | {"name": "loopback", "codecs": [UNCOMPRESSED.key, *report["loopback_codecs"]], "assembly": False},
     }
     logs.mkdir(parents=True, exist_ok=True)
     with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="patchwire-link-") as tmp:
@@ -562,9 +596,11 @@ def link_targets(link: dict[str, Any], mode: Mode) -> list[dict[str, Any]]:
     if link.get("skipped"):
         return []
     labels = {p.key: p.label for p in patterns(mode)}
+    uncached = {c["key"] for c in link["codecs"] if c.get("uncached")}  # (the goal is the default server's)
     out = []
     for key, rows in link["link"]["streaming"].items():
-        best_key = max((k for k in rows if k != UNCOMPRESSED.key), key=lambda k: rows[k]["vs_uncompressed"])
+        cached = [k for k in rows if k != UNCOMPRESSED.key and k not in uncached]
+        best_key = max(cached, key=lambda k: rows[k]["vs_uncompressed"])
         value = rows[best_key]["vs_uncompressed"]
         name = f"{link['rate']} link, {labels[key]}: {_codec_label(link, best_key)} / uncompressed (samples/s)"
         out.append(
