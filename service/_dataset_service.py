@@ -21,6 +21,7 @@ from patchwire.service import _selection
 from patchwire.service._auth import current_identity
 from patchwire.service._calls import current_call, describe_call
 from patchwire.service._catalog import Dataset
+from patchwire.service._codecs import OfferedCodecs
 from patchwire.service._datasource import CompiledDatasource, DatasourceCache, direct_extract
 from patchwire.service._epoch_order import consumer_share, global_order
 from patchwire.service._errors import FailedPrecondition, InvalidArgument, translate_errors
@@ -61,7 +62,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         ``compressions``: the codecs clients may ask for, by name (``ServerConfig.compressions``; ValueError for a
         name this build does not know). ``packed``: where samples compressed for the wire are kept (None: none)."""
         self._packed = packed
-        self._offered = tuple(compression.codec_from_name(name) for name in compressions)
+        self._offered = OfferedCodecs(compressions)
         self._datasets = datasets
         self._regions = regions
         self._limits = limits if limits is not None else Limits()
@@ -89,28 +90,14 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         A message's frames are compressed on the sample threads, in parallel: one stream's messages are built one
         at a time, so one core's compression speed would otherwise bound a stream."""
         policy = Policy.of_request(
-            self._codec(request.compression, "compression"),
-            self._codec(request.integer_compression, "integer_compression"),
+            self._offered.check(request.compression, "compression"),
+            self._offered.check(request.integer_compression, "integer_compression"),
         )
         if not policy.active or SAMPLE_THREADS == 1:
             return policy
         if self._sample_threads is None:
             self._sample_threads = ThreadPoolExecutor(SAMPLE_THREADS, thread_name_prefix="patchwire-samples")
         return dataclasses.replace(policy, threads=self._sample_threads)
-
-    def _codec(self, value: int, field: str) -> int:
-        if value == compression.NONE:
-            return value
-        if value not in compression.Compression.values():
-            known = ", ".join(compression.Compression.keys())
-            raise InvalidArgument(f"{field}: unknown codec {value} (this server knows {known})")
-        if value not in self._offered:
-            offered = ", ".join(compression.codec_name(c) for c in self._offered)
-            raise InvalidArgument(
-                f"{field}: this server does not offer {compression.codec_name(value)} "
-                f"({f'it offers {offered}' if offered else 'it offers no compression'})"
-            )
-        return value
 
     @translate_errors
     async def ListDatasets(self, request: Any, context: Any) -> dataset_service_pb2.ListDatasetsResponse:

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from patchwire.service._auth import Authenticator, ReflectionGate, gated_handlers, load_auth_config
 from patchwire.service._cache import BlockCache
 from patchwire.service._calls import CallObserver, CallTable
+from patchwire.service._codecs import OfferedCodecs
 from patchwire.service._dataset_service import DatasetServicer
 from patchwire.service._datasource import DatasourceCache
 from patchwire.service._errors import FailedPrecondition, quiet_client_endings
@@ -273,7 +274,8 @@ class PatchwireServer:
                 assembly = link.handlers(ASSEMBLY_SERVICE_NAME, auth, self.calls)
             else:
                 assert self._assembly is not None
-                assembly_servicer = AssemblyServicer(self._assembly, self._executor, regions, cfg.replica_id)
+                offered = OfferedCodecs(cfg.compressions)
+                assembly_servicer = AssemblyServicer(self._assembly, self._executor, regions, cfg.replica_id, offered)
                 datasets = _handlers(self.servicer, SERVICE_NAME, auth, self.calls)
                 assembly = _handlers(assembly_servicer, ASSEMBLY_SERVICE_NAME, auth, self.calls)
                 if cfg.run_dir is not None:  # the home of several processes: they forward to its internal socket

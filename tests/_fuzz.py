@@ -24,7 +24,7 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 
 from patchwire.v1 import assembly_service_pb2 as apb
-from patchwire.v1 import dataset_service_pb2, server_service_pb2, spec_pb2
+from patchwire.v1 import dataset_service_pb2, server_service_pb2, spec_pb2, tensor_pb2
 from patchwire.wire import framing, tensors
 
 FD = descriptor.FieldDescriptor
@@ -403,7 +403,10 @@ def valid_requests() -> dict[str, list[bytes | list[bytes]]]:
         "SubscribeEvents": [a.SubscribeEventsRequest(job_id=DONE_JOB, from_sequence=2)],
         "GetJobStatus": [a.GetJobStatusRequest(job_id=LIVE_JOB, max_missing=3)],
         "ListJobs": [a.ListJobsRequest()],
-        "FetchSubject": [a.FetchSubjectRequest(job_id=DONE_JOB, subject_index=1)],
+        "FetchSubject": [
+            a.FetchSubjectRequest(job_id=DONE_JOB, subject_index=1),
+            a.FetchSubjectRequest(job_id=DONE_JOB, subject_index=0, compression=tensor_pb2.COMPRESSION_SHUFFLE_LZ4),
+        ],
         "ExportSubject": [
             a.ExportSubjectRequest(job_id=DONE_JOB, subject_index=s, format=f)
             for s, f in ((0, a.EXPORT_FORMAT_NIFTI), (1, a.EXPORT_FORMAT_MHA), (2, a.EXPORT_FORMAT_HDF5))

@@ -14,6 +14,7 @@ import numpy as np
 
 from patchwire.service._auth import Identity, current_identity
 from patchwire.service._calls import posted
+from patchwire.service._codecs import OfferedCodecs
 from patchwire.service._errors import (
     FailedPrecondition,
     Internal,
@@ -33,6 +34,7 @@ from patchwire.v1 import assembly_service_pb2 as apb
 from patchwire.v1 import assembly_service_pb2_grpc, tensor_pb2
 from patchwire.wire import framing
 from patchwire.wire.batches import encode_batch
+from patchwire.wire.compression import RAW, Policy
 from patchwire.wire.geometry import ImageProperties
 
 __all__ = ["AssemblyServicer"]
@@ -46,7 +48,8 @@ MAX_RELEASED_LEASES = 1 << 16
 class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
     """``regions``: the registry of same-host clients' shared-memory segments (None: shared memory is off, and
     requests that name a region fail with FAILED_PRECONDITION). ``replica_id``: this server's, at the start of the
-    job ids it chooses (:mod:`patchwire.wire.replicas`)."""
+    job ids it chooses (:mod:`patchwire.wire.replicas`). ``offered``: the codecs fetched subjects may be compressed
+    with."""
 
     def __init__(
         self,
@@ -54,7 +57,9 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
         executor: ThreadPoolExecutor,
         regions: SharedRegions | None,
         replica_id: str,
+        offered: OfferedCodecs | None = None,
     ) -> None:
+        self._offered = offered if offered is not None else OfferedCodecs()
         self._store = store
         self._executor = executor
         self._regions = regions
@@ -190,6 +195,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
 
     @translate_errors
     async def FetchSubject(self, request: Any, context: Any) -> AsyncIterator[apb.FetchSubjectResponse]:
+        codec = self._offered.check(request.compression, "compression")
         job = self._job(request.job_id)
         region = (
             self._region(request.shared_memory, current_identity(), False, "shared_memory")
@@ -197,6 +203,8 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
             else None
         )
         segment = None if region is None else region.segment
+        # on the wire only: a payload that shared memory carries crosses no link
+        policy = Policy(codec, codec) if region is None else RAW
 
         subject_index = int(request.subject_index)
 
@@ -209,7 +217,7 @@ class AssemblyServicer(assembly_service_pb2_grpc.AssemblyServiceServicer):
             arrays = files if files is not None else results.result(job, subject_index)
             sample: dict[str, Any] = dict(arrays)
             sample["properties"] = _properties(job, subject_index)
-            encoded = encode_batch([sample])
+            encoded = encode_batch([sample], compression=policy)
             if region is None or segment is None:
                 return encoded, None
             if offered is not None:

@@ -305,9 +305,11 @@ def test_predictions_posted_compressed_assemble_exactly(address: str, codec: int
 
 
 @pytest.mark.parametrize("codec", ["shuffle-lz4", "shuffle-zstd"])
-def test_the_assembler_posts_compressed_where_its_datasource_reads_compressed(address: str, codec: str) -> None:
+def test_the_assembler_posts_and_fetches_compressed_where_its_datasource_reads_compressed(
+    address: str, codec: str
+) -> None:
     """Over the wire with a datasource that reads compressed, predictions (float32, zero background) are posted
-    compressed; the assembled volume is exact."""
+    compressed and the finished volume comes back compressed; it is exact."""
     volume = _stripped(np.random.default_rng(3), SHAPE)[..., None]
     with pw.connect(address, compression=codec) as client:
         ds = client.datasource("labelled", extr.SliceIndexing(), extr.DataExtractor(categories=("images",)))
@@ -317,6 +319,13 @@ def test_the_assembler_posts_compressed_where_its_datasource_reads_compressed(ad
         assembler.flush()
         assert np.array_equal(assembler.get_assembled_subject(0), volume)
         assert assembler.transport.statistics.posted_wire_bytes * 2 < volume.nbytes
+        assert 0 < assembler.transport.statistics.fetched_wire_bytes * 2 < volume.nbytes
+    with pw.connect(address, compression="none") as client:  # the same volume fetched raw
+        ds = client.datasource("labelled", extr.SliceIndexing(), extr.DataExtractor(categories=("images",)))
+        raw = client.assembler(ds, shared_memory=False, job_id=assembler.job_id)
+        (fetched,) = raw.fetch(0)[0].values()
+        assert np.array_equal(fetched, volume)
+        assert raw.transport.statistics.fetched_wire_bytes > volume.nbytes
 
 
 def test_a_corrupt_compressed_post_is_invalid_argument(address: str) -> None:
@@ -392,6 +401,13 @@ def test_a_codec_the_server_does_not_offer_is_refused_naming_the_offered_ones(fi
             ds[0]
         with pytest.raises(pw.InvalidArgumentError, match="compression: this server does not offer shuffle-zstd"):
             next(iter(ds.batches()))
+        with grpc.insecure_channel(server.address, options=framing.channel_options()) as channel:
+            fetch = assembly_service_pb2_grpc.AssemblyServiceStub(channel).FetchSubject
+            request = assembly_service_pb2.FetchSubjectRequest(job_id="any", compression=SHUFFLE_ZSTD)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(fetch(request, timeout=30))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "compression: this server does not offer shuffle-zstd (it offers lz4)" in str(refused.value.details())
         # a client on another host with "auto" finds no blosc2 codec and takes the one offered
         assert _compression.resolve("lz4", client._connection) == LZ4
 

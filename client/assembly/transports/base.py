@@ -30,7 +30,8 @@ class TransportStatistics:
     fetched_shared_bytes: int = 0
     """Volume payloads the server wrote into this process's fetch segment."""
     fetched_wire_bytes: int = 0
-    """Volume payloads that came as chunk messages."""
+    """FetchSubject messages received over the wire: volume payloads as they travelled (compressed where the fetch
+    was), with their messages' few bytes of framing."""
 
 
 class Transport(abc.ABC):

@@ -54,20 +54,10 @@ def compressed(
     return batch, parts
 
 
-class _CountingPool:
-    """Fresh buffers for chunked payloads, counting their bytes."""
-
-    def __init__(self) -> None:
-        self.nbytes = 0
-
-    def take(self, nbytes: int) -> np.ndarray:
-        self.nbytes += nbytes
-        return np.empty(nbytes, dtype=np.uint8)
-
-
 class WireTransport(Transport):
     """``codec``: what predictions are posted compressed with (the datasource's resolved codec: compressed over a link
-    only), on the thread that posts them."""
+    only), on the thread that posts them, and what fetched subjects come compressed with (the server compresses
+    them)."""
 
     name = "wire"
 
@@ -94,12 +84,15 @@ class WireTransport(Transport):
 
     def fetch(self, request: apb.FetchSubjectRequest, what: str) -> DecodedBatch:
         request.ClearField("shared_memory")
+        request.compression = compression.Compression.ValueType(self.codec)
         with translate_rpc_errors(what):
             return self.decode(self.open(request))
 
     def decode(self, responses: Iterable[Any]) -> DecodedBatch:
         """The one subject of a FetchSubject response stream whose payloads came as chunks."""
-        pool = _CountingPool()
-        (decoded,) = list(decode_stream(responses, pool))
-        self.statistics.fetched_wire_bytes += pool.nbytes
+
+        def received(nbytes: int) -> None:
+            self.statistics.fetched_wire_bytes += nbytes
+
+        (decoded,) = list(decode_stream(responses, on_wire=received))
         return decoded

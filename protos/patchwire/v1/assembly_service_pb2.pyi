@@ -686,11 +686,17 @@ class FetchSubjectRequest(_message.Message):
     SUBJECT_INDEX_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     ACCEPT_FILES_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     subject_index: _builtins.int
     accept_files: _builtins.bool
     """With a usable shared_memory segment: the server may instead offer the files that hold the finished volume, for
     the client to collect over the region's socket connection and map (see FetchSubjectResponse.shared_files).
+    """
+    compression: _tensor_pb2.Compression.ValueType
+    """Without shared_memory: compress every tensor of the subject with this codec where that makes it smaller (one the
+    server offers, see ServerService.GetServerInfo; else INVALID_ARGUMENT). Ignored for payloads that shared memory
+    carries.
     """
     @_builtins.property
     def shared_memory(self) -> _tensor_pb2.SharedMemory:
@@ -705,10 +711,11 @@ class FetchSubjectRequest(_message.Message):
         subject_index: _builtins.int = ...,
         shared_memory: _tensor_pb2.SharedMemory | None = ...,
         accept_files: _builtins.bool = ...,
+        compression: _tensor_pb2.Compression.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_files", b"accept_files", "job_id", b"job_id", "shared_memory", b"shared_memory", "subject_index", b"subject_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_files", b"accept_files", "compression", b"compression", "job_id", b"job_id", "shared_memory", b"shared_memory", "subject_index", b"subject_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

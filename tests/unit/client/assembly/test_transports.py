@@ -188,7 +188,7 @@ def test_a_posting_segment_that_cannot_be_registered_posts_and_fetches_over_the_
     decoded = transport.fetch(apb.FetchSubjectRequest(job_id="j"), "fetching")
     np.testing.assert_array_equal(decoded.sample(0)["__prediction"], VOLUME)
     assert len(registration.calls) == 1 and transport.statistics.posted_wire_bytes == 2 * VOLUME.nbytes
-    assert transport.statistics.fetched_wire_bytes == VOLUME.nbytes
+    assert 1 * VOLUME.nbytes < transport.statistics.fetched_wire_bytes < 1 * (VOLUME.nbytes + 1024)  # (+ framing)
 
 
 def test_batches_sent_again_point_at_the_segment_registered_anew() -> None:
@@ -248,7 +248,7 @@ def test_files_that_cannot_be_mapped_are_asked_for_into_the_segment_once_and_a_s
     assert [r.accept_files for r in connection_requests] == [True, False, False], "files are asked for once"
     assert all(r.HasField("shared_memory") for r in connection_requests)
     assert len(segments.free) == 1, "the segment goes back when the subject came over the wire"
-    assert transport.statistics.fetched_wire_bytes == 2 * VOLUME.nbytes
+    assert 2 * VOLUME.nbytes < transport.statistics.fetched_wire_bytes < 2 * (VOLUME.nbytes + 1024)  # (+ framing)
 
 
 def test_a_fetch_segment_that_cannot_be_registered_fetches_over_the_wire_this_once() -> None:
