@@ -63,6 +63,30 @@ def prediction_batches(pymia_ds: Any, images: list[np.ndarray]) -> list[Predicti
     return out
 
 
+def assembly_cases(pm: Any, mode: Mode) -> list[tuple[str, str, Any, Any]]:
+    """What assembly is measured on, here and over the link: (key, label, pymia's indexing, patchwire's) for axial
+    slices and grid patches of ``mode.patch`` (border patches kept, as a full prediction needs them)."""
+    p = mode.patch
+    return [
+        ("slice", "slice-wise (axis 0)", pm.extraction.SliceIndexing(0), pw_extr.SliceIndexing(0)),
+        (
+            "patch",
+            f"patch-wise {p}^3 (incomplete kept)",
+            pm.extraction.PatchWiseIndexing((p,) * 3, ignore_incomplete=False),
+            pw_extr.PatchWiseIndexing((p,) * 3, ignore_incomplete=False),
+        ),
+    ]
+
+
+def subject_images(pm: Any, data: Path) -> list[np.ndarray]:
+    """Every subject's ``images`` of the file, read by pymia: the predictions the assembly runs post."""
+    extractor = pm.extraction.DataExtractor(categories=("images",))
+    whole = pm.extraction.PymiaDatasource(str(data), None, extractor)
+    images = [whole.direct_extract(extractor, s)["images"] for s in range(len(whole.get_subjects()))]
+    whole.close_reader()
+    return images
+
+
 def bench_durable_writes(mode: Mode, work: Path) -> dict[str, Any]:
     """Appends of ``DISK_APPEND_BYTES`` with an fsync after each, into the folder the assembly server's state lives
     in: what acknowledging predictions durably can cost at most on this disk (one write and fsync per batch)."""
@@ -85,22 +109,11 @@ def bench_durable_writes(mode: Mode, work: Path) -> dict[str, Any]:
 
 def bench_assembly(mode: Mode, data: Path, work: Path, logs: Path) -> tuple[dict[str, Any], dict[str, float | None]]:
     pm = load_pymia()
-    p = mode.patch
-    cases = [
-        ("slice", "slice-wise (axis 0)", pm.extraction.SliceIndexing(0), pw_extr.SliceIndexing(0)),
-        (
-            "patch",
-            f"patch-wise {p}^3 (incomplete kept)",
-            pm.extraction.PatchWiseIndexing((p,) * 3, ignore_incomplete=False),
-            pw_extr.PatchWiseIndexing((p,) * 3, ignore_incomplete=False),
-        ),
-    ]
+    cases = assembly_cases(pm, mode)
     results: dict[str, Any] = {}
     server_rss: dict[str, float | None] = {}
     image_extractor = pm.extraction.DataExtractor(categories=("images",))
-    whole = pm.extraction.PymiaDatasource(str(data), None, image_extractor)
-    images = [whole.direct_extract(image_extractor, s)["images"] for s in range(len(whole.get_subjects()))]
-    whole.close_reader()
+    images = subject_images(pm, data)
     durable = patchwire_server(data, work / "state-assembly", logs / "server-assembly.log")
     in_memory = patchwire_server(data, None, logs / "server-assembly-in-memory.log")
     with durable as durable_server, in_memory as memory_server:

@@ -405,7 +405,7 @@ def measure_assembly(mode: Mode, plan: dict[str, Any], data: Path, server_pid: i
     that applies to a whole client (uncompressed included), after one run that is not counted: the first run on a
     fresh server pays for its memory (a first uncompressed run took twice as long as the compressed ones after it,
     which compressed nothing), the first compressed one for loading blosc2."""
-    from _assembly import _assemble_patchwire, prediction_batches
+    from _assembly import _assemble_patchwire, assembly_cases, prediction_batches, subject_images
     from _plan import DATASET
     from _pymia import load_pymia
 
@@ -413,22 +413,12 @@ def measure_assembly(mode: Mode, plan: dict[str, Any], data: Path, server_pid: i
     from patchwire.client import extraction as pw_extr
 
     pm = load_pymia()
-    p = mode.patch
-    cases = [
-        ("slice", "slice-wise", pm.extraction.SliceIndexing(0), pw_extr.SliceIndexing(0)),
-        (
-            "patch",
-            f"patch-wise {p}^3",
-            pm.extraction.PatchWiseIndexing((p,) * 3, ignore_incomplete=False),
-            pw_extr.PatchWiseIndexing((p,) * 3, ignore_incomplete=False),
-        ),
-    ]
+    # (the labels without their notes: the link table's pattern column is narrow)
+    cases = [(key, label.split(" (")[0], *indexings) for key, label, *indexings in assembly_cases(pm, mode)]
     chosen = [c for c in codecs() if c.key in plan["codecs"] and (c.whole_client or not c.compressed)]
     chosen = [c for c in chosen if not c.uncached]  # (posted predictions are compressed by the client)
     extractor = pm.extraction.DataExtractor(categories=("images",))
-    whole = pm.extraction.PymiaDatasource(str(data), None, extractor)
-    images = [whole.direct_extract(extractor, s)["images"] for s in range(len(whole.get_subjects()))]
-    whole.close_reader()
+    images = subject_images(pm, data)
     results: dict[str, Any] = {}
     for key, label, pymia_indexing, pw_indexing in cases:
         pymia_ds = pm.extraction.PymiaDatasource(str(data), pymia_indexing, extractor)
