@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # _limits imports this module
 __all__ = [
     "ADMIN",
     "ANONYMOUS",
+    "HANDLER_OF_SHAPE",
     "METHOD_ROLES",
     "READ",
     "ROLES",
@@ -348,6 +349,15 @@ def guarded(
     return unary
 
 
+HANDLER_OF_SHAPE: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+"""gRPC's handler factory for a call shape: (client streaming, server streaming)."""
+
+
 def gated_handlers(
     service_name: str,
     behaviour_of: Callable[[Any], Callable[..., Any]],
@@ -360,17 +370,11 @@ def gated_handlers(
     limits on concurrent calls, and before those :func:`guarded` by ``authenticator``, so the limits count by the
     identity the gate set."""
     service = descriptor_pool.Default().FindServiceByName(service_name)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
     handlers = {}
     for m in service.methods:
         behaviour = behaviour_of(m)
         limited = behaviour if limiter is None else limiter.guard(behaviour)
-        handlers[m.name] = make[(m.client_streaming, m.server_streaming)](
+        handlers[m.name] = HANDLER_OF_SHAPE[(m.client_streaming, m.server_streaming)](
             guarded(limited, f"/{service_name}/{m.name}", authenticator),
             request_deserializer=_identity,
             response_serializer=response_serializer,

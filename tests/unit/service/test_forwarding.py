@@ -15,7 +15,17 @@ import grpc
 import pytest
 
 from patchwire.service import _forwarding
-from patchwire.service._auth import ANONYMOUS, READ, WRITE, Authenticator, Identity, guarded, serving_as, token_digest
+from patchwire.service._auth import (
+    ANONYMOUS,
+    HANDLER_OF_SHAPE,
+    READ,
+    WRITE,
+    Authenticator,
+    Identity,
+    guarded,
+    serving_as,
+    token_digest,
+)
 from patchwire.service._errors import PermissionDenied, Unauthenticated
 from patchwire.service._forwarding import (
     IDENTITY_METADATA,
@@ -193,16 +203,10 @@ SHAPES |= {"Join": (True, False), "Each": (True, True)}
 
 
 def _front_handler(link: HomeLink, auth: Authenticator | None) -> grpc.GenericRpcHandler:
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
     handlers = {}
     for name, shape in SHAPES.items():
         path = f"/{SERVICE}/{name}"
-        handlers[name] = make[shape](guarded(link.forwarder(path, *shape), path, auth, None))
+        handlers[name] = HANDLER_OF_SHAPE[shape](guarded(link.forwarder(path, *shape), path, auth, None))
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
