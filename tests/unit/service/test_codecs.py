@@ -27,6 +27,8 @@ def test_none_and_the_offered_codecs_pass() -> None:
         (("lz4",), SHUFFLE_ZSTD, "integer_compression: this server does not offer shuffle-zstd (it offers lz4)"),
         ((), SHUFFLE_LZ4, "integer_compression: this server does not offer shuffle-lz4 (it offers no compression)"),
         (("lz4",), 9, "integer_compression: unknown codec 9 (this server knows COMPRESSION_UNSPECIFIED, "),
+        (("lz4",), -1, "integer_compression: unknown codec -1 (this server knows "),  # (proto3 enums are open)
+        (("lz4",), 2**31 - 1, "integer_compression: unknown codec 2147483647 (this server knows "),
     ],
 )
 def test_anything_else_is_invalid_argument(names: tuple[str, ...], value: int, message: str) -> None:
